@@ -1,0 +1,118 @@
+"""Box selection and box geometry (spec §4.1, §4.2, §7 quirks 7, 8, 15).
+
+Pure functions on plain Python numbers: the detector's float boxes become the integer boxes the
+crops are cut with, and each integer box becomes its ``box_info`` row at the four fusion scales.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+FUSION_SCALES: tuple[int, ...] = (256, 128, 64, 32)
+"""The scales of ``box_info``, ``box_info_2x``, ``box_info_4x`` and ``box_info_8x``."""
+
+DEFAULT_MAX_INSTANCES = 8
+
+IntBox = tuple[int, int, int, int]
+
+
+@dataclass(frozen=True)
+class Detections:
+    """Boxes in input-image pixel coordinates (x1, y1, x2, y2) and their scores, in detector order."""
+
+    boxes: tuple[tuple[float, float, float, float], ...]
+    scores: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if len(self.boxes) != len(self.scores):
+            raise ValueError(f"{len(self.boxes)} boxes but {len(self.scores)} scores")
+
+    @classmethod
+    def from_boxes(
+        cls, boxes: Sequence[Sequence[float]], scores: Sequence[float] | None = None
+    ) -> Detections:
+        """Caller-supplied boxes; without scores, list order is priority (first = highest)."""
+        parsed = []
+        for i, box in enumerate(boxes):
+            if len(box) != 4 or not all(math.isfinite(float(v)) for v in box):
+                raise ValueError(f"box {i} must be four finite numbers [x1, y1, x2, y2], got {box!r}")
+            x1, y1, x2, y2 = (float(v) for v in box)
+            parsed.append((x1, y1, x2, y2))
+        if scores is None:
+            scores = [float(len(parsed) - i) for i in range(len(parsed))]
+        elif len(scores) != len(parsed):
+            raise ValueError(f"{len(parsed)} boxes but {len(scores)} scores")
+        elif not all(math.isfinite(float(s)) for s in scores):
+            raise ValueError("scores must be finite numbers")
+        return cls(tuple(parsed), tuple(float(s) for s in scores))
+
+
+def integer_boxes(detections: Detections) -> list[IntBox]:
+    """Truncate float boxes toward zero, as the reference's int32 cast does."""
+    return [
+        (math.trunc(x1), math.trunc(y1), math.trunc(x2), math.trunc(y2))
+        for x1, y1, x2, y2 in detections.boxes
+    ]
+
+
+def clip_boxes(
+    boxes: Sequence[IntBox], scores: Sequence[float], width: int, height: int
+) -> tuple[list[IntBox], list[float]]:
+    """Clip to the image and drop boxes narrower or shorter than 1 px (spec §7 quirk 15).
+
+    The reference's detector already clips; this makes caller-supplied boxes safe too.
+    """
+    kept: list[IntBox] = []
+    kept_scores: list[float] = []
+    for (x1, y1, x2, y2), score in zip(boxes, scores, strict=True):
+        x1, x2 = max(0, min(x1, width)), max(0, min(x2, width))
+        y1, y2 = max(0, min(y1, height)), max(0, min(y2, height))
+        if x2 - x1 >= 1 and y2 - y1 >= 1:
+            kept.append((x1, y1, x2, y2))
+            kept_scores.append(score)
+    return kept, kept_scores
+
+
+def select_top_k(
+    boxes: Sequence[IntBox], scores: Sequence[float], k: int
+) -> tuple[list[IntBox], list[float]]:
+    """Keep at most ``k`` boxes, as the reference's top-8 cap does (spec §4.1).
+
+    More than ``k``: the ``k`` highest scores in *ascending* score order (ascending sort, keep the
+    last ``k``). At most ``k``: all of them, in the given (detector) order.
+    """
+    if len(boxes) <= k:
+        return list(boxes), list(scores)
+    if k <= 0:
+        return [], []
+    order = sorted(range(len(scores)), key=lambda i: scores[i])[-k:]
+    return [boxes[i] for i in order], [scores[i] for i in order]
+
+
+def choose_boxes(
+    detections: Detections, width: int, height: int, k: int
+) -> tuple[list[IntBox], list[float]]:
+    """Detector (or caller) boxes -> the integer boxes the crops are cut with, and their scores."""
+    boxes, scores = clip_boxes(integer_boxes(detections), detections.scores, width, height)
+    return select_top_k(boxes, scores, k)
+
+
+def _span(start: int, end: int, size: int, scale: int) -> tuple[int, int]:
+    lo = int((start / size) * scale)
+    hi = int((end / size) * scale)
+    if hi - lo < 1:
+        if scale - hi > 1:
+            hi += 1
+        else:
+            lo -= 1
+    return lo, hi
+
+
+def box_info(box: IntBox, width: int, height: int, scale: int) -> tuple[int, int, int, int, int, int]:
+    """The reference's six numbers [L, R, T, B, w, h] for one integer box at one scale (spec §4.2)."""
+    x1, y1, x2, y2 = box
+    sx, ex = _span(x1, x2, width, scale)
+    sy, ey = _span(y1, y2, height, scale)
+    return sx, scale - ex, sy, scale - ey, ex - sx, ey - sy

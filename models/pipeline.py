@@ -1,0 +1,304 @@
+"""The batched colorization pipeline: prepare (CPU) -> predict (device) -> merge (CPU).
+
+``Colorizer.colorize`` runs all three for a list of images of any sizes. A server calls the
+stages separately so CPU work (decode, full-resolution merge) overlaps device work. Per batch:
+one detector call for every image that needs boxes, one instance-net call on all crops of all
+images, one fusion-net call on every image with boxes and one full-image-net call on the rest.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import torch
+from PIL import Image
+
+from models.boxes import (
+    DEFAULT_MAX_INSTANCES,
+    FUSION_SCALES,
+    Detections,
+    IntBox,
+    box_info,
+    choose_boxes,
+)
+from models.checkpoints import ColorizationNetworks, load_networks
+from models.detector import BoxDetector, DetectorVersion
+from models.fusion import build_layout
+from models.image_input import InputImage, to_input_image
+from models.merge import Resolution, merge_network, merge_original
+from models.preprocess import crop_l, detector_lightness, lightness, network_input, normalized_l, resize_to_network
+
+log = logging.getLogger(__name__)
+
+Precision = Literal["fp32", "fp16"]
+STAGES: tuple[str, ...] = ("preprocess", "detect", "instance", "fusion", "merge")
+DEFAULT_SCORE_THRESHOLD = 0.7
+
+
+class OptionsError(ValueError):
+    """A colorization option is out of range; the message says which and what is allowed."""
+
+
+@dataclass(frozen=True)
+class ColorizeOptions:
+    """Per-image options. ``boxes`` (input pixel coordinates) skip the detector for that image."""
+
+    resolution: Resolution = "original"
+    max_instances: int = DEFAULT_MAX_INSTANCES
+    score_threshold: float = DEFAULT_SCORE_THRESHOLD
+    boxes: Detections | None = None
+
+
+@dataclass
+class PreparedImage:
+    """Everything the device stage needs from one image, computed on the CPU."""
+
+    source: InputImage
+    options: ColorizeOptions
+    l_norm: torch.Tensor  # (1, 256, 256) normalised L of the squashed image
+    lightness: torch.Tensor  # (1, H, W) Lab L of the original, for the full-resolution merge
+    detector_input: Image.Image | None  # 8-bit L at the detector's size
+    detector_scale: tuple[float, float]
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Prediction:
+    ab: torch.Tensor  # (2, 256, 256) normalised ab, float32, CPU
+    boxes: list[IntBox]
+    scores: list[float]
+    timings: dict[str, float]
+
+
+@dataclass(frozen=True)
+class ColorizedImage:
+    image: Image.Image
+    boxes: list[IntBox]
+    scores: list[float]
+    timings: dict[str, float]  # seconds per stage in STAGES
+
+
+class Colorizer:
+    """G, GF and GComp (and optionally a detector) on one device, ready for batches."""
+
+    def __init__(
+        self,
+        networks: ColorizationNetworks,
+        detector: BoxDetector | None = None,
+        device: torch.device | str = "cpu",
+        precision: Precision = "fp32",
+        instance_limit: int = DEFAULT_MAX_INSTANCES,
+    ) -> None:
+        self.device = torch.device(device)
+        self.precision: Precision = precision
+        self.dtype = torch.float16 if precision == "fp16" else torch.float32
+        self.instance_limit = instance_limit
+        self.networks = networks
+        self.detector = detector
+        self.instance_net = networks.instance.to(self.device, self.dtype)
+        self.full_image_net = networks.full_image.to(self.device, self.dtype)
+        self.fusion_net = networks.fusion.to(self.device, self.dtype)
+        for generator in self.fusion_net.weight_generators():
+            generator.float()  # fusion logits and softmax stay float32 (spec §7 quirk 5)
+        if self.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True
+            if precision == "fp32":  # parity: no TF32 (spec §8)
+                torch.backends.cudnn.allow_tf32 = False
+                torch.backends.cuda.matmul.allow_tf32 = False
+
+    @classmethod
+    def load(
+        cls,
+        checkpoints: Path | str,
+        detector_weights: Path | str | None = None,
+        *,
+        detector_version: DetectorVersion = "v1",
+        device: torch.device | str = "cpu",
+        precision: Precision = "fp32",
+        instance_limit: int = DEFAULT_MAX_INSTANCES,
+    ) -> Colorizer:
+        networks = load_networks(checkpoints)
+        detector = None
+        if detector_weights is not None:
+            detector = BoxDetector.from_file(detector_weights, detector_version, device)
+        return cls(networks, detector, device, precision, instance_limit)
+
+    @property
+    def version(self) -> str:
+        return self.networks.version
+
+    def describe(self) -> dict[str, Any]:
+        """What is loaded, for /info and logs."""
+        return {
+            "model_version": self.version,
+            "checkpoint_layout": self.networks.layout,
+            "network_width": self.networks.width,
+            "files": [{"path": str(f.path), "sha256": f.sha256} for f in self.networks.files],
+            "detector": None if self.detector is None else f"maskrcnn_resnet50_fpn_{self.detector.version}",
+            "device": str(self.device),
+            "precision": self.precision,
+            "instance_limit": self.instance_limit,
+        }
+
+    # -- stage 1: CPU ---------------------------------------------------------------------------
+
+    def check_options(self, options: ColorizeOptions) -> None:
+        if not 0 <= options.max_instances <= self.instance_limit:
+            raise OptionsError(
+                f"max_instances must be between 0 and {self.instance_limit}, got {options.max_instances}"
+            )
+        if not 0.0 <= options.score_threshold <= 1.0:
+            raise OptionsError(
+                f"score_threshold must be between 0 and 1, got {options.score_threshold}"
+            )
+        if options.resolution not in ("original", "network"):
+            raise OptionsError(f"resolution must be 'original' or 'network', got {options.resolution!r}")
+
+    def prepare(self, image: Image.Image | InputImage, options: ColorizeOptions | None = None) -> PreparedImage:
+        """Input policy, the 256x256 L, full-resolution L and the detector's input."""
+        options = options or ColorizeOptions()
+        self.check_options(options)
+        start = time.perf_counter()
+        source = image if isinstance(image, InputImage) else to_input_image(image)
+        l_full = lightness(source.rgb)
+        detector_input, scale = None, (1.0, 1.0)
+        if self.detector is not None and options.boxes is None and options.max_instances > 0:
+            small, sx, sy = detector_lightness(l_full, self.detector.min_size, self.detector.max_size)
+            detector_input, scale = small, (sx, sy)
+        prepared = PreparedImage(
+            source=source,
+            options=options,
+            l_norm=normalized_l(resize_to_network(source.rgb)),
+            lightness=l_full,
+            detector_input=detector_input,
+            detector_scale=scale,
+        )
+        prepared.timings["preprocess"] = time.perf_counter() - start
+        return prepared
+
+    # -- stage 2: device ------------------------------------------------------------------------
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+
+    def _detect(self, batch: Sequence[PreparedImage]) -> list[Detections]:
+        found = [p.options.boxes or Detections((), ()) for p in batch]
+        todo = [i for i, p in enumerate(batch) if p.detector_input is not None]
+        if not todo or self.detector is None:
+            return found
+        threshold = min(batch[i].options.score_threshold for i in todo)
+        inputs = [batch[i].detector_input for i in todo]
+        results = self.detector.detect([x for x in inputs if x is not None], threshold)
+        for i, result in zip(todo, results, strict=True):
+            sx, sy = batch[i].detector_scale
+            own = batch[i].options.score_threshold
+            kept = [
+                ((x1 * sx, y1 * sy, x2 * sx, y2 * sy), s)
+                for (x1, y1, x2, y2), s in zip(result.boxes, result.scores, strict=True)
+                if s >= own
+            ]
+            found[i] = Detections(tuple(b for b, _ in kept), tuple(s for _, s in kept))
+        return found
+
+    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.device, self.dtype, non_blocking=True)
+
+    @torch.inference_mode()
+    def predict(self, batch: Sequence[PreparedImage]) -> list[Prediction]:
+        """Boxes, instance net, fusion net (or full-image net) for a batch; ab at 256x256."""
+        if not batch:
+            return []
+        t0 = time.perf_counter()
+        detections = self._detect(batch)
+        chosen = [
+            choose_boxes(d, *p.source.size, p.options.max_instances)
+            for d, p in zip(detections, batch, strict=True)
+        ]
+        t1 = time.perf_counter()
+
+        with_boxes = [i for i, (boxes, _) in enumerate(chosen) if boxes]
+        without = [i for i, (boxes, _) in enumerate(chosen) if not boxes]
+        ab: list[torch.Tensor | None] = [None] * len(batch)
+        features: dict[str, torch.Tensor] = {}
+        if with_boxes:
+            crops = torch.cat([crop_l(batch[i].source.rgb, chosen[i][0]) for i in with_boxes])
+            _, features = self.instance_net(network_input(self._to_device(crops)))
+        self._sync()
+        t2 = time.perf_counter()
+
+        if with_boxes:
+            infos = [
+                [
+                    {s: box_info(box, *batch[i].source.size, s) for s in FUSION_SCALES}
+                    for box in chosen[i][0]
+                ]
+                for i in with_boxes
+            ]
+            layout = build_layout(infos, self.device)
+            full = torch.stack([batch[i].l_norm for i in with_boxes])
+            fused = self.fusion_net(network_input(self._to_device(full)), features, layout)
+            for i, out in zip(with_boxes, fused.float().cpu(), strict=True):
+                ab[i] = out
+        del features
+        if without:
+            full = torch.stack([batch[i].l_norm for i in without])
+            plain = self.full_image_net(network_input(self._to_device(full)))
+            for i, out in zip(without, plain.float().cpu(), strict=True):
+                ab[i] = out
+        self._sync()
+        t3 = time.perf_counter()
+
+        stage = {"detect": t1 - t0, "instance": t2 - t1, "fusion": t3 - t2}
+        predictions = []
+        for i, p in enumerate(batch):
+            result = ab[i]
+            assert result is not None
+            boxes, scores = chosen[i]
+            predictions.append(Prediction(result, boxes, scores, {**p.timings, **stage}))
+        return predictions
+
+    # -- stage 3: CPU ---------------------------------------------------------------------------
+
+    def merge(self, prepared: PreparedImage, prediction: Prediction) -> ColorizedImage:
+        start = time.perf_counter()
+        alpha = prepared.source.alpha
+        if prepared.options.resolution == "network":
+            image = merge_network(prepared.l_norm, prediction.ab, alpha)
+        else:
+            image = merge_original(prepared.lightness, prediction.ab, alpha)
+        timings = {**prediction.timings, "merge": time.perf_counter() - start}
+        return ColorizedImage(image, prediction.boxes, prediction.scores, timings)
+
+    def colorize(
+        self,
+        images: Sequence[Image.Image | InputImage],
+        options: ColorizeOptions | Sequence[ColorizeOptions] | None = None,
+    ) -> list[ColorizedImage]:
+        """Colorize a batch of images of any sizes in one pass through the networks."""
+        if options is None or isinstance(options, ColorizeOptions):
+            per_image = [options or ColorizeOptions()] * len(images)
+        else:
+            per_image = list(options)
+            if len(per_image) != len(images):
+                raise OptionsError(f"{len(images)} images but {len(per_image)} options")
+        prepared = [self.prepare(img, opt) for img, opt in zip(images, per_image, strict=True)]
+        predictions = self.predict(prepared)
+        return [self.merge(p, r) for p, r in zip(prepared, predictions, strict=True)]
+
+    def warmup(self, batch_size: int) -> None:
+        """Run one batch through every network (and the detector) so first requests are not slow."""
+        gradient = Image.linear_gradient("L").resize((320, 240)).convert("RGB")
+        k = self.instance_limit
+        boxes = Detections.from_boxes([[10 + 20 * j, 10, 100 + 20 * j, 200] for j in range(k)])
+        options = [
+            ColorizeOptions(resolution="network", boxes=None if i % 2 else boxes)
+            for i in range(batch_size)
+        ]
+        options[-1] = ColorizeOptions(resolution="network", max_instances=0)
+        self.colorize([gradient] * batch_size, options)

@@ -1,0 +1,1 @@
+"""Subcommands of ``python -m service``; each module defines ``add_parser(subparsers)``."""

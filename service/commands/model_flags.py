@@ -1,0 +1,37 @@
+"""The model flags shared by ``colorize``, ``serve`` and ``worker``; each overrides its env var."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+
+def add_model_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("model (each overrides its COLORIZE_* variable)")
+    group.add_argument("--checkpoints", type=Path, help="official folder or MMagic file "
+                       "[COLORIZE_CHECKPOINTS, default weights/checkpoints]")  # fmt: skip
+    detector = group.add_mutually_exclusive_group()
+    detector.add_argument("--detector-weights", type=Path,
+                          help="torchvision Mask R-CNN weights [COLORIZE_DETECTOR_WEIGHTS]")  # fmt: skip
+    detector.add_argument("--no-detector", action="store_true",
+                          help="full-image colorization only (unless boxes are supplied)")  # fmt: skip
+    group.add_argument("--detector-version", choices=["v1", "v2"],
+                       help="Mask R-CNN ResNet-50-FPN v1 or v2 [COLORIZE_DETECTOR_VERSION]")  # fmt: skip
+    group.add_argument("--device", help="auto, cpu, cuda or cuda:N [COLORIZE_DEVICE]")
+    group.add_argument("--precision", choices=["auto", "fp32", "fp16"],
+                       help="[COLORIZE_PRECISION] auto: fp16 on CUDA, fp32 on CPU")  # fmt: skip
+
+
+def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """Settings fields given on the command line (absent flags leave the environment's value)."""
+    overrides: dict[str, Any] = {}
+    for name in ("checkpoints", "detector_weights", "detector_version", "device", "precision"):
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = value
+    if getattr(args, "detector_weights", None) is not None:
+        overrides["detector"] = True
+    if getattr(args, "no_detector", False):
+        overrides["detector"] = False
+    return overrides

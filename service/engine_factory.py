@@ -1,0 +1,38 @@
+"""Builds the colorization engine from settings: the one place a process loads weights."""
+
+from __future__ import annotations
+
+import logging
+
+from models.pipeline import Colorizer
+from service.settings import ModelSettings
+
+log = logging.getLogger(__name__)
+
+
+class MissingWeightsError(RuntimeError):
+    """Weight files are absent; the message names them and the command that fetches them."""
+
+
+def build_colorizer(settings: ModelSettings) -> Colorizer:
+    missing = settings.missing_weight_files()
+    if missing:
+        names = "\n  ".join(str(p) for p in missing)
+        raise MissingWeightsError(
+            f"missing weight files:\n  {names}\n"
+            "Download them with `python -m service fetch-weights --dir weights` (needs internet), "
+            "point COLORIZE_CHECKPOINTS / COLORIZE_DETECTOR_WEIGHTS (or --checkpoints / "
+            "--detector-weights) at existing files, or pass --no-detector to run without detector."
+        )
+    device = settings.resolved_device()
+    precision = settings.resolved_precision()
+    colorizer = Colorizer.load(
+        settings.checkpoints,
+        settings.detector_weights if settings.detector else None,
+        detector_version=settings.detector_version,
+        device=device,
+        precision=precision,
+        instance_limit=settings.instance_limit,
+    )
+    log.info("loaded %s", colorizer.describe())
+    return colorizer

@@ -1,0 +1,99 @@
+"""Every error the service returns: one type per kind, mapped to HTTP status in one place.
+
+Errors travel as ``application/problem+json`` (RFC 9457) with a stable ``type`` URI, and between
+processes (Redis mode) as the dict from ``to_dict`` / ``from_dict``.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+PROBLEM_BASE = "https://instcolor.dev/problems/"
+
+
+class ServiceError(Exception):
+    """Base class: subclasses fix ``status``, ``kind`` (the problem type's slug) and ``title``."""
+
+    status: ClassVar[int] = 500
+    kind: ClassVar[str] = "internal"
+    title: ClassVar[str] = "Internal error"
+
+    def __init__(self, detail: str, *, retry_after: float | None = None) -> None:
+        super().__init__(detail)
+        self.detail = detail
+        self.retry_after = retry_after
+
+    @property
+    def type_uri(self) -> str:
+        return PROBLEM_BASE + self.kind
+
+    def to_problem(self, request_id: str | None = None) -> dict[str, Any]:
+        body: dict[str, Any] = {
+            "type": self.type_uri,
+            "title": self.title,
+            "status": self.status,
+            "detail": self.detail,
+        }
+        if request_id is not None:
+            body["request_id"] = request_id
+        return body
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"kind": self.kind, "detail": self.detail, "retry_after": self.retry_after}
+
+    @staticmethod
+    def from_dict(data: dict[str, Any]) -> ServiceError:
+        cls = ERROR_KINDS.get(str(data.get("kind")), InternalError)
+        return cls(str(data.get("detail", "")), retry_after=data.get("retry_after"))
+
+
+class InvalidImageError(ServiceError):
+    status, kind, title = 400, "invalid-image", "Image could not be decoded"
+
+
+class PayloadTooLargeError(ServiceError):
+    status, kind, title = 413, "payload-too-large", "Request body too large"
+
+
+class ImageTooLargeError(ServiceError):
+    status, kind, title = 413, "image-too-large", "Image has too many pixels"
+
+
+class UnsupportedMediaTypeError(ServiceError):
+    status, kind, title = 415, "unsupported-media-type", "Unsupported media type"
+
+
+class InvalidParameterError(ServiceError):
+    status, kind, title = 422, "invalid-parameter", "Invalid parameter"
+
+
+class OverloadedError(ServiceError):
+    status, kind, title = 503, "overloaded", "Service overloaded"
+
+
+class DeadlineExceededError(ServiceError):
+    status, kind, title = 504, "deadline-exceeded", "Request deadline exceeded"
+
+
+class UnavailableError(ServiceError):
+    status, kind, title = 503, "unavailable", "Service unavailable"
+
+
+class ProcessingFailedError(ServiceError):
+    """A job failed repeatedly and went to the dead-letter stream (Redis mode)."""
+
+    status, kind, title = 500, "processing-failed", "Processing failed"
+
+
+class InternalError(ServiceError):
+    status, kind, title = 500, "internal", "Internal error"
+
+
+ERROR_KINDS: dict[str, type[ServiceError]] = {
+    cls.kind: cls
+    for cls in (
+        InvalidImageError, PayloadTooLargeError, ImageTooLargeError, UnsupportedMediaTypeError,
+        InvalidParameterError, OverloadedError, DeadlineExceededError, UnavailableError,
+        ProcessingFailedError, InternalError,
+    )
+}  # fmt: skip

@@ -1,0 +1,59 @@
+"""Shared fixtures: seeded random-weight checkpoints in the real layouts, written once per session."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from models.pipeline import Colorizer
+from weight_files import write_detector, write_mmagic, write_official
+
+TINY_WIDTH = 8  # structurally identical to the official nets (same keys), 1/64 of the compute
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    torch.set_num_threads(max(1, torch.get_num_threads()))
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An official-layout folder (latest_net_{G,GF,GComp}.pth) of width-8 networks."""
+    return write_official(tmp_path_factory.mktemp("checkpoints"), width=TINY_WIDTH, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_mmagic(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_mmagic(tmp_path_factory.mktemp("mmagic") / "mmagic.pth", width=TINY_WIDTH, seed=0)
+
+
+@pytest.fixture(scope="session")
+def detector_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Random-weight torchvision Mask R-CNN v1 under torchvision's file name (about 170 MB)."""
+    return write_detector(tmp_path_factory.mktemp("detector"), "v1")
+
+
+@pytest.fixture(scope="session")
+def tiny_colorizer(tiny_checkpoints: Path) -> Colorizer:
+    """A CPU colorizer on the tiny checkpoints, without detector."""
+    return Colorizer.load(tiny_checkpoints)
+
+
+@pytest.fixture
+def gray_photo() -> Image.Image:
+    """A deterministic 8-bit grayscale picture with structure (gradient plus shapes)."""
+    image = Image.linear_gradient("L").resize((320, 240))
+    image.paste(40, (30, 40, 120, 200))
+    image.paste(220, (200, 60, 300, 150))
+    return image

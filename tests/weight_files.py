@@ -1,0 +1,95 @@
+"""Seeded random-weight checkpoints written in the real file layouts, so the real loaders run.
+
+Official layout: plain state dicts, G and GComp without a prefix, GF with ``module.`` keys, saved
+in the legacy (pre-1.6, non-zip) serialization like the authors' files. MMagic layout: one file,
+tensors under ``state_dict`` with per-network prefixes and seven bare single-layer modules.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from models.checkpoints import MMAGIC_FILENAME
+from models.detector import DETECTOR_WEIGHTS, DetectorVersion, build_maskrcnn
+from models.networks import FullImageGenerator, FusionGenerator, InstanceGenerator
+
+BARE = ("model8up", "model9up", "model10up", "model3short8", "model2short9", "model1short10",
+        "model_class")  # fmt: skip
+
+
+def randomize(network: nn.Module, seed: int) -> dict[str, torch.Tensor]:
+    """Seeded He-style weights and plausible BatchNorm statistics: activations stay in range."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def normal(t: torch.Tensor, std: float, mean: float = 0.0) -> None:
+        t.copy_(torch.randn(t.shape, generator=generator) * std + mean)
+
+    with torch.no_grad():
+        for module in network.modules():
+            if isinstance(module, nn.Conv2d | nn.ConvTranspose2d):
+                normal(module.weight, (2.0 / module.weight[0].numel()) ** 0.5)
+                if module.bias is not None:
+                    normal(module.bias, 0.05)
+            elif isinstance(module, nn.BatchNorm2d):
+                normal(module.weight, 0.1, 1.0)
+                normal(module.bias, 0.1)
+                normal(module.running_mean, 0.1)
+                module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
+                module.num_batches_tracked.fill_(1000)
+    return network.state_dict()
+
+
+def random_networks(width: int, seed: int = 0) -> dict[str, dict[str, torch.Tensor]]:
+    """State dicts for G, GF and GComp, keyed by official file name, keys without prefixes."""
+    return {
+        "latest_net_G.pth": randomize(InstanceGenerator(width), seed),
+        "latest_net_GF.pth": randomize(FusionGenerator(width), seed + 1),
+        "latest_net_GComp.pth": randomize(FullImageGenerator(width), seed + 2),
+    }
+
+
+def write_official(folder: Path, width: int = 8, seed: int = 0, legacy: bool = True) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, state in random_networks(width, seed).items():
+        if name == "latest_net_GF.pth":
+            state = {f"module.{k}": v for k, v in state.items()}
+        torch.save(state, folder / name, _use_new_zipfile_serialization=not legacy)
+    return folder
+
+
+def to_mmagic_key(key: str) -> str:
+    for name in BARE:
+        if key.startswith(f"{name}.0."):
+            return f"{name}.{key.removeprefix(f'{name}.0.')}"
+    return key
+
+
+def write_mmagic(path: Path, width: int = 8, seed: int = 0) -> Path:
+    prefixes = {
+        "latest_net_G.pth": "instance_model.",
+        "latest_net_GF.pth": "fusion_model.",
+        "latest_net_GComp.pth": "image_model.",
+    }
+    state = {
+        prefixes[name] + to_mmagic_key(k): v
+        for name, sd in random_networks(width, seed).items()
+        for k, v in sd.items()
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"meta": {"mmagic_version": "1.0"}, "state_dict": state}, path)
+    return path
+
+
+def write_detector(folder: Path, version: DetectorVersion = "v1", seed: int = 0) -> Path:
+    """A randomly initialised Mask R-CNN saved under torchvision's own file name."""
+    torch.manual_seed(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / DETECTOR_WEIGHTS[version].filename
+    torch.save(build_maskrcnn(version).state_dict(), path)
+    return path
+
+
+__all__ = ["MMAGIC_FILENAME", "random_networks", "write_detector", "write_mmagic", "write_official"]
