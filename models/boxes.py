@@ -37,7 +37,9 @@ class Detections:
         parsed = []
         for i, box in enumerate(boxes):
             if len(box) != 4 or not all(math.isfinite(float(v)) for v in box):
-                raise ValueError(f"box {i} must be four finite numbers [x1, y1, x2, y2], got {box!r}")
+                raise ValueError(
+                    f"box {i} must be four finite numbers [x1, y1, x2, y2], got {box!r}"
+                )
             x1, y1, x2, y2 = (float(v) for v in box)
             parsed.append((x1, y1, x2, y2))
         if scores is None:
@@ -110,7 +112,9 @@ def _span(start: int, end: int, size: int, scale: int) -> tuple[int, int]:
     return lo, hi
 
 
-def box_info(box: IntBox, width: int, height: int, scale: int) -> tuple[int, int, int, int, int, int]:
+def box_info(
+    box: IntBox, width: int, height: int, scale: int
+) -> tuple[int, int, int, int, int, int]:
     """The reference's six numbers [L, R, T, B, w, h] for one integer box at one scale (spec §4.2)."""
     x1, y1, x2, y2 = box
     sx, ex = _span(x1, x2, width, scale)

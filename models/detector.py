@@ -28,6 +28,8 @@ from models.checkpoints import CheckpointError, load_strict, read_state_dict
 
 DetectorVersion = Literal["v1", "v2"]
 COCO_CLASSES = 91
+DEFAULT_MIN_SIZE = 800  # shorter side the detector resizes to (torchvision and detectron2 default)
+DEFAULT_MAX_SIZE = 1333  # cap on the longer side
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,14 @@ def build_maskrcnn(version: DetectorVersion) -> MaskRCNN:
 class BoxDetector:
     """Mask R-CNN reduced to its box branch."""
 
-    def __init__(self, model: MaskRCNN, version: DetectorVersion, device: torch.device) -> None:
+    def __init__(
+        self,
+        model: MaskRCNN,
+        version: DetectorVersion,
+        device: torch.device,
+        min_size: int = DEFAULT_MIN_SIZE,
+        max_size: int = DEFAULT_MAX_SIZE,
+    ) -> None:
         roi_heads = model.roi_heads
         roi_heads.mask_roi_pool = None
         roi_heads.mask_head = None
@@ -69,14 +78,21 @@ class BoxDetector:
         self.model = model.to(device).eval().requires_grad_(False)
         self.version = version
         self.device = device
-        transform = self.model.transform
-        self.min_size = int(transform.min_size[-1])
-        self.max_size = int(transform.max_size)
+        self.model.transform.min_size = (min_size,)
+        self.model.transform.max_size = max_size
+        self.min_size = min_size
+        self.max_size = max_size
 
     @classmethod
     def from_file(
-        cls, path: Path | str, version: DetectorVersion = "v1", device: torch.device | str = "cpu"
+        cls,
+        path: Path | str,
+        version: DetectorVersion = "v1",
+        device: torch.device | str = "cpu",
+        min_size: int = DEFAULT_MIN_SIZE,
+        max_size: int = DEFAULT_MAX_SIZE,
     ) -> BoxDetector:
+        """Load COCO weights from a local file, strictly; ``min_size``/``max_size`` set its input size."""
         path = Path(path)
         model = build_maskrcnn(version)
         state = read_state_dict(path)
@@ -84,8 +100,10 @@ class BoxDetector:
             load_strict(model, state, f"{path} (Mask R-CNN {version})")
         except CheckpointError as exc:
             other = "v2" if version == "v1" else "v1"
-            raise CheckpointError(f"{exc}. Is this the {other} detector? (--detector-version)") from exc
-        return cls(model, version, torch.device(device))
+            raise CheckpointError(
+                f"{exc}. Is this the {other} detector? (--detector-version)"
+            ) from exc
+        return cls(model, version, torch.device(device), min_size, max_size)
 
     @torch.inference_mode()
     def detect(self, images: Sequence[Image.Image], score_threshold: float) -> list[Detections]:
@@ -103,8 +121,8 @@ class BoxDetector:
         for output in outputs:
             boxes = output["boxes"].float().cpu().tolist()
             scores = output["scores"].float().cpu().tolist()
-            kept = [(tuple(b), s) for b, s in zip(boxes, scores, strict=True) if s >= score_threshold]
-            results.append(
-                Detections(tuple(b for b, _ in kept), tuple(s for _, s in kept))  # type: ignore[misc]
-            )
+            kept = [
+                (tuple(b), s) for b, s in zip(boxes, scores, strict=True) if s >= score_threshold
+            ]
+            results.append(Detections(tuple(b for b, _ in kept), tuple(s for _, s in kept)))
         return results

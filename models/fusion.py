@@ -52,7 +52,9 @@ class FusionLayout:
         return int(self.image_index.numel())
 
 
-def _axis(start: torch.Tensor, length: torch.Tensor, size: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _axis(
+    start: torch.Tensor, length: torch.Tensor, size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Normalised sampling coordinates and the in-box mask along one axis, shapes (M, size).
 
     Inside the box, output pixel ``d = x - start`` reads source ``(d + 0.5) * size / length - 0.5``,

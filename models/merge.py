@@ -27,7 +27,9 @@ def _to_pil(rgb8: torch.Tensor, alpha: Image.Image | None) -> Image.Image:
     return image
 
 
-def merge_network(l_norm: torch.Tensor, ab_norm: torch.Tensor, alpha: Image.Image | None) -> Image.Image:
+def merge_network(
+    l_norm: torch.Tensor, ab_norm: torch.Tensor, alpha: Image.Image | None
+) -> Image.Image:
     """The reference's 256x256 result from its L_norm (1, 256, 256) and ab_norm (2, 256, 256)."""
     return _to_pil(to_uint8(lab_norm_to_rgb(l_norm, ab_norm)), alpha)
 
@@ -40,7 +42,9 @@ def upsample_ab(ab_norm: torch.Tensor, height: int, width: int) -> torch.Tensor:
     )[0]  # fmt: skip
 
 
-def merge_original(lightness: torch.Tensor, ab_norm: torch.Tensor, alpha: Image.Image | None) -> Image.Image:
+def merge_original(
+    lightness: torch.Tensor, ab_norm: torch.Tensor, alpha: Image.Image | None
+) -> Image.Image:
     """Full-resolution output from the input's L (1, H, W, Lab units) and the predicted ab."""
     height, width = lightness.shape[-2:]
     ab = upsample_ab(ab_norm, height, width)

@@ -97,7 +97,9 @@ class ColorizationTrunk(nn.Module):
         self.model_class = nn.Sequential(nn.Conv2d(c3, NUM_AB_CLASSES, 1))
         self.model_out = nn.Sequential(nn.Conv2d(c2, 2, 1), nn.Tanh())
 
-    def run(self, x: torch.Tensor, fuse: FuseFn | None = None) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def run(
+        self, x: torch.Tensor, fuse: FuseFn | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """Return normalised ab and the 13 features; ``fuse(name, feature)`` may replace each one.
 
         The ``*_up`` entries of the returned dict are rectified, as the reference's in-place ReLU

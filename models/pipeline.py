@@ -27,11 +27,18 @@ from models.boxes import (
     choose_boxes,
 )
 from models.checkpoints import ColorizationNetworks, load_networks
-from models.detector import BoxDetector, DetectorVersion
+from models.detector import DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE, BoxDetector, DetectorVersion
 from models.fusion import build_layout
 from models.image_input import InputImage, to_input_image
 from models.merge import Resolution, merge_network, merge_original
-from models.preprocess import crop_l, detector_lightness, lightness, network_input, normalized_l, resize_to_network
+from models.preprocess import (
+    crop_l,
+    detector_lightness,
+    lightness,
+    network_input,
+    normalized_l,
+    resize_to_network,
+)
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +125,7 @@ class Colorizer:
         detector_weights: Path | str | None = None,
         *,
         detector_version: DetectorVersion = "v1",
+        detector_size: tuple[int, int] = (DEFAULT_MIN_SIZE, DEFAULT_MAX_SIZE),
         device: torch.device | str = "cpu",
         precision: Precision = "fp32",
         instance_limit: int = DEFAULT_MAX_INSTANCES,
@@ -125,7 +133,9 @@ class Colorizer:
         networks = load_networks(checkpoints)
         detector = None
         if detector_weights is not None:
-            detector = BoxDetector.from_file(detector_weights, detector_version, device)
+            detector = BoxDetector.from_file(
+                detector_weights, detector_version, device, *detector_size
+            )
         return cls(networks, detector, device, precision, instance_limit)
 
     @property
@@ -139,7 +149,9 @@ class Colorizer:
             "checkpoint_layout": self.networks.layout,
             "network_width": self.networks.width,
             "files": [{"path": str(f.path), "sha256": f.sha256} for f in self.networks.files],
-            "detector": None if self.detector is None else f"maskrcnn_resnet50_fpn_{self.detector.version}",
+            "detector": None
+            if self.detector is None
+            else f"maskrcnn_resnet50_fpn_{self.detector.version}",
             "device": str(self.device),
             "precision": self.precision,
             "instance_limit": self.instance_limit,
@@ -157,9 +169,13 @@ class Colorizer:
                 f"score_threshold must be between 0 and 1, got {options.score_threshold}"
             )
         if options.resolution not in ("original", "network"):
-            raise OptionsError(f"resolution must be 'original' or 'network', got {options.resolution!r}")
+            raise OptionsError(
+                f"resolution must be 'original' or 'network', got {options.resolution!r}"
+            )
 
-    def prepare(self, image: Image.Image | InputImage, options: ColorizeOptions | None = None) -> PreparedImage:
+    def prepare(
+        self, image: Image.Image | InputImage, options: ColorizeOptions | None = None
+    ) -> PreparedImage:
         """Input policy, the 256x256 L, full-resolution L and the detector's input."""
         options = options or ColorizeOptions()
         self.check_options(options)
@@ -168,7 +184,9 @@ class Colorizer:
         l_full = lightness(source.rgb)
         detector_input, scale = None, (1.0, 1.0)
         if self.detector is not None and options.boxes is None and options.max_instances > 0:
-            small, sx, sy = detector_lightness(l_full, self.detector.min_size, self.detector.max_size)
+            small, sx, sy = detector_lightness(
+                l_full, self.detector.min_size, self.detector.max_size
+            )
             detector_input, scale = small, (sx, sy)
         prepared = PreparedImage(
             source=source,

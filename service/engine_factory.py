@@ -14,7 +14,8 @@ class MissingWeightsError(RuntimeError):
     """Weight files are absent; the message names them and the command that fetches them."""
 
 
-def build_colorizer(settings: ModelSettings) -> Colorizer:
+def check_weight_files(settings: ModelSettings) -> None:
+    """Raise ``MissingWeightsError`` (naming the files and fetch-weights) if any is absent."""
     missing = settings.missing_weight_files()
     if missing:
         names = "\n  ".join(str(p) for p in missing)
@@ -24,12 +25,17 @@ def build_colorizer(settings: ModelSettings) -> Colorizer:
             "point COLORIZE_CHECKPOINTS / COLORIZE_DETECTOR_WEIGHTS (or --checkpoints / "
             "--detector-weights) at existing files, or pass --no-detector to run without detector."
         )
+
+
+def build_colorizer(settings: ModelSettings) -> Colorizer:
+    check_weight_files(settings)
     device = settings.resolved_device()
     precision = settings.resolved_precision()
     colorizer = Colorizer.load(
         settings.checkpoints,
         settings.detector_weights if settings.detector else None,
         detector_version=settings.detector_version,
+        detector_size=(settings.detector_min_size, settings.detector_max_size),
         device=device,
         precision=precision,
         instance_limit=settings.instance_limit,

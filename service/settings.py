@@ -9,13 +9,13 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, model_validator
+from pydantic import Field, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from models.checkpoints import missing_files
-from models.detector import DETECTOR_WEIGHTS
-
 DEFAULT_WEIGHTS_DIR = Path("weights")
+# models.detector.DETECTOR_WEIGHTS["v1"].filename, spelled out so that importing the settings does
+# not import torch (the HTTP API process in Redis mode has no model); a test checks they agree.
+DEFAULT_DETECTOR_FILENAME = "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth"
 
 
 class ModelSettings(BaseSettings):
@@ -34,11 +34,19 @@ class ModelSettings(BaseSettings):
         "request supplies boxes.",
     )
     detector_weights: Path = Field(
-        default=DEFAULT_WEIGHTS_DIR / DETECTOR_WEIGHTS["v1"].filename,
+        default=DEFAULT_WEIGHTS_DIR / DEFAULT_DETECTOR_FILENAME,
         description="torchvision COCO Mask R-CNN state dict (read from disk, never downloaded).",
     )
     detector_version: Literal["v1", "v2"] = Field(
         default="v1", description="maskrcnn_resnet50_fpn (v1) or maskrcnn_resnet50_fpn_v2 (v2)."
+    )
+    detector_min_size: int = Field(
+        default=800, ge=64, le=4096,
+        description="Shorter image side the detector works at (px). Smaller is faster, finds fewer "
+        "small objects. 800 is the torchvision/detectron2 default.",
+    )  # fmt: skip
+    detector_max_size: int = Field(
+        default=1333, ge=64, le=8192, description="Cap on the longer side at the detector (px)."
     )
     device: str = Field(
         default="auto", description="auto (cuda if available, else cpu), cpu, cuda or cuda:N."
@@ -74,7 +82,202 @@ class ModelSettings(BaseSettings):
 
     def missing_weight_files(self) -> list[Path]:
         """Files that must exist before the model can load; empty when all are there."""
+        from models.checkpoints import missing_files  # imports torch: model processes only
+
         missing = missing_files(self.checkpoints)
         if self.detector and not self.detector_weights.is_file():
             missing.append(self.detector_weights)
         return missing
+
+
+class ServiceSettings(ModelSettings):
+    """The HTTP service: model settings plus batching, limits and the server address."""
+
+    host: str = Field(
+        default="0.0.0.0",  # noqa: S104 - a service on a GPU host is reached from other machines
+        description="Address to bind. 0.0.0.0: every interface; 127.0.0.1: this machine only.",
+    )
+    port: int = Field(default=8000, ge=1, le=65535, description="TCP port to listen on.")
+    max_batch_size: int = Field(
+        default=8, ge=1, le=256,
+        description="Most images per device batch. Larger: more throughput on a GPU, more latency "
+        "and device memory per batch.",
+    )  # fmt: skip
+    max_batch_delay_ms: float = Field(
+        default=5.0, ge=0.0, le=10_000.0,
+        description="Longest time (ms) the oldest waiting request is held for a batch to fill. "
+        "0: run whatever is waiting at once.",
+    )  # fmt: skip
+    max_concurrent_batches: int = Field(
+        default=2, ge=1, le=8,
+        description="Batches between admission and the end of inference: 2 lets the next batch "
+        "decode on the CPU while the current one runs on the device.",
+    )  # fmt: skip
+    queue_size: int = Field(
+        default=64, ge=1, le=100_000,
+        description="Requests waiting for a batch; beyond it requests are refused at once with "
+        "overload_status and Retry-After.",
+    )  # fmt: skip
+    request_timeout_s: float = Field(
+        default=30.0, gt=0.0, le=3600.0,
+        description="Deadline (s) from admission; a request not served by then gets 504 and is "
+        "dropped before it reaches the device.",
+    )  # fmt: skip
+    max_body_bytes: int = Field(
+        default=20 * 1024 * 1024, ge=1024,
+        description="Largest request body (bytes); larger bodies get 413 before they are read.",
+    )  # fmt: skip
+    max_pixels: int = Field(
+        default=40_000_000, ge=1,
+        description="Largest image (width x height); larger images get 413 from their header, "
+        "before decoding (decompression-bomb guard). Full-resolution merge memory grows with it.",
+    )  # fmt: skip
+    worker_threads: int = Field(
+        default=4, ge=1, le=256,
+        description="Threads for CPU work (decode, preprocess, full-resolution merge, encode) "
+        "that run beside the device thread.",
+    )  # fmt: skip
+    overload_status: Literal[503, 429] = Field(
+        default=503, description="Status for a full queue: 503 or 429 (both carry Retry-After)."
+    )
+    retry_after_s: float = Field(
+        default=1.0, gt=0.0, le=3600.0,
+        description="Smallest Retry-After (s) sent with 503/429; grows with the queue's backlog.",
+    )  # fmt: skip
+    drain_timeout_s: float = Field(
+        default=60.0, ge=0.0, le=3600.0,
+        description="On SIGTERM, how long (s) queued and in-flight requests may take to finish "
+        "before the rest are failed with 503.",
+    )  # fmt: skip
+    warmup: bool = Field(
+        default=True,
+        description="Run one batch per batch-size bucket (1, 2, 4, ... max_batch_size) before "
+        "/readyz turns 200.",
+    )
+    queue: Literal["memory", "redis"] = Field(
+        default="memory",
+        description="memory: batch in this process; redis: submit jobs to Redis for GPU workers.",
+    )
+    redis_url: str = Field(
+        default="redis://127.0.0.1:6379/0", description="Redis server for queue=redis."
+    )
+    # Redis mode (queue=redis): API replicas and GPU workers share one Redis (service/redis_queue).
+    redis_prefix: str = Field(
+        default="colorize", min_length=1,
+        description="Key prefix of this deployment in Redis (stream <prefix>:jobs, "
+        "<prefix>:reply:*, <prefix>:cache:*, <prefix>:dead). Two deployments on one Redis need "
+        "two prefixes.",
+    )  # fmt: skip
+    redis_group: str = Field(
+        default="workers", min_length=1,
+        description="Consumer group the GPU workers read the job stream through.",
+    )  # fmt: skip
+    claim_idle_ms: int = Field(
+        default=5000, ge=100, le=3_600_000,
+        description="A job held this long (ms) by a worker that stopped answering (it died) is "
+        "taken over by a live worker. Lower: faster recovery; live workers heartbeat their "
+        "batches, so a slow batch is never taken from a live worker.",
+    )  # fmt: skip
+    max_deliveries: int = Field(
+        default=3, ge=1, le=100,
+        description="A job handed to workers more times than this (each holder died) goes to the "
+        "dead-letter stream and its client gets 500 processing-failed.",
+    )  # fmt: skip
+    result_ttl_s: float = Field(
+        default=60.0, gt=0.0, le=86_400.0,
+        description="Lifetime (s) of a result waiting in Redis for its API replica.",
+    )  # fmt: skip
+    dead_letter_maxlen: int = Field(
+        default=10_000, ge=1,
+        description="Approximate cap on the dead-letter stream (oldest entries trimmed); each "
+        "entry keeps the job's image for inspection.",
+    )  # fmt: skip
+    cache_enabled: bool = Field(
+        default=True,
+        description="Redis mode: answer a repeated request (same image bytes, options and model "
+        "version) from the result cache without a GPU. Ignored with queue=memory.",
+    )
+    cache_ttl_s: int = Field(
+        default=3600, ge=1, le=30 * 86_400,
+        description="Lifetime (s) of a cached result. Memory is bounded by Redis maxmemory with "
+        "a volatile-* eviction policy (see the README).",
+    )  # fmt: skip
+    cache_redis_url: str | None = Field(
+        default=None,
+        description="Separate Redis for the result cache (e.g. one with allkeys-lru); unset: the "
+        "queue's Redis.",
+    )
+    worker_metrics_port: int = Field(
+        default=9100,
+        ge=0,
+        le=65535,
+        description="Port of a Redis worker's own /metrics (0: none).",
+    )
+
+    @model_validator(mode="after")
+    def _check_service(self) -> ServiceSettings:
+        if self.queue_size < self.max_batch_size:
+            raise ValueError(
+                f"queue_size ({self.queue_size}) is smaller than max_batch_size "
+                f"({self.max_batch_size}), so batches could never fill: raise COLORIZE_QUEUE_SIZE "
+                "or lower COLORIZE_MAX_BATCH_SIZE"
+            )
+        if self.max_batch_delay_ms / 1000.0 >= self.request_timeout_s:
+            raise ValueError(
+                f"max_batch_delay_ms ({self.max_batch_delay_ms}) is not shorter than "
+                f"request_timeout_s ({self.request_timeout_s} s): requests would time out waiting "
+                "for a batch; lower COLORIZE_MAX_BATCH_DELAY_MS or raise COLORIZE_REQUEST_TIMEOUT_S"
+            )
+        if self.max_body_bytes > 1024**3:
+            raise ValueError(
+                f"max_body_bytes ({self.max_body_bytes}) is over 1 GiB: bodies are held in memory; "
+                "set COLORIZE_MAX_BODY_BYTES to at most 1073741824"
+            )
+        if self.queue == "redis" and not self.redis_url.startswith(
+            ("redis://", "rediss://", "unix://")
+        ):
+            raise ValueError(
+                f"redis_url {self.redis_url!r} is not a Redis URL: set COLORIZE_REDIS_URL to "
+                "redis://host:port/db"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _check_redis(self) -> ServiceSettings:
+        if self.claim_idle_ms <= self.max_batch_delay_ms:
+            raise ValueError(
+                f"claim_idle_ms ({self.claim_idle_ms}) is not longer than max_batch_delay_ms "
+                f"({self.max_batch_delay_ms}): workers would take over jobs still filling a live "
+                "worker's batch; raise COLORIZE_CLAIM_IDLE_MS"
+            )
+        if self.claim_idle_ms / 1000.0 >= self.request_timeout_s:
+            raise ValueError(
+                f"claim_idle_ms ({self.claim_idle_ms}) is not shorter than request_timeout_s "
+                f"({self.request_timeout_s} s): a dead worker's jobs would be taken over only "
+                "after their clients gave up; lower COLORIZE_CLAIM_IDLE_MS"
+            )
+        return self
+
+    def batch_buckets(self) -> list[int]:
+        """Batch sizes warmed up at start: powers of two below max_batch_size, and it."""
+        sizes, size = [], 1
+        while size < self.max_batch_size:
+            sizes.append(size)
+            size *= 2
+        return [*sizes, self.max_batch_size]
+
+
+def describe_validation_error(exc: ValidationError) -> str:
+    """A start-up message: each bad value with its environment variable and how to fix it."""
+    lines = ["invalid settings:"]
+    for error in exc.errors():
+        loc = ".".join(str(part) for part in error["loc"])
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if loc:
+            value = error.get("input")
+            field = ServiceSettings.model_fields.get(str(error["loc"][0]))
+            hint = f" ({field.description})" if field is not None and field.description else ""
+            lines.append(f"  COLORIZE_{loc.upper()}={value!r}: {message}{hint}")
+        else:
+            lines.append(f"  {message}")
+    return "\n".join(lines)

@@ -7,9 +7,9 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
+from weight_files import write_detector, write_mmagic, write_official
 
 from models.pipeline import Colorizer
-from weight_files import write_detector, write_mmagic, write_official
 
 TINY_WIDTH = 8  # structurally identical to the official nets (same keys), 1/64 of the compute
 

@@ -37,7 +37,9 @@ def randomize(network: nn.Module, seed: int) -> dict[str, torch.Tensor]:
                 normal(module.weight, 0.1, 1.0)
                 normal(module.bias, 0.1)
                 normal(module.running_mean, 0.1)
-                module.running_var.copy_(torch.rand(module.running_var.shape, generator=generator) + 0.5)
+                module.running_var.copy_(
+                    torch.rand(module.running_var.shape, generator=generator) + 0.5
+                )
                 module.num_batches_tracked.fill_(1000)
     return network.state_dict()
 
