@@ -25,6 +25,14 @@ _XYZ_TO_RGB = (
 _WHITE = (0.95047, 1.0, 1.08883)
 
 
+def _linearize(rgb: torch.Tensor) -> torch.Tensor:
+    return torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
+
+
+def _f(t: torch.Tensor) -> torch.Tensor:
+    return torch.where(t > 0.008856, t ** (1.0 / 3.0), 7.787 * t + 16.0 / 116.0)
+
+
 def _mix(m: tuple[tuple[float, float, float], ...], x: torch.Tensor) -> torch.Tensor:
     """Apply a 3x3 matrix along the channel axis (-3), term by term as the reference does."""
     c0, c1, c2 = x.unbind(-3)
@@ -34,21 +42,16 @@ def _mix(m: tuple[tuple[float, float, float], ...], x: torch.Tensor) -> torch.Te
 
 def rgb_to_lab(rgb: torch.Tensor) -> torch.Tensor:
     """(..., 3, H, W) float RGB in [0, 1] -> (..., 3, H, W) Lab (L in [0, 100])."""
-    rgb = rgb.float()
-    lin = torch.where(rgb > 0.04045, ((rgb + 0.055) / 1.055) ** 2.4, rgb / 12.92)
-    xyz = _mix(_RGB_TO_XYZ, lin)
+    xyz = _mix(_RGB_TO_XYZ, _linearize(rgb.float()))
     white = torch.tensor(_WHITE, dtype=xyz.dtype, device=xyz.device).view(3, 1, 1)
-    t = xyz / white
-    f = torch.where(t > 0.008856, t ** (1.0 / 3.0), 7.787 * t + 16.0 / 116.0)
-    fx, fy, fz = f.unbind(-3)
+    fx, fy, fz = _f(xyz / white).unbind(-3)
     lightness = 116.0 * fy - 16.0
     a = 500.0 * (fx - fy)
     b = 200.0 * (fy - fz)
     return torch.stack((lightness, a, b), dim=-3)
 
 
-def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
-    """(..., 3, H, W) Lab -> (..., 3, H, W) RGB, clamped below at 0 but not above (as the reference)."""
+def _lab_to_linear_rgb(lab: torch.Tensor) -> torch.Tensor:
     lab = lab.float()
     lightness, a, b = lab.unbind(-3)
     fy = (lightness + 16.0) / 116.0
@@ -57,8 +60,26 @@ def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
     f = torch.stack((fx, fy, fz), dim=-3)
     t = torch.where(f > 0.2068966, f**3, (f - 16.0 / 116.0) / 7.787)
     white = torch.tensor(_WHITE, dtype=t.dtype, device=t.device).view(3, 1, 1)
-    lin = torch.clamp(_mix(_XYZ_TO_RGB, t * white), min=0.0)
+    return torch.clamp(_mix(_XYZ_TO_RGB, t * white), min=0.0)
+
+
+def lab_to_rgb(lab: torch.Tensor) -> torch.Tensor:
+    """(..., 3, H, W) Lab -> (..., 3, H, W) RGB, clamped below at 0 but not above (as the reference)."""
+    lin = _lab_to_linear_rgb(lab)
     return torch.where(lin > 0.0031308, 1.055 * lin ** (1.0 / 2.4) - 0.055, 12.92 * lin)
+
+
+# sRGB decoding of an 8-bit value is a 256-entry table: full-resolution L without three powers
+# per pixel (not used on the parity path, which works on the 256x256 float image).
+_LINEAR_OF_UINT8 = _linearize(torch.arange(256, dtype=torch.float32) / 255)
+
+
+def lightness_of_uint8(rgb8: torch.Tensor) -> torch.Tensor:
+    """(N, 3) uint8 RGB -> (N,) Lab L, the same formulas as ``rgb_to_lab`` via a lookup table."""
+    lin = _LINEAR_OF_UINT8[rgb8.long()]
+    r, g, b = _RGB_TO_XYZ[1]
+    y = r * lin[:, 0] + g * lin[:, 1] + b * lin[:, 2]
+    return 116.0 * _f(y / _WHITE[1]) - 16.0
 
 
 def normalize_l(lightness: torch.Tensor) -> torch.Tensor:

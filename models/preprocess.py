@@ -13,7 +13,7 @@ import torch
 from PIL import Image
 
 from models.boxes import IntBox
-from models.lab import normalize_l, rgb_to_lab
+from models.lab import lightness_of_uint8, normalize_l, rgb_to_lab
 
 NETWORK_SIZE = 256
 MASK_VALUE = -0.5  # hint mask 0 minus mask_cent 0.5: no user hints (automatic mode)
@@ -54,8 +54,8 @@ def lightness(image: Image.Image) -> torch.Tensor:
     rgb = torch.from_numpy(np.array(image, dtype=np.uint8, copy=True)).reshape(-1, 3)
     out = torch.empty(rgb.shape[0], dtype=torch.float32)
     for start in range(0, rgb.shape[0], _LIGHTNESS_CHUNK):
-        chunk = rgb[start : start + _LIGHTNESS_CHUNK].T.float().div(255).unsqueeze(-1)
-        out[start : start + _LIGHTNESS_CHUNK] = rgb_to_lab(chunk)[0].flatten()
+        part = slice(start, start + _LIGHTNESS_CHUNK)
+        out[part] = lightness_of_uint8(rgb[part])
     width, height = image.size
     return out.view(1, height, width)
 

@@ -9,7 +9,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from reference_impl import np_lab_norm2rgb, np_rgb2lab_norm_l
 
-from models.lab import lab_norm_to_rgb, lab_to_rgb, normalize_l, rgb_to_lab, to_uint8
+from models.lab import (
+    lab_norm_to_rgb,
+    lab_to_rgb,
+    lightness_of_uint8,
+    normalize_l,
+    rgb_to_lab,
+    to_uint8,
+)
 
 
 def all_gray_levels() -> torch.Tensor:
@@ -69,3 +76,12 @@ def test_rgb_round_trip(color: list[int]) -> None:
     assert (back.int() - torch.tensor(color).view(3, 1, 1)).abs().max() <= 1
     lightness = rgb_to_lab(rgb)[0]
     assert 0.0 <= lightness.item() <= 100.001
+
+
+def test_lightness_lookup_equals_the_formula() -> None:
+    rng = np.random.default_rng(2)
+    rgb8 = torch.from_numpy(rng.integers(0, 256, size=(5000, 3), dtype=np.uint8))
+    rgb8[:256] = torch.arange(256, dtype=torch.uint8)[:, None]  # every gray level
+    fast = lightness_of_uint8(rgb8)
+    exact = rgb_to_lab(rgb8.T.float().div(255).unsqueeze(-1))[0, :, 0]
+    assert (fast - exact).abs().max() <= 1e-4
