@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -100,8 +101,11 @@ class Colorizer:
         device: torch.device | str = "cpu",
         precision: Precision = "fp32",
         instance_limit: int = DEFAULT_MAX_INSTANCES,
+        crop_threads: int = 4,
     ) -> None:
         self.device = torch.device(device)
+        # Cutting and resizing crops is PIL work that releases the GIL: spread it over threads.
+        self._crop_pool = ThreadPoolExecutor(max(1, crop_threads), thread_name_prefix="crops")
         self.precision: Precision = precision
         self.dtype = torch.float16 if precision == "fp16" else torch.float32
         self.instance_limit = instance_limit
@@ -245,7 +249,13 @@ class Colorizer:
         ab: list[torch.Tensor | None] = [None] * len(batch)
         features: dict[str, torch.Tensor] = {}
         if with_boxes:
-            crops = torch.cat([crop_l(batch[i].source.rgb, chosen[i][0]) for i in with_boxes])
+            crops = torch.cat(
+                list(
+                    self._crop_pool.map(
+                        lambda i: crop_l(batch[i].source.rgb, chosen[i][0]), with_boxes
+                    )
+                )
+            )
             _, features = self.instance_net(network_input(self._to_device(crops)))
         self._sync()
         t2 = time.perf_counter()
