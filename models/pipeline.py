@@ -118,6 +118,8 @@ class Colorizer:
             generator.float()  # fusion logits and softmax stay float32 (spec §7 quirk 5)
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
+            if detector is not None and precision == "fp16":
+                detector.autocast_dtype = torch.float16
             if precision == "fp32":  # parity: no TF32 (spec §8)
                 torch.backends.cudnn.allow_tf32 = False
                 torch.backends.cuda.matmul.allow_tf32 = False

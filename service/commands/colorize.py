@@ -1,0 +1,515 @@
+"""``colorize``: colorize files and whole folders offline, in batches, with the service's engine.
+
+Planning (inputs, output names, ``--boxes``) happens before the weights load, so a usage mistake
+fails in a second. Then batches of ``--batch-size`` images go through ``Colorizer.predict``; the
+next batch is decoded and prepared in a background thread while the current one runs (a read-ahead
+of one batch). A file that cannot be decoded or colorized is reported and skipped; the others are
+written. Every output is written to a temporary file in its folder and renamed into place, so an
+interrupted run never leaves a half-written image.
+
+Output naming: ``DIR/<stem>.<format>`` for a file argument; for a folder argument its sub-folders
+are mirrored, ``DIR/<relative folder>/<stem>.<format>``. Where two inputs would still get the same
+output (``a.jpg`` and ``a.png`` side by side, or ``x/a.jpg`` and ``y/a.jpg`` given as files), each
+of them is named after its full file name instead (``a.jpg.png``, ``a.png.png``); if that is still
+ambiguous the run is refused before any work (exit code 2).
+
+Exit codes: 0 all written; 1 some inputs failed (each is listed); 2 usage or configuration error
+(bad arguments, nothing to colorize, invalid ``--boxes`` file, missing or unusable weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import uuid
+from collections import Counter, defaultdict
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from service.commands.model_flags import add_model_arguments, model_overrides
+
+if TYPE_CHECKING:  # the model stack (torch) is imported only when the command runs
+    from PIL import Image
+
+    from models.boxes import Detections
+    from models.pipeline import ColorizeOptions, Colorizer, PreparedImage
+
+log = logging.getLogger(__name__)
+
+IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
+"""Extensions picked up when scanning folders (case-insensitive). Files named explicitly are
+always tried, whatever their extension."""
+
+FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
+    "png": ("PNG", {"compress_level": 6}),
+    "jpeg": ("JPEG", {"quality": 95, "subsampling": 0}),
+    "webp": ("WEBP", {"quality": 95, "method": 4}),
+}
+"""``--format`` -> (Pillow format, save options). The file extension is the ``--format`` value."""
+
+JPEG_BACKGROUND = (255, 255, 255)
+"""JPEG has no alpha channel: transparent inputs are flattened onto this colour (white)."""
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+class UsageError(Exception):
+    """A mistake in the arguments or the ``--boxes`` file, found before any work (exit code 2)."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One input file: where it is, how it is named in reports and ``--boxes``, where it goes."""
+
+    source: Path
+    key: str  # the path relative to the folder argument (posix), or the file name
+    output: Path
+
+
+# -- arguments ----------------------------------------------------------------------------------
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def _unit_float(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
+def add_parser(subparsers: Any) -> None:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "colorize",
+        help="colorize image files and folders offline",
+        description="Colorize grayscale images. INPUT may be files or folders (scanned "
+        "recursively for " + ", ".join(sorted(e[1:] for e in IMAGE_EXTENSIONS)) + "). "
+        "Exit code 0: all written; 1: some inputs failed; 2: usage or configuration error.",
+    )
+    parser.add_argument(
+        "inputs", nargs="+", type=Path, metavar="INPUT", help="image file or folder"
+    )
+    parser.add_argument(
+        "-o",
+        "--output-dir",
+        type=Path,
+        required=True,
+        metavar="DIR",
+        help="where outputs go: DIR/<stem>.<format>, folder inputs mirror their sub-folders",
+    )
+    parser.add_argument(
+        "--boxes",
+        type=Path,
+        metavar="FILE.json",
+        help='JSON object: {"<file name or relative path>": {"boxes": [[x1, y1, '
+        'x2, y2], ...], "scores": [...]}} in input pixels; those images skip the '
+        "detector (scores optional: list order is priority)",
+    )
+    parser.add_argument(
+        "--resolution",
+        choices=["original", "network"],
+        default="original",
+        help="original: the input's size (default); network: 256x256",
+    )
+    parser.add_argument(
+        "--format",
+        choices=sorted(FORMATS),
+        default="png",
+        dest="image_format",
+        help="output format (default png); jpeg flattens transparency on white",
+    )
+    parser.add_argument(
+        "--max-instances",
+        type=_non_negative_int,
+        default=8,
+        metavar="K",
+        help="instances colorized per image (default 8, at most the instance "
+        "limit COLORIZE_INSTANCE_LIMIT); 0 = full-image colorization only",
+    )
+    parser.add_argument(
+        "--score-threshold",
+        type=_unit_float,
+        default=0.7,
+        metavar="T",
+        help="detector score threshold (default 0.7)",
+    )
+    parser.add_argument(
+        "--batch-size",
+        type=_positive_int,
+        default=4,
+        metavar="B",
+        help="images per network call (default 4; larger is faster on a GPU)",
+    )
+    parser.add_argument(
+        "--skip-existing",
+        action="store_true",
+        help="leave inputs whose output file already exists (resume a run)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_model_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+# -- planning -----------------------------------------------------------------------------------
+
+
+def _is_within(path: Path, folder: Path) -> bool:
+    try:
+        path.relative_to(folder)
+    except ValueError:
+        return False
+    return True
+
+
+def _scan(folder: Path, skip: Path) -> Iterable[Path]:
+    """Image files below ``folder`` in a stable order, leaving out hidden entries and ``skip``."""
+    for root, dirs, files in os.walk(folder):
+        here = Path(root)
+        dirs[:] = sorted(
+            d for d in dirs if not d.startswith(".") and not _is_within((here / d).resolve(), skip)
+        )
+        for name in sorted(files):
+            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
+                yield here / name
+
+
+def collect_jobs(inputs: Sequence[Path], output_dir: Path, extension: str) -> list[Job]:
+    """Expand files and folders into jobs with unique output paths (see the module docstring)."""
+    out_root = output_dir.resolve()
+    found: list[tuple[Path, str, Path]] = []  # source, key, output folder
+    seen: set[Path] = set()
+    for given in inputs:
+        if given.is_dir():
+            pairs = [(p, p.relative_to(given)) for p in _scan(given, out_root)]
+        elif given.is_file():
+            pairs = [(given, Path(given.name))]
+        else:
+            raise UsageError(f"{given}: no such file or folder")
+        for source, relative in pairs:
+            resolved = source.resolve()
+            if resolved in seen:
+                continue  # the same file reached twice (a file and its folder, or a link)
+            seen.add(resolved)
+            found.append((source, relative.as_posix(), output_dir / relative.parent))
+    if not found:
+        raise UsageError(
+            "no images found in " + ", ".join(str(p) for p in inputs) + " (looked for "
+            + ", ".join(sorted(IMAGE_EXTENSIONS)) + ")"
+        )  # fmt: skip
+
+    def name_all(stem_of: Callable[[Path], str]) -> list[Path]:
+        return [folder / f"{stem_of(src)}{extension}" for src, _, folder in found]
+
+    outputs = name_all(lambda src: src.stem)
+    counts = Counter(outputs)
+    full_names = name_all(lambda src: src.name)
+    outputs = [
+        full if counts[out] > 1 else out for out, full in zip(outputs, full_names, strict=True)
+    ]
+    by_output: dict[Path, list[Path]] = defaultdict(list)
+    for (source, _, _), output in zip(found, outputs, strict=True):
+        by_output[output].append(source)
+    clashes = {out: srcs for out, srcs in by_output.items() if len(srcs) > 1}
+    if clashes:
+        lines = [f"  {out}: " + ", ".join(str(s) for s in srcs) for out, srcs in clashes.items()]
+        raise UsageError(
+            "several inputs would be written to the same output file:\n" + "\n".join(lines)
+            + "\npass their common folder instead (sub-folders are mirrored) or rename them"
+        )  # fmt: skip
+    jobs = [Job(src, key, out) for (src, key, _), out in zip(found, outputs, strict=True)]
+    overwriting = [job.source for job in jobs if job.output.resolve() == job.source.resolve()]
+    if overwriting:
+        raise UsageError(
+            "the output would replace its input: " + ", ".join(map(str, overwriting))
+            + "; choose another --output-dir or --format"
+        )  # fmt: skip
+    return jobs
+
+
+def load_boxes(path: Path) -> dict[str, Detections]:
+    """Read and validate a ``--boxes`` file; every problem is a ``UsageError`` naming the entry."""
+    from models.boxes import Detections
+
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except OSError as exc:
+        raise UsageError(f"--boxes {path}: cannot read ({exc.strerror or exc})") from exc
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(f"--boxes {path}: not valid JSON ({exc})") from exc
+    if not isinstance(data, dict):
+        raise UsageError(
+            f'--boxes {path}: expected a JSON object {{"<file name>": {{"boxes": [...]}}}}, '
+            f"got {type(data).__name__}"
+        )
+    parsed: dict[str, Detections] = {}
+    for name, entry in data.items():
+        where = f"--boxes {path}: entry {name!r}"
+        if not isinstance(entry, dict) or "boxes" not in entry:
+            raise UsageError(f'{where}: expected an object with a "boxes" list')
+        unknown = sorted(set(entry) - {"boxes", "scores"})
+        if unknown:
+            raise UsageError(f"{where}: unknown fields {unknown} (allowed: boxes, scores)")
+        boxes, scores = entry["boxes"], entry.get("scores")
+        if not isinstance(boxes, list) or not all(isinstance(b, list) for b in boxes):
+            raise UsageError(f'{where}: "boxes" must be a list of [x1, y1, x2, y2] lists')
+        if scores is not None and not isinstance(scores, list):
+            raise UsageError(f'{where}: "scores" must be a list of numbers')
+        if any(isinstance(v, bool) or not isinstance(v, int | float)
+               for v in [*(v for b in boxes for v in b), *(scores or [])]):  # fmt: skip
+            raise UsageError(f"{where}: boxes and scores must be numbers")
+        try:
+            parsed[name] = Detections.from_boxes(boxes, scores)
+        except ValueError as exc:
+            raise UsageError(f"{where}: {exc}") from exc
+    return parsed
+
+
+def match_boxes(jobs: Sequence[Job], boxes: dict[str, Detections]) -> dict[Job, Detections]:
+    """Attach ``--boxes`` entries to jobs: by relative path first, else by file name if unique."""
+    by_key = {job.key: job for job in jobs}
+    by_name: dict[str, list[Job]] = defaultdict(list)
+    for job in jobs:
+        by_name[job.source.name].append(job)
+    matched: dict[Job, Detections] = {}
+    unused = []
+    for name, detections in boxes.items():
+        if name in by_key:
+            matched[by_key[name]] = detections
+        elif len(by_name.get(name, [])) == 1:
+            matched[by_name[name][0]] = detections
+        elif by_name.get(name):
+            keys = ", ".join(j.key for j in by_name[name])
+            raise UsageError(f"--boxes entry {name!r} matches several inputs ({keys}); "
+                             "use the path relative to the folder argument")  # fmt: skip
+        else:
+            unused.append(name)
+    if unused:
+        log.warning("--boxes entries that match no input (ignored): %s", ", ".join(unused))
+    return matched
+
+
+# -- writing ------------------------------------------------------------------------------------
+
+
+def write_image(image: Image.Image, output: Path, image_format: str) -> None:
+    """Encode and write atomically: a temporary file in the same folder, then ``os.replace``."""
+    pil_format, save_options = FORMATS[image_format]
+    if pil_format == "JPEG" and image.mode != "RGB":
+        from PIL import Image
+
+        if "A" in image.getbands():
+            background = Image.new("RGB", image.size, JPEG_BACKGROUND)
+            background.paste(image.convert("RGBA"), mask=image.getchannel("A"))
+            image = background
+        else:
+            image = image.convert("RGB")
+    output.parent.mkdir(parents=True, exist_ok=True)
+    temp = output.with_name(f".{output.name}.{uuid.uuid4().hex[:12]}.tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies, like open()
+    try:
+        with os.fdopen(fd, "wb") as handle:
+            image.save(handle, format=pil_format, **save_options)
+        os.replace(temp, output)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+# -- running ------------------------------------------------------------------------------------
+
+DECODE_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, SyntaxError, EOFError)
+"""What decoding a bad file raises: Pillow's UnidentifiedImageError (an OSError), truncated
+data (OSError, EOFError, SyntaxError from old plugins), UnsupportedImageError / OptionsError
+(ValueError). DecompressionBombError is added at run time."""
+
+
+@dataclass
+class Outcome:
+    written: int = 0
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (input, reason)
+
+    def fail(self, job: Job, exc: BaseException) -> None:
+        message = str(exc) or type(exc).__name__
+        self.failures.append((str(job.source), f"{type(exc).__name__}: {message}"))
+        log.debug("%s failed", job.source, exc_info=exc)
+
+
+def _prepare_batch(
+    colorizer: Colorizer, jobs: Sequence[Job], options: Callable[[Job], ColorizeOptions],
+    errors: tuple[type[BaseException], ...],
+) -> list[tuple[Job, PreparedImage | BaseException]]:  # fmt: skip
+    from PIL import Image
+
+    prepared: list[tuple[Job, PreparedImage | BaseException]] = []
+    for job in jobs:
+        try:
+            with Image.open(job.source) as image:
+                image.load()
+                prepared.append((job, colorizer.prepare(image, options(job))))
+        except errors as exc:
+            prepared.append((job, exc))
+    return prepared
+
+
+PREDICT_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, ValueError)
+"""What the device stage may raise for particular inputs (out of memory is a RuntimeError)."""
+
+
+def _predict_each(
+    colorizer: Colorizer, ready: Sequence[tuple[Job, PreparedImage]], outcome: Outcome,
+) -> list[tuple[Job, PreparedImage, Any]]:  # fmt: skip
+    """One call for the batch; if it fails, one call per image so one bad input fails alone."""
+    try:
+        predictions = colorizer.predict([p for _, p in ready])
+        return [(j, p, r) for (j, p), r in zip(ready, predictions, strict=True)]
+    except PREDICT_ERRORS as exc:
+        if len(ready) == 1:
+            outcome.fail(ready[0][0], exc)
+            return []
+        log.warning("batch of %d failed (%s); retrying image by image", len(ready), exc)
+    results = []
+    for job, prepared in ready:
+        try:
+            results.append((job, prepared, colorizer.predict([prepared])[0]))
+        except PREDICT_ERRORS as exc:
+            outcome.fail(job, exc)
+    return results
+
+
+def process(
+    colorizer: Colorizer,
+    jobs: Sequence[Job],
+    options: Callable[[Job], ColorizeOptions],
+    *,
+    batch_size: int,
+    image_format: str,
+    progress: bool,
+) -> Outcome:
+    """Colorize ``jobs`` in batches with a read-ahead of one batch; never stops on a bad input."""
+    from PIL import Image
+    from tqdm import tqdm
+
+    errors = (*DECODE_ERRORS, Image.DecompressionBombError)
+    outcome = Outcome()
+    batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
+    with (
+        ThreadPoolExecutor(1, thread_name_prefix="colorize-read") as reader,
+        tqdm(total=len(jobs), unit="img", file=sys.stderr, disable=not progress,
+             dynamic_ncols=True) as bar,
+    ):  # fmt: skip
+        upcoming: Future[list[tuple[Job, PreparedImage | BaseException]]] | None = None
+        if batches:
+            upcoming = reader.submit(_prepare_batch, colorizer, batches[0], options, errors)
+        for index in range(len(batches)):
+            assert upcoming is not None
+            loaded = upcoming.result()
+            if index + 1 < len(batches):
+                upcoming = reader.submit(
+                    _prepare_batch, colorizer, batches[index + 1], options, errors
+                )
+            ready: list[tuple[Job, PreparedImage]] = []
+            for job, item in loaded:
+                if isinstance(item, BaseException):
+                    outcome.fail(job, item)
+                else:
+                    ready.append((job, item))
+            if ready:
+                for job, prepared, prediction in _predict_each(colorizer, ready, outcome):
+                    try:
+                        result = colorizer.merge(prepared, prediction)
+                        write_image(result.image, job.output, image_format)
+                    except (OSError, ValueError) as exc:
+                        outcome.fail(job, exc)
+                    else:
+                        outcome.written += 1
+            bar.update(len(batches[index]))
+    return outcome
+
+
+def _usage_error(message: str) -> int:
+    sys.stderr.write(f"colorize: error: {message}\n")
+    return EXIT_USAGE
+
+
+def run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from models.checkpoints import CheckpointError
+    from models.pipeline import ColorizeOptions
+    from service.engine_factory import MissingWeightsError, build_colorizer
+    from service.settings import ModelSettings
+
+    started = time.perf_counter()
+    extension = f".{args.image_format}"
+    try:
+        jobs = collect_jobs(args.inputs, args.output_dir, extension)
+        boxes = match_boxes(jobs, load_boxes(args.boxes)) if args.boxes else {}
+        settings = ModelSettings(**model_overrides(args))
+    except UsageError as exc:
+        return _usage_error(str(exc))
+    except ValidationError as exc:
+        return _usage_error(f"invalid model settings: {exc}")
+    if args.max_instances > settings.instance_limit:
+        return _usage_error(
+            f"--max-instances {args.max_instances} is above the instance limit "
+            f"{settings.instance_limit} (COLORIZE_INSTANCE_LIMIT)"
+        )
+    skipped = 0
+    if args.skip_existing:
+        todo = [job for job in jobs if not job.output.exists()]
+        skipped = len(jobs) - len(todo)
+        jobs = todo
+    outcome = Outcome()
+    load_seconds = 0.0
+    work_started = time.perf_counter()
+    if jobs:
+        try:
+            colorizer = build_colorizer(settings)
+        except (MissingWeightsError, CheckpointError) as exc:
+            return _usage_error(str(exc))
+        base = ColorizeOptions(
+            resolution=args.resolution,
+            max_instances=args.max_instances,
+            score_threshold=args.score_threshold,
+        )
+        per_job = {job: replace(base, boxes=detections) for job, detections in boxes.items()}
+        work_started = time.perf_counter()
+        load_seconds = work_started - started
+        outcome = process(
+            colorizer,
+            jobs,
+            lambda job: per_job.get(job, base),
+            batch_size=args.batch_size,
+            image_format=args.image_format,
+            progress=not args.no_progress,
+        )
+    finished = time.perf_counter()
+    for source, reason in outcome.failures:
+        sys.stderr.write(f"failed: {source}: {reason}\n")
+    work = finished - work_started
+    rate = outcome.written / work if work > 0 else 0.0
+    sys.stdout.write(
+        f"{outcome.written} colorized, {len(outcome.failures)} failed, {skipped} skipped "
+        f"in {finished - started:.1f} s (model load {load_seconds:.1f} s, {rate:.2f} images/s)"
+        f" -> {args.output_dir}\n"
+    )
+    return EXIT_FAILED if outcome.failures else EXIT_OK

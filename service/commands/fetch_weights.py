@@ -1,0 +1,116 @@
+"""``fetch-weights``: download the checkpoints and detector weights, verify them, prove they load.
+
+The work is in ``service.weights_download``; this module is the command line around it. Exit codes:
+0 all files present and verified; 1 a download or verification failed (nothing half-written is
+left); 2 usage error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from service.settings import DEFAULT_WEIGHTS_DIR
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+
+
+def add_parser(subparsers: Any) -> None:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "fetch-weights",
+        help="download and verify the model weights (needs internet)",
+        description="Download the colorization checkpoints (the authors' zip from Google Drive, "
+        "or OpenMMLab's single-file conversion) and torchvision's COCO Mask R-CNN into DIR, "
+        "verify checksums where known, and load every file to prove it is usable. Files already "
+        "present and verified are kept.",
+    )
+    parser.add_argument(
+        "--dir",
+        type=Path,
+        default=DEFAULT_WEIGHTS_DIR,
+        help=f"destination folder (default {DEFAULT_WEIGHTS_DIR}); official checkpoints go to "
+        "DIR/checkpoints/coco_finetuned_mask_256_ffs/, other files to DIR/<file name>",
+    )
+    parser.add_argument(
+        "--variant",
+        choices=["official", "mmagic"],
+        default="official",
+        help="official: the authors' three files (default); mmagic: OpenMMLab's one-file copy",
+    )
+    parser.add_argument(
+        "--detector",
+        choices=["v1", "v2", "none"],
+        default="v1",
+        help="Mask R-CNN weights to fetch (default v1, the reference's detector); none: skip",
+    )
+    parser.add_argument(
+        "--base-url",
+        help="download every file from this mirror by its usual name (the zip as "
+        "checkpoints.zip) instead of the original hosts [COLORIZE_WEIGHTS_BASE_URL]",
+    )
+    parser.add_argument(
+        "--timeout", type=float, default=60.0, help="seconds without data before giving up"
+    )
+    parser.add_argument(
+        "--no-verify-load",
+        action="store_true",
+        help="skip loading the files after download (checksums are still verified)",
+    )
+    parser.add_argument("--no-progress", action="store_true", help="no progress bars on stderr")
+    parser.set_defaults(func=run)
+
+
+def _settings_hint(report: Any, folder: Path, detector: str) -> list[str]:
+    """The COLORIZE_* variables to set where the files are not at the settings' defaults."""
+    from service.settings import ModelSettings
+
+    defaults = ModelSettings.model_fields
+    hints = []
+    if report.checkpoints is not None:
+        default = defaults["checkpoints"].default
+        if Path(os.path.abspath(report.checkpoints)) != Path(os.path.abspath(default)):
+            hints.append(f"COLORIZE_CHECKPOINTS={report.checkpoints}")
+    if report.detector_weights is not None:
+        default = defaults["detector_weights"].default
+        if Path(os.path.abspath(report.detector_weights)) != Path(os.path.abspath(default)):
+            hints.append(f"COLORIZE_DETECTOR_WEIGHTS={report.detector_weights}")
+        if detector == "v2":
+            hints.append("COLORIZE_DETECTOR_VERSION=v2")
+    elif detector == "none":
+        hints.append("COLORIZE_DETECTOR=false")
+    return hints
+
+
+def run(args: argparse.Namespace) -> int:
+    from service.weights_download import DownloadError, WeightSources, fetch_weights
+
+    if args.timeout <= 0:
+        sys.stderr.write("fetch-weights: error: --timeout must be positive\n")
+        return EXIT_USAGE
+    try:
+        sources = WeightSources.from_environment(args.base_url)
+        report = fetch_weights(
+            args.dir,
+            args.variant,
+            args.detector,
+            sources=sources,
+            timeout=args.timeout,
+            progress=not args.no_progress,
+            verify=not args.no_verify_load,
+        )
+    except DownloadError as exc:
+        sys.stderr.write(f"fetch-weights: error: {exc}\n")
+        return EXIT_FAILED
+    except OSError as exc:  # the destination: permissions, disk full
+        sys.stderr.write(f"fetch-weights: error: {exc}\n")
+        return EXIT_FAILED
+    for item in report.files:
+        state = "downloaded" if item.downloaded else "present   "
+        sys.stdout.write(f"{state} {item.path}  sha256 {item.sha256}\n")
+    hints = _settings_hint(report, args.dir, args.detector)
+    if hints:
+        sys.stdout.write("to use them, set: " + " ".join(hints) + "\n")
+    return EXIT_OK
