@@ -1,0 +1,112 @@
+"""Bytes to a PIL image, with the limits checked before any pixel is decoded.
+
+Order: content type, ``Image.open`` restricted to the accepted formats (it checks their magic
+bytes and reads the header only), the pixel limit, single frame, then ``load()``. A header
+that claims 20000x20000 is refused from its header; a truncated file fails at ``load()`` (400).
+The product's input policy (EXIF rotation, mode conversion) is applied later by
+``Colorizer.prepare``.
+
+Status per failure (also in the README):
+- empty body, undecodable or truncated data, or data that is not an image: 400 ``invalid-image``
+- request content type that is not an image (and not ``application/octet-stream``): 415
+- an image format outside ``ACCEPTED_FORMATS`` (e.g. PSD, ICO): 415
+- more than one frame (animated GIF/PNG/WebP, multi-page TIFF): 415 (send a single frame)
+- more pixels than ``max_pixels``: 413 ``image-too-large``
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+
+from PIL import Image, UnidentifiedImageError
+
+from service.errors import (
+    ImageTooLargeError,
+    InvalidImageError,
+    UnsupportedMediaTypeError,
+)
+
+ACCEPTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
+ACCEPTED_CONTENT_TYPES = "image/* or application/octet-stream"
+
+
+def check_content_type(content_type: str | None) -> None:
+    """Refuse (415) a declared media type that is not an image; a missing one is refused too."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if media.startswith("image/") or media == "application/octet-stream":
+        return
+    shown = media or "none"
+    raise UnsupportedMediaTypeError(
+        f"content type {shown!r} is not an image: send {ACCEPTED_CONTENT_TYPES} "
+        "(as the raw body or as the multipart field 'image')"
+    )
+
+
+def configure_pil(max_pixels: int) -> None:
+    """Make Pillow's own bomb guard agree with ours; call once at start-up (process-wide).
+
+    Pillow raises ``DecompressionBombError`` from ``Image.open`` above twice MAX_IMAGE_PIXELS and
+    only warns between; ``decode_image`` refuses everything above ``max_pixels`` itself, so the
+    warning is silenced.
+    """
+    Image.MAX_IMAGE_PIXELS = max_pixels
+    warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+
+
+def _too_large(width: int, height: int, max_pixels: int) -> ImageTooLargeError:
+    return ImageTooLargeError(
+        f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}; "
+        "send a smaller image"
+    )
+
+
+def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
+    """Decode one single-frame image of an accepted format, refusing bombs before decoding."""
+    if not data:
+        raise InvalidImageError("the image is empty (0 bytes)")
+    try:
+        image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(f"image is over the limit of {max_pixels} pixels: {exc}") from exc
+    except UnidentifiedImageError as exc:
+        other = _identify_other_format(data)
+        if other is not None:
+            raise UnsupportedMediaTypeError(
+                f"{other} images are not supported; send one of {', '.join(ACCEPTED_FORMATS)}"
+            ) from exc
+        raise InvalidImageError(
+            "the data is not a decodable image (truncated, corrupt, or not an image at all)"
+        ) from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InvalidImageError(f"the image header is corrupt: {exc}") from exc
+    width, height = image.size
+    if width <= 0 or height <= 0:
+        raise InvalidImageError(f"the image claims an empty size {width}x{height}")
+    if width * height > max_pixels:
+        raise _too_large(width, height, max_pixels)
+    try:
+        frames = getattr(image, "n_frames", 1) if image.format == "TIFF" else 1
+        animated = bool(getattr(image, "is_animated", False)) or frames > 1
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InvalidImageError(f"the image is corrupt: {exc}") from exc
+    if animated:
+        raise UnsupportedMediaTypeError(
+            f"animated or multi-frame {image.format} images are not supported; send a single frame"
+        )
+    try:
+        image.load()
+    except Image.DecompressionBombError as exc:
+        raise ImageTooLargeError(str(exc)) from exc
+    except (OSError, SyntaxError, ValueError, EOFError) as exc:
+        raise InvalidImageError(f"the image data is truncated or corrupt: {exc}") from exc
+    return image
+
+
+def _identify_other_format(data: bytes) -> str | None:
+    """The name of an image format Pillow knows but the service refuses, or None."""
+    try:
+        with Image.open(io.BytesIO(data)) as other:
+            return str(other.format)
+    except Exception:  # any failure means "not an image Pillow knows"
+        return None

@@ -1,0 +1,57 @@
+"""PIL image to response bytes: JPEG, PNG or WebP.
+
+Alpha: PNG and WebP keep it. JPEG has no alpha channel, so an RGBA result asked for as JPEG is
+flattened onto white (what a viewer shows for a transparent PNG on a white page); ask for png or
+webp to keep transparency. PNG ignores ``quality`` (lossless); WebP uses it (100: still lossy).
+"""
+
+from __future__ import annotations
+
+import io
+
+from PIL import Image
+
+from service.errors import InvalidParameterError
+from service.jobs import OutputFormat
+
+MEDIA_TYPES: dict[str, str] = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
+MAX_SIDE: dict[str, int] = {"jpeg": 65_535, "png": 2**31 - 1, "webp": 16_383}
+
+
+def choose_format(requested: OutputFormat | None, source_format: str | None) -> OutputFormat:
+    """The requested format, else JPEG for JPEG input and PNG for everything else."""
+    if requested is not None:
+        return requested
+    return "jpeg" if source_format == "JPEG" else "png"
+
+
+def flatten_alpha(
+    image: Image.Image, background: tuple[int, int, int] = (255, 255, 255)
+) -> Image.Image:
+    """Composite an image with alpha onto an opaque background (RGB result)."""
+    rgba = image.convert("RGBA")
+    base = Image.new("RGB", rgba.size, background)
+    base.paste(rgba, mask=rgba.getchannel("A"))
+    return base
+
+
+def encode_image(image: Image.Image, fmt: OutputFormat, quality: int = 90) -> tuple[bytes, str]:
+    """Encoded bytes and their media type."""
+    if fmt not in MEDIA_TYPES:
+        raise InvalidParameterError(f"format must be one of {', '.join(MEDIA_TYPES)}, got {fmt!r}")
+    if not 1 <= quality <= 100:
+        raise InvalidParameterError(f"quality must be between 1 and 100, got {quality}")
+    if max(image.size) > MAX_SIDE[fmt]:
+        raise InvalidParameterError(
+            f"{fmt} output is limited to {MAX_SIDE[fmt]} pixels per side and the image is "
+            f"{image.width}x{image.height}; ask for format=png or resolution=network"
+        )
+    out = io.BytesIO()
+    if fmt == "jpeg":
+        rgb = flatten_alpha(image) if "A" in image.getbands() else image.convert("RGB")
+        rgb.save(out, format="JPEG", quality=quality)
+    elif fmt == "png":
+        image.save(out, format="PNG", compress_level=6)
+    else:
+        image.save(out, format="WEBP", quality=quality, method=4)
+    return out.getvalue(), MEDIA_TYPES[fmt]

@@ -1,0 +1,247 @@
+"""One batch of jobs through the model: decode and prepare on the CPU pool, one ``predict`` on the
+device thread, merge and encode on the CPU pool.
+
+``BatchEngine`` knows nothing of HTTP or queues; the in-process batcher and the Redis worker both
+call ``run_batch``. Every job gets its own result or its own ``ServiceError``: a bad image fails
+only its job; a CUDA out-of-memory error splits the batch in halves and retries; any other
+exception in ``predict`` retries each job alone, so only the job that causes it fails.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from models.boxes import Detections
+from models.image_input import UnsupportedImageError
+from models.pipeline import ColorizeOptions, Colorizer, OptionsError, Prediction, PreparedImage
+from service.decode import configure_pil, decode_image
+from service.encode import choose_format, encode_image
+from service.errors import (
+    DeadlineExceededError,
+    InternalError,
+    InvalidImageError,
+    InvalidParameterError,
+    ServiceError,
+    UnsupportedMediaTypeError,
+)
+from service.jobs import Job, JobOptions, JobResult, OutputFormat
+from service.metrics import METRICS, Metrics
+
+log = logging.getLogger(__name__)
+
+Outcome = JobResult | ServiceError
+
+
+@dataclass
+class _Ready:
+    """A job after the CPU stage: what predict needs and what encode will need."""
+
+    prepared: PreparedImage
+    fmt: OutputFormat
+    timings: dict[str, float]
+
+
+def colorize_options(options: JobOptions) -> ColorizeOptions:
+    """Job options as the model's options; bad boxes become 422."""
+    boxes = None
+    if options.boxes is not None:
+        try:
+            boxes = Detections.from_boxes(options.boxes, options.scores)
+        except (ValueError, TypeError) as exc:
+            raise InvalidParameterError(f"boxes: {exc}") from exc
+    return ColorizeOptions(
+        resolution=options.resolution,
+        max_instances=options.max_instances,
+        score_threshold=options.score_threshold,
+        boxes=boxes,
+    )
+
+
+class BatchEngine:
+    """Runs batches of jobs on one ``Colorizer``; ``close()`` stops its device thread."""
+
+    def __init__(
+        self,
+        colorizer: Colorizer,
+        pool: ThreadPoolExecutor,
+        metrics: Metrics = METRICS,
+        *,
+        max_pixels: int,
+    ) -> None:
+        self.colorizer = colorizer
+        self.pool = pool
+        self.metrics = metrics
+        self.max_pixels = max_pixels
+        # One thread owns the device: predicts never interleave and keep one CUDA stream busy.
+        self.device_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
+        configure_pil(max_pixels)
+        description = colorizer.describe()
+        metrics.set_model_info(
+            model_version=colorizer.version,
+            device=str(description["device"]),
+            precision=str(description["precision"]),
+            detector=str(description["detector"] or "none"),
+        )
+
+    def describe(self) -> dict[str, Any]:
+        return self.colorizer.describe()
+
+    async def warmup(self, batch_sizes: Sequence[int]) -> None:
+        """One batch per size on the device thread (kernels, allocator, cudnn autotuning)."""
+        loop = asyncio.get_running_loop()
+        for size in batch_sizes:
+            start = time.perf_counter()
+            await loop.run_in_executor(self.device_thread, self.colorizer.warmup, size)
+            log.info("warm-up batch of %d took %.3f s", size, time.perf_counter() - start)
+        self._record_gpu_memory()
+
+    def close(self) -> None:
+        self.device_thread.shutdown(wait=True, cancel_futures=True)
+
+    async def run_batch(self, jobs: Sequence[Job]) -> list[Outcome]:
+        """A result or an error per job, in order; never raises for one job's fault."""
+        if not jobs:
+            return []
+        loop = asyncio.get_running_loop()
+        self.metrics.batch_size.observe(len(jobs))
+        ready: list[_Ready | ServiceError] = list(
+            await asyncio.gather(*(loop.run_in_executor(self.pool, self._prepare, j) for j in jobs))
+        )
+        now = time.time()
+        todo: list[int] = []
+        for i, (job, item) in enumerate(zip(jobs, ready, strict=True)):
+            if not isinstance(item, _Ready):
+                continue
+            if now > job.deadline:  # expired while decoding: keep it off the device
+                self.metrics.dropped.labels(reason="deadline").inc()
+                ready[i] = DeadlineExceededError(
+                    "the request's deadline passed before it reached the model"
+                )
+            else:
+                todo.append(i)
+        outcomes: list[Outcome] = [
+            item if isinstance(item, ServiceError) else InternalError("not processed")
+            for item in ready
+        ]
+        if not todo:
+            return outcomes
+        batch = [self._ready(ready[i]).prepared for i in todo]
+        device_start, predictions = await loop.run_in_executor(
+            self.device_thread, self._timed_predict, batch
+        )
+        self._record_gpu_memory()
+        for i in todo:  # waiting for admission, a batch and the device, less its own decode
+            item = self._ready(ready[i])
+            waited = device_start - jobs[i].enqueued_at - item.timings["decode"]
+            item.timings["queue"] = max(0.0, waited)
+        finished = await asyncio.gather(
+            *(
+                loop.run_in_executor(self.pool, self._finish, jobs[i], self._ready(ready[i]), p)
+                for i, p in zip(todo, predictions, strict=True)
+            )
+        )
+        for i, outcome in zip(todo, finished, strict=True):
+            outcomes[i] = outcome
+        return outcomes
+
+    @staticmethod
+    def _ready(item: _Ready | ServiceError) -> _Ready:
+        assert isinstance(item, _Ready)
+        return item
+
+    # -- CPU stages (worker pool) ---------------------------------------------------------------
+
+    def _prepare(self, job: Job) -> _Ready | ServiceError:
+        start = time.perf_counter()
+        try:
+            options = colorize_options(job.options)
+            image = decode_image(job.image, max_pixels=self.max_pixels)
+            fmt = choose_format(job.options.format, image.format)
+            prepared = self.colorizer.prepare(image, options)
+        except ServiceError as exc:
+            return exc
+        except OptionsError as exc:
+            return InvalidParameterError(str(exc))
+        except UnsupportedImageError as exc:
+            return UnsupportedMediaTypeError(str(exc))
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            return InvalidImageError(f"the image could not be decoded: {exc}")
+        except Exception:
+            log.exception("request %s: prepare failed", job.request_id)
+            return InternalError("preparing the image failed")
+        return _Ready(prepared, fmt, {"decode": time.perf_counter() - start})
+
+    def _finish(self, job: Job, ready: _Ready, prediction: Prediction | ServiceError) -> Outcome:
+        if isinstance(prediction, ServiceError):
+            return prediction
+        try:
+            colorized = self.colorizer.merge(ready.prepared, prediction)
+            start = time.perf_counter()
+            body, media_type = encode_image(colorized.image, ready.fmt, job.options.quality)
+            encode_s = time.perf_counter() - start
+        except ServiceError as exc:
+            return exc
+        except Exception:
+            log.exception("request %s: merge/encode failed", job.request_id)
+            return InternalError("merging or encoding the result failed")
+        timings = {
+            **ready.timings,
+            "detect": colorized.timings.get("detect", 0.0),
+            "instance": colorized.timings.get("instance", 0.0),
+            "fusion": colorized.timings.get("fusion", 0.0),
+            "merge": colorized.timings.get("merge", 0.0),
+            "encode": encode_s,
+        }
+        self.metrics.observe_stages(timings)
+        self.metrics.instances_per_image.observe(len(colorized.boxes))
+        return JobResult(
+            body=body,
+            media_type=media_type,
+            boxes=[list(box) for box in colorized.boxes],
+            scores=[float(s) for s in colorized.scores],
+            timings=timings,
+            model_version=self.colorizer.version,
+        )
+
+    # -- device stage (device thread) -----------------------------------------------------------
+
+    def _timed_predict(
+        self, batch: list[PreparedImage]
+    ) -> tuple[float, list[Prediction | ServiceError]]:
+        start = time.time()
+        return start, self._predict_safely(batch)
+
+    def _predict_safely(self, batch: list[PreparedImage]) -> list[Prediction | ServiceError]:
+        out_of_memory = False
+        try:
+            return list(self.colorizer.predict(batch))
+        except torch.cuda.OutOfMemoryError:
+            out_of_memory = True  # handled below, once the exception's frames are released
+        except Exception:
+            if len(batch) == 1:
+                log.exception("predict failed for one image")
+                return [InternalError("inference failed for this image")]
+            log.warning("predict failed for a batch of %d; retrying each image alone", len(batch))
+            return [result for p in batch for result in self._predict_safely([p])]
+        assert out_of_memory
+        if self.colorizer.device.type == "cuda":
+            torch.cuda.empty_cache()
+        if len(batch) == 1:
+            log.error("out of device memory for a single image")
+            return [InternalError("the device ran out of memory for this image")]
+        half = len(batch) // 2
+        log.warning("out of device memory for a batch of %d; splitting it", len(batch))
+        return self._predict_safely(batch[:half]) + self._predict_safely(batch[half:])
+
+    def _record_gpu_memory(self) -> None:
+        device = self.colorizer.device
+        if device.type == "cuda":
+            self.metrics.gpu_memory.set(torch.cuda.memory_allocated(device))

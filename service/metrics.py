@@ -1,0 +1,126 @@
+"""Every ``colorize_*`` Prometheus metric, defined once (the dashboard's contract).
+
+The objects live in prometheus-client's default registry, so ``/metrics`` (and a Redis worker's
+own exposition) shows them beside the generic ``http_*`` metrics of
+prometheus-fastapi-instrumentator. Import ``METRICS``; do not create metrics elsewhere.
+This module must not import torch: the HTTP process in Redis mode has no model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+
+STAGES: tuple[str, ...] = (
+    "decode", "queue", "detect", "instance", "fusion", "merge", "encode", "total",
+)  # fmt: skip
+"""Stage labels of ``colorize_stage_duration_seconds`` (decode includes the model's preprocess)."""
+
+OUTCOMES: tuple[str, ...] = ("ok", "client_error", "overloaded", "timeout", "error")
+DROP_REASONS: tuple[str, ...] = ("deadline", "disconnected", "shutdown", "dead_letter")
+
+DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
+INSTANCE_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
+
+
+class Metrics:
+    """The service's metric objects on one registry."""
+
+    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+        self.stage_duration = Histogram(
+            "colorize_stage_duration_seconds",
+            "Time spent per request in each stage (detect/instance/fusion are per batch).",
+            ["stage"], buckets=DURATION_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.batch_size = Histogram(
+            "colorize_batch_size", "Requests per batch handed to the engine.",
+            buckets=BATCH_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.instances_per_image = Histogram(
+            "colorize_instances_per_image", "Instance boxes used per image.",
+            buckets=INSTANCE_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.queue_depth = Gauge(
+            "colorize_queue_depth", "Requests waiting for a batch.", registry=registry
+        )
+        self.in_flight = Gauge(
+            "colorize_in_flight_requests",
+            "Colorize requests admitted and not yet answered.",
+            registry=registry,
+        )
+        self.requests = Counter(
+            "colorize_requests",
+            "Colorize requests by outcome and HTTP status.",
+            ["outcome", "status"],
+            registry=registry,
+        )
+        self.dropped = Counter(
+            "colorize_dropped_requests",
+            "Admitted requests dropped before inference, by reason.",
+            ["reason"],
+            registry=registry,
+        )
+        self.model_info = Gauge(
+            "colorize_model_info",
+            "The loaded model (value 1).",
+            ["model_version", "device", "precision", "detector"],
+            registry=registry,
+        )
+        self.gpu_memory = Gauge(
+            "colorize_gpu_memory_allocated_bytes",
+            "CUDA memory allocated by the engine (set only where CUDA is present).",
+            registry=registry,
+        )
+        self.cache_requests = Counter(
+            "colorize_cache_requests", "Result cache look-ups (Redis mode).", ["result"],
+            registry=registry,
+        )  # fmt: skip
+        self.redis_pending = Gauge(
+            "colorize_redis_pending_jobs", "Jobs delivered to workers, not yet acknowledged.",
+            registry=registry,
+        )  # fmt: skip
+        self.redis_stream_length = Gauge(
+            "colorize_redis_stream_length", "Entries in the Redis job stream.", registry=registry
+        )
+        self.redis_consumers = Gauge(
+            "colorize_redis_consumers", "Workers in the Redis consumer group.", registry=registry
+        )
+        # Label sets exist from the start, so every series shows in /metrics before traffic.
+        for stage in STAGES:
+            self.stage_duration.labels(stage=stage)
+        for reason in DROP_REASONS:
+            self.dropped.labels(reason=reason)
+        for result in ("hit", "miss"):
+            self.cache_requests.labels(result=result)
+
+    def observe_stages(self, timings: Mapping[str, float]) -> None:
+        """Record the stages of ``STAGES`` found in ``timings`` (seconds)."""
+        for stage, seconds in timings.items():
+            if stage in STAGES:
+                self.stage_duration.labels(stage=stage).observe(max(0.0, seconds))
+
+    def set_model_info(
+        self, model_version: str, device: str, precision: str, detector: str
+    ) -> None:
+        self.model_info.clear()
+        self.model_info.labels(
+            model_version=model_version, device=device, precision=precision, detector=detector
+        ).set(1)
+
+
+def outcome_for(status: int) -> str:
+    """The ``outcome`` label of ``colorize_requests_total`` for an HTTP status."""
+    if status < 400:
+        return "ok"
+    if status in (429, 503):
+        return "overloaded"
+    if status == 504:
+        return "timeout"
+    if status < 500:
+        return "client_error"
+    return "error"
+
+
+METRICS = Metrics()
