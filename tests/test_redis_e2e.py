@@ -189,7 +189,9 @@ def check_own_answer(outcome: Outcome) -> None:
         assert outcome.headers["content-type"].startswith("application/problem+json")
 
 
-async def fire(apis: list[Proc], sizes: list[tuple[int, int]], timeout: float = 60) -> list[Outcome]:
+async def fire(
+    apis: list[Proc], sizes: list[tuple[int, int]], timeout: float = 60
+) -> list[Outcome]:
     async with httpx.AsyncClient(timeout=timeout) as client:
         outcomes = await asyncio.gather(
             *(colorize(client, apis[i % len(apis)], s) for i, s in enumerate(sizes))
@@ -311,8 +313,8 @@ def test_job_that_kills_every_worker_is_dead_lettered(fleet: Fleet) -> None:
     """A job whose every holder dies (killed each time it is picked up) stops after
     max_deliveries: it goes to the dead-letter stream and its client gets a clear 500."""
     fleet.settings.update(
-        COLORIZE_MAX_BATCH_SIZE="8", COLORIZE_MAX_BATCH_DELAY_MS="1500",
-        COLORIZE_CLAIM_IDLE_MS="1000", COLORIZE_MAX_DELIVERIES="2",
+        COLORIZE_MAX_BATCH_SIZE="8", COLORIZE_MAX_BATCH_DELAY_MS="1000",
+        COLORIZE_CLAIM_IDLE_MS="1500", COLORIZE_MAX_DELIVERIES="2",
         COLORIZE_REQUEST_TIMEOUT_S="40", COLORIZE_WARMUP="false",
     )  # fmt: skip
     api = fleet.api()
@@ -358,6 +360,10 @@ def test_job_that_kills_every_worker_is_dead_lettered(fleet: Fleet) -> None:
 def test_cache_hit_is_marked_and_skips_the_worker(fleet: Fleet) -> None:
     api, worker = fleet.api(), fleet.worker("w1")
     fleet.wait_ready(api, worker)
+    maps = Path(f"/proc/{api.process.pid}/maps")
+    if maps.exists():  # the API replica of Redis mode never loads torch
+        assert "libtorch" not in maps.read_text()
+        assert "libtorch" in Path(f"/proc/{worker.process.pid}/maps").read_text()
     first = asyncio.run(fire([api], [(64, 48)]))[0]
     assert first.status == 200
     assert "x-cache" not in first.headers

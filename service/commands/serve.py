@@ -46,7 +46,6 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from service.app import create_app
-    from service.engine_factory import MissingWeightsError, check_weight_files
     from service.settings import ServiceSettings, describe_validation_error
 
     overrides = model_overrides(args)
@@ -59,6 +58,9 @@ def run(args: argparse.Namespace) -> int:
         sys.stderr.write(describe_validation_error(exc) + "\n")
         return 2
     if settings.queue == "memory":
+        # imports torch (models.pipeline): only the memory mode, which loads the model, needs it
+        from service.engine_factory import MissingWeightsError, check_weight_files
+
         try:
             check_weight_files(settings)
         except MissingWeightsError as exc:

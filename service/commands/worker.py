@@ -1,0 +1,59 @@
+"""``python -m service worker``: a GPU worker of Redis mode (one per GPU).
+
+It loads the model like ``serve`` does (same flags), then consumes the Redis job stream that the
+API replicas (``COLORIZE_QUEUE=redis python -m service serve``) fill. SIGTERM finishes the batches
+already read, then exits.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import sys
+from typing import Any
+
+from pydantic import ValidationError
+
+from service.commands.model_flags import add_model_arguments, model_overrides
+
+log = logging.getLogger(__name__)
+
+
+def add_parser(subparsers: Any) -> None:
+    parser = subparsers.add_parser(
+        "worker",
+        help="run a GPU worker for Redis mode (COLORIZE_QUEUE=redis)",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_model_arguments(parser)
+    group = parser.add_argument_group("redis worker (each overrides its COLORIZE_* variable)")
+    group.add_argument("--redis-url", help="[COLORIZE_REDIS_URL, default redis://127.0.0.1:6379/0]")
+    group.add_argument("--metrics-port", type=int, dest="worker_metrics_port",
+                       help="port of this worker's /metrics, 0: none "
+                       "[COLORIZE_WORKER_METRICS_PORT, default 9100]")  # fmt: skip
+    group.add_argument("--consumer", help="consumer name in the group "
+                       "(default: host-pid-random, unique per process)")  # fmt: skip
+    parser.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    from service.engine_factory import MissingWeightsError
+    from service.redis_worker import run_worker
+    from service.settings import ServiceSettings, describe_validation_error
+
+    overrides = model_overrides(args)
+    for name in ("redis_url", "worker_metrics_port"):
+        if getattr(args, name, None) is not None:
+            overrides[name] = getattr(args, name)
+    try:
+        settings = ServiceSettings(**overrides)
+    except ValidationError as exc:
+        sys.stderr.write(describe_validation_error(exc) + "\n")
+        return 2
+    try:
+        return asyncio.run(run_worker(settings, consumer=args.consumer))
+    except MissingWeightsError as exc:
+        sys.stderr.write(f"error: {exc}\n")
+        return 2

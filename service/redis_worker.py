@@ -1,0 +1,468 @@
+"""The GPU worker of Redis mode: read batches from the job stream, run them, answer, acknowledge.
+
+One worker process per GPU. Each loop turn: reclaim jobs that a dead worker left pending for longer
+than ``claim_idle_ms`` (XAUTOCLAIM; a job handed out more than ``max_deliveries`` times goes to the
+dead-letter stream instead), read up to ``max_batch_size`` new jobs (XREADGROUP, blocking at most
+the batch delay once the first job is in), skip withdrawn and expired jobs (504), run the rest
+through the same ``BatchEngine`` as the in-process mode, and answer each job with XACK + XDEL +
+RPUSH in one script. While a batch runs, a heartbeat keeps its entries' idle time low so that live
+workers never reclaim each other's jobs, whatever the batch takes.
+
+Delivery is at least once (a job whose worker died is run again); answers are exactly once (only
+the XACK that acknowledged the entry pushes one).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import socket
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+import redis.asyncio as aioredis
+from redis.exceptions import ResponseError
+
+from service.errors import (
+    DeadlineExceededError,
+    ProcessingFailedError,
+    ServiceError,
+)
+from service.jobs import Job, JobResult
+from service.metrics import Metrics
+from service.redis_queue import (
+    DEAD_LETTER_SCRIPT,
+    FINISH_SCRIPT,
+    REDIS_ERRORS,
+    TOUCH_SCRIPT,
+    RedisLayout,
+    cache_digest,
+    encode_answer,
+    ensure_group,
+    job_from_fields,
+    publish_stats,
+    read_stats,
+    wait_or_timeout,
+)
+
+log = logging.getLogger(__name__)
+
+Entry = tuple[bytes, dict[bytes, bytes]]
+
+
+class Engine(Protocol):
+    """``service.engine.BatchEngine``: one answer per job, in order."""
+
+    async def run_batch(self, jobs: list[Job]) -> list[JobResult | ServiceError]: ...
+
+
+@dataclass(frozen=True)
+class WorkerConfig:
+    layout: RedisLayout = field(default_factory=RedisLayout)
+    max_batch_size: int = 8
+    batch_delay_ms: float = 5.0  # how long a batch may wait to fill once its first job is in
+    max_concurrent_batches: int = 2  # the next batch is read and decoded while one runs
+    claim_idle_ms: int = 5000
+    max_deliveries: int = 3
+    result_ttl_s: float = 60.0
+    cache_enabled: bool = True
+    cache_ttl_s: int = 3600
+    dead_letter_maxlen: int = 10_000
+    poll_ms: int = 1000  # longest idle block: how soon an idle worker notices SIGTERM
+    stats_interval_s: float = 1.0
+
+    @staticmethod
+    def from_settings(settings: Any) -> WorkerConfig:
+        return WorkerConfig(
+            layout=RedisLayout(settings.redis_prefix, settings.redis_group),
+            max_batch_size=settings.max_batch_size,
+            batch_delay_ms=settings.max_batch_delay_ms,
+            max_concurrent_batches=settings.max_concurrent_batches,
+            claim_idle_ms=settings.claim_idle_ms,
+            max_deliveries=settings.max_deliveries,
+            result_ttl_s=settings.result_ttl_s,
+            cache_enabled=settings.cache_enabled,
+            cache_ttl_s=settings.cache_ttl_s,
+            dead_letter_maxlen=settings.dead_letter_maxlen,
+        )
+
+
+def consumer_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}-{uuid.uuid4().hex[:6]}"
+
+
+def parse_entries(response: Any) -> list[Entry]:
+    """Entries of an XREADGROUP reply ([[stream, [(id, fields), ...]]])."""
+    entries: list[Entry] = []
+    for _stream, items in response or []:
+        entries.extend((entry_id, fields) for entry_id, fields in items)
+    return entries
+
+
+class RedisWorker:
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        engine: Engine,
+        config: WorkerConfig,
+        *,
+        model_info: dict[str, Any],
+        metrics: Metrics | None = None,
+        cache_client: aioredis.Redis | None = None,
+        consumer: str | None = None,
+    ) -> None:
+        self.client = client
+        self.cache_client = cache_client or client
+        self.engine = engine
+        self.config = config
+        self.layout = config.layout
+        self.metrics = metrics
+        self.model_info = model_info
+        self.model_version = str(model_info["model_version"])
+        self.consumer = consumer or consumer_name()
+        self._finish = client.register_script(FINISH_SCRIPT)
+        self._dead_letter = client.register_script(DEAD_LETTER_SCRIPT)
+        self._touch = client.register_script(TOUCH_SCRIPT)
+        self._stopping = asyncio.Event()
+        self._slots = asyncio.Semaphore(config.max_concurrent_batches)
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._next_claim = 0.0
+        self._claim_cursor = "0-0"
+        self._ready = False
+        self.batches = 0  # batches handed to the engine (for tests and logs)
+
+    def stop(self) -> None:
+        """Graceful stop: read nothing more, finish the batches already read."""
+        self._stopping.set()
+
+    async def run(self) -> None:
+        log.info("worker %s consuming %s (group %s)", self.consumer, self.layout.stream,
+                 self.layout.group)  # fmt: skip
+        stats = asyncio.create_task(self._stats_loop(), name="worker-stats")
+        backoff = 0.1
+        try:
+            while not self._stopping.is_set():
+                await self._slots.acquire()
+                try:
+                    if not self._ready:
+                        await self._prepare()
+                    entries = await self._collect()
+                except REDIS_ERRORS as exc:
+                    self._slots.release()
+                    self._ready = False
+                    if "NOGROUP" in str(exc):  # Redis restarted empty (or the group was deleted)
+                        log.warning("consumer group missing (Redis restarted?): recreating")
+                        continue
+                    log.warning("redis unavailable, retrying in %.1f s: %s", backoff, exc)
+                    await wait_or_timeout(self._stopping, backoff)
+                    backoff = min(backoff * 2, 5.0)
+                    continue
+                backoff = 0.1
+                if not entries:
+                    self._slots.release()
+                    continue
+                task = asyncio.create_task(self._process(entries), name="worker-batch")
+                self._tasks.add(task)
+                task.add_done_callback(self._tasks.discard)
+        finally:
+            self._stopping.set()  # also when run() itself is cancelled: ends the stats loop
+            if self._tasks:
+                await asyncio.gather(*self._tasks, return_exceptions=True)
+            await stats  # ends at its next tick: cancelling a task inside a redis-py call can
+            # leave the cancellation swallowed by the client's own read timeout handling
+            log.info("worker %s stopped after %d batches", self.consumer, self.batches)
+
+    async def _prepare(self) -> None:
+        await ensure_group(self.client, self.layout)
+        # Register at once (XREADGROUP only registers a consumer once it delivers something), so
+        # the consumer count shows idle workers too.
+        await self.client.xgroup_createconsumer(
+            self.layout.stream, self.layout.group, self.consumer
+        )
+        await self._publish_model()
+        self._ready = True
+
+    async def _publish_model(self) -> None:
+        await self.client.set(self.layout.model, json.dumps(self.model_info), px=60_000)
+
+    # -- reading ------------------------------------------------------------------------------
+
+    async def _collect(self) -> list[Entry]:
+        """Up to max_batch_size entries: reclaimed ones first, then new ones."""
+        cfg = self.config
+        entries: list[Entry] = []
+        if time.monotonic() >= self._next_claim:
+            self._next_claim = time.monotonic() + max(0.05, cfg.claim_idle_ms / 2000)
+            entries += await self._reclaim(cfg.max_batch_size)
+        if len(entries) < cfg.max_batch_size:
+            wait = None if entries else cfg.poll_ms
+            entries += await self._read(cfg.max_batch_size - len(entries), wait)
+        if not entries:
+            return entries
+        # The first job is in: wait at most the batch delay for the batch to fill.
+        fill_until = time.monotonic() + cfg.batch_delay_ms / 1000
+        while len(entries) < cfg.max_batch_size and not self._stopping.is_set():
+            remaining_ms = int((fill_until - time.monotonic()) * 1000)
+            if remaining_ms < 1:  # BLOCK 0 would wait forever
+                break
+            entries += await self._read(cfg.max_batch_size - len(entries), remaining_ms)
+        return entries
+
+    async def _read(self, count: int, block_ms: int | None) -> list[Entry]:
+        response = await self.client.xreadgroup(
+            self.layout.group, self.consumer, {self.layout.stream: ">"}, count=count,
+            block=block_ms,
+        )  # fmt: skip
+        return parse_entries(response)
+
+    async def _reclaim(self, count: int) -> list[Entry]:
+        """Take over jobs idle in a dead worker's hands; dead-letter those handed out too often."""
+        layout = self.layout
+        reply = await self.client.xautoclaim(
+            layout.stream, layout.group, self.consumer, self.config.claim_idle_ms,
+            start_id=self._claim_cursor, count=count,
+        )  # fmt: skip
+        cursor, claimed = reply[0], reply[1]
+        self._claim_cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
+        gone = [entry_id for entry_id, fields in claimed if not fields]
+        if gone:  # withdrawn (XDEL) while pending; Redis 7 drops those itself, 6.2 returns them
+            await self.client.xack(layout.stream, layout.group, *gone)
+        claimed = [(entry_id, fields) for entry_id, fields in claimed if fields]
+        if not claimed:
+            return []
+        pipe = self.client.pipeline(transaction=False)
+        for entry_id, _ in claimed:
+            pipe.xpending_range(layout.stream, layout.group, entry_id, entry_id, 1)
+        pending = await pipe.execute()
+        keep: list[Entry] = []
+        for (entry_id, fields), info in zip(claimed, pending, strict=True):
+            deliveries = int(info[0]["times_delivered"]) if info else 1
+            log.warning("reclaimed %s (delivery %d)", entry_id.decode(), deliveries)
+            if deliveries > self.config.max_deliveries:
+                await self._send_to_dead_letter(
+                    entry_id, fields, deliveries,
+                    f"handed to a worker {deliveries} times without an answer "
+                    f"(max_deliveries={self.config.max_deliveries}); the workers holding it died",
+                )  # fmt: skip
+            else:
+                keep.append((entry_id, fields))
+        return keep
+
+    async def _send_to_dead_letter(
+        self, entry_id: bytes, fields: dict[bytes, bytes], deliveries: int, reason: str
+    ) -> None:
+        token = fields.get(b"token", b"").decode(errors="replace")
+        request_id = ""
+        with contextlib.suppress(ValueError, KeyError, TypeError):
+            request_id = str(json.loads(fields[b"meta"])["request_id"])
+        error = ProcessingFailedError(
+            f"the job failed repeatedly and was moved to the dead-letter stream: {reason}"
+        )
+        dead_fields: list[Any] = [
+            "entry_id", entry_id, "request_id", request_id, "token", token,
+            "deliveries", deliveries, "reason", reason, "consumer", self.consumer,
+            "failed_at", time.time(), "meta", fields.get(b"meta", b""),
+            "image", fields.get(b"image", b""),
+        ]  # fmt: skip
+        layout = self.layout
+        if self.metrics is not None:
+            self.metrics.dropped.labels(reason="dead_letter").inc()
+        await self._dead_letter(
+            keys=[layout.stream, layout.reply(token), layout.dead],
+            args=[layout.group, entry_id, encode_answer(error),
+                  int(self.config.result_ttl_s * 1000), self.config.dead_letter_maxlen,
+                  *dead_fields],
+        )  # fmt: skip
+        log.error("dead-lettered %s (request %s): %s", entry_id.decode(), request_id, reason)
+
+    # -- processing ---------------------------------------------------------------------------
+
+    async def _process(self, entries: list[Entry]) -> None:
+        try:
+            await self._process_batch(entries)
+        except REDIS_ERRORS as exc:
+            # Unanswered entries stay pending and are reclaimed (and run again) once Redis is back.
+            log.warning("redis failed during a batch of %d: %s", len(entries), exc)
+        except Exception:
+            # An engine bug: leave the entries pending; a live worker reclaims them after
+            # claim_idle_ms, and max_deliveries sends a job that keeps failing to dead-letter.
+            log.exception("batch of %d failed; its jobs stay pending", len(entries))
+        finally:
+            self._slots.release()
+
+    async def _process_batch(self, entries: list[Entry]) -> None:
+        layout = self.layout
+        parsed: list[tuple[bytes, str, Job]] = []
+        for entry_id, fields in entries:
+            try:
+                token, job = job_from_fields(fields)
+            except (ValueError, KeyError, TypeError) as exc:
+                await self._send_to_dead_letter(entry_id, fields, 0, f"malformed job: {exc!r}")
+                continue
+            parsed.append((entry_id, token, job))
+        if not parsed:
+            return
+        pipe = self.client.pipeline(transaction=False)
+        for _, token, _ in parsed:
+            pipe.exists(layout.cancel(token))
+        cancelled = await pipe.execute()
+        now = time.time()
+        live: list[tuple[bytes, str, Job]] = []
+        for (entry_id, token, job), withdrawn in zip(parsed, cancelled, strict=True):
+            if withdrawn:
+                self._drop("disconnected")
+                await self._answer(entry_id, token, None)
+            elif job.deadline <= now:
+                waited = now - job.enqueued_at
+                error = DeadlineExceededError(f"the job waited {waited:.1f} s, past its deadline")
+                self._drop("deadline")
+                await self._answer(entry_id, token, error)
+            else:
+                live.append((entry_id, token, job))
+        if not live:
+            return
+        self.batches += 1
+        async with self._heartbeat([entry_id for entry_id, _, _ in live]):
+            answers = await self.engine.run_batch([job for _, _, job in live])
+        for (entry_id, token, job), answer in zip(live, answers, strict=True):
+            if isinstance(answer, JobResult) and self.config.cache_enabled:
+                # Before the answer, so that the client's next identical request hits.
+                digest = cache_digest(job.image, job.options, self.model_version)
+                with contextlib.suppress(*REDIS_ERRORS):  # a cache write failing loses nothing
+                    await self.cache_client.set(
+                        layout.cache(digest), encode_answer(answer), ex=self.config.cache_ttl_s
+                    )
+            await self._answer(entry_id, token, answer)
+
+    async def _answer(
+        self, entry_id: bytes, token: str, answer: JobResult | ServiceError | None
+    ) -> bool:
+        """Acknowledge the entry and push its answer (None: acknowledge only); True if acked."""
+        layout = self.layout
+        if answer is None:
+            pipe = self.client.pipeline(transaction=True)
+            pipe.xack(layout.stream, layout.group, entry_id)
+            pipe.xdel(layout.stream, entry_id)
+            acked, _ = await pipe.execute()
+            return bool(acked)
+        acked = await self._finish(
+            keys=[layout.stream, layout.reply(token), layout.cancel(token)],
+            args=[layout.group, entry_id, encode_answer(answer),
+                  int(self.config.result_ttl_s * 1000)],
+        )  # fmt: skip
+        return bool(acked)
+
+    @contextlib.asynccontextmanager
+    async def _heartbeat(self, entry_ids: Sequence[bytes]) -> AsyncIterator[None]:
+        """While the block runs, keep the entries' idle time low so nobody reclaims them."""
+
+        done = asyncio.Event()
+
+        async def beat() -> None:
+            interval = max(0.05, self.config.claim_idle_ms / 3000)
+            while not await wait_or_timeout(done, interval):
+                with contextlib.suppress(*REDIS_ERRORS):
+                    await self._touch(
+                        keys=[self.layout.stream],
+                        args=[self.layout.group, self.consumer, *entry_ids],
+                    )
+
+        task = asyncio.create_task(beat(), name="worker-heartbeat")
+        try:
+            yield
+        finally:
+            done.set()  # not cancel(): see run()
+            await task
+
+    def _drop(self, reason: str) -> None:
+        if self.metrics is not None:
+            self.metrics.dropped.labels(reason=reason).inc()
+
+    # -- housekeeping -------------------------------------------------------------------------
+
+    async def _stats_loop(self) -> None:
+        last_publish = last_cleanup = 0.0
+        while not self._stopping.is_set():
+            try:
+                stats = await read_stats(self.client, self.layout)
+                if self.metrics is not None:
+                    publish_stats(self.metrics, stats)
+                now = time.monotonic()
+                if self._ready and now - last_publish > 10:
+                    await self._publish_model()
+                    last_publish = now
+                if self._ready and now - last_cleanup > 30:
+                    await self._forget_dead_consumers()
+                    last_cleanup = now
+            except REDIS_ERRORS as exc:
+                log.debug("redis stats unavailable: %s", exc)
+            await wait_or_timeout(self._stopping, self.config.stats_interval_s)
+
+    async def _forget_dead_consumers(self) -> None:
+        """Drop consumers that hold nothing and were not seen for a long time (dead workers)."""
+        idle_limit = max(60_000, 10 * self.config.claim_idle_ms)
+        try:
+            consumers = await self.client.xinfo_consumers(self.layout.stream, self.layout.group)
+        except ResponseError:
+            return
+        for consumer in consumers:
+            name = consumer["name"]
+            name = name.decode() if isinstance(name, bytes) else str(name)
+            if name != self.consumer and consumer["pending"] == 0 and consumer["idle"] > idle_limit:
+                await self.client.xgroup_delconsumer(self.layout.stream, self.layout.group, name)
+
+
+# ---------------------------------------------------------------------------------------------
+# The worker process (``python -m service worker``)
+
+
+async def run_worker(settings: Any, *, consumer: str | None = None) -> int:
+    """Load the model, warm up, serve /metrics, consume until SIGTERM/SIGINT; the exit status."""
+    import signal
+    from concurrent.futures import ThreadPoolExecutor
+
+    from prometheus_client import start_http_server
+
+    from service.engine import BatchEngine
+    from service.engine_factory import build_colorizer
+    from service.metrics import METRICS
+    from service.redis_queue import connect
+
+    colorizer = await asyncio.to_thread(build_colorizer, settings)
+    pool = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="cpu")
+    engine = BatchEngine(colorizer, pool, METRICS, max_pixels=settings.max_pixels)
+    if settings.warmup:
+        await engine.warmup(settings.batch_buckets())
+    if settings.worker_metrics_port:
+        start_http_server(settings.worker_metrics_port)
+        log.info("worker metrics on :%d/metrics", settings.worker_metrics_port)
+    config = WorkerConfig.from_settings(settings)
+    read_timeout_s = max(config.poll_ms, config.batch_delay_ms) / 1000 + 10.0
+    client = connect(settings.redis_url, socket_timeout_s=read_timeout_s)
+    cache_client = (
+        connect(settings.cache_redis_url, socket_timeout_s=10.0)
+        if settings.cache_redis_url
+        else None
+    )
+    worker = RedisWorker(
+        client, engine, config, model_info=engine.describe(),
+        metrics=METRICS, cache_client=cache_client, consumer=consumer,
+    )  # fmt: skip
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stop)
+    try:
+        await worker.run()
+    finally:
+        engine.close()
+        pool.shutdown(wait=True, cancel_futures=True)
+        if cache_client is not None:
+            await cache_client.aclose()
+        await client.aclose()
+    return 0
