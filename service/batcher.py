@@ -13,14 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import hashlib
 import logging
 import math
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from service.errors import (
@@ -142,6 +140,21 @@ class InProcessQueue:
 
     async def ready(self) -> bool:
         return self.engine is not None and not self._draining and not self._closed
+
+    @classmethod
+    def from_settings(
+        cls, load: Callable[[], Awaitable[BatchRunner]], settings: ServiceSettings
+    ) -> InProcessQueue:
+        """A queue with the batching knobs of ``settings``."""
+        return cls(
+            load,
+            max_batch_size=settings.max_batch_size,
+            max_batch_delay_ms=settings.max_batch_delay_ms,
+            queue_size=settings.queue_size,
+            max_concurrent_batches=settings.max_concurrent_batches,
+            retry_after_s=settings.retry_after_s,
+            drain_timeout_s=settings.drain_timeout_s,
+        )
 
     def failure(self) -> str | None:
         """Why the queue can never become ready (the weights failed to load), else None."""
@@ -347,6 +360,7 @@ def build_memory_queue(settings: ServiceSettings) -> InProcessQueue:
     """
     from concurrent.futures import ThreadPoolExecutor
 
+    from models.checkpoints import sha256_file
     from service.engine import BatchEngine
     from service.engine_factory import build_colorizer, check_weight_files
 
@@ -356,7 +370,7 @@ def build_memory_queue(settings: ServiceSettings) -> InProcessQueue:
         colorizer = await asyncio.to_thread(build_colorizer, settings)
         extra: dict[str, Any] = {}
         if settings.detector:
-            digest = await asyncio.to_thread(_sha256, settings.detector_weights)
+            digest = await asyncio.to_thread(sha256_file, settings.detector_weights)
             extra["detector_file"] = {"path": str(settings.detector_weights), "sha256": digest}
         pool = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="cpu")
         engine = BatchEngine(colorizer, pool, max_pixels=settings.max_pixels)
@@ -369,15 +383,7 @@ def build_memory_queue(settings: ServiceSettings) -> InProcessQueue:
             raise
         return _OwningEngine(engine, pool, extra)
 
-    return InProcessQueue(
-        load,
-        max_batch_size=settings.max_batch_size,
-        max_batch_delay_ms=settings.max_batch_delay_ms,
-        queue_size=settings.queue_size,
-        max_concurrent_batches=settings.max_concurrent_batches,
-        retry_after_s=settings.retry_after_s,
-        drain_timeout_s=settings.drain_timeout_s,
-    )
+    return InProcessQueue.from_settings(load, settings)
 
 
 class _OwningEngine:
@@ -398,11 +404,3 @@ class _OwningEngine:
     def close(self) -> None:
         self.engine.close()
         self.pool.shutdown(wait=True, cancel_futures=True)
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()

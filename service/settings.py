@@ -244,6 +244,8 @@ class ServiceSettings(ModelSettings):
 
     @model_validator(mode="after")
     def _check_redis(self) -> ServiceSettings:
+        if self.queue != "redis":
+            return self
         if self.claim_idle_ms <= self.max_batch_delay_ms:
             raise ValueError(
                 f"claim_idle_ms ({self.claim_idle_ms}) is not longer than max_batch_delay_ms "

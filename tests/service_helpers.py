@@ -122,15 +122,7 @@ def gated_factory(
             holder["engine"] = engine
             return engine
 
-        return InProcessQueue(
-            load,
-            max_batch_size=settings.max_batch_size,
-            max_batch_delay_ms=settings.max_batch_delay_ms,
-            queue_size=settings.queue_size,
-            max_concurrent_batches=settings.max_concurrent_batches,
-            retry_after_s=settings.retry_after_s,
-            drain_timeout_s=settings.drain_timeout_s,
-        )
+        return InProcessQueue.from_settings(load, settings)
 
     return factory
 

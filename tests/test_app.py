@@ -325,7 +325,6 @@ async def test_deadline_gives_504_and_service_recovers(
         max_batch_size=1,
         request_timeout_s=0.5,
         max_concurrent_batches=1,
-        claim_idle_ms=200,  # a Redis-mode knob, validated against the timeout in every mode
     )
     async with running_app(settings, gated_factory(tiny_colorizer, holder)) as (app, client):
 

@@ -460,6 +460,8 @@ def test_settings_refuse_a_claim_timeout_that_would_steal_filling_batches() -> N
     from service.settings import ServiceSettings
 
     with pytest.raises(ValidationError, match="COLORIZE_CLAIM_IDLE_MS"):
-        ServiceSettings(claim_idle_ms=500, max_batch_delay_ms=800)
+        ServiceSettings(queue="redis", claim_idle_ms=500, max_batch_delay_ms=800)
     with pytest.raises(ValidationError, match="COLORIZE_CLAIM_IDLE_MS"):
-        ServiceSettings(claim_idle_ms=40_000, request_timeout_s=30)
+        ServiceSettings(queue="redis", claim_idle_ms=40_000, request_timeout_s=30)
+    # A Redis-only knob does not constrain the memory mode.
+    assert ServiceSettings(claim_idle_ms=500, max_batch_delay_ms=800).queue == "memory"

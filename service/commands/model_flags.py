@@ -3,8 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from pydantic import ValidationError
+
+if TYPE_CHECKING:
+    from service.settings import ServiceSettings
 
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
@@ -35,3 +41,22 @@ def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
     if getattr(args, "no_detector", False):
         overrides["detector"] = False
     return overrides
+
+
+def settings_from_args(
+    args: argparse.Namespace, flags: tuple[str, ...], **fixed: Any
+) -> ServiceSettings | None:
+    """Settings from the environment, overridden by the model flags, ``flags`` and ``fixed``.
+
+    On a bad value, prints which variable is wrong and how to fix it, and returns None.
+    """
+    from service.settings import ServiceSettings, describe_validation_error
+
+    overrides = model_overrides(args)
+    overrides.update({n: getattr(args, n) for n in flags if getattr(args, n, None) is not None})
+    overrides.update(fixed)
+    try:
+        return ServiceSettings(**overrides)
+    except ValidationError as exc:
+        sys.stderr.write(describe_validation_error(exc) + "\n")
+        return None

@@ -20,9 +20,8 @@ from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import uvicorn
-from pydantic import ValidationError
 
-from service.commands.model_flags import add_model_arguments, model_overrides
+from service.commands.model_flags import add_model_arguments, settings_from_args
 
 if TYPE_CHECKING:
     from service.app import ServiceState
@@ -46,16 +45,9 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from service.app import create_app
-    from service.settings import ServiceSettings, describe_validation_error
 
-    overrides = model_overrides(args)
-    for name in ("host", "port"):
-        if getattr(args, name, None) is not None:
-            overrides[name] = getattr(args, name)
-    try:
-        settings = ServiceSettings(**overrides)
-    except ValidationError as exc:
-        sys.stderr.write(describe_validation_error(exc) + "\n")
+    settings = settings_from_args(args, ("host", "port"))
+    if settings is None:
         return 2
     if settings.queue == "memory":
         # imports torch (models.pipeline): only the memory mode, which loads the model, needs it

@@ -13,9 +13,7 @@ import logging
 import sys
 from typing import Any
 
-from pydantic import ValidationError
-
-from service.commands.model_flags import add_model_arguments, model_overrides
+from service.commands.model_flags import add_model_arguments, settings_from_args
 
 log = logging.getLogger(__name__)
 
@@ -41,16 +39,9 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     from service.engine_factory import MissingWeightsError
     from service.redis_worker import run_worker
-    from service.settings import ServiceSettings, describe_validation_error
 
-    overrides = model_overrides(args)
-    for name in ("redis_url", "worker_metrics_port"):
-        if getattr(args, name, None) is not None:
-            overrides[name] = getattr(args, name)
-    try:
-        settings = ServiceSettings(**overrides)
-    except ValidationError as exc:
-        sys.stderr.write(describe_validation_error(exc) + "\n")
+    settings = settings_from_args(args, ("redis_url", "worker_metrics_port"), queue="redis")
+    if settings is None:
         return 2
     try:
         return asyncio.run(run_worker(settings, consumer=args.consumer))
