@@ -330,5 +330,6 @@ class Colorizer:
             ColorizeOptions(resolution="network", boxes=None if i % 2 else boxes)
             for i in range(batch_size)
         ]
-        options[-1] = ColorizeOptions(resolution="network", max_instances=0)
+        if batch_size > 1:  # one image without boxes: the full-image net too
+            options[-1] = ColorizeOptions(resolution="network", max_instances=0)
         self.colorize([gradient] * batch_size, options)

@@ -172,3 +172,20 @@ def test_any_size_and_mode_keeps_size_and_l(tiny_colorizer: Colorizer, width, he
     in_gamut = torch.from_numpy((out > 0).all(-1) & (out < 255).all(-1))
     if in_gamut.any():
         assert (l_in - l_out).abs()[in_gamut].max() < 0.6
+
+
+@pytest.mark.parametrize(
+    ("batch_size", "expected"),
+    [(1, {"instance", "fusion"}), (2, {"instance", "fusion", "full_image"})],
+)
+def test_warmup_runs_the_networks_a_batch_will_use(tiny_checkpoints, batch_size, expected) -> None:  # type: ignore[no-untyped-def]
+    colorizer = Colorizer.load(tiny_checkpoints)
+    called: set[str] = set()
+    for name, net in (
+        ("instance", colorizer.instance_net),
+        ("fusion", colorizer.fusion_net),
+        ("full_image", colorizer.full_image_net),
+    ):
+        net.register_forward_hook(lambda *_args, name=name: called.add(name))
+    colorizer.warmup(batch_size)
+    assert called == expected
