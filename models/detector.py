@@ -123,12 +123,13 @@ class BoxDetector:
             self.device.type, dtype=self.autocast_dtype, enabled=self.autocast_dtype is not None
         ):
             outputs = self.model(batch)
-        results = []
-        for output in outputs:
-            boxes = output["boxes"].float().cpu().tolist()
-            scores = output["scores"].float().cpu().tolist()
-            kept = [
-                (tuple(b), s) for b, s in zip(boxes, scores, strict=True) if s >= score_threshold
-            ]
-            results.append(Detections(tuple(b for b, _ in kept), tuple(s for _, s in kept)))
-        return results
+        # roi_heads.score_thresh already dropped every box under the threshold.
+        return [
+            Detections(
+                tuple(
+                    (x1, y1, x2, y2) for x1, y1, x2, y2 in output["boxes"].float().cpu().tolist()
+                ),
+                tuple(output["scores"].float().cpu().tolist()),
+            )
+            for output in outputs
+        ]

@@ -69,7 +69,7 @@ class PreparedImage:
     source: InputImage
     options: ColorizeOptions
     l_norm: torch.Tensor  # (1, 256, 256) normalised L of the squashed image
-    lightness: torch.Tensor  # (1, H, W) Lab L of the original, for the full-resolution merge
+    lightness: torch.Tensor | None  # (1, H, W) Lab L of the original (original merge, detector)
     detector_input: Image.Image | None  # 8-bit L at the detector's size
     detector_scale: tuple[float, float]
     timings: dict[str, float] = field(default_factory=dict)
@@ -187,9 +187,11 @@ class Colorizer:
         self.check_options(options)
         start = time.perf_counter()
         source = image if isinstance(image, InputImage) else to_input_image(image)
-        l_full = lightness(source.rgb)
+        detect = self.detector is not None and options.boxes is None and options.max_instances > 0
+        # Full-resolution L feeds the `original` merge and the detector; skip it otherwise.
+        l_full = lightness(source.rgb) if detect or options.resolution == "original" else None
         detector_input, scale = None, (1.0, 1.0)
-        if self.detector is not None and options.boxes is None and options.max_instances > 0:
+        if detect and self.detector is not None and l_full is not None:
             small, sx, sy = detector_lightness(
                 l_full, self.detector.min_size, self.detector.max_size
             )
@@ -213,13 +215,12 @@ class Colorizer:
 
     def _detect(self, batch: Sequence[PreparedImage]) -> list[Detections]:
         found = [p.options.boxes or Detections((), ()) for p in batch]
-        todo = [i for i, p in enumerate(batch) if p.detector_input is not None]
+        todo = [(i, p.detector_input) for i, p in enumerate(batch) if p.detector_input is not None]
         if not todo or self.detector is None:
             return found
-        threshold = min(batch[i].options.score_threshold for i in todo)
-        inputs = [batch[i].detector_input for i in todo]
-        results = self.detector.detect([x for x in inputs if x is not None], threshold)
-        for i, result in zip(todo, results, strict=True):
+        threshold = min(batch[i].options.score_threshold for i, _ in todo)
+        results = self.detector.detect([image for _, image in todo], threshold)
+        for (i, _), result in zip(todo, results, strict=True):
             sx, sy = batch[i].detector_scale
             own = batch[i].options.score_threshold
             kept = [
@@ -301,6 +302,7 @@ class Colorizer:
         if prepared.options.resolution == "network":
             image = merge_network(prepared.l_norm, prediction.ab, alpha)
         else:
+            assert prepared.lightness is not None  # computed by prepare() for this resolution
             image = merge_original(prepared.lightness, prediction.ab, alpha)
         timings = {**prediction.timings, "merge": time.perf_counter() - start}
         return ColorizedImage(image, prediction.boxes, prediction.scores, timings)
