@@ -24,7 +24,13 @@ from torchvision.models.detection import (
 )
 
 from models.boxes import Detections
-from models.checkpoints import CheckpointError, load_strict, read_state_dict
+from models.checkpoints import (
+    CheckpointError,
+    LoadedFile,
+    load_strict,
+    read_state_dict,
+    sha256_file,
+)
 
 DetectorVersion = Literal["v1", "v2"]
 COCO_CLASSES = 91
@@ -82,6 +88,7 @@ class BoxDetector:
         self.model.transform.max_size = max_size
         self.min_size = min_size
         self.max_size = max_size
+        self.file: LoadedFile | None = None  # where the weights came from (set by from_file)
         # Mixed precision for the detector on CUDA (set by the pipeline in fp16 mode): boxes only
         # feed crop selection, so half-precision convolutions cost nothing that matters.
         self.autocast_dtype: torch.dtype | None = None
@@ -106,7 +113,9 @@ class BoxDetector:
             raise CheckpointError(
                 f"{exc}. Is this the {other} detector? (--detector-version)"
             ) from exc
-        return cls(model, version, torch.device(device), min_size, max_size)
+        detector = cls(model, version, torch.device(device), min_size, max_size)
+        detector.file = LoadedFile(path, sha256_file(path))
+        return detector
 
     @torch.inference_mode()
     def detect(self, images: Sequence[Image.Image], score_threshold: float) -> list[Detections]:

@@ -158,6 +158,9 @@ class Colorizer:
             "detector": None
             if self.detector is None
             else f"maskrcnn_resnet50_fpn_{self.detector.version}",
+            "detector_file": None
+            if self.detector is None or self.detector.file is None
+            else {"path": str(self.detector.file.path), "sha256": self.detector.file.sha256},
             "device": str(self.device),
             "precision": self.precision,
             "instance_limit": self.instance_limit,

@@ -44,13 +44,12 @@ from service.errors import (
     UnavailableError,
 )
 from service.jobs import Job, JobOptions, JobResult, OutputFormat
-from service.metrics import METRICS, outcome_for
+from service.metrics import METRICS, STAGES, outcome_for
 from service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
 PROBLEM_JSON = "application/problem+json"
-SERVER_TIMING_STAGES = ("decode", "queue", "detect", "instance", "fusion", "merge", "encode")
 CLIENT_CLOSED = 499  # nginx's "client closed request": logged and counted, never sent
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 
@@ -281,12 +280,9 @@ async def _submit_watching(request: Request, queue: JobQueue, job: Job) -> JobRe
 
 
 def _server_timing(timings: dict[str, float]) -> str:
-    parts = [
-        f"{stage};dur={timings[stage] * 1000:.2f}"
-        for stage in (*SERVER_TIMING_STAGES, "total")
-        if stage in timings
-    ]
-    return ", ".join(parts)
+    return ", ".join(
+        f"{stage};dur={timings[stage] * 1000:.2f}" for stage in STAGES if stage in timings
+    )
 
 
 # -- the app ------------------------------------------------------------------------------------
@@ -578,7 +574,7 @@ def _install_routes(app: FastAPI, state: ServiceState) -> None:
         """Model files and sha256, detector, device, precision, batching settings, version."""
         model = state.queue.describe() if state.queue is not None else {}
         return {
-            "service_version": service_version(),
+            "service_version": app.version,
             "model": model,
             "queue": settings.queue,
             "batching": {

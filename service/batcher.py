@@ -32,6 +32,7 @@ from service.jobs import Job, JobResult
 from service.metrics import METRICS, Metrics
 
 if TYPE_CHECKING:
+    from service.engine import BatchEngine
     from service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -360,7 +361,6 @@ def build_memory_queue(settings: ServiceSettings) -> InProcessQueue:
     """
     from concurrent.futures import ThreadPoolExecutor
 
-    from models.checkpoints import sha256_file
     from service.engine import BatchEngine
     from service.engine_factory import build_colorizer, check_weight_files
 
@@ -368,20 +368,15 @@ def build_memory_queue(settings: ServiceSettings) -> InProcessQueue:
 
     async def load() -> BatchRunner:
         colorizer = await asyncio.to_thread(build_colorizer, settings)
-        extra: dict[str, Any] = {}
-        if settings.detector:
-            digest = await asyncio.to_thread(sha256_file, settings.detector_weights)
-            extra["detector_file"] = {"path": str(settings.detector_weights), "sha256": digest}
         pool = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="cpu")
-        engine = BatchEngine(colorizer, pool, max_pixels=settings.max_pixels)
+        owned = _OwningEngine(BatchEngine(colorizer, pool, max_pixels=settings.max_pixels))
         try:
             if settings.warmup:
-                await engine.warmup(settings.batch_buckets())
+                await owned.engine.warmup(settings.batch_buckets())
         except BaseException:
-            engine.close()
-            pool.shutdown(wait=False, cancel_futures=True)
+            owned.close()
             raise
-        return _OwningEngine(engine, pool, extra)
+        return owned
 
     return InProcessQueue.from_settings(load, settings)
 
@@ -389,18 +384,15 @@ def build_memory_queue(settings: ServiceSettings) -> InProcessQueue:
 class _OwningEngine:
     """A ``BatchEngine`` that also shuts its CPU pool down on close."""
 
-    def __init__(self, engine: Any, pool: Any, extra: dict[str, Any]) -> None:
+    def __init__(self, engine: BatchEngine) -> None:
         self.engine = engine
-        self.pool = pool
-        self.extra = extra
 
     async def run_batch(self, jobs: Sequence[Job]) -> list[JobResult | ServiceError]:
-        result: list[JobResult | ServiceError] = await self.engine.run_batch(jobs)
-        return result
+        return await self.engine.run_batch(jobs)
 
     def describe(self) -> dict[str, Any]:
-        return {**self.engine.describe(), **self.extra}
+        return self.engine.describe()
 
     def close(self) -> None:
         self.engine.close()
-        self.pool.shutdown(wait=True, cancel_futures=True)
+        self.engine.pool.shutdown(wait=True, cancel_futures=True)

@@ -112,50 +112,43 @@ class BatchEngine:
             return []
         loop = asyncio.get_running_loop()
         self.metrics.batch_size.observe(len(jobs))
-        ready: list[_Ready | ServiceError] = list(
-            await asyncio.gather(*(loop.run_in_executor(self.pool, self._prepare, j) for j in jobs))
+        ready = await asyncio.gather(
+            *(loop.run_in_executor(self.pool, self._prepare, j) for j in jobs)
         )
         now = time.time()
-        todo: list[int] = []
+        outcomes: list[Outcome] = []
+        todo: list[tuple[int, _Ready]] = []
         for i, (job, item) in enumerate(zip(jobs, ready, strict=True)):
-            if not isinstance(item, _Ready):
-                continue
-            if now > job.deadline:  # expired while decoding: keep it off the device
+            if isinstance(item, ServiceError):
+                outcomes.append(item)
+            elif now > job.deadline:  # expired while decoding: keep it off the device
                 self.metrics.dropped.labels(reason="deadline").inc()
-                ready[i] = DeadlineExceededError(
-                    "the request's deadline passed before it reached the model"
+                outcomes.append(
+                    DeadlineExceededError(
+                        "the request's deadline passed before it reached the model"
+                    )
                 )
             else:
-                todo.append(i)
-        outcomes: list[Outcome] = [
-            item if isinstance(item, ServiceError) else InternalError("not processed")
-            for item in ready
-        ]
+                outcomes.append(InternalError("not processed"))  # replaced below
+                todo.append((i, item))
         if not todo:
             return outcomes
-        batch = [self._ready(ready[i]).prepared for i in todo]
         device_start, predictions = await loop.run_in_executor(
-            self.device_thread, self._timed_predict, batch
+            self.device_thread, self._timed_predict, [item.prepared for _, item in todo]
         )
         self._record_gpu_memory()
-        for i in todo:  # waiting for admission, a batch and the device, less its own decode
-            item = self._ready(ready[i])
+        for i, item in todo:  # waiting for admission, a batch and the device, less its own decode
             waited = device_start - jobs[i].enqueued_at - item.timings["decode"]
             item.timings["queue"] = max(0.0, waited)
         finished = await asyncio.gather(
             *(
-                loop.run_in_executor(self.pool, self._finish, jobs[i], self._ready(ready[i]), p)
-                for i, p in zip(todo, predictions, strict=True)
+                loop.run_in_executor(self.pool, self._finish, jobs[i], item, p)
+                for (i, item), p in zip(todo, predictions, strict=True)
             )
         )
-        for i, outcome in zip(todo, finished, strict=True):
+        for (i, _), outcome in zip(todo, finished, strict=True):
             outcomes[i] = outcome
         return outcomes
-
-    @staticmethod
-    def _ready(item: _Ready | ServiceError) -> _Ready:
-        assert isinstance(item, _Ready)
-        return item
 
     # -- CPU stages (worker pool) ---------------------------------------------------------------
 
