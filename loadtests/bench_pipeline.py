@@ -42,6 +42,7 @@ import torch
 from PIL import Image, ImageDraw
 
 from models.boxes import Detections
+from models.checkpoints import load_networks
 from models.detector import BoxDetector, build_maskrcnn
 from models.pipeline import ColorizeOptions, Colorizer, Precision
 
@@ -134,13 +135,11 @@ def git_commit() -> str:
     return out.stdout.strip() or "unknown"
 
 
-def random_checkpoints(width: int) -> Path:
+def random_checkpoints(folder: Path, width: int) -> Path:
     sys.path.insert(0, str(REPO / "tests"))
     from weight_files import write_official
 
-    folder = Path(tempfile.mkdtemp(prefix="bench-checkpoints-"))
-    write_official(folder, width=width, seed=0)
-    return folder
+    return write_official(folder, width=width, seed=0)
 
 
 def measure(
@@ -157,18 +156,18 @@ def measure(
         options = ColorizeOptions(boxes=eight_boxes())
     else:
         options = ColorizeOptions(score_threshold=threshold)
-    inputs = [photo(i) for i in range(batch)]
+    rounds = max(1, -(-images // batch))
+    # made before the clock starts: drawing a photo costs milliseconds, a GPU batch not many more
+    batches = [[photo(r * batch + i) for i in range(batch)] for r in range(rounds)]
     for _ in range(warmup):
-        colorizer.colorize(inputs, options)
+        colorizer.colorize(batches[0], options)
     if colorizer.device.type == "cuda":
         torch.cuda.synchronize(colorizer.device)
         torch.cuda.reset_peak_memory_stats(colorizer.device)
-    rounds = max(1, -(-images // batch))
     predict = host = 0.0
     instances = 0
     start = time.perf_counter()
-    for r in range(rounds):
-        batch_inputs = [photo(r * batch + i) for i in range(batch)] if r else inputs
+    for batch_inputs in batches:
         for result in colorizer.colorize(batch_inputs, options):
             t = result.timings
             host += t["preprocess"] + t["merge"]
@@ -295,46 +294,56 @@ def main(argv: list[str] | None = None) -> int:
         raise SystemExit(f"unknown modes {sorted(unknown)}; choose from {MODES}")
     warmup = args.warmup if args.warmup is not None else (2 if device.type == "cuda" else 0)
 
-    checkpoints = args.checkpoints
-    weights_note = f"checkpoints {checkpoints}"
-    if checkpoints is None:
-        started = time.perf_counter()
-        checkpoints = random_checkpoints(args.width)
-        weights_note = f"random width-{args.width} networks (no real weights)"
-        print(f"wrote random checkpoints to {checkpoints} in {time.perf_counter() - started:.1f} s")
-    if args.detector_weights is not None:
-        detector = BoxDetector.from_file(args.detector_weights, args.detector_version, device)
-        threshold = 0.7 if args.score_threshold is None else args.score_threshold
-        weights_note += f"; detector {args.detector_weights.name} at threshold {threshold}"
-    else:
-        torch.manual_seed(0)
-        detector = BoxDetector(build_maskrcnn(args.detector_version), args.detector_version, device)
-        threshold = (
-            RANDOM_DETECTOR_THRESHOLD if args.score_threshold is None else args.score_threshold
-        )
-        weights_note += f"; random Mask R-CNN {args.detector_version} at threshold {threshold}"
+    with tempfile.TemporaryDirectory(prefix="bench-checkpoints-") as scratch:
+        checkpoints = args.checkpoints
+        weights_note = f"checkpoints {checkpoints}"
+        if checkpoints is None:
+            started = time.perf_counter()
+            checkpoints = random_checkpoints(Path(scratch), args.width)
+            weights_note = f"random width-{args.width} networks (no real weights)"
+            print(
+                f"wrote random checkpoints to {checkpoints} in {time.perf_counter() - started:.1f} s"
+            )
+        if args.detector_weights is not None:
+            detector = BoxDetector.from_file(args.detector_weights, args.detector_version, device)
+            threshold = 0.7 if args.score_threshold is None else args.score_threshold
+            weights_note += f"; detector {args.detector_weights.name} at threshold {threshold}"
+        else:
+            torch.manual_seed(0)
+            detector = BoxDetector(
+                build_maskrcnn(args.detector_version), args.detector_version, device
+            )
+            threshold = (
+                RANDOM_DETECTOR_THRESHOLD if args.score_threshold is None else args.score_threshold
+            )
+            weights_note += f"; random Mask R-CNN {args.detector_version} at threshold {threshold}"
 
-    machine_before = machine(device)
-    print(machine_before)
-    print(weights_note)
-    results: list[Result] = []
-    for precision in precisions:
-        colorizer = Colorizer.load(checkpoints, device=device, precision=precision)
-        colorizer.detector = detector
-        colorizer.colorize([photo(0)], ColorizeOptions(max_instances=0))  # first-call allocations
-        for mode in modes:
-            for batch in batch_sizes:
-                result = measure(colorizer, mode, batch, max(batch, args.images), warmup, threshold)
-                results.append(result)
-                print(
-                    f"{mode:7s} {precision} batch {batch:3d}: {result.rate:8.3f} images/s "
-                    f"({result.images} images in {result.seconds:.1f} s, "
-                    f"{result.instances:.1f} instances/img)",
-                    flush=True,
-                )
-        del colorizer
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+        machine_before = machine(device)
+        print(machine_before)
+        print(weights_note)
+        results: list[Result] = []
+        for precision in precisions:
+            # given to the constructor, which turns on the detector's fp16 autocast on CUDA as the
+            # service's Colorizer.load does (reset first: the detector is shared by the precisions)
+            detector.autocast_dtype = None
+            colorizer = Colorizer(load_networks(checkpoints), detector, device, precision)
+            # first-call allocations
+            colorizer.colorize([photo(0)], ColorizeOptions(max_instances=0))
+            for mode in modes:
+                for batch in batch_sizes:
+                    result = measure(
+                        colorizer, mode, batch, max(batch, args.images), warmup, threshold
+                    )
+                    results.append(result)
+                    print(
+                        f"{mode:7s} {precision} batch {batch:3d}: {result.rate:8.3f} images/s "
+                        f"({result.images} images in {result.seconds:.1f} s, "
+                        f"{result.instances:.1f} instances/img)",
+                        flush=True,
+                    )
+            del colorizer
+            if device.type == "cuda":
+                torch.cuda.empty_cache()
 
     markdown = table(results)
     print()

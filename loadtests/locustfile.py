@@ -45,9 +45,23 @@ def _load_image() -> tuple[bytes, str]:
     return Path(path).read_bytes(), media
 
 
-IMAGE, MEDIA_TYPE = _load_image()
-QUERY = os.environ.get("LOAD_QUERY", "")
-MULTIPART = os.environ.get("LOAD_MULTIPART", "0") == "1"
+def _request() -> tuple[str, bytes, dict[str, str]]:
+    """URL, body and headers of the request every user sends (built once, not per request)."""
+    image, media_type = _load_image()
+    query = os.environ.get("LOAD_QUERY", "")
+    url = "/colorize" + (f"?{query}" if query else "")
+    if os.environ.get("LOAD_MULTIPART", "0") != "1":
+        return url, image, {"Content-Type": media_type}
+    boundary = "locustboundary7d3f"
+    head = (
+        f'--{boundary}\r\nContent-Disposition: form-data; name="image"; '
+        f'filename="image"\r\nContent-Type: {media_type}\r\n\r\n'
+    )
+    body = head.encode() + image + f"\r\n--{boundary}--\r\n".encode()
+    return url, body, {"Content-Type": f"multipart/form-data; boundary={boundary}"}
+
+
+URL, BODY, HEADERS = _request()
 
 
 def record_server_timing(header: str | None) -> None:
@@ -68,22 +82,8 @@ class ColorizeUser(FastHttpUser):
 
     @task
     def colorize(self) -> None:
-        url = "/colorize" + (f"?{QUERY}" if QUERY else "")
-        if MULTIPART:
-            boundary = "locustboundary7d3f"
-            body = (
-                (
-                    f'--{boundary}\r\nContent-Disposition: form-data; name="image"; '
-                    f'filename="image"\r\nContent-Type: {MEDIA_TYPE}\r\n\r\n'
-                ).encode()
-                + IMAGE
-                + f"\r\n--{boundary}--\r\n".encode()
-            )
-            headers = {"Content-Type": f"multipart/form-data; boundary={boundary}"}
-        else:
-            body, headers = IMAGE, {"Content-Type": MEDIA_TYPE}
         with self.client.post(
-            url, data=body, headers=headers, name="/colorize", catch_response=True
+            URL, data=BODY, headers=HEADERS, name="/colorize", catch_response=True
         ) as response:
             if response.status_code != 200:
                 response.failure(f"status {response.status_code}")

@@ -29,7 +29,7 @@ import uuid
 import zipfile
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from html.parser import HTMLParser
 from http.cookiejar import CookieJar
 from pathlib import Path
@@ -115,18 +115,15 @@ class WeightSources:
     def mirror(cls, base_url: str) -> WeightSources:
         """Every file under ``base_url`` by its usual name (the zip as ``checkpoints.zip``)."""
         base = base_url.rstrip("/") + "/"
+
+        def moved(remote: RemoteFile) -> RemoteFile:
+            return replace(remote, url=base + remote.filename)
+
         default = cls.default()
         return cls(
             official_zip=RemoteFile(base + OFFICIAL_ZIP_NAME, OFFICIAL_ZIP_NAME),
-            mmagic=RemoteFile(
-                base + default.mmagic.filename,
-                default.mmagic.filename,
-                default.mmagic.sha256_prefix,
-            ),
-            detectors={
-                v: RemoteFile(base + f.filename, f.filename, f.sha256_prefix)
-                for v, f in default.detectors.items()
-            },
+            mmagic=moved(default.mmagic),
+            detectors={v: moved(f) for v, f in default.detectors.items()},
         )
 
     @classmethod
@@ -323,8 +320,11 @@ def _verified_present(path: Path, remote: RemoteFile) -> str | None:
     """The sha256 of ``path`` if it exists and matches ``remote``'s checksum, else None."""
     if not path.is_file():
         return None
+    if remote.sha256_prefix is None:  # nothing to check it against: hashing it would be wasted
+        log.warning("%s exists but has no known checksum: downloading it again", path)
+        return None
     digest = sha256_file(path)
-    if remote.sha256_prefix is not None and remote.matches(digest):
+    if remote.matches(digest):
         return digest
     log.warning(
         "%s exists but does not match the checksum %s: downloading it again",
@@ -369,17 +369,18 @@ def official_dir(folder: Path) -> Path:
     return folder / "checkpoints" / OFFICIAL_VARIANT
 
 
-def _official_loads(target: Path) -> bool:
+def _present_official(target: Path) -> list[FetchedFile] | None:
+    """The three files in ``target`` if they are all there and load (hashed by the loader)."""
     from models.checkpoints import CheckpointError, load_networks
 
     if not all((target / spec.filename).is_file() for spec in NETWORK_FILES):
-        return False
+        return None
     try:
-        load_networks(target)
+        networks = load_networks(target)
     except CheckpointError as exc:
         log.warning("%s: present but not loadable (%s): downloading again", target, exc)
-        return False
-    return True
+        return None
+    return [FetchedFile(f.path, f.sha256, downloaded=False) for f in networks.files]
 
 
 def _zip_member(archive: zipfile.ZipFile, filename: str) -> zipfile.ZipInfo:
@@ -398,11 +399,9 @@ def fetch_official(
     from models.checkpoints import load_networks
 
     target = official_dir(folder)
-    if _official_loads(target):
-        return [
-            FetchedFile(target / s.filename, sha256_file(target / s.filename), False)
-            for s in NETWORK_FILES
-        ]
+    present = _present_official(target)
+    if present is not None:
+        return present
     archive_path = _temp_beside(folder / remote.filename)
     written: list[FetchedFile] = []
     try:

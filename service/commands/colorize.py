@@ -39,7 +39,7 @@ if TYPE_CHECKING:  # the model stack (torch) is imported only when the command r
     from PIL import Image
 
     from models.boxes import Detections
-    from models.pipeline import ColorizeOptions, Colorizer, PreparedImage
+    from models.pipeline import ColorizeOptions, Colorizer, Prediction, PreparedImage
 
 log = logging.getLogger(__name__)
 
@@ -314,12 +314,10 @@ def write_image(image: Image.Image, output: Path, image_format: str) -> None:
     """Encode and write atomically: a temporary file in the same folder, then ``os.replace``."""
     pil_format, save_options = FORMATS[image_format]
     if pil_format == "JPEG" and image.mode != "RGB":
-        from PIL import Image
+        from service.encode import flatten_alpha
 
         if "A" in image.getbands():
-            background = Image.new("RGB", image.size, JPEG_BACKGROUND)
-            background.paste(image.convert("RGBA"), mask=image.getchannel("A"))
-            image = background
+            image = flatten_alpha(image, JPEG_BACKGROUND)
         else:
             image = image.convert("RGB")
     output.parent.mkdir(parents=True, exist_ok=True)
@@ -376,7 +374,7 @@ PREDICT_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, ValueError)
 
 def _predict_each(
     colorizer: Colorizer, ready: Sequence[tuple[Job, PreparedImage]], outcome: Outcome,
-) -> list[tuple[Job, PreparedImage, Any]]:  # fmt: skip
+) -> list[tuple[Job, PreparedImage, Prediction]]:  # fmt: skip
     """One call for the batch; if it fails, one call per image so one bad input fails alone."""
     try:
         predictions = colorizer.predict([p for _, p in ready])
@@ -393,6 +391,29 @@ def _predict_each(
         except PREDICT_ERRORS as exc:
             outcome.fail(job, exc)
     return results
+
+
+def _finish_batch(
+    colorizer: Colorizer, loaded: Sequence[tuple[Job, PreparedImage | BaseException]],
+    outcome: Outcome, image_format: str,
+) -> None:  # fmt: skip
+    """Predict the prepared images of one batch, then merge and write each; record failures."""
+    ready: list[tuple[Job, PreparedImage]] = []
+    for job, item in loaded:
+        if isinstance(item, BaseException):
+            outcome.fail(job, item)
+        else:
+            ready.append((job, item))
+    if not ready:
+        return
+    for job, prepared, prediction in _predict_each(colorizer, ready, outcome):
+        try:
+            result = colorizer.merge(prepared, prediction)
+            write_image(result.image, job.output, image_format)
+        except (OSError, ValueError) as exc:
+            outcome.fail(job, exc)
+        else:
+            outcome.written += 1
 
 
 def process(
@@ -416,32 +437,18 @@ def process(
         tqdm(total=len(jobs), unit="img", file=sys.stderr, disable=not progress,
              dynamic_ncols=True) as bar,
     ):  # fmt: skip
-        upcoming: Future[list[tuple[Job, PreparedImage | BaseException]]] | None = None
-        if batches:
-            upcoming = reader.submit(_prepare_batch, colorizer, batches[0], options, errors)
-        for index in range(len(batches)):
+
+        def read(batch: Sequence[Job]) -> Future[list[tuple[Job, PreparedImage | BaseException]]]:
+            return reader.submit(_prepare_batch, colorizer, batch, options, errors)
+
+        upcoming = read(batches[0]) if batches else None
+        for index, batch in enumerate(batches):
             assert upcoming is not None
             loaded = upcoming.result()
             if index + 1 < len(batches):
-                upcoming = reader.submit(
-                    _prepare_batch, colorizer, batches[index + 1], options, errors
-                )
-            ready: list[tuple[Job, PreparedImage]] = []
-            for job, item in loaded:
-                if isinstance(item, BaseException):
-                    outcome.fail(job, item)
-                else:
-                    ready.append((job, item))
-            if ready:
-                for job, prepared, prediction in _predict_each(colorizer, ready, outcome):
-                    try:
-                        result = colorizer.merge(prepared, prediction)
-                        write_image(result.image, job.output, image_format)
-                    except (OSError, ValueError) as exc:
-                        outcome.fail(job, exc)
-                    else:
-                        outcome.written += 1
-            bar.update(len(batches[index]))
+                upcoming = read(batches[index + 1])  # decoded while this batch runs
+            _finish_batch(colorizer, loaded, outcome, image_format)
+            bar.update(len(batch))
     return outcome
 
 

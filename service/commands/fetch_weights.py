@@ -11,9 +11,12 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.settings import DEFAULT_WEIGHTS_DIR
+
+if TYPE_CHECKING:
+    from service.weights_download import FetchReport
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -63,19 +66,19 @@ def add_parser(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
-def _settings_hint(report: Any, folder: Path, detector: str) -> list[str]:
+def _settings_hint(report: FetchReport, detector: str) -> list[str]:
     """The COLORIZE_* variables to set where the files are not at the settings' defaults."""
     from service.settings import ModelSettings
 
-    defaults = ModelSettings.model_fields
+    def is_default(path: Path, field: str) -> bool:
+        default = ModelSettings.model_fields[field].default
+        return Path(os.path.abspath(path)) == Path(os.path.abspath(default))
+
     hints = []
-    if report.checkpoints is not None:
-        default = defaults["checkpoints"].default
-        if Path(os.path.abspath(report.checkpoints)) != Path(os.path.abspath(default)):
-            hints.append(f"COLORIZE_CHECKPOINTS={report.checkpoints}")
+    if report.checkpoints is not None and not is_default(report.checkpoints, "checkpoints"):
+        hints.append(f"COLORIZE_CHECKPOINTS={report.checkpoints}")
     if report.detector_weights is not None:
-        default = defaults["detector_weights"].default
-        if Path(os.path.abspath(report.detector_weights)) != Path(os.path.abspath(default)):
+        if not is_default(report.detector_weights, "detector_weights"):
             hints.append(f"COLORIZE_DETECTOR_WEIGHTS={report.detector_weights}")
         if detector == "v2":
             hints.append("COLORIZE_DETECTOR_VERSION=v2")
@@ -101,16 +104,13 @@ def run(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
             verify=not args.no_verify_load,
         )
-    except DownloadError as exc:
-        sys.stderr.write(f"fetch-weights: error: {exc}\n")
-        return EXIT_FAILED
-    except OSError as exc:  # the destination: permissions, disk full
+    except (DownloadError, OSError) as exc:  # OSError: the destination (permissions, disk full)
         sys.stderr.write(f"fetch-weights: error: {exc}\n")
         return EXIT_FAILED
     for item in report.files:
         state = "downloaded" if item.downloaded else "present   "
         sys.stdout.write(f"{state} {item.path}  sha256 {item.sha256}\n")
-    hints = _settings_hint(report, args.dir, args.detector)
+    hints = _settings_hint(report, args.detector)
     if hints:
         sys.stdout.write("to use them, set: " + " ".join(hints) + "\n")
     return EXIT_OK

@@ -36,7 +36,7 @@ def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value
-    if getattr(args, "detector_weights", None) is not None:
+    if "detector_weights" in overrides:
         overrides["detector"] = True
     if getattr(args, "no_detector", False):
         overrides["detector"] = False
