@@ -463,7 +463,7 @@ def run(args: argparse.Namespace) -> int:
     from models.checkpoints import CheckpointError
     from models.pipeline import ColorizeOptions
     from service.engine_factory import MissingWeightsError, build_colorizer
-    from service.settings import ModelSettings
+    from service.settings import ModelSettings, describe_validation_error
 
     started = time.perf_counter()
     extension = f".{args.image_format}"
@@ -474,7 +474,7 @@ def run(args: argparse.Namespace) -> int:
     except UsageError as exc:
         return _usage_error(str(exc))
     except ValidationError as exc:
-        return _usage_error(f"invalid model settings: {exc}")
+        return _usage_error(describe_validation_error(exc))
     if args.max_instances > settings.instance_limit:
         return _usage_error(
             f"--max-instances {args.max_instances} is above the instance limit "
