@@ -34,8 +34,8 @@ import json
 import logging
 import time
 import uuid
-from dataclasses import asdict, dataclass, field
-from typing import Any
+from dataclasses import asdict, dataclass, field, replace
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -51,10 +51,13 @@ from service.errors import (
 from service.jobs import Job, JobOptions, JobResult
 from service.metrics import Metrics
 
+if TYPE_CHECKING:
+    from service.settings import ServiceSettings
+
 log = logging.getLogger(__name__)
 
+# OSError includes TimeoutError (what asyncio.wait_for raises): an unanswered command counts too.
 REDIS_ERRORS: tuple[type[Exception], ...] = (RedisError, OSError)
-REDIS_OR_TIMEOUT: tuple[type[Exception], ...] = (RedisError, OSError, TimeoutError)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -200,11 +203,21 @@ async def ensure_group(client: aioredis.Redis, layout: RedisLayout) -> None:
             raise
 
 
+def as_text(value: bytes | str) -> str:
+    """A name or id from a Redis reply (bytes: this module never sets decode_responses)."""
+    return value.decode() if isinstance(value, bytes) else str(value)
+
+
 @dataclass(frozen=True)
 class QueueStats:
     stream_length: int = 0  # waiting + in-process jobs
     pending: int = 0  # delivered to a worker, not yet answered
     consumers: int = 0  # workers registered in the group
+
+    @property
+    def waiting(self) -> int:
+        """Jobs not yet delivered to a worker."""
+        return max(0, self.stream_length - self.pending)
 
 
 async def read_stats(client: aioredis.Redis, layout: RedisLayout) -> QueueStats:
@@ -216,8 +229,7 @@ async def read_stats(client: aioredis.Redis, layout: RedisLayout) -> QueueStats:
     except ResponseError:  # no stream yet
         return QueueStats()
     for group in groups:
-        name = group["name"]
-        if (name.decode() if isinstance(name, bytes) else name) == layout.group:
+        if as_text(group["name"]) == layout.group:
             return QueueStats(int(length), int(group["pending"]), int(group["consumers"]))
     return QueueStats(int(length))
 
@@ -233,7 +245,7 @@ def publish_stats(metrics: Metrics, stats: QueueStats) -> None:
     metrics.redis_stream_length.set(stats.stream_length)
     metrics.redis_pending.set(stats.pending)
     metrics.redis_consumers.set(stats.consumers)
-    metrics.queue_depth.set(max(0, stats.stream_length - stats.pending))
+    metrics.queue_depth.set(stats.waiting)
 
 
 async def read_model_info(client: aioredis.Redis, layout: RedisLayout) -> dict[str, Any] | None:
@@ -259,7 +271,7 @@ class RedisQueueConfig:
     connect_timeout_s: float = 2.0
 
     @staticmethod
-    def from_settings(settings: Any) -> RedisQueueConfig:
+    def from_settings(settings: ServiceSettings) -> RedisQueueConfig:
         return RedisQueueConfig(
             url=settings.redis_url,
             layout=RedisLayout(settings.redis_prefix, settings.redis_group),
@@ -313,18 +325,13 @@ class RedisJobQueue:
         )
         self._admit = self._client.register_script(ADMIT_SCRIPT)
         self._stats = QueueStats()
-        self._model_version: tuple[float, str | None] = (0.0, None)
-        self._model_info: dict[str, Any] | None = None
+        self._model_info: dict[str, Any] | None = None  # refreshed by the stats task
         self._stats_task: asyncio.Task[None] | None = None
         self._in_flight = 0
         self._idle = asyncio.Event()
         self._idle.set()
         self._closing = False
         self._stop = asyncio.Event()
-
-    @property
-    def client(self) -> aioredis.Redis:
-        return self._client
 
     async def start(self) -> None:
         """Never fails on an unreachable Redis: readiness stays false until it answers."""
@@ -334,18 +341,14 @@ class RedisJobQueue:
 
     def depth(self) -> int:
         """Jobs in the shared stream not yet delivered to a worker, as last read from Redis."""
-        return max(0, self._stats.stream_length - self._stats.pending)
-
-    @property
-    def stats(self) -> QueueStats:
-        return self._stats
+        return self._stats.waiting
 
     async def ready(self) -> bool:
         if self._closing:
             return False
         try:
             return bool(await asyncio.wait_for(self._client.ping(), self.config.connect_timeout_s))
-        except REDIS_OR_TIMEOUT:
+        except REDIS_ERRORS:
             return False
 
     def describe(self) -> dict[str, Any]:
@@ -376,7 +379,7 @@ class RedisJobQueue:
         self._idle.clear()
         try:
             return await self._submit(job)
-        except REDIS_OR_TIMEOUT as exc:
+        except REDIS_ERRORS as exc:
             log.warning("redis unavailable for %s: %s", job.request_id, exc)
             raise UnavailableError(
                 f"the job queue (Redis) is unreachable: {exc}. Retry shortly.",
@@ -397,16 +400,7 @@ class RedisJobQueue:
             if frame is not None:
                 answer = decode_answer(frame)
                 if isinstance(answer, JobResult):
-                    return JobResult(
-                        body=answer.body,
-                        media_type=answer.media_type,
-                        boxes=answer.boxes,
-                        scores=answer.scores,
-                        timings={},
-                        model_version=answer.model_version,
-                        cached=True,
-                        extra=answer.extra,
-                    )
+                    return replace(answer, timings={}, cached=True)
         if job.deadline <= time.time():
             raise DeadlineExceededError("the request deadline passed before it was queued")
         token = uuid.uuid4().hex
@@ -467,13 +461,10 @@ class RedisJobQueue:
         return self.layout.cache(cache_digest(job.image, job.options, version))
 
     async def _current_model_version(self) -> str | None:
-        fetched_at, version = self._model_version
-        if version is not None and time.monotonic() - fetched_at < 5.0:
-            return version
-        info = await read_model_info(self._client, self.layout)
-        version = None if info is None else str(info.get("model_version"))
-        self._model_version = (time.monotonic(), version)
-        return version
+        """As the stats task last read it; asked of Redis only while no worker has published."""
+        if self._model_info is None:
+            self._model_info = await read_model_info(self._client, self.layout)
+        return None if self._model_info is None else str(self._model_info.get("model_version"))
 
     async def _refresh_stats(self) -> None:
         while not self._stop.is_set():

@@ -19,14 +19,17 @@ import contextlib
 import json
 import logging
 import os
+import signal
 import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import redis.asyncio as aioredis
+from prometheus_client import start_http_server
 from redis.exceptions import ResponseError
 
 from service.errors import (
@@ -35,14 +38,16 @@ from service.errors import (
     ServiceError,
 )
 from service.jobs import Job, JobResult
-from service.metrics import Metrics
+from service.metrics import METRICS, Metrics
 from service.redis_queue import (
     DEAD_LETTER_SCRIPT,
     FINISH_SCRIPT,
     REDIS_ERRORS,
     TOUCH_SCRIPT,
     RedisLayout,
+    as_text,
     cache_digest,
+    connect,
     encode_answer,
     ensure_group,
     job_from_fields,
@@ -50,6 +55,9 @@ from service.redis_queue import (
     read_stats,
     wait_or_timeout,
 )
+
+if TYPE_CHECKING:
+    from service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +86,7 @@ class WorkerConfig:
     stats_interval_s: float = 1.0
 
     @staticmethod
-    def from_settings(settings: Any) -> WorkerConfig:
+    def from_settings(settings: ServiceSettings) -> WorkerConfig:
         return WorkerConfig(
             layout=RedisLayout(settings.redis_prefix, settings.redis_group),
             max_batch_size=settings.max_batch_size,
@@ -229,7 +237,7 @@ class RedisWorker:
             start_id=self._claim_cursor, count=count,
         )  # fmt: skip
         cursor, claimed = reply[0], reply[1]
-        self._claim_cursor = cursor.decode() if isinstance(cursor, bytes) else str(cursor)
+        self._claim_cursor = as_text(cursor)
         gone = [entry_id for entry_id, fields in claimed if not fields]
         if gone:  # withdrawn (XDEL) while pending; Redis 7 drops those itself, 6.2 returns them
             await self.client.xack(layout.stream, layout.group, *gone)
@@ -271,8 +279,7 @@ class RedisWorker:
             "image", fields.get(b"image", b""),
         ]  # fmt: skip
         layout = self.layout
-        if self.metrics is not None:
-            self.metrics.dropped.labels(reason="dead_letter").inc()
+        self._drop("dead_letter")
         await self._dead_letter(
             keys=[layout.stream, layout.reply(token), layout.dead],
             args=[layout.group, entry_id, encode_answer(error),
@@ -314,49 +321,60 @@ class RedisWorker:
         cancelled = await pipe.execute()
         now = time.time()
         live: list[tuple[bytes, str, Job]] = []
+        skipped: list[tuple[bytes, str, bytes | None]] = []
         for (entry_id, token, job), withdrawn in zip(parsed, cancelled, strict=True):
             if withdrawn:
                 self._drop("disconnected")
-                await self._answer(entry_id, token, None)
+                skipped.append((entry_id, token, None))
             elif job.deadline <= now:
                 waited = now - job.enqueued_at
                 error = DeadlineExceededError(f"the job waited {waited:.1f} s, past its deadline")
                 self._drop("deadline")
-                await self._answer(entry_id, token, error)
+                skipped.append((entry_id, token, encode_answer(error)))
             else:
                 live.append((entry_id, token, job))
+        await self._answer(skipped)
         if not live:
             return
         self.batches += 1
         async with self._heartbeat([entry_id for entry_id, _, _ in live]):
             answers = await self.engine.run_batch([job for _, _, job in live])
-        for (entry_id, token, job), answer in zip(live, answers, strict=True):
-            if isinstance(answer, JobResult) and self.config.cache_enabled:
-                # Before the answer, so that the client's next identical request hits.
-                digest = cache_digest(job.image, job.options, self.model_version)
-                with contextlib.suppress(*REDIS_ERRORS):  # a cache write failing loses nothing
-                    await self.cache_client.set(
-                        layout.cache(digest), encode_answer(answer), ex=self.config.cache_ttl_s
-                    )
-            await self._answer(entry_id, token, answer)
+        frames = [encode_answer(answer) for answer in answers]
+        if self.config.cache_enabled:
+            # Before the answers, so that a client's next identical request hits.
+            cache = self.cache_client.pipeline(transaction=False)
+            for (_, _, job), answer, frame in zip(live, answers, frames, strict=True):
+                if isinstance(answer, JobResult):
+                    digest = cache_digest(job.image, job.options, self.model_version)
+                    cache.set(layout.cache(digest), frame, ex=self.config.cache_ttl_s)
+            with contextlib.suppress(*REDIS_ERRORS):  # a cache write failing loses nothing
+                await cache.execute()
+        await self._answer(
+            [
+                (entry_id, token, frame)
+                for (entry_id, token, _), frame in zip(live, frames, strict=True)
+            ]
+        )
 
-    async def _answer(
-        self, entry_id: bytes, token: str, answer: JobResult | ServiceError | None
-    ) -> bool:
-        """Acknowledge the entry and push its answer (None: acknowledge only); True if acked."""
+    async def _answer(self, answers: Sequence[tuple[bytes, str, bytes | None]]) -> None:
+        """Acknowledge each entry and push its answer frame (None: acknowledge only), in one
+        round trip; each push is gated by its own XACK (``FINISH_SCRIPT``)."""
+        if not answers:
+            return
         layout = self.layout
-        if answer is None:
-            pipe = self.client.pipeline(transaction=True)
-            pipe.xack(layout.stream, layout.group, entry_id)
-            pipe.xdel(layout.stream, entry_id)
-            acked, _ = await pipe.execute()
-            return bool(acked)
-        acked = await self._finish(
-            keys=[layout.stream, layout.reply(token), layout.cancel(token)],
-            args=[layout.group, entry_id, encode_answer(answer),
-                  int(self.config.result_ttl_s * 1000)],
-        )  # fmt: skip
-        return bool(acked)
+        ttl_ms = int(self.config.result_ttl_s * 1000)
+        pipe = self.client.pipeline(transaction=False)
+        for entry_id, token, frame in answers:
+            if frame is None:
+                pipe.xack(layout.stream, layout.group, entry_id)
+                pipe.xdel(layout.stream, entry_id)
+            else:
+                await self._finish(
+                    keys=[layout.stream, layout.reply(token), layout.cancel(token)],
+                    args=[layout.group, entry_id, frame, ttl_ms],
+                    client=pipe,
+                )
+        await pipe.execute()
 
     @contextlib.asynccontextmanager
     async def _heartbeat(self, entry_ids: Sequence[bytes]) -> AsyncIterator[None]:
@@ -412,8 +430,7 @@ class RedisWorker:
         except ResponseError:
             return
         for consumer in consumers:
-            name = consumer["name"]
-            name = name.decode() if isinstance(name, bytes) else str(name)
+            name = as_text(consumer["name"])
             if name != self.consumer and consumer["pending"] == 0 and consumer["idle"] > idle_limit:
                 await self.client.xgroup_delconsumer(self.layout.stream, self.layout.group, name)
 
@@ -422,17 +439,10 @@ class RedisWorker:
 # The worker process (``python -m service worker``)
 
 
-async def run_worker(settings: Any, *, consumer: str | None = None) -> int:
+async def run_worker(settings: ServiceSettings, *, consumer: str | None = None) -> int:
     """Load the model, warm up, serve /metrics, consume until SIGTERM/SIGINT; the exit status."""
-    import signal
-    from concurrent.futures import ThreadPoolExecutor
-
-    from prometheus_client import start_http_server
-
-    from service.engine import BatchEngine
+    from service.engine import BatchEngine  # imports torch: only the worker process needs it
     from service.engine_factory import build_colorizer
-    from service.metrics import METRICS
-    from service.redis_queue import connect
 
     colorizer = await asyncio.to_thread(build_colorizer, settings)
     pool = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="cpu")

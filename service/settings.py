@@ -62,9 +62,7 @@ class ModelSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _check(self) -> ModelSettings:
-        if self.device != "auto" and not (
-            self.device == "cpu" or self.device == "cuda" or self.device.startswith("cuda:")
-        ):
+        if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
         return self
 
@@ -158,10 +156,10 @@ class ServiceSettings(ModelSettings):
         default="memory",
         description="memory: batch in this process; redis: submit jobs to Redis for GPU workers.",
     )
+    # Redis mode (queue=redis): API replicas and GPU workers share one Redis (service/redis_queue).
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0", description="Redis server for queue=redis."
     )
-    # Redis mode (queue=redis): API replicas and GPU workers share one Redis (service/redis_queue).
     redis_prefix: str = Field(
         default="colorize", min_length=1,
         description="Key prefix of this deployment in Redis (stream <prefix>:jobs, "
@@ -233,19 +231,17 @@ class ServiceSettings(ModelSettings):
                 f"max_body_bytes ({self.max_body_bytes}) is over 1 GiB: bodies are held in memory; "
                 "set COLORIZE_MAX_BODY_BYTES to at most 1073741824"
             )
-        if self.queue == "redis" and not self.redis_url.startswith(
-            ("redis://", "rediss://", "unix://")
-        ):
-            raise ValueError(
-                f"redis_url {self.redis_url!r} is not a Redis URL: set COLORIZE_REDIS_URL to "
-                "redis://host:port/db"
-            )
         return self
 
     @model_validator(mode="after")
     def _check_redis(self) -> ServiceSettings:
         if self.queue != "redis":
             return self
+        if not self.redis_url.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                f"redis_url {self.redis_url!r} is not a Redis URL: set COLORIZE_REDIS_URL to "
+                "redis://host:port/db"
+            )
         if self.claim_idle_ms <= self.max_batch_delay_ms:
             raise ValueError(
                 f"claim_idle_ms ({self.claim_idle_ms}) is not longer than max_batch_delay_ms "

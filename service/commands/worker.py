@@ -9,13 +9,10 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import logging
 import sys
 from typing import Any
 
 from service.commands.model_flags import add_model_arguments, settings_from_args
-
-log = logging.getLogger(__name__)
 
 
 def add_parser(subparsers: Any) -> None:
