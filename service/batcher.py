@@ -32,7 +32,6 @@ from service.jobs import Job, JobResult
 from service.metrics import METRICS, Metrics
 
 if TYPE_CHECKING:
-    from service.engine import BatchEngine
     from service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -359,40 +358,12 @@ def build_memory_queue(settings: ServiceSettings) -> InProcessQueue:
 
     Missing weight files raise ``MissingWeightsError`` here, before the server starts.
     """
-    from concurrent.futures import ThreadPoolExecutor
-
-    from service.engine import BatchEngine
-    from service.engine_factory import build_colorizer, check_weight_files
+    from service.engine import BatchEngine  # imports torch: memory mode only
+    from service.engine_factory import check_weight_files
 
     check_weight_files(settings)
 
     async def load() -> BatchRunner:
-        colorizer = await asyncio.to_thread(build_colorizer, settings)
-        pool = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="cpu")
-        owned = _OwningEngine(BatchEngine(colorizer, pool, max_pixels=settings.max_pixels))
-        try:
-            if settings.warmup:
-                await owned.engine.warmup(settings.batch_buckets())
-        except BaseException:
-            owned.close()
-            raise
-        return owned
+        return await BatchEngine.start(settings)
 
     return InProcessQueue.from_settings(load, settings)
-
-
-class _OwningEngine:
-    """A ``BatchEngine`` that also shuts its CPU pool down on close."""
-
-    def __init__(self, engine: BatchEngine) -> None:
-        self.engine = engine
-
-    async def run_batch(self, jobs: Sequence[Job]) -> list[JobResult | ServiceError]:
-        return await self.engine.run_batch(jobs)
-
-    def describe(self) -> dict[str, Any]:
-        return self.engine.describe()
-
-    def close(self) -> None:
-        self.engine.close()
-        self.engine.pool.shutdown(wait=True, cancel_futures=True)

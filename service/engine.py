@@ -24,6 +24,7 @@ from models.image_input import UnsupportedImageError
 from models.pipeline import ColorizeOptions, Colorizer, OptionsError, Prediction, PreparedImage
 from service.decode import configure_pil, decode_image
 from service.encode import choose_format, encode_image
+from service.engine_factory import build_colorizer
 from service.errors import (
     DeadlineExceededError,
     InternalError,
@@ -34,6 +35,7 @@ from service.errors import (
 )
 from service.jobs import Job, JobOptions, JobResult, OutputFormat
 from service.metrics import METRICS, Metrics
+from service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +84,7 @@ class BatchEngine:
         self.max_pixels = max_pixels
         # One thread owns the device: predicts never interleave and keep one CUDA stream busy.
         self.device_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
+        self.owns_pool = False  # start() hands the engine its own pool, shut down by close()
         configure_pil(max_pixels)
         description = colorizer.describe()
         metrics.set_model_info(
@@ -103,8 +106,28 @@ class BatchEngine:
             log.info("warm-up batch of %d took %.3f s", size, time.perf_counter() - start)
         self._record_gpu_memory()
 
+    @classmethod
+    async def start(cls, settings: ServiceSettings, metrics: Metrics = METRICS) -> BatchEngine:
+        """Load the weights named by ``settings``, give the engine its own CPU pool, warm up.
+
+        The one way a serving process (memory-mode server, Redis worker) builds its engine.
+        """
+        colorizer = await asyncio.to_thread(build_colorizer, settings)
+        pool = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="cpu")
+        engine = cls(colorizer, pool, metrics, max_pixels=settings.max_pixels)
+        engine.owns_pool = True
+        try:
+            if settings.warmup:
+                await engine.warmup(settings.batch_buckets())
+        except BaseException:
+            engine.close()
+            raise
+        return engine
+
     def close(self) -> None:
         self.device_thread.shutdown(wait=True, cancel_futures=True)
+        if self.owns_pool:
+            self.pool.shutdown(wait=True, cancel_futures=True)
 
     async def run_batch(self, jobs: Sequence[Job]) -> list[Outcome]:
         """A result or an error per job, in order; never raises for one job's fault."""

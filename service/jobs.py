@@ -6,10 +6,8 @@ pool, so the in-process batcher and the Redis worker run the same code (``BatchE
 
 from __future__ import annotations
 
-import base64
-import json
-from dataclasses import asdict, dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
+from typing import Literal
 
 OutputFormat = Literal["jpeg", "png", "webp"]
 
@@ -33,22 +31,6 @@ class Job:
     deadline: float  # time.time() after which the result is useless (504)
     enqueued_at: float  # time.time() when admitted
 
-    def to_json(self) -> str:
-        data = asdict(self)
-        data["image"] = base64.b64encode(self.image).decode("ascii")
-        return json.dumps(data)
-
-    @staticmethod
-    def from_json(text: str | bytes) -> Job:
-        data = json.loads(text)
-        return Job(
-            request_id=data["request_id"],
-            image=base64.b64decode(data["image"]),
-            options=JobOptions(**data["options"]),
-            deadline=float(data["deadline"]),
-            enqueued_at=float(data["enqueued_at"]),
-        )
-
 
 @dataclass(frozen=True)
 class JobResult:
@@ -59,15 +41,3 @@ class JobResult:
     timings: dict[str, float]  # seconds: decode, queue, detect, instance, fusion, merge, encode
     model_version: str
     cached: bool = False
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    def to_json(self) -> str:
-        data = asdict(self)
-        data["body"] = base64.b64encode(self.body).decode("ascii")
-        return json.dumps(data)
-
-    @staticmethod
-    def from_json(text: str | bytes) -> JobResult:
-        data = json.loads(text)
-        data["body"] = base64.b64decode(data["body"])
-        return JobResult(**data)

@@ -24,7 +24,6 @@ import socket
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
@@ -442,13 +441,8 @@ class RedisWorker:
 async def run_worker(settings: ServiceSettings, *, consumer: str | None = None) -> int:
     """Load the model, warm up, serve /metrics, consume until SIGTERM/SIGINT; the exit status."""
     from service.engine import BatchEngine  # imports torch: only the worker process needs it
-    from service.engine_factory import build_colorizer
 
-    colorizer = await asyncio.to_thread(build_colorizer, settings)
-    pool = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="cpu")
-    engine = BatchEngine(colorizer, pool, METRICS, max_pixels=settings.max_pixels)
-    if settings.warmup:
-        await engine.warmup(settings.batch_buckets())
+    engine = await BatchEngine.start(settings, METRICS)
     if settings.worker_metrics_port:
         start_http_server(settings.worker_metrics_port)
         log.info("worker metrics on :%d/metrics", settings.worker_metrics_port)
@@ -471,7 +465,6 @@ async def run_worker(settings: ServiceSettings, *, consumer: str | None = None) 
         await worker.run()
     finally:
         engine.close()
-        pool.shutdown(wait=True, cancel_futures=True)
         if cache_client is not None:
             await cache_client.aclose()
         await client.aclose()

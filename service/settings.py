@@ -113,8 +113,9 @@ class ServiceSettings(ModelSettings):
     )  # fmt: skip
     queue_size: int = Field(
         default=64, ge=1, le=100_000,
-        description="Requests waiting for a batch; beyond it requests are refused at once with "
-        "overload_status and Retry-After.",
+        description="Requests waiting for a batch (Redis mode: jobs in the shared stream, waiting "
+        "or in process); beyond it requests are refused at once with overload_status and "
+        "Retry-After.",
     )  # fmt: skip
     request_timeout_s: float = Field(
         default=30.0, gt=0.0, le=3600.0,
@@ -140,7 +141,8 @@ class ServiceSettings(ModelSettings):
     )
     retry_after_s: float = Field(
         default=1.0, gt=0.0, le=3600.0,
-        description="Smallest Retry-After (s) sent with 503/429; grows with the queue's backlog.",
+        description="Smallest Retry-After (s) sent with 503/429; in memory mode it grows with the "
+        "queue's backlog.",
     )  # fmt: skip
     drain_timeout_s: float = Field(
         default=60.0, ge=0.0, le=3600.0,
