@@ -26,7 +26,6 @@ import io
 import os
 import platform
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -38,16 +37,11 @@ from pathlib import Path
 
 import httpx
 import redis
+from _common import free_port, percentile
 from PIL import Image, ImageDraw
 
 REPO = Path(__file__).resolve().parents[1]
 IMAGE_SIZE = (320, 240)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def photo(i: int) -> bytes:
@@ -171,8 +165,7 @@ async def throughput(url: str, users: int, total: int) -> tuple[float, int]:
 
 
 def ms(values: list[float], q: float) -> float:
-    ordered = sorted(values)
-    return 1000 * ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+    return 1000 * percentile(values, q)
 
 
 def main() -> int:

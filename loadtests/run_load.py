@@ -19,28 +19,15 @@ import json
 import os
 import shlex
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
+from _common import free_port, percentile
+
 HERE = Path(__file__).resolve().parent
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def _percentile(values: list[float], q: float) -> float:
-    if not values:
-        return float("nan")
-    ordered = sorted(values)
-    index = min(len(ordered) - 1, max(0, round(q * (len(ordered) - 1))))
-    return ordered[index]
 
 
 def _batch_stats(host: str) -> tuple[float, float]:
@@ -68,7 +55,7 @@ def _start_server(
     import urllib.error
     import urllib.request
 
-    port = _free_port()
+    port = free_port()
     extra = dict(item.split("=", 1) for item in env)
     command = [sys.executable, "-m", "service", "serve", *shlex.split(serve_args),
                "--host", "127.0.0.1", "--port", str(port)]  # fmt: skip
@@ -135,9 +122,9 @@ def run(host: str, users: int, duration: float, warmup: float) -> dict[str, Any]
         "requests": total,
         "ok": len(latencies),
         "throughput_rps": round(len(latencies) / elapsed, 2),
-        "p50_ms": round(_percentile(latencies, 0.50), 1),
-        "p95_ms": round(_percentile(latencies, 0.95), 1),
-        "p99_ms": round(_percentile(latencies, 0.99), 1),
+        "p50_ms": round(percentile(latencies, 0.50), 1),
+        "p95_ms": round(percentile(latencies, 0.95), 1),
+        "p99_ms": round(percentile(latencies, 0.99), 1),
         "error_rate": round(failures / total, 4) if total else 0.0,
         "mean_batch_size": round((after[0] - before[0]) / batches, 2) if batches else None,
         "server_timing_mean_ms": {
