@@ -118,12 +118,22 @@ def find_official_dir(path: Path) -> Path | None:
 
 
 def missing_files(path: Path) -> list[Path]:
-    """What is missing for ``path`` to be a loadable checkpoint location (empty if loadable)."""
+    """What is missing for ``path`` to be a loadable checkpoint location (empty if loadable).
+
+    Named where ``fetch-weights`` puts them (``path/coco_finetuned_mask_256_ffs/``), unless ``path``
+    already holds some of the files directly or is that folder itself.
+    """
     if path.is_file():
         return []
     if find_official_dir(path) is not None:
         return []
-    return [path / spec.filename for spec in NETWORK_FILES if not (path / spec.filename).is_file()]
+    direct = path.name == OFFICIAL_VARIANT or any(
+        (path / spec.filename).is_file() for spec in NETWORK_FILES
+    )
+    folder = path if direct else path / OFFICIAL_VARIANT
+    return [
+        folder / spec.filename for spec in NETWORK_FILES if not (folder / spec.filename).is_file()
+    ]
 
 
 def read_state_dict(path: Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

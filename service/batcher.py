@@ -222,7 +222,7 @@ class InProcessQueue:
             return
         self.engine = engine
         self._loop_task = asyncio.create_task(self._batch_loop(), name="batch-loop")
-        log.info("engine ready: %s", engine.describe())
+        log.info("ready: model %s", engine.describe().get("model_version"))
 
     def _changed(self) -> None:
         self.metrics.queue_depth.set(len(self._entries))

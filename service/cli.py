@@ -2,9 +2,11 @@
 
 Each module in ``COMMANDS`` defines ``add_parser(subparsers)``, which adds its sub-parser and sets
 ``func=run`` with ``run(args: argparse.Namespace) -> int`` returning the exit code. A new command is
-one more module name in ``COMMANDS``; modules are imported only when the parser is built, so
-``service.cli`` itself stays light; command modules import torch only inside ``run`` so that a
-command which does not need it (the HTTP API in Redis mode) starts without it.
+one more module name in ``COMMANDS``. Every command module is imported to build the parser, so a
+command module imports its heavy dependencies (torch, uvicorn, fastapi, redis) only inside ``run``:
+one command never fails for a package only another needs, and the HTTP API in Redis mode starts
+without torch. A package missing at run time is reported with what to do (usually: run the
+venv's Python), not as a traceback.
 """
 
 from __future__ import annotations
@@ -30,12 +32,22 @@ LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
+PROGRAM = "instcolor"
+"""The installed command's name, used by ``--version``."""
+
+
+def program_name(argv0: str | None = None) -> str:
+    """How the user started us, for usage lines: ``instcolor`` or ``python -m service``."""
+    name = os.path.basename(argv0 if argv0 is not None else sys.argv[0])
+    return "python -m service" if name in ("__main__.py", "-m", "") else name
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="python -m service",
+        prog=program_name(),
         description="InstColor Service: instance-aware colorization of grayscale photos.",
     )
-    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    parser.add_argument("--version", action="version", version=f"{PROGRAM} {__version__}")
     parser.add_argument(
         "--log-level",
         type=str.upper,
@@ -66,13 +78,28 @@ def setup_logging(level: str | None) -> None:
     logging.getLogger().setLevel(chosen)
 
 
+def missing_package_message(exc: ModuleNotFoundError) -> str:
+    """What to do when a dependency is not importable: usually the wrong (not the venv's) Python."""
+    return (
+        f"error: the Python package {exc.name!r} is not installed for {sys.executable}.\n"
+        "Run the command with the Python of the environment the project was installed into, "
+        "e.g. `.venv/bin/python -m service ...` (or `source .venv/bin/activate` first), or "
+        "install the project there: `pip install -e .`\n"
+    )
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run the command and return its exit code."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
-    setup_logging(args.log_level)
     try:
+        parser = build_parser()
+        args = parser.parse_args(argv)
+        setup_logging(args.log_level)
         return int(args.func(args))
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
+    except ModuleNotFoundError as exc:
+        if exc.name is None or exc.name.split(".")[0] in ("service", "models"):
+            raise  # our own code is broken: the traceback is the useful answer
+        sys.stderr.write(missing_package_message(exc))
+        return 1

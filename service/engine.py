@@ -101,9 +101,10 @@ class BatchEngine:
         """One batch per size on the device thread (kernels, allocator, cudnn autotuning)."""
         loop = asyncio.get_running_loop()
         for size in batch_sizes:
+            log.info("warm-up: batch of %d started (ready once every batch size is done)", size)
             start = time.perf_counter()
             await loop.run_in_executor(self.device_thread, self.colorizer.warmup, size)
-            log.info("warm-up batch of %d took %.3f s", size, time.perf_counter() - start)
+            log.info("warm-up: batch of %d done in %.1f s", size, time.perf_counter() - start)
         self._record_gpu_memory()
 
     @classmethod

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+from typing import Any
 
 from models.pipeline import Colorizer
 from service.settings import ModelSettings
@@ -21,10 +23,28 @@ def check_weight_files(settings: ModelSettings) -> None:
         names = "\n  ".join(str(p) for p in missing)
         raise MissingWeightsError(
             f"missing weight files:\n  {names}\n"
-            "Download them with `python -m service fetch-weights --dir weights` (needs internet), "
+            "Download them with `python -m service fetch-weights --dir weights` (needs internet; "
+            "offline: copy the files to exactly these paths, see docs/weights.md), "
             "point COLORIZE_CHECKPOINTS / COLORIZE_DETECTOR_WEIGHTS (or --checkpoints / "
             "--detector-weights) at existing files, or pass --no-detector to run without detector."
         )
+
+
+def model_summary(description: dict[str, Any]) -> str:
+    """One readable line from ``Colorizer.describe()`` (the full record is in ``/info``)."""
+    files = description.get("files") or []
+    where = (
+        os.path.dirname(files[0]["path"])
+        if len(files) > 1
+        else (files[0]["path"] if files else "?")
+    )
+    return (
+        f"model {description.get('model_version')} ({description.get('checkpoint_layout')}, "
+        f"width {description.get('network_width')}, from {where}), "
+        f"detector {description.get('detector') or 'none'}, "
+        f"{description.get('device')} {description.get('precision')}, "
+        f"at most {description.get('instance_limit')} instances"
+    )
 
 
 def build_colorizer(settings: ModelSettings) -> Colorizer:
@@ -40,5 +60,5 @@ def build_colorizer(settings: ModelSettings) -> Colorizer:
         precision=precision,
         instance_limit=settings.instance_limit,
     )
-    log.info("loaded %s", colorizer.describe())
+    log.info("loaded %s", model_summary(colorizer.describe()))
     return colorizer

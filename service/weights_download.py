@@ -68,6 +68,10 @@ class ChecksumError(DownloadError):
     """The downloaded bytes do not match the checksum the file name promises."""
 
 
+class UnreachableError(DownloadError):
+    """The host could not be reached or the connection failed (offline, DNS, firewall, HTTP error)."""
+
+
 @dataclass(frozen=True)
 class RemoteFile:
     """Where a file comes from, the name it is stored under and its sha256 prefix when known."""
@@ -229,7 +233,7 @@ def open_url(url: str, timeout: float) -> Iterator[http.client.HTTPResponse]:
         try:
             response = opener.open(request, timeout=timeout)
         except (OSError, http.client.HTTPException) as exc:
-            raise DownloadError(f"{current}: {exc}") from exc
+            raise UnreachableError(f"{current}: {exc}") from exc
         if response.headers.get_content_type() != "text/html":
             with response:
                 yield response
@@ -442,6 +446,70 @@ def fetch_official(
     return written
 
 
+@dataclass(frozen=True)
+class PlannedFile:
+    """A file ``fetch_weights`` makes sure of: where it goes and where it comes from."""
+
+    path: Path
+    remote: RemoteFile
+    note: str = ""  # how to get it out of the download, where that is not the file itself
+
+
+def planned_files(
+    folder: Path,
+    variant: Variant = "official",
+    detector: DetectorChoice = "v1",
+    sources: WeightSources | None = None,
+) -> list[PlannedFile]:
+    """Every file ``fetch_weights(folder, variant, detector)`` provides, at its exact path."""
+    sources = sources or WeightSources.default()
+    planned = []
+    if variant == "official":
+        target = official_dir(folder)
+        note = f"{sources.official_zip.filename}: */{OFFICIAL_VARIANT}/"
+        planned += [
+            PlannedFile(target / spec.filename, sources.official_zip, note + spec.filename)
+            for spec in NETWORK_FILES
+        ]
+    else:
+        planned.append(PlannedFile(folder / sources.mmagic.filename, sources.mmagic))
+    if detector != "none" and detector in sources.detectors:
+        remote = sources.detectors[detector]
+        planned.append(PlannedFile(folder / remote.filename, remote))
+    return planned
+
+
+def how_to_get_them(missing: list[PlannedFile], folder: Path, variant: str, detector: str) -> str:
+    """What to do when the files cannot be downloaded here: a mirror, or copying them in by hand."""
+    if not missing:
+        return ""
+    remotes = list(dict.fromkeys(item.remote for item in missing))
+    lines = ["Missing now:"]
+    lines += [f"  {item.path}" for item in missing]
+    flags = f"--dir {folder}"
+    if variant != "official":
+        flags += f" --variant {variant}"
+    if detector != "v1":
+        flags += f" --detector {detector}"
+    lines += [
+        "To get them without this machine reaching the original hosts, either:",
+        f"  * a mirror (any HTTP server) serving {', '.join(r.filename for r in remotes)}:",
+        f"      python -m service fetch-weights {flags} --base-url http://MIRROR/PATH/",
+        "  * or by hand: on a machine with internet, download",
+    ]
+    lines += [f"      {r.url}" + (f"  (save as {r.filename})" if r.filename not in r.url else "")
+              for r in remotes]  # fmt: skip
+    lines.append("    and copy the files to exactly the paths above:")
+    for item in missing:
+        source = item.note or item.remote.filename
+        lines.append(f"      {source}  ->  {item.path}")
+    lines.append(
+        "    then run this command again: it verifies the files in place (checksum, strict load) "
+        "and downloads nothing that is already right."
+    )
+    return "\n".join(lines)
+
+
 def fetch_weights(
     folder: Path,
     variant: Variant = "official",
@@ -452,11 +520,34 @@ def fetch_weights(
     progress: bool = True,
     verify: bool = True,
 ) -> FetchReport:
-    """Download what ``variant`` and ``detector`` need into ``folder``; verify and load each."""
+    """Download what ``variant`` and ``detector`` need into ``folder``; verify and load each.
+
+    When a host cannot be reached, the error lists every file still missing and how to get it
+    another way (a mirror, or copying the files in by hand).
+    """
+    sources = sources or WeightSources.default()
+    try:
+        return _fetch_all(folder, variant, detector, sources, timeout, progress, verify)
+    except UnreachableError as exc:
+        missing = [
+            p for p in planned_files(folder, variant, detector, sources) if not p.path.is_file()
+        ]
+        advice = how_to_get_them(missing, folder, variant, detector)
+        raise UnreachableError(f"{exc}\n{advice}" if advice else str(exc)) from exc
+
+
+def _fetch_all(
+    folder: Path,
+    variant: Variant,
+    detector: DetectorChoice,
+    sources: WeightSources,
+    timeout: float,
+    progress: bool,
+    verify: bool,
+) -> FetchReport:
     from models.checkpoints import load_networks
     from models.detector import BoxDetector
 
-    sources = sources or WeightSources.default()
     report = FetchReport()
     if variant == "official":
         report.files += fetch_official(

@@ -138,12 +138,12 @@ def test_mmagic_foreign_prefix_is_refused(tmp_path: Path) -> None:
 
 def test_pickled_code_is_refused(official_copy: Path) -> None:
     """weights_only=True: a file that would run code on load is rejected, not executed."""
-    import pickle
 
     class Evil:
         def __reduce__(self):  # type: ignore[no-untyped-def]
             return (print, ("pwned",))
 
-    (official_copy / "latest_net_G.pth").write_bytes(pickle.dumps({"model1.0.weight": Evil()}))
+    # torch.save's own format and pickle protocol, as a tampered checkpoint would have
+    torch.save({"model1.0.weight": Evil()}, official_copy / "latest_net_G.pth")
     with pytest.raises(CheckpointError, match=r"latest_net_G\.pth"):
         load_networks(official_copy)

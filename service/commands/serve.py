@@ -1,13 +1,7 @@
 """``python -m service serve``: the HTTP service (uvicorn), with graceful drain on SIGTERM.
 
-Equivalent uvicorn command (settings from COLORIZE_* variables only)::
-
-    uvicorn --factory service.app:app_from_env --host 0.0.0.0 --port 8000 \\
-        --timeout-graceful-shutdown 35
-
-On SIGTERM (or Ctrl-C) readiness turns 503 and /colorize refuses new work at once, the listening
-socket closes, requests in flight (queued or on the device) finish, then the queue drains and the
-process exits 0. A second Ctrl-C forces the exit.
+What it does is told by ``HELP_TEXT`` (``serve --help``). uvicorn and the app are imported only
+when the command runs, so other commands work without them.
 """
 
 from __future__ import annotations
@@ -16,24 +10,33 @@ import argparse
 import logging
 import math
 import sys
-from types import FrameType
-from typing import TYPE_CHECKING, Any
-
-import uvicorn
+from typing import Any
 
 from service.commands.model_flags import add_model_arguments, settings_from_args
 
-if TYPE_CHECKING:
-    from service.app import ServiceState
-
 log = logging.getLogger(__name__)
+
+HELP_TEXT = """\
+Run the HTTP service: the API, the batcher and (COLORIZE_QUEUE=memory, the default) the model in
+this process. The socket opens at once; the weights load and one warm-up batch runs per batch-size
+bucket, then GET /readyz answers 200 (until then /colorize answers 503 with Retry-After).
+
+Equivalent uvicorn command (settings from COLORIZE_* variables only):
+
+  uvicorn --factory service.app:app_from_env --host 0.0.0.0 --port 8000 \\
+      --timeout-graceful-shutdown 35
+
+On SIGTERM (or Ctrl-C) readiness turns 503 and /colorize refuses new work at once, the listening
+socket closes, requests in flight finish, then the queue drains and the process exits 0. A second
+Ctrl-C forces the exit.
+"""
 
 
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "serve",
         help="run the HTTP service",
-        description=__doc__,
+        description=HELP_TEXT,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_arguments(parser)
@@ -44,7 +47,10 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    import uvicorn  # the server's dependencies are imported only when it runs
+
     from service.app import create_app
+    from service.draining_server import DrainingServer
 
     settings = settings_from_args(args, ("host", "port"))
     if settings is None:
@@ -81,18 +87,3 @@ def run(args: argparse.Namespace) -> int:
         return 1  # start-up failed (the reason was logged)
     return int(holder.get("exit_code", 0))
 
-
-class DrainingServer(uvicorn.Server):
-    """uvicorn's server whose first SIGTERM/SIGINT also starts the app's drain."""
-
-    def __init__(self, config: uvicorn.Config, state: ServiceState) -> None:
-        super().__init__(config)
-        self.state = state
-
-    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
-        self.state.begin_drain()
-        super().handle_exit(sig, frame)
-        # uvicorn re-raises the signal once it has shut down; a drained exit is a clean 0.
-        captured = getattr(self, "_captured_signals", None)
-        if isinstance(captured, list):
-            captured.clear()
