@@ -24,6 +24,7 @@ from fastapi import FastAPI, Query, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
+from fastapi_offline import FastAPIOffline
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
 from prometheus_fastapi_instrumentator import Instrumentator
 from pydantic import BaseModel, Field
@@ -323,7 +324,9 @@ def create_app(
             await queue.close()
             log.info("drained and closed")
 
-    app = FastAPI(
+    # FastAPIOffline: /docs (Swagger UI) and /redoc served from files installed with the package,
+    # not from a CDN, so the pages work on an offline host.
+    app = FastAPIOffline(
         title="InstColor Service",
         version=service_version(),
         description="Instance-aware colorization of grayscale photos (Su, Chu, Huang, CVPR 2020) "
@@ -428,6 +431,7 @@ _COLORIZE_BODY = {
             }
         },
         "image/*": {"schema": {"type": "string", "format": "binary"}},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
     },
 }
 
@@ -468,15 +472,14 @@ def _install_routes(app: FastAPI, state: ServiceState) -> None:
             Literal["original", "network"],
             Query(description="original: input size (ab upsampled); network: 256x256."),
         ] = "original",
-        max_instances: Annotated[
-            int,
-            Query(
-                ge=0,
-                le=64,
-                description="Most instance boxes to colorize separately (0: full image only); "
-                "at most COLORIZE_INSTANCE_LIMIT (default 8).",
-            ),
-        ] = 8,
+        # a default-value Query (not Annotated): its bound and default are this app's limit
+        max_instances: int = Query(
+            settings.instance_limit,
+            ge=0,
+            le=settings.instance_limit,
+            description="Most instance boxes to colorize separately (0: full image only); "
+            f"at most {settings.instance_limit} (COLORIZE_INSTANCE_LIMIT).",
+        ),
         score_threshold: Annotated[
             float, Query(ge=0.0, le=1.0, description="Detector score a box needs to be used.")
         ] = 0.7,
@@ -497,11 +500,6 @@ def _install_routes(app: FastAPI, state: ServiceState) -> None:
             queue = state.queue
             if queue is None:
                 raise UnavailableError("the service is starting", retry_after=1.0)
-            if max_instances > settings.instance_limit:
-                raise InvalidParameterError(
-                    f"max_instances must be between 0 and {settings.instance_limit}, "
-                    f"got {max_instances}"
-                )
             parsed_boxes, parsed_scores = _parse_boxes(boxes)
             image = await _image_from_request(request, settings.max_body_bytes)
             now = time.time()

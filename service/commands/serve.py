@@ -86,4 +86,3 @@ def run(args: argparse.Namespace) -> int:
     if not server.started and "exit_code" not in holder:
         return 1  # start-up failed (the reason was logged)
     return int(holder.get("exit_code", 0))
-
