@@ -1,0 +1,207 @@
+"""What a newcomer meets first: the command line's imports, version and help, the weight paths
+the messages name, the offline advice of fetch-weights, and the links of README.md and docs/."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from service import cli
+from service.settings import ModelSettings
+from service.weights_download import UnreachableError, WeightSources, fetch_weights, planned_files
+
+REPO = Path(__file__).resolve().parents[1]
+HEAVY = ("torch", "torchvision", "uvicorn", "fastapi", "starlette", "redis", "models.pipeline")
+
+
+def test_building_the_parser_imports_no_heavy_dependency() -> None:
+    """Every command module is imported for --help: none may pull in another command's stack."""
+    code = (
+        "import sys\n"
+        "from service.cli import build_parser\n"
+        "build_parser()\n"
+        f"print(sorted(m for m in {HEAVY!r} if m in sys.modules))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert result.stdout.strip() == "[]"
+
+
+def test_a_missing_package_says_to_use_the_venv(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def needs_uvicorn(args: argparse.Namespace) -> int:
+        raise ModuleNotFoundError("No module named 'uvicorn'", name="uvicorn")
+
+    real_build = cli.build_parser
+
+    def build() -> argparse.ArgumentParser:
+        parser = real_build()
+        parser.set_defaults(func=needs_uvicorn)
+        for action in parser._subparsers._group_actions:  # type: ignore[union-attr]
+            for sub in action.choices.values():  # type: ignore[union-attr]
+                sub.set_defaults(func=needs_uvicorn)
+        return parser
+
+    monkeypatch.setattr(cli, "build_parser", build)
+    assert cli.main(["serve"]) == 1
+    err = capsys.readouterr().err
+    assert "'uvicorn' is not installed" in err
+    assert ".venv/bin/python -m service" in err and "source .venv/bin/activate" in err
+
+
+def test_our_own_broken_import_is_not_disguised(monkeypatch: pytest.MonkeyPatch) -> None:
+    def broken(args: argparse.Namespace) -> int:
+        raise ModuleNotFoundError("No module named 'service.nope'", name="service.nope")
+
+    real_build = cli.build_parser
+
+    def build() -> argparse.ArgumentParser:
+        parser = real_build()
+        for action in parser._subparsers._group_actions:  # type: ignore[union-attr]
+            for sub in action.choices.values():  # type: ignore[union-attr]
+                sub.set_defaults(func=broken)
+        return parser
+
+    monkeypatch.setattr(cli, "build_parser", build)
+    with pytest.raises(ModuleNotFoundError):
+        cli.main(["serve"])
+
+
+def test_version_names_the_program(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["--version"])
+    assert exit_info.value.code == 0
+    assert capsys.readouterr().out.strip() == f"instcolor {cli.__version__}"
+    assert cli.program_name("/x/.venv/bin/instcolor") == "instcolor"
+    assert cli.program_name("/x/service/__main__.py") == "python -m service"
+
+
+def test_serve_help_is_plain_text() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "service", "serve", "--help"],
+        capture_output=True, text=True, check=True, cwd=REPO,
+    )  # fmt: skip
+    assert "uvicorn --factory service.app:app_from_env" in result.stdout
+    assert "::" not in result.stdout and "``" not in result.stdout and "\\\\" not in result.stdout
+
+
+def test_missing_weights_are_named_where_fetch_weights_puts_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    for name in list(os.environ):
+        if name.startswith("COLORIZE_"):
+            monkeypatch.delenv(name)
+    missing = ModelSettings().missing_weight_files()  # the defaults, nothing on disk
+    fetched = [p.path for p in planned_files(Path("weights"))]  # fetch-weights' default --dir
+    assert missing == fetched
+    assert Path("weights/checkpoints/coco_finetuned_mask_256_ffs/latest_net_G.pth") in missing
+
+
+def test_missing_weights_in_a_folder_holding_some_files_directly(tmp_path: Path) -> None:
+    from models.checkpoints import missing_files
+
+    (tmp_path / "latest_net_G.pth").write_bytes(b"")
+    assert missing_files(tmp_path) == [
+        tmp_path / "latest_net_GF.pth",
+        tmp_path / "latest_net_GComp.pth",
+    ]
+
+
+def _closed_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def test_offline_fetch_lists_every_missing_file_and_what_to_do(tmp_path: Path) -> None:
+    sources = WeightSources.mirror(f"http://127.0.0.1:{_closed_port()}/")
+    with pytest.raises(UnreachableError) as raised:
+        fetch_weights(tmp_path, sources=sources, timeout=5, progress=False)
+    message = str(raised.value)
+    expected = [str(p.path) for p in planned_files(tmp_path, sources=sources)]
+    listed = re.search(r"Missing now:\n((?:  .*\n)+)", message + "\n")
+    assert listed and [line.strip() for line in listed.group(1).splitlines()] == expected
+    assert f"fetch-weights --dir {tmp_path} --base-url" in message
+    for name in ("checkpoints.zip", "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth"):
+        assert name in message
+    for path in expected:
+        assert f"->  {path}" in message
+    assert not any(tmp_path.rglob("*.part")), "nothing half-written is left"
+
+
+def test_offline_fetch_through_the_cli_exit_code(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setenv("COLORIZE_WEIGHTS_BASE_URL", f"http://127.0.0.1:{_closed_port()}/")
+    code = cli.main(["fetch-weights", "--dir", str(tmp_path), "--variant", "mmagic",
+                     "--detector", "none", "--no-progress", "--timeout", "5"])  # fmt: skip
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "inst-colorizatioon_full_official_cocostuff-256x256-5b9d4eee.pth" in err
+    assert "--variant mmagic --detector none --base-url" in err
+
+
+# -- the documentation's links ------------------------------------------------------------------
+
+
+def _slugs(markdown: str) -> list[str]:
+    """GitHub's heading slugs, in order: lower case, punctuation dropped, spaces to '-'."""
+    slugs = []
+    in_fence = False
+    for line in markdown.splitlines():
+        if line.startswith("```"):
+            in_fence = not in_fence
+        if in_fence or not re.match(r"#+ ", line):
+            continue
+        title = line.lstrip("#").strip().lower()
+        slugs.append(re.sub(r"[^\w\- ]", "", title).replace(" ", "-"))
+    return slugs
+
+
+def _anchors(markdown: str) -> set[str]:
+    """The anchors GitHub gives the headings: a repeated slug gets -1, -2, ..."""
+    seen: dict[str, int] = {}
+    anchors = set()
+    for slug in _slugs(markdown):
+        count = seen.get(slug, 0)
+        seen[slug] = count + 1
+        anchors.add(slug if count == 0 else f"{slug}-{count}")
+    return anchors
+
+
+def _links(markdown: str) -> list[str]:
+    text = re.sub(r"^```.*?^```", "", markdown, flags=re.S | re.M)
+    return re.findall(r"\]\(([^)\s]+)\)", text)
+
+
+@pytest.mark.parametrize(
+    "page", [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))], ids=lambda p: p.name
+)
+def test_every_link_and_anchor_resolves(page: Path) -> None:
+    for link in _links(page.read_text()):
+        if re.match(r"[a-z]+:", link):
+            continue  # http(s) links: not fetched (no network in tests)
+        target, _, anchor = link.partition("#")
+        path = (page.parent / target).resolve() if target else page
+        assert path.exists(), f"{page.name}: {link} -> {path} does not exist"
+        if anchor:
+            assert anchor in _anchors(path.read_text()), f"{page.name}: {link}: no such heading"
+
+
+def test_no_page_has_two_equal_headings() -> None:
+    """Equal headings make ambiguous anchors (a link lands on the first of them)."""
+    for page in [REPO / "README.md", *(REPO / "docs").glob("*.md")]:
+        slugs = _slugs(page.read_text())
+        assert len(slugs) == len(set(slugs)), (
+            f"{page.name}: {sorted(s for s in slugs if slugs.count(s) > 1)}"
+        )
