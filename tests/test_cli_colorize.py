@@ -302,7 +302,8 @@ def test_missing_checkpoints_message(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert code == 2
     err = capsys.readouterr().err
     assert "missing weight files" in err
-    assert str(tmp_path / "none" / "latest_net_GF.pth") in err
+    # named where fetch-weights puts them under a checkpoints folder
+    assert str(tmp_path / "none" / "coco_finetuned_mask_256_ffs" / "latest_net_GF.pth") in err
     assert "python -m service fetch-weights" in err
 
 
