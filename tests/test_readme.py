@@ -5,7 +5,7 @@ The commands are the fenced ``bash`` blocks between ``<!-- quickstart:NAME -->``
 The repository's committed ``HEAD`` is cloned (``git clone``) into a temporary folder, and the
 commands run there in order, in bash, with ``set -euo pipefail``. How each line is treated:
 
-* ``apt-get install PKGS`` (installs system packages; needs root and a network): not run. Each
+* ``apt-get update && apt-get install PKGS`` (system packages; needs root and a network): not run. Each
   package must be installed here (``dpkg-query``), and the list must equal ``APT_PACKAGES`` in
   ``.ci/run``, so CI installs what the README tells a newcomer to install.
 * ``python3 -m venv .venv`` and ``pip install ...`` (a second multi-GB install would take minutes):
@@ -82,10 +82,14 @@ def ci_apt_packages() -> list[str]:
     return found.group(1).split()
 
 
-def check_apt_line(command: str) -> None:
+def check_apt_line(line: str) -> None:
+    """``[sudo] apt-get update && [sudo] apt-get install -y PKGS``: the packages are installed."""
+    *updates, command = (part.strip() for part in line.split("&&"))
+    for update in updates:
+        assert re.fullmatch(r"(sudo )?apt-get update", update), line
     words = shlex.split(command)
     words = words[1:] if words[0] == "sudo" else words
-    assert words[:2] == ["apt-get", "install"], command
+    assert words[:2] == ["apt-get", "install"], line
     packages = [w for w in words[2:] if not w.startswith("-")]
     assert sorted(packages) == sorted(ci_apt_packages()), "README apt-get line != .ci/run"
     for package in packages:
@@ -145,7 +149,7 @@ def test_readme_quick_start_on_a_clean_clone(
     preamble: list[str] = []  # lines every later step runs first (source .venv/bin/activate)
     test_commands: list[str] = []
     for command in install:
-        if re.match(r"(sudo )?apt-get install", command):
+        if re.match(r"(sudo )?apt-get ", command):
             check_apt_line(command)
         elif re.fullmatch(r"python3? -m venv \.venv", command):
             (clone / ".venv").symlink_to(sys.prefix, target_is_directory=True)
