@@ -85,13 +85,15 @@ def test_version_names_the_program(capsys: pytest.CaptureFixture[str]) -> None:
     assert cli.program_name("/x/service/__main__.py") == "python -m service"
 
 
-def test_serve_help_is_plain_text() -> None:
+@pytest.mark.parametrize("command", ["colorize", "fetch-weights", "serve", "worker"])
+def test_help_is_plain_text(command: str) -> None:
     result = subprocess.run(
-        [sys.executable, "-m", "service", "serve", "--help"],
+        [sys.executable, "-m", "service", command, "--help"],
         capture_output=True, text=True, check=True, cwd=REPO,
     )  # fmt: skip
-    assert "uvicorn --factory service.app:app_from_env" in result.stdout
     assert "::" not in result.stdout and "``" not in result.stdout and "\\\\" not in result.stdout
+    if command == "serve":
+        assert "uvicorn --factory service.app:app_from_env" in result.stdout
 
 
 def test_missing_weights_are_named_where_fetch_weights_puts_them(

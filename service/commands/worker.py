@@ -14,12 +14,18 @@ from typing import Any
 
 from service.commands.model_flags import add_model_arguments, settings_from_args
 
+HELP_TEXT = """\
+Run a GPU worker of Redis mode (one per GPU). It loads the model like `serve` does (same flags),
+then consumes the Redis job stream that the API replicas (COLORIZE_QUEUE=redis python -m service
+serve) fill. SIGTERM finishes the batches already read, then exits.
+"""
+
 
 def add_parser(subparsers: Any) -> None:
     parser = subparsers.add_parser(
         "worker",
         help="run a GPU worker for Redis mode (COLORIZE_QUEUE=redis)",
-        description=__doc__,
+        description=HELP_TEXT,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_model_arguments(parser)
