@@ -641,6 +641,7 @@ def _install_routes(app: FastAPI, state: ServiceState) -> None:
                     max_pixels=settings.max_pixels,
                     max_aspect_ratio=settings.max_aspect_ratio,
                 )
+            pixels = size[0] * size[1] if size is not None else 0
             now = time.time()
             job = Job(
                 request_id=request_id,
@@ -656,6 +657,7 @@ def _install_routes(app: FastAPI, state: ServiceState) -> None:
                 ),
                 deadline=now + settings.request_timeout_s,
                 enqueued_at=now,
+                pixels=pixels,
             )
             try:
                 result = await _submit_watching(request, queue, job)

@@ -109,6 +109,7 @@ def job_from_fields(fields: dict[bytes, bytes]) -> tuple[str, Job]:
         options=JobOptions(**meta["options"]),
         deadline=float(meta["deadline"]),
         enqueued_at=float(meta["enqueued_at"]),
+        pixels=int(meta.get("pixels", 0)),
     )
     return token, job
 
