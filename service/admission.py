@@ -32,6 +32,7 @@ class CostModel:
     seconds_per_megapixel: float = 0.0
     seconds_per_pass: float = 0.0
     instances_per_image: float = 0.0  # seen with the detector, for requests without boxes
+    seconds_per_job: float = 0.0  # the average job, for a backlog known only by its length
     batches_seen: int = 0
     alpha: float = 0.2  # weight of the newest batch
 
@@ -62,6 +63,11 @@ class CostModel:
             self.seconds_per_pass, device_seconds / (len(batch) + instances)
         )
         self.instances_per_image = self._blend(self.instances_per_image, instances / len(batch))
+        job_seconds = (
+            sum(result.timings.get(stage, 0.0) for _, result in batch for stage in PIXEL_STAGES)
+            + device_seconds
+        ) / len(batch)
+        self.seconds_per_job = self._blend(self.seconds_per_job, job_seconds)
         self.batches_seen += 1
 
     def estimate(self, job: Job) -> float:
@@ -82,8 +88,34 @@ class CostModel:
             "seconds_per_megapixel": self.seconds_per_megapixel,
             "seconds_per_pass": self.seconds_per_pass,
             "instances_per_image": self.instances_per_image,
+            "seconds_per_job": self.seconds_per_job,
             "batches_seen": float(self.batches_seen),
         }
+
+    @staticmethod
+    def mean(models: Sequence[CostModel]) -> CostModel:
+        """One model for a fleet of workers: the average of the measured ones."""
+        measured = [m for m in models if m.measured]
+        if not measured:
+            return CostModel()
+        n = len(measured)
+        return CostModel(
+            seconds_per_megapixel=sum(m.seconds_per_megapixel for m in measured) / n,
+            seconds_per_pass=sum(m.seconds_per_pass for m in measured) / n,
+            instances_per_image=sum(m.instances_per_image for m in measured) / n,
+            seconds_per_job=sum(m.seconds_per_job for m in measured) / n,
+            batches_seen=sum(m.batches_seen for m in measured),
+        )
+
+    @staticmethod
+    def from_dict(data: dict[str, float]) -> CostModel:
+        return CostModel(
+            seconds_per_megapixel=float(data.get("seconds_per_megapixel", 0.0)),
+            seconds_per_pass=float(data.get("seconds_per_pass", 0.0)),
+            instances_per_image=float(data.get("instances_per_image", 0.0)),
+            seconds_per_job=float(data.get("seconds_per_job", 0.0)),
+            batches_seen=int(data.get("batches_seen", 0)),
+        )
 
 
 def refusal(
