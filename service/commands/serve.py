@@ -26,6 +26,9 @@ Equivalent uvicorn command (settings from COLORIZE_* variables only):
   uvicorn --factory service.app:app_from_env --host 0.0.0.0 --port 8000 \\
       --timeout-graceful-shutdown 35
 
+(plain uvicorn lacks the connection limits that serve adds: 431 for oversized headers, the
+header deadline and the connection cap.)
+
 On SIGTERM (or Ctrl-C) readiness turns 503 and /colorize refuses new work at once, the listening
 socket closes, requests in flight finish, then the queue drains and the process exits 0. A second
 Ctrl-C forces the exit.
@@ -48,6 +51,8 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     import uvicorn  # the server's dependencies are imported only when it runs
+
+    from service.http_limits import ConnectionLimits, uvicorn_limit_options
 
     from service.app import create_app
     from service.draining_server import DrainingServer
@@ -73,6 +78,11 @@ def run(args: argparse.Namespace) -> int:
         server.should_exit = True
 
     app = create_app(settings, on_fatal=on_fatal)
+    limits = ConnectionLimits(
+        max_header_bytes=settings.max_header_bytes,
+        header_timeout_s=settings.header_timeout_s,
+        max_connections=settings.max_connections,
+    )
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -80,6 +90,8 @@ def run(args: argparse.Namespace) -> int:
         lifespan="on",
         timeout_graceful_shutdown=math.ceil(settings.request_timeout_s) + 5,
         log_config=None,  # the root logger set up by the CLI
+        # header size (431), header deadline (408), idle timeout, connection cap: docs/security.md
+        **uvicorn_limit_options(limits, settings.keep_alive_timeout_s),
     )
     server = DrainingServer(config, app.state.service)
     server.run()
