@@ -101,9 +101,10 @@ class BatchEngine:
         """One batch per size on the device thread (kernels, allocator, cudnn autotuning)."""
         loop = asyncio.get_running_loop()
         for size in batch_sizes:
+            log.info("warm-up of batch size %d starts", size)
             start = time.perf_counter()
             await loop.run_in_executor(self.device_thread, self.colorizer.warmup, size)
-            log.info("warm-up batch of %d took %.3f s", size, time.perf_counter() - start)
+            log.info("warm-up of batch size %d done in %.3f s", size, time.perf_counter() - start)
         self._record_gpu_memory()
 
     @classmethod
@@ -118,7 +119,7 @@ class BatchEngine:
         engine.owns_pool = True
         try:
             if settings.warmup:
-                await engine.warmup(settings.batch_buckets())
+                await engine.warmup(settings.warmup_batch_sizes(colorizer.device.type))
         except BaseException:
             engine.close()
             raise

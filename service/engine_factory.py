@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 
 from models.pipeline import Colorizer
+from models.precision import precision_reason
 from service.settings import ModelSettings
 
 log = logging.getLogger(__name__)
@@ -39,6 +40,8 @@ def build_colorizer(settings: ModelSettings) -> Colorizer:
         device=device,
         precision=precision,
         instance_limit=settings.instance_limit,
+        channels_last=settings.channels_last,
     )
+    log.info("%s on %s", precision_reason(settings.precision, device), device)
     log.info("loaded %s", colorizer.describe())
     return colorizer
