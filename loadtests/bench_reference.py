@@ -254,14 +254,8 @@ def main(argv: list[str] | None = None) -> int:
                  scores=np.linspace(0.99, 0.9, len(boxes.boxes)))  # fmt: skip
 
         reference = ReferenceLoop(args.reference, folder, results, weights, device)
-        variants = [
-            Variant(
-                "reference fp32 (authors' loop)",
-                reference.run,
-                results / "photo.png",
-                reference.run,
-            )  # fmt: skip
-        ]
+        name = "reference fp32 (authors' loop)"
+        variants = [Variant(name, reference.run, results / "photo.png", reference.run)]
         for precision in precisions:
             layouts = [True, False] if precision == "fp32" else [True]
             for channels_last in layouts:

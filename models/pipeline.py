@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from PIL import Image
@@ -115,21 +115,16 @@ class Colorizer:
         # NHWC: what oneDNN and tensor-core convolutions prefer; at fp32 the same results as NCHW
         # to float rounding (tests/test_precision.py).
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.instance_net = networks.instance.to(
-            self.device, self.dtype, memory_format=self.memory_format
-        )
-        self.full_image_net = networks.full_image.to(
-            self.device, self.dtype, memory_format=self.memory_format
-        )
-        self.fusion_net = networks.fusion.to(
-            self.device, self.dtype, memory_format=self.memory_format
-        )
+        fmt = self.memory_format
+        self.instance_net = networks.instance.to(self.device, self.dtype).to(memory_format=fmt)
+        self.full_image_net = networks.full_image.to(self.device, self.dtype).to(memory_format=fmt)
+        self.fusion_net = networks.fusion.to(self.device, self.dtype).to(memory_format=fmt)
         for generator in self.fusion_net.weight_generators():
             generator.float()  # fusion logits and softmax stay float32 (spec §7 quirk 5)
         if detector is not None:
             detector.model.to(memory_format=self.memory_format)
             # Boxes only feed crop selection: the detector runs under autocast (bf16 anywhere,
-            # fp16 on CUDA), its box decoding and NMS stay float32.
+            # fp16 on CUDA) rather than with cast weights.
             mixed = precision == "bf16" or (precision == "fp16" and self.device.type == "cuda")
             detector.autocast_dtype = self.dtype if mixed else None
         if self.device.type == "cuda":
@@ -347,10 +342,13 @@ class Colorizer:
         predictions = self.predict(prepared)
         return [self.merge(p, r) for p, r in zip(prepared, predictions, strict=True)]
 
-    def warmup(self, batch_size: int) -> None:
-        """Run one batch through every network (and the detector) so first requests are not slow."""
+    def warmup(self, batch_size: int, instances: int | None = None) -> None:
+        """Run one batch through every network (and the detector) so first requests are not slow.
+
+        ``instances`` per image with boxes (default: the instance limit).
+        """
         gradient = Image.linear_gradient("L").resize((320, 240)).convert("RGB")
-        k = self.instance_limit
+        k = self.instance_limit if instances is None else instances
         boxes = Detections.from_boxes([[10 + 20 * j, 10, 100 + 20 * j, 200] for j in range(k)])
         options = [
             ColorizeOptions(resolution="network", boxes=None if i % 2 else boxes)

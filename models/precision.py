@@ -49,7 +49,9 @@ class CpuFeatures:
 
     def describe(self) -> dict[str, Any]:
         """For /info and the start-up log."""
-        found = [name for name, has in (("AMX", self.amx), ("AVX512-BF16", self.avx512_bf16)) if has]
+        found = [
+            name for name, has in (("AMX", self.amx), ("AVX512-BF16", self.avx512_bf16)) if has
+        ]
         return {
             "capability": self.capability,
             "native_bf16": self.native_bf16,

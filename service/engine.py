@@ -97,13 +97,13 @@ class BatchEngine:
     def describe(self) -> dict[str, Any]:
         return self.colorizer.describe()
 
-    async def warmup(self, batch_sizes: Sequence[int]) -> None:
+    async def warmup(self, batch_sizes: Sequence[int], instances: int | None = None) -> None:
         """One batch per size on the device thread (kernels, allocator, cudnn autotuning)."""
         loop = asyncio.get_running_loop()
         for size in batch_sizes:
             log.info("warm-up of batch size %d starts", size)
             start = time.perf_counter()
-            await loop.run_in_executor(self.device_thread, self.colorizer.warmup, size)
+            await loop.run_in_executor(self.device_thread, self.colorizer.warmup, size, instances)
             log.info("warm-up of batch size %d done in %.3f s", size, time.perf_counter() - start)
         self._record_gpu_memory()
 
@@ -119,7 +119,7 @@ class BatchEngine:
         engine.owns_pool = True
         try:
             if settings.warmup:
-                await engine.warmup(settings.warmup_batch_sizes(colorizer.device.type))
+                await engine.warmup(*settings.warmup_plan(colorizer.device.type))
         except BaseException:
             engine.close()
             raise

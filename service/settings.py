@@ -161,12 +161,13 @@ class ServiceSettings(ModelSettings):
         default=True,
         description="Run warm-up batches (see warmup_buckets) before /readyz turns 200.",
     )
-    warmup_buckets: Literal["auto", "all", "first"] = Field(
+    warmup_scope: Literal["auto", "full", "minimal"] = Field(
         default="auto",
-        description="Which batch-size buckets warm up. all: one batch per bucket (1, 2, 4, ... "
-        "max_batch_size), so cudnn autotunes every shape before the first request; first: a "
-        "batch of 1 only; auto: all on CUDA, first on CPU, where oneDNN has nothing to autotune "
-        "and a full-width warm-up of every bucket takes minutes.",
+        description="full: one batch per batch-size bucket (1, 2, 4, ... max_batch_size) with "
+        "instance_limit instances per image, so cudnn autotunes every shape before the first "
+        "request; minimal: one image with one instance (every network once); auto: full on "
+        "CUDA, minimal on CPU, where there is nothing to autotune and a full warm-up at full "
+        "width takes minutes.",
     )
     queue: Literal["memory", "redis"] = Field(
         default="memory",
@@ -272,13 +273,11 @@ class ServiceSettings(ModelSettings):
             )
         return self
 
-    def warmup_batch_sizes(self, device_type: str) -> list[int]:
-        """The batch sizes warmed up on a device of this type (``cpu``, ``cuda``)."""
-        if self.warmup_buckets == "first" or (
-            self.warmup_buckets == "auto" and device_type != "cuda"
-        ):
-            return [1]
-        return self.batch_buckets()
+    def warmup_plan(self, device_type: str) -> tuple[list[int], int]:
+        """Batch sizes to warm up and instances per image, on a ``cpu`` or ``cuda`` device."""
+        if self.warmup_scope == "minimal" or (self.warmup_scope == "auto" and device_type != "cuda"):
+            return [1], min(1, self.instance_limit)
+        return self.batch_buckets(), self.instance_limit
 
     def batch_buckets(self) -> list[int]:
         """Batch sizes warmed up at start: powers of two below max_batch_size, and it."""

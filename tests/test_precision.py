@@ -78,9 +78,7 @@ def test_bf16_batch_equals_one_by_one(tiny_checkpoints: Path, gray_photo: Image.
     assert difference.max().item() <= BF16_MAX_AB
 
 
-def test_bf16_detector_runs_under_autocast(
-    tiny_checkpoints: Path, detector_weights: Path
-) -> None:
+def test_bf16_detector_runs_under_autocast(tiny_checkpoints: Path, detector_weights: Path) -> None:
     colorizer = Colorizer.load(tiny_checkpoints, detector_weights, precision="bf16",
                                detector_size=(64, 96))  # fmt: skip
     assert colorizer.detector is not None
@@ -137,12 +135,13 @@ def test_this_machine_is_described(tiny_colorizer: Colorizer) -> None:
     assert isinstance(info["cpu"]["native_bf16"], bool)
 
 
-def test_warmup_is_one_batch_on_cpu_and_every_bucket_on_cuda() -> None:
-    settings = ServiceSettings(max_batch_size=8)
-    assert settings.warmup_batch_sizes("cpu") == [1]
-    assert settings.warmup_batch_sizes("cuda") == [1, 2, 4, 8]
-    assert ServiceSettings(warmup_buckets="all").warmup_batch_sizes("cpu") == [1, 2, 4, 8]
-    assert ServiceSettings(warmup_buckets="first").warmup_batch_sizes("cuda") == [1]
+def test_warmup_is_minimal_on_cpu_and_full_on_cuda() -> None:
+    settings = ServiceSettings(max_batch_size=8, instance_limit=8)
+    assert settings.warmup_plan("cpu") == ([1], 1)
+    assert settings.warmup_plan("cuda") == ([1, 2, 4, 8], 8)
+    assert ServiceSettings(warmup_scope="full").warmup_plan("cpu") == ([1, 2, 4, 8], 8)
+    assert ServiceSettings(warmup_scope="minimal").warmup_plan("cuda") == ([1], 1)
+    assert ServiceSettings(instance_limit=0).warmup_plan("cpu") == ([1], 0)
 
 
 @pytest.mark.cuda
@@ -161,3 +160,52 @@ def test_cuda_half_precisions_with_channels_last_against_fp32(
     torch.testing.assert_close(
         _ab(_predict(nhwc, [gray_photo], with_boxes=True)), expected, rtol=0, atol=1e-5
     )
+
+
+@pytest.mark.parametrize("command", ["colorize", "serve", "worker"])
+def test_precision_flags_reach_the_settings(command: str) -> None:
+    from service.cli import build_parser
+    from service.commands.model_flags import model_overrides
+
+    extra = ["in.png", "-o", "out"] if command == "colorize" else []
+    args = build_parser().parse_args(
+        [command, *extra, "--precision", "bf16", "--no-channels-last", "--device", "cpu"]
+    )
+    settings = ModelSettings(**model_overrides(args))
+    assert settings.precision == "bf16" and settings.channels_last is False
+    assert settings.resolved_precision() == "bf16"
+    args = build_parser().parse_args([command, *extra, "--precision", "auto"])
+    assert ModelSettings(**model_overrides(args)).channels_last is True
+
+
+def test_colorize_batch_size_is_auto_unless_given(
+    tiny_checkpoints: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.cli import build_parser, main
+    from service.commands import colorize
+
+    assert build_parser().parse_args(["colorize", "a.png", "-o", "o"]).batch_size is None
+    assert (
+        build_parser()
+        .parse_args(["colorize", "a.png", "-o", "o", "--batch-size", "auto"])
+        .batch_size
+        is None
+    )
+    assert (
+        build_parser().parse_args(["colorize", "a.png", "-o", "o", "--batch-size", "3"]).batch_size
+        == 3
+    )
+    seen: list[int] = []
+    real = colorize.process
+
+    def spy(*args: object, batch_size: int, **kwargs: object) -> object:
+        seen.append(batch_size)
+        return real(*args, batch_size=batch_size, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(colorize, "process", spy)
+    source = tmp_path / "in.png"
+    Image.linear_gradient("L").resize((40, 30)).save(source)
+    argv = ["colorize", str(source), "-o", str(tmp_path / "out"), "--no-progress",
+            "--no-detector", "--checkpoints", str(tiny_checkpoints)]  # fmt: skip
+    assert main(argv) == 0
+    assert seen == [colorize.AUTO_BATCH_SIZE["cpu"]] == [1]
