@@ -44,7 +44,8 @@ from PIL import Image, ImageDraw
 from models.boxes import Detections
 from models.checkpoints import load_networks
 from models.detector import BoxDetector, build_maskrcnn
-from models.pipeline import ColorizeOptions, Colorizer, Precision
+from models.pipeline import ColorizeOptions, Colorizer
+from models.precision import Precision
 
 MODES = ("full", "boxes8", "detect")
 IMAGE_SIZE = (640, 480)
@@ -237,7 +238,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--detector-version", choices=["v1", "v2"], default="v1")
     parser.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     parser.add_argument("--batch-sizes", default="1,2,4,8,16,32")
-    parser.add_argument("--precisions", default="fp32,fp16", help="fp16 is skipped without CUDA")
+    parser.add_argument(
+        "--precisions", default="fp32,fp16", help="fp32, fp16, bf16; fp16 is skipped without CUDA"
+    )
     parser.add_argument("--modes", default=",".join(MODES), help=f"subset of {','.join(MODES)}")
     parser.add_argument(
         "--images",
@@ -285,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
     batch_sizes = sorted({int(b) for b in args.batch_sizes.split(",")} | {1})  # 1 = the loop
-    precisions: list[Precision] = [p for p in ("fp32", "fp16") if p in args.precisions.split(",")]
+    wanted = args.precisions.split(",")
+    precisions: list[Precision] = [p for p in ("fp32", "fp16", "bf16") if p in wanted]
     if device.type != "cuda":
         precisions = [p for p in precisions if p != "fp16"] or ["fp32"]
     modes = [m for m in args.modes.split(",") if m]

@@ -7,7 +7,11 @@ The reference loops over instances, resizing each feature map to its box with
 and the box mask zeroes everything outside. Instances of different images are grouped by padding
 each image's logits to ``max_instances`` with ``-inf`` (weight exactly 0), so one softmax covers
 the batch. Logits, softmax and the weighted sum run in float32 whatever the trunk's dtype: the
-+1e5 background logit overflows fp16 (spec §7 quirk 5).
++1e5 background logit overflows fp16 (spec §7 quirk 5). bf16 has float32's exponent range, so
+there the logit would not overflow, but it would still be wrong enough to keep float32: bf16's
+8-bit significand rounds ``logit + 1e5`` to a multiple of 512 and the in-box logits to about
+three digits, and summing up to nine weighted features in bf16 adds its rounding to every
+fused pixel. The weight generators are 16-channel branches, so float32 there costs little.
 """
 
 from __future__ import annotations
@@ -139,7 +143,7 @@ def fuse_instances(
     weights = torch.softmax(logits, dim=1)
     inst_weight = weights[layout.image_index, layout.slot_index].unsqueeze(1)
 
-    fused = torch.zeros(full.shape, device=full.device, dtype=torch.float32)
+    fused = torch.zeros_like(full, dtype=torch.float32)  # keeps full's memory format (NHWC)
     per_instance = instances[0].numel()
     chunk = max(1, MAX_PLACED_ELEMENTS // max(per_instance, 1))
     for start in range(0, layout.num_instances, chunk):

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 from PIL import Image
@@ -32,6 +32,7 @@ from models.detector import DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE, BoxDetector, Det
 from models.fusion import build_layout
 from models.image_input import InputImage, to_input_image
 from models.merge import Resolution, merge_network, merge_original
+from models.precision import DTYPES, Precision, probe_cpu
 from models.preprocess import (
     crop_l,
     detector_lightness,
@@ -43,7 +44,6 @@ from models.preprocess import (
 
 log = logging.getLogger(__name__)
 
-Precision = Literal["fp32", "fp16"]
 STAGES: tuple[str, ...] = ("preprocess", "detect", "instance", "fusion", "merge")
 DEFAULT_SCORE_THRESHOLD = 0.7
 
@@ -102,24 +102,33 @@ class Colorizer:
         precision: Precision = "fp32",
         instance_limit: int = DEFAULT_MAX_INSTANCES,
         crop_threads: int = 4,
+        channels_last: bool = True,
     ) -> None:
         self.device = torch.device(device)
         # Cutting and resizing crops is PIL work that releases the GIL: spread it over threads.
         self._crop_pool = ThreadPoolExecutor(max(1, crop_threads), thread_name_prefix="crops")
         self.precision: Precision = precision
-        self.dtype = torch.float16 if precision == "fp16" else torch.float32
+        self.dtype = DTYPES[precision]
         self.instance_limit = instance_limit
         self.networks = networks
         self.detector = detector
-        self.instance_net = networks.instance.to(self.device, self.dtype)
-        self.full_image_net = networks.full_image.to(self.device, self.dtype)
-        self.fusion_net = networks.fusion.to(self.device, self.dtype)
+        # NHWC: what oneDNN and tensor-core convolutions prefer; at fp32 the same results as NCHW
+        # to float rounding (tests/test_precision.py).
+        self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
+        fmt = self.memory_format
+        self.instance_net = networks.instance.to(self.device, self.dtype).to(memory_format=fmt)
+        self.full_image_net = networks.full_image.to(self.device, self.dtype).to(memory_format=fmt)
+        self.fusion_net = networks.fusion.to(self.device, self.dtype).to(memory_format=fmt)
         for generator in self.fusion_net.weight_generators():
             generator.float()  # fusion logits and softmax stay float32 (spec §7 quirk 5)
+        if detector is not None:
+            detector.model.to(memory_format=self.memory_format)
+            # Boxes only feed crop selection: the detector runs under autocast (bf16 anywhere,
+            # fp16 on CUDA) rather than with cast weights.
+            mixed = precision == "bf16" or (precision == "fp16" and self.device.type == "cuda")
+            detector.autocast_dtype = self.dtype if mixed else None
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-            if detector is not None and precision == "fp16":
-                detector.autocast_dtype = torch.float16
             if precision == "fp32":  # parity: no TF32 (spec §8)
                 torch.backends.cudnn.allow_tf32 = False
                 torch.backends.cuda.matmul.allow_tf32 = False
@@ -135,6 +144,7 @@ class Colorizer:
         device: torch.device | str = "cpu",
         precision: Precision = "fp32",
         instance_limit: int = DEFAULT_MAX_INSTANCES,
+        channels_last: bool = True,
     ) -> Colorizer:
         networks = load_networks(checkpoints)
         detector = None
@@ -142,7 +152,9 @@ class Colorizer:
             detector = BoxDetector.from_file(
                 detector_weights, detector_version, device, *detector_size
             )
-        return cls(networks, detector, device, precision, instance_limit)
+        return cls(
+            networks, detector, device, precision, instance_limit, channels_last=channels_last
+        )
 
     @property
     def version(self) -> str:
@@ -163,6 +175,8 @@ class Colorizer:
             else {"name": self.detector.file.path.name, "sha256": self.detector.file.sha256},
             "device": str(self.device),
             "precision": self.precision,
+            "channels_last": self.memory_format == torch.channels_last,
+            "cpu": probe_cpu().describe(),
             "instance_limit": self.instance_limit,
         }
 
@@ -234,8 +248,10 @@ class Colorizer:
             found[i] = Detections(tuple(b for b, _ in kept), tuple(s for _, s in kept))
         return found
 
-    def _to_device(self, x: torch.Tensor) -> torch.Tensor:
-        return x.to(self.device, self.dtype, non_blocking=True)
+    def _network_input(self, l_norm: torch.Tensor) -> torch.Tensor:
+        """(N, 4, 256, 256) on the device, in the networks' dtype and memory format."""
+        x = network_input(l_norm.to(self.device, self.dtype, non_blocking=True))
+        return x.contiguous(memory_format=self.memory_format)
 
     @torch.inference_mode()
     def predict(self, batch: Sequence[PreparedImage]) -> list[Prediction]:
@@ -262,7 +278,7 @@ class Colorizer:
                     )
                 )
             )
-            _, features = self.instance_net(network_input(self._to_device(crops)))
+            _, features = self.instance_net(self._network_input(crops))
         self._sync()
         t2 = time.perf_counter()
 
@@ -276,13 +292,13 @@ class Colorizer:
             ]
             layout = build_layout(infos, self.device)
             full = torch.stack([batch[i].l_norm for i in with_boxes])
-            fused = self.fusion_net(network_input(self._to_device(full)), features, layout)
+            fused = self.fusion_net(self._network_input(full), features, layout)
             for i, out in zip(with_boxes, fused.float().cpu(), strict=True):
                 ab[i] = out
         del features
         if without:
             full = torch.stack([batch[i].l_norm for i in without])
-            plain = self.full_image_net(network_input(self._to_device(full)))
+            plain = self.full_image_net(self._network_input(full))
             for i, out in zip(without, plain.float().cpu(), strict=True):
                 ab[i] = out
         self._sync()
@@ -326,10 +342,13 @@ class Colorizer:
         predictions = self.predict(prepared)
         return [self.merge(p, r) for p, r in zip(prepared, predictions, strict=True)]
 
-    def warmup(self, batch_size: int) -> None:
-        """Run one batch through every network (and the detector) so first requests are not slow."""
+    def warmup(self, batch_size: int, instances: int | None = None) -> None:
+        """Run one batch through every network (and the detector) so first requests are not slow.
+
+        ``instances`` per image with boxes (default: the instance limit).
+        """
         gradient = Image.linear_gradient("L").resize((320, 240)).convert("RGB")
-        k = self.instance_limit
+        k = self.instance_limit if instances is None else instances
         boxes = Detections.from_boxes([[10 + 20 * j, 10, 100 + 20 * j, 200] for j in range(k)])
         options = [
             ColorizeOptions(resolution="network", boxes=None if i % 2 else boxes)

@@ -103,13 +103,13 @@ class BatchEngine:
     def describe(self) -> dict[str, Any]:
         return self.colorizer.describe()
 
-    async def warmup(self, batch_sizes: Sequence[int]) -> None:
+    async def warmup(self, batch_sizes: Sequence[int], instances: int | None = None) -> None:
         """One batch per size on the device thread (kernels, allocator, cudnn autotuning)."""
         loop = asyncio.get_running_loop()
         for size in batch_sizes:
             log.info("warm-up: batch of %d started (ready once every batch size is done)", size)
             start = time.perf_counter()
-            await loop.run_in_executor(self.device_thread, self.colorizer.warmup, size)
+            await loop.run_in_executor(self.device_thread, self.colorizer.warmup, size, instances)
             log.info("warm-up: batch of %d done in %.1f s", size, time.perf_counter() - start)
         self._record_gpu_memory()
 
@@ -125,7 +125,7 @@ class BatchEngine:
         engine.owns_pool = True
         try:
             if settings.warmup:
-                await engine.warmup(settings.batch_buckets())
+                await engine.warmup(*settings.warmup_plan(colorizer.device.type))
         except BaseException:
             engine.close()
             raise

@@ -7,6 +7,7 @@ import os
 from typing import Any
 
 from models.pipeline import Colorizer
+from models.precision import precision_reason
 from service.settings import ModelSettings
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,8 @@ def build_colorizer(settings: ModelSettings) -> Colorizer:
         device=device,
         precision=precision,
         instance_limit=settings.instance_limit,
+        channels_last=settings.channels_last,
     )
+    log.info("%s on %s", precision_reason(settings.precision, device), device)
     log.info("loaded %s", model_summary(colorizer.describe()))
     return colorizer

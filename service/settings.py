@@ -51,9 +51,16 @@ class ModelSettings(BaseSettings):
     device: str = Field(
         default="auto", description="auto (cuda if available, else cpu), cpu, cuda or cuda:N."
     )
-    precision: Literal["auto", "fp32", "fp16"] = Field(
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         default="auto",
-        description="auto: fp16 on CUDA, fp32 on CPU. fp16 keeps the fusion softmax and Lab in fp32.",
+        description="auto: fp16 on CUDA; bf16 on a CPU with native bf16 (AMX or AVX512-BF16), "
+        "fp32 on other CPUs (there bf16 is emulated and several times slower). fp32 is the parity "
+        "mode; fp16 and bf16 keep the fusion softmax and Lab in fp32 (docs/performance.md).",
+    )
+    channels_last: bool = Field(
+        default=True,
+        description="Run the networks and the detector in NHWC (channels_last) memory format, "
+        "which oneDNN and tensor cores prefer. Same results as NCHW to float rounding.",
     )
     instance_limit: int = Field(
         default=8, ge=0, le=64,
@@ -73,10 +80,11 @@ class ModelSettings(BaseSettings):
 
         return "cuda" if torch.cuda.is_available() else "cpu"
 
-    def resolved_precision(self) -> Literal["fp32", "fp16"]:
-        if self.precision != "auto":
-            return self.precision
-        return "fp16" if self.resolved_device().startswith("cuda") else "fp32"
+    def resolved_precision(self) -> Literal["fp32", "fp16", "bf16"]:
+        """``auto`` resolved for this machine (models.precision probes the CPU's bf16 support)."""
+        from models.precision import resolve_precision  # imports torch: model processes only
+
+        return resolve_precision(self.precision, self.resolved_device())
 
     def missing_weight_files(self) -> list[Path]:
         """Files that must exist before the model can load; empty when all are there."""
@@ -151,8 +159,15 @@ class ServiceSettings(ModelSettings):
     )  # fmt: skip
     warmup: bool = Field(
         default=True,
-        description="Run one batch per batch-size bucket (1, 2, 4, ... max_batch_size) before "
-        "/readyz turns 200.",
+        description="Run warm-up batches (see warmup_buckets) before /readyz turns 200.",
+    )
+    warmup_scope: Literal["auto", "full", "minimal"] = Field(
+        default="auto",
+        description="full: one batch per batch-size bucket (1, 2, 4, ... max_batch_size) with "
+        "instance_limit instances per image, so cudnn autotunes every shape before the first "
+        "request; minimal: one image with one instance (every network once); auto: full on "
+        "CUDA, minimal on CPU, where there is nothing to autotune and a full warm-up at full "
+        "width takes minutes.",
     )
     queue: Literal["memory", "redis"] = Field(
         default="memory",
@@ -339,6 +354,12 @@ class ServiceSettings(ModelSettings):
 
     def cors_origin_list(self) -> list[str]:
         return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
+
+    def warmup_plan(self, device_type: str) -> tuple[list[int], int]:
+        """Batch sizes to warm up and instances per image, on a ``cpu`` or ``cuda`` device."""
+        if self.warmup_scope == "minimal" or (self.warmup_scope == "auto" and device_type != "cuda"):
+            return [1], min(1, self.instance_limit)
+        return self.batch_buckets(), self.instance_limit
 
     def batch_buckets(self) -> list[int]:
         """Batch sizes warmed up at start: powers of two below max_batch_size, and it."""

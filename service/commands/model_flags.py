@@ -25,14 +25,20 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--detector-version", choices=["v1", "v2"],
                        help="Mask R-CNN ResNet-50-FPN v1 or v2 [COLORIZE_DETECTOR_VERSION]")  # fmt: skip
     group.add_argument("--device", help="auto, cpu, cuda or cuda:N [COLORIZE_DEVICE]")
-    group.add_argument("--precision", choices=["auto", "fp32", "fp16"],
-                       help="[COLORIZE_PRECISION] auto: fp16 on CUDA, fp32 on CPU")  # fmt: skip
+    group.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"],
+                       help="[COLORIZE_PRECISION] auto: fp16 on CUDA, bf16 on a CPU with AMX or "
+                       "AVX512-BF16, else fp32 (docs/performance.md)")  # fmt: skip
+    group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
+                       help="NHWC memory format [COLORIZE_CHANNELS_LAST, default on]")  # fmt: skip
 
 
 def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Settings fields given on the command line (absent flags leave the environment's value)."""
     overrides: dict[str, Any] = {}
-    for name in ("checkpoints", "detector_weights", "detector_version", "device", "precision"):
+    for name in (
+        "checkpoints", "detector_weights", "detector_version", "device", "precision",
+        "channels_last",
+    ):  # fmt: skip
         value = getattr(args, name, None)
         if value is not None:
             overrides[name] = value

@@ -1,0 +1,211 @@
+"""Precisions and memory formats: bf16 against fp32, channels_last against NCHW, the auto choice.
+
+bf16 is emulated (slow) on CPUs without AMX/AVX512-BF16, so these run tiny width-8 networks on
+small inputs. The tolerances are the ones docs/performance.md states.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from PIL import Image
+
+from models import precision
+from models.boxes import Detections
+from models.checkpoints import load_networks
+from models.pipeline import ColorizeOptions, Colorizer, Prediction
+from models.precision import CpuFeatures, Precision, probe_cpu, resolve_precision
+from service.settings import ModelSettings, ServiceSettings
+
+BF16_MEAN_AB = 0.01  # normalised ab (range [-1, 1]), mean absolute difference to fp32
+BF16_MAX_AB = 0.1  # normalised ab, largest difference at any pixel
+
+
+def _colorizer(checkpoints: Path, precision: Precision, channels_last: bool) -> Colorizer:
+    return Colorizer(load_networks(checkpoints), precision=precision, channels_last=channels_last)
+
+
+def _boxes() -> Detections:
+    return Detections.from_boxes([[20, 30, 140, 200], [150, 50, 300, 180], [5, 5, 60, 60]])
+
+
+def _predict(colorizer: Colorizer, images: list[Image.Image], with_boxes: bool) -> list[Prediction]:
+    options = ColorizeOptions(resolution="network", boxes=_boxes() if with_boxes else None)
+    return colorizer.predict([colorizer.prepare(image, options) for image in images])
+
+
+def _ab(predictions: list[Prediction]) -> torch.Tensor:
+    return torch.stack([p.ab for p in predictions])
+
+
+@pytest.mark.parametrize("with_boxes", [True, False], ids=["fusion", "full-image"])
+def test_channels_last_equals_nchw_at_fp32(
+    tiny_checkpoints: Path, gray_photo: Image.Image, with_boxes: bool
+) -> None:
+    nchw = _colorizer(tiny_checkpoints, "fp32", channels_last=False)
+    nhwc = _colorizer(tiny_checkpoints, "fp32", channels_last=True)
+    assert nhwc.full_image_net.model1[0].weight.is_contiguous(memory_format=torch.channels_last)
+    expected = _ab(_predict(nchw, [gray_photo], with_boxes))
+    actual = _ab(_predict(nhwc, [gray_photo], with_boxes))
+    torch.testing.assert_close(actual, expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("with_boxes", [True, False], ids=["fusion", "full-image"])
+def test_bf16_on_cpu_is_within_the_documented_tolerance(
+    tiny_checkpoints: Path, gray_photo: Image.Image, with_boxes: bool
+) -> None:
+    reference = _ab(_predict(_colorizer(tiny_checkpoints, "fp32", False), [gray_photo], with_boxes))
+    bf16 = _colorizer(tiny_checkpoints, "bf16", channels_last=True)
+    assert bf16.full_image_net.model1[0].weight.dtype == torch.bfloat16
+    # the fusion logits stay float32 in bf16 mode too (models/fusion.py)
+    assert bf16.fusion_net.weight_layer.simple_bg_conv[0].weight.dtype == torch.float32
+    actual = _ab(_predict(bf16, [gray_photo], with_boxes))
+    assert actual.dtype == torch.float32
+    difference = (actual - reference).abs()
+    assert 0 < difference.mean().item() <= BF16_MEAN_AB  # > 0: bf16 really ran
+    assert difference.max().item() <= BF16_MAX_AB
+
+
+def test_bf16_batch_equals_one_by_one(tiny_checkpoints: Path, gray_photo: Image.Image) -> None:
+    bf16 = _colorizer(tiny_checkpoints, "bf16", channels_last=True)
+    images = [gray_photo, gray_photo.rotate(90, expand=True), gray_photo.transpose(0)]
+    batched = _ab(_predict(bf16, images, with_boxes=True))
+    alone = torch.cat([_ab(_predict(bf16, [image], with_boxes=True)) for image in images])
+    difference = (batched - alone).abs()
+    assert difference.mean().item() <= BF16_MEAN_AB / 10
+    assert difference.max().item() <= BF16_MAX_AB
+
+
+def test_bf16_detector_runs_under_autocast(tiny_checkpoints: Path, detector_weights: Path) -> None:
+    colorizer = Colorizer.load(tiny_checkpoints, detector_weights, precision="bf16",
+                               detector_size=(64, 96))  # fmt: skip
+    assert colorizer.detector is not None
+    assert colorizer.detector.autocast_dtype == torch.bfloat16
+    backbone = colorizer.detector.model.backbone.body.conv1.weight
+    assert backbone.is_contiguous(memory_format=torch.channels_last)
+    image = Image.linear_gradient("L").resize((96, 64))
+    result = colorizer.colorize([image], ColorizeOptions(resolution="network", score_threshold=0))
+    assert result[0].image.size == (256, 256)
+
+
+AVX2 = CpuFeatures("AVX2", amx=False, avx512_bf16=False, cpuinfo_flags=())
+AVX512_NO_BF16 = CpuFeatures("AVX512", amx=False, avx512_bf16=False, cpuinfo_flags=())
+ZEN4 = CpuFeatures("AVX512", amx=False, avx512_bf16=True, cpuinfo_flags=("avx512_bf16",))
+SAPPHIRE_RAPIDS = CpuFeatures("AVX512", amx=True, avx512_bf16=True,
+                              cpuinfo_flags=("amx_bf16", "avx512_bf16"))  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("cpu", "expected"),
+    [(AVX2, "fp32"), (AVX512_NO_BF16, "fp32"), (ZEN4, "bf16"), (SAPPHIRE_RAPIDS, "bf16")],
+)
+def test_auto_picks_bf16_only_on_cpus_with_native_bf16(
+    monkeypatch: pytest.MonkeyPatch, cpu: CpuFeatures, expected: str
+) -> None:
+    monkeypatch.setattr(precision, "probe_cpu", lambda: cpu)
+    assert resolve_precision("auto", "cpu") == expected
+    assert ModelSettings(device="cpu").resolved_precision() == expected
+    assert resolve_precision("auto", "cuda") == "fp16"
+    assert resolve_precision("auto", "cuda:1") == "fp16"
+    for explicit in ("fp32", "fp16", "bf16"):
+        assert resolve_precision(explicit, "cpu") == explicit  # type: ignore[arg-type]
+    reason = precision.precision_reason("auto", "cpu")
+    assert f"precision {expected}" in reason and cpu.capability in reason
+
+
+def test_cpu_probe_reads_cpuinfo_flags(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    cpuinfo = tmp_path / "cpuinfo"
+    cpuinfo.write_text("processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16\n\n")
+    monkeypatch.setattr(precision, "CPUINFO", cpuinfo)
+    monkeypatch.setattr(precision, "_torch_probe", lambda name: False)
+    found = probe_cpu.__wrapped__()  # type: ignore[attr-defined]  # bypass the cache
+    assert found.avx512_bf16 and not found.amx and found.native_bf16
+    assert found.describe()["bf16_instructions"] == ["AVX512-BF16"]
+    cpuinfo.write_text("flags\t\t: fpu sse avx2\n")
+    found = probe_cpu.__wrapped__()  # type: ignore[attr-defined]
+    assert not found.native_bf16 and found.describe()["bf16_instructions"] == []
+
+
+def test_this_machine_is_described(tiny_colorizer: Colorizer) -> None:
+    info = tiny_colorizer.describe()
+    assert info["channels_last"] is True
+    assert info["cpu"]["capability"] == torch.backends.cpu.get_cpu_capability()
+    assert isinstance(info["cpu"]["native_bf16"], bool)
+
+
+def test_warmup_is_minimal_on_cpu_and_full_on_cuda() -> None:
+    settings = ServiceSettings(max_batch_size=8, instance_limit=8)
+    assert settings.warmup_plan("cpu") == ([1], 1)
+    assert settings.warmup_plan("cuda") == ([1, 2, 4, 8], 8)
+    assert ServiceSettings(warmup_scope="full").warmup_plan("cpu") == ([1, 2, 4, 8], 8)
+    assert ServiceSettings(warmup_scope="minimal").warmup_plan("cuda") == ([1], 1)
+    assert ServiceSettings(instance_limit=0).warmup_plan("cpu") == ([1], 0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("mode", ["fp16", "bf16"])
+def test_cuda_half_precisions_with_channels_last_against_fp32(
+    tiny_checkpoints: Path, gray_photo: Image.Image, mode: Precision
+) -> None:
+    reference = Colorizer(load_networks(tiny_checkpoints), device="cuda", channels_last=False)
+    expected = _ab(_predict(reference, [gray_photo], with_boxes=True))
+    half = Colorizer(load_networks(tiny_checkpoints), device="cuda", precision=mode)
+    actual = _ab(_predict(half, [gray_photo], with_boxes=True))
+    difference = (actual - expected).abs()
+    assert difference.mean().item() <= BF16_MEAN_AB
+    assert difference.max().item() <= BF16_MAX_AB
+    nhwc = Colorizer(load_networks(tiny_checkpoints), device="cuda", channels_last=True)
+    torch.testing.assert_close(
+        _ab(_predict(nhwc, [gray_photo], with_boxes=True)), expected, rtol=0, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("command", ["colorize", "serve", "worker"])
+def test_precision_flags_reach_the_settings(command: str) -> None:
+    from service.cli import build_parser
+    from service.commands.model_flags import model_overrides
+
+    extra = ["in.png", "-o", "out"] if command == "colorize" else []
+    args = build_parser().parse_args(
+        [command, *extra, "--precision", "bf16", "--no-channels-last", "--device", "cpu"]
+    )
+    settings = ModelSettings(**model_overrides(args))
+    assert settings.precision == "bf16" and settings.channels_last is False
+    assert settings.resolved_precision() == "bf16"
+    args = build_parser().parse_args([command, *extra, "--precision", "auto"])
+    assert ModelSettings(**model_overrides(args)).channels_last is True
+
+
+def test_colorize_batch_size_is_auto_unless_given(
+    tiny_checkpoints: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.cli import build_parser, main
+    from service.commands import colorize
+
+    assert build_parser().parse_args(["colorize", "a.png", "-o", "o"]).batch_size is None
+    assert (
+        build_parser()
+        .parse_args(["colorize", "a.png", "-o", "o", "--batch-size", "auto"])
+        .batch_size
+        is None
+    )
+    assert (
+        build_parser().parse_args(["colorize", "a.png", "-o", "o", "--batch-size", "3"]).batch_size
+        == 3
+    )
+    seen: list[int] = []
+    real = colorize.process
+
+    def spy(*args: object, batch_size: int, **kwargs: object) -> object:
+        seen.append(batch_size)
+        return real(*args, batch_size=batch_size, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(colorize, "process", spy)
+    source = tmp_path / "in.png"
+    Image.linear_gradient("L").resize((40, 30)).save(source)
+    argv = ["colorize", str(source), "-o", str(tmp_path / "out"), "--no-progress",
+            "--no-detector", "--checkpoints", str(tiny_checkpoints)]  # fmt: skip
+    assert main(argv) == 0
+    assert seen == [colorize.AUTO_BATCH_SIZE["cpu"]] == [1]
