@@ -121,7 +121,10 @@ class LpipsMetric:
     @staticmethod
     def _to_tensor(image: np.ndarray) -> torch.Tensor:
         """uint8 HxWx3 -> (1, 3, H, W) in [-1, 1], as ``lpips.im2tensor``."""
-        return torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+        return (
+            torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None].float() / 127.5
+            - 1.0
+        )
 
     @torch.inference_mode()
     def __call__(self, pred: np.ndarray, target: np.ndarray) -> float:
