@@ -162,8 +162,9 @@ def select_examples(scores: Sequence[ImageScore], metric: str) -> list[tuple[str
         return []
     reverse = metric not in LOWER_IS_BETTER  # best first
     ordered = sorted(scored, key=lambda s: s.scores[metric], reverse=reverse)
-    picks = [("best", ordered[0]), ("median", ordered[len(ordered) // 2]), ("worst", ordered[-1])]
-    return picks[: len(ordered)]
+    if len(ordered) < 3:  # too few for a median apart from the ends
+        return [("best", ordered[0]), ("worst", ordered[-1])][: len(ordered)]
+    return [("best", ordered[0]), ("median", ordered[len(ordered) // 2]), ("worst", ordered[-1])]
 
 
 def contact_sheet(score: ImageScore, report_dir: Path, resolution: Resolution) -> Image.Image:
