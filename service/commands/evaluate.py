@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-LPIPS_VGG16_FILENAME = "vgg16-397923af.pth"  # torchvision's name; fetch-weights --lpips-vgg16
+LPIPS_VGG16_FILENAME = "vgg16-397923af.pth"  # evaluation.metrics.VGG16_FILENAME (checked by a test)
 DEFAULT_LPIPS_WEIGHTS = DEFAULT_WEIGHTS_DIR / LPIPS_VGG16_FILENAME
 CONFIG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 RESERVED_NAMES = frozenset({"images", "report_files"})
