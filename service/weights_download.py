@@ -1,6 +1,6 @@
 """Download the weight files, verify them and prove they load (``python -m service fetch-weights``).
 
-Three sources, each described by data (``RemoteFile``):
+Four sources, each described by data (``RemoteFile``):
 
 * the authors' checkpoint zip on Google Drive (``models.checkpoints.OFFICIAL_ZIP_DRIVE_ID``); only
   ``coco_finetuned_mask_256_ffs/latest_net_{G,GF,GComp}.pth`` are extracted, to
@@ -11,7 +11,7 @@ Three sources, each described by data (``RemoteFile``):
   ``tools/publish_model.py`` names files ``<name>-<sha256sum[:8]>.pth``); that prefix is checked;
 * torchvision's COCO Mask R-CNN (``models.detector.DETECTOR_WEIGHTS``) to ``DIR/<its name>``, whose
   name carries the sha256 prefix that torchvision itself checks; that prefix is checked;
-* on request, torchvision's ImageNet VGG16 (``evaluation.metrics.VGG16_URL``), the LPIPS backbone
+* on request, torchvision's ImageNet VGG16 (``VGG16_Weights.IMAGENET1K_V1``), the LPIPS backbone
   of ``evaluate``, to ``DIR/vgg16-397923af.pth``; its sha256 prefix is checked the same way.
 
 Every download streams into a temporary file beside its destination and is renamed into place only
@@ -105,7 +105,7 @@ class WeightSources:
 
     @classmethod
     def default(cls) -> WeightSources:
-        from evaluation.metrics import VGG16_URL
+        from torchvision.models import VGG16_Weights
 
         return cls(
             official_zip=RemoteFile(DRIVE_URL.format(id=OFFICIAL_ZIP_DRIVE_ID), OFFICIAL_ZIP_NAME),
@@ -114,7 +114,7 @@ class WeightSources:
                 v: RemoteFile(w.url, w.filename, w.sha256_prefix)
                 for v, w in DETECTOR_WEIGHTS.items()
             },
-            lpips_vgg16=remote_file(VGG16_URL),
+            lpips_vgg16=remote_file(VGG16_Weights.IMAGENET1K_V1.url),
         )
 
     @classmethod
