@@ -205,7 +205,11 @@ class Evaluator:
                 colorized = self.colorizer.merge(prepared, prediction).image.convert("RGB")
                 save_png(colorized, report_dir / item.image_name)
                 run.scores.append(self.score(item, pair, colorized))
-            except (OSError, ValueError) as exc:
+            except (
+                OSError,
+                ValueError,
+                RuntimeError,
+            ) as exc:  # RuntimeError: LPIPS on a tiny image
                 run.failures.append((str(item.source), f"{type(exc).__name__}: {exc}"))
 
     def run(
