@@ -13,7 +13,13 @@ from pathlib import Path
 from typing import Any
 
 from evaluation.metrics import paired_difference
-from evaluation.report import METRIC_TITLES, _environment, _json_summary, write_text_atomic
+from evaluation.report import (
+    METRIC_TITLES,
+    _environment,
+    _json_summary,
+    fid_summary,
+    write_text_atomic,
+)
 from evaluation.run import LOWER_IS_BETTER, METRICS, EvaluationRun, finite_or_none
 
 
@@ -52,6 +58,7 @@ def build_comparison(
                 "failed": len(run.failures),
                 "report": f"{name}/report.html",
                 "images_per_second": run.images_per_second,
+                "fid": fid_summary(run),
             }
             for name, run in runs
         ],

@@ -21,6 +21,7 @@ from jinja2 import Environment, PackageLoader, select_autoescape
 from PIL import Image
 
 from evaluation.dataset import load_pair
+from evaluation.fid import frechet_distance
 from evaluation.metrics import summarize
 from evaluation.run import LOWER_IS_BETTER, METRICS, EvaluationRun, ImageScore, finite_or_none
 from models.grey import training_grey
@@ -116,6 +117,7 @@ def build_summary(
         "machine": machine,
         "throughput": {"seconds": run.seconds, "images_per_second": run.images_per_second},
     }
+    summary["fid"] = fid_summary(run)
     if any(s.instances is not None for s in run.scores):
         crops = [i for s in run.scores for i in s.instances or []]
         summary["instances"] = {
@@ -124,6 +126,15 @@ def build_summary(
             "metrics": {m: _json_summary([c.scores[m] for c in crops]) for m in METRICS},
         }
     return summary
+
+
+def fid_summary(run: EvaluationRun) -> dict[str, Any] | None:
+    """FID of the colorized set against the ground-truth set; None where it was not computed."""
+    pairs = [s.fid_features for s in run.scores if s.fid_features is not None]
+    if not pairs:
+        return None
+    value = frechet_distance([p for p, _ in pairs], [t for _, t in pairs])
+    return {"value": finite_or_none(value), "images": len(pairs)}
 
 
 def write_summary_json(report_dir: Path, summary: dict[str, Any]) -> Path:

@@ -26,6 +26,7 @@ import torch
 from PIL import Image
 
 from evaluation.dataset import GroundTruth, Instance, Pair, instance_box, load_pair
+from evaluation.fid import FidFeatures
 from evaluation.metrics import LpipsMetric, colorfulness, score_pair
 from models.pipeline import ColorizeOptions, Colorizer, Prediction, PreparedImage
 
@@ -59,6 +60,7 @@ class ImageScore:
     target_colorfulness: float
     instances: list[InstanceScore] | None  # None: no annotations were given
     skipped_instances: int = 0  # annotated instances too small to score
+    fid_features: tuple[np.ndarray, np.ndarray] | None = None  # (colorized, ground truth)
 
 
 @dataclass
@@ -140,11 +142,13 @@ class Evaluator:
         options: ColorizeOptions,
         lpips: LpipsMetric | None = None,
         instances: dict[str, list[Instance]] | None = None,
+        fid: FidFeatures | None = None,
     ) -> None:
         self.colorizer = colorizer
         self.options = options
         self.lpips = lpips
         self.instances = instances
+        self.fid = fid
 
     def _load(self, items: Sequence[GroundTruth]) -> list[Loaded]:
         loaded: list[Loaded] = []
@@ -185,8 +189,16 @@ class Evaluator:
                 pair.original_size,
                 self.lpips,
             )
+        features = None
+        if self.fid is not None:
+            features = (self.fid(pred).astype(np.float32), self.fid(target).astype(np.float32))
         return ImageScore(
-            item, score_pair(pred, target, self.lpips), colorfulness(target), instances, skipped
+            item,
+            score_pair(pred, target, self.lpips),
+            colorfulness(target),
+            instances,
+            skipped,
+            features,
         )
 
     def _finish(self, loaded: Sequence[Loaded], report_dir: Path, run: EvaluationRun) -> None:

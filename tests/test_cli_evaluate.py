@@ -309,3 +309,26 @@ def test_no_images_is_a_usage_error(tmp_path: Path, tiny_checkpoints: Path,
     (tmp_path / "empty").mkdir()
     assert evaluate(tmp_path / "empty", "-o", tmp_path / "r", checkpoints=tiny_checkpoints) == 2
     assert "no images found" in capsys.readouterr().err
+
+
+def test_fid_over_the_set_with_local_inception_weights(
+    photos: Path, tmp_path: Path, tiny_checkpoints: Path, fid_inception_weights: Path
+) -> None:
+    from evaluation.fid import FidFeatures, frechet_distance
+
+    report = tmp_path / "report"
+    code = evaluate(photos / "val", "-o", report, "--fid-weights", fid_inception_weights,
+                    checkpoints=tiny_checkpoints)  # fmt: skip
+    assert code == 0
+    summary = json.loads((report / "summary.json").read_text())
+    assert summary["fid"]["images"] == 2
+    features = FidFeatures.from_inception_file(fid_inception_weights)
+    saved, targets = [], []
+    for name in ("b.jpg", "c.png"):
+        saved.append(
+            features(np.asarray(Image.open(report / "images" / Path(name).with_suffix(".png"))))
+        )
+        with Image.open(photos / "val" / name) as photo:
+            targets.append(features(np.asarray(resize_to_network(photo.convert("RGB")))))
+    assert summary["fid"]["value"] == pytest.approx(frechet_distance(saved, targets), rel=1e-3)
+    assert "FID (colorized set" in (report / "report.html").read_text()

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 LPIPS_VGG16_FILENAME = "vgg16-397923af.pth"  # evaluation.metrics.VGG16_FILENAME (checked by a test)
 DEFAULT_LPIPS_WEIGHTS = DEFAULT_WEIGHTS_DIR / LPIPS_VGG16_FILENAME
+FID_INCEPTION_FILENAME = "pt_inception-2015-12-05-6726825d.pth"  # evaluation.fid.FID_FILENAME
+DEFAULT_FID_WEIGHTS = DEFAULT_WEIGHTS_DIR / FID_INCEPTION_FILENAME
 CONFIG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 RESERVED_NAMES = frozenset({"images", "report_files"})
 
@@ -96,6 +98,13 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--lpips-weights", type=Path, metavar="FILE",
                         help="torchvision VGG16 file for LPIPS (default "
                         f"{DEFAULT_LPIPS_WEIGHTS} if it exists, else no LPIPS)")  # fmt: skip
+    parser.add_argument(
+        "--fid-weights",
+        type=Path,
+        metavar="FILE",
+        help="pytorch-fid's Inception file: also FID of the whole set (default "
+        f"{DEFAULT_FID_WEIGHTS} if it exists, else no FID)",
+    )
     parser.add_argument("--limit", type=_positive_int, metavar="N",
                         help="score only the first N photos (in sorted order)")  # fmt: skip
     parser.add_argument("--batch-size", type=_positive_int, default=8, metavar="B",
@@ -153,7 +162,10 @@ def parse_compare(base: argparse.Namespace, entries: list[str]) -> list[Configur
 
 
 def _config(
-    args: argparse.Namespace, lpips_weights: Path | None, flags: str | None
+    args: argparse.Namespace,
+    lpips_weights: Path | None,
+    fid_weights: Path | None,
+    flags: str | None,
 ) -> dict[str, Any]:
     described: dict[str, Any] = {
         "resolution": args.resolution,
@@ -162,6 +174,7 @@ def _config(
         "batch_size": args.batch_size,
         "model_flags": {k: str(v) for k, v in model_overrides(args).items()},
         "lpips_weights": None if lpips_weights is None else str(lpips_weights),
+        "fid_weights": None if fid_weights is None else str(fid_weights),
         "instances": None if args.instances is None else str(args.instances),
         "limit": args.limit,
         "grey_input": "skimage rgb2gray x255 rounded, 3 channels (spec §6)",
@@ -182,6 +195,8 @@ def _summary_line(name: str, run: EvaluationRun, summary: dict[str, Any], page: 
         stats = summary["metrics"][metric]
         if stats["count"]:
             parts.append(f"{metric.upper()} {stats['mean']:.4f}")
+    if summary["fid"] is not None and summary["fid"]["value"] is not None:
+        parts.append(f"FID {summary['fid']['value']:.3f}")
     infinite = summary["metrics"]["psnr"]["infinite"]
     if infinite:
         parts.append(f"{infinite} identical (PSNR inf, left out)")
@@ -195,6 +210,7 @@ def run(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from evaluation.dataset import DatasetError, collect_ground_truth, load_coco_instances
+    from evaluation.fid import FidError
     from evaluation.metrics import LpipsError
     from models.checkpoints import CheckpointError
     from service.engine_factory import MissingWeightsError
@@ -227,12 +243,17 @@ def run(args: argparse.Namespace) -> int:
             f"evaluate: no LPIPS ({DEFAULT_LPIPS_WEIGHTS} not found): fetch it with "
             "`python -m service fetch-weights --lpips-vgg16`, or pass --lpips-weights FILE\n"
         )
+    fid_weights = args.fid_weights
+    if fid_weights is None and DEFAULT_FID_WEIGHTS.is_file():
+        fid_weights = DEFAULT_FID_WEIGHTS
     if instances is not None:
         annotated = sum(1 for item in items if item.source.name in instances)
         log.info("%d of %d photos have annotated instances", annotated, len(items))
     try:
-        runs = _evaluate_all(args, configurations, settings, items, instances, lpips_weights)
-    except (CheckpointError, LpipsError, MissingWeightsError) as exc:
+        runs = _evaluate_all(
+            args, configurations, settings, items, instances, lpips_weights, fid_weights
+        )
+    except (CheckpointError, LpipsError, FidError, MissingWeightsError) as exc:
         return _usage_error(str(exc))
     failed = False
     for name, result in runs:
@@ -256,10 +277,12 @@ def _evaluate_all(
     items: list[Any],
     instances: dict[str, Any] | None,
     lpips_weights: Path | None,
+    fid_weights: Path | None,
 ) -> list[tuple[str, EvaluationRun]]:
     """Each configuration in turn: load its colorizer, run, write its report, free it."""
     import torch
 
+    from evaluation.fid import FidFeatures
     from evaluation.metrics import LpipsMetric
     from evaluation.report import write_report
     from evaluation.run import Evaluator, machine_description
@@ -268,24 +291,27 @@ def _evaluate_all(
 
     runs: list[tuple[str, EvaluationRun]] = []
     lpips: LpipsMetric | None = None
+    fid: FidFeatures | None = None
     for config, chosen in zip(configurations, settings, strict=True):
         report_dir = args.output / config.name if config.name else args.output
         colorizer = build_colorizer(chosen)
         if lpips is None and lpips_weights is not None:
             lpips = LpipsMetric.from_vgg16_file(lpips_weights, str(colorizer.device))
+        if fid is None and fid_weights is not None:
+            fid = FidFeatures.from_inception_file(fid_weights, str(colorizer.device))
         options = ColorizeOptions(
             resolution=config.args.resolution,
             max_instances=config.args.max_instances,
             score_threshold=config.args.score_threshold,
         )
-        evaluator = Evaluator(colorizer, options, lpips, instances)
+        evaluator = Evaluator(colorizer, options, lpips, instances, fid)
         result = evaluator.run(
             items, report_dir, batch_size=args.batch_size, progress=not args.no_progress
         )
         summary = write_report(
             report_dir,
             result,
-            _config(config.args, lpips_weights, config.flags if config.name else None),
+            _config(config.args, lpips_weights, fid_weights, config.flags if config.name else None),
             colorizer.describe(),
             machine_description(colorizer.device),
             config.args.resolution,
