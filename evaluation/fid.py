@@ -24,7 +24,9 @@ from models.checkpoints import CheckpointError
 
 FID_FILENAME = "pt_inception-2015-12-05-6726825d.pth"
 """pytorch-fid's file name for its Inception weights (``pytorch_fid.inception.FID_WEIGHTS_URL``)."""
-FID_FEATURES = 2048  # the final average pool, pytorch-fid's default block
+FID_DIMS = (64, 192, 768, 2048)
+"""Feature sizes pytorch-fid offers (its ``--dims``): 2048, the final average pool, is the standard
+FID; the smaller, earlier blocks suit sets of fewer than 2048 images (pytorch-fid's advice)."""
 
 
 class FidError(CheckpointError):
@@ -50,14 +52,17 @@ def _local_weights(path: Path) -> Iterator[None]:
 class FidFeatures:
     """Inception pool features of uint8 RGB images, for the Frechet distance of two sets."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device) -> None:
+    def __init__(self, model: torch.nn.Module, device: torch.device, dims: int = 2048) -> None:
         self.model = model.to(device).eval()
         self.device = device
+        self.dims = dims
 
     @classmethod
-    def from_inception_file(cls, path: Path, device: str = "cpu") -> FidFeatures:
+    def from_inception_file(cls, path: Path, device: str = "cpu", dims: int = 2048) -> FidFeatures:
         from pytorch_fid.inception import InceptionV3
 
+        if dims not in FID_DIMS:
+            raise FidError(f"FID features must be one of {FID_DIMS}, got {dims}")
         path = Path(path)
         if not path.is_file():
             raise FidError(
@@ -66,18 +71,20 @@ class FidFeatures:
             )
         try:
             with _local_weights(path):
-                model = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[FID_FEATURES]])
+                model = InceptionV3([InceptionV3.BLOCK_INDEX_BY_DIM[dims]])
         except FidError:
             raise
         except Exception as exc:  # unreadable file, wrong or missing keys
             raise FidError(f"{path} is not pytorch-fid's FID Inception: {exc}") from exc
-        return cls(model, torch.device(device))
+        return cls(model, torch.device(device), dims)
 
     @torch.inference_mode()
     def __call__(self, image: np.ndarray) -> np.ndarray:
-        """(H, W, 3) uint8 -> (2048,) float64 (the network resizes to 299x299 itself)."""
+        """(H, W, 3) uint8 -> (dims,) float64 (the network resizes to 299x299 itself)."""
         x = torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None].float() / 255.0
         (features,) = self.model(x.to(self.device))
+        if features.shape[-1] != 1:  # blocks before the last: spatial maps, pooled like pytorch-fid
+            features = torch.nn.functional.adaptive_avg_pool2d(features, (1, 1))
         return features.reshape(-1).double().cpu().numpy()
 
 

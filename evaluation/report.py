@@ -128,13 +128,13 @@ def build_summary(
     return summary
 
 
-def fid_summary(run: EvaluationRun) -> dict[str, Any] | None:
+def fid_summary(run: EvaluationRun, dims: int | None = None) -> dict[str, Any] | None:
     """FID of the colorized set against the ground-truth set; None where it was not computed."""
     pairs = [s.fid_features for s in run.scores if s.fid_features is not None]
     if not pairs:
         return None
     value = frechet_distance([p for p, _ in pairs], [t for _, t in pairs])
-    return {"value": finite_or_none(value), "images": len(pairs)}
+    return {"value": finite_or_none(value), "images": len(pairs), "dims": int(pairs[0][0].size)}
 
 
 def write_summary_json(report_dir: Path, summary: dict[str, Any]) -> Path:

@@ -318,11 +318,12 @@ def test_fid_over_the_set_with_local_inception_weights(
 
     report = tmp_path / "report"
     code = evaluate(photos / "val", "-o", report, "--fid-weights", fid_inception_weights,
-                    checkpoints=tiny_checkpoints)  # fmt: skip
+                    "--fid-dims", "64", checkpoints=tiny_checkpoints)  # fmt: skip
     assert code == 0
     summary = json.loads((report / "summary.json").read_text())
     assert summary["fid"]["images"] == 2
-    features = FidFeatures.from_inception_file(fid_inception_weights)
+    assert summary["fid"]["dims"] == 64
+    features = FidFeatures.from_inception_file(fid_inception_weights, dims=64)
     saved, targets = [], []
     for name in ("b.jpg", "c.png"):
         saved.append(

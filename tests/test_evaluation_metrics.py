@@ -159,7 +159,8 @@ def test_fid_matches_pytorch_fid_on_the_same_weights(fid_inception_weights: Path
 
     from evaluation.fid import FidFeatures, frechet_distance
 
-    features = FidFeatures.from_inception_file(fid_inception_weights)
+    # 192-d (second pooling) features: the library's cheap block, and a small sqrtm
+    features = FidFeatures.from_inception_file(fid_inception_weights, dims=192)
     set_a = [photo(i, (40, 40)) for i in range(3)]
     set_b = [np.clip(photo(i + 10, (40, 40)).astype(int) + 30, 0, 255).astype(np.uint8)
              for i in range(3)]  # fmt: skip
@@ -171,7 +172,7 @@ def test_fid_matches_pytorch_fid_on_the_same_weights(fid_inception_weights: Path
     original = inception.load_state_dict_from_url
     inception.load_state_dict_from_url = lambda *a, **k: state
     try:
-        library = inception.InceptionV3([3]).eval()
+        library = inception.InceptionV3([1]).eval()
     finally:
         inception.load_state_dict_from_url = original
 
@@ -180,7 +181,8 @@ def test_fid_matches_pytorch_fid_on_the_same_weights(fid_inception_weights: Path
             [torch.from_numpy(x.copy()).permute(2, 0, 1).float() / 255 for x in images]
         )
         with torch.no_grad():
-            return library(batch)[0].reshape(len(images), -1).double().numpy()
+            pooled = torch.nn.functional.adaptive_avg_pool2d(library(batch)[0], (1, 1))
+        return pooled.reshape(len(images), -1).double().numpy()
 
     a, b = pool(set_a), pool(set_b)
     np.testing.assert_allclose(np.stack(ours_a), a, rtol=1e-4, atol=1e-6)
@@ -202,3 +204,5 @@ def test_fid_refuses_a_file_that_is_not_the_fid_inception(tmp_path: Path) -> Non
         FidFeatures.from_inception_file(wrong)
     with pytest.raises(FidError, match="not found"):
         FidFeatures.from_inception_file(tmp_path / "missing.pth")
+    with pytest.raises(FidError, match="must be one of"):
+        FidFeatures.from_inception_file(wrong, dims=100)

@@ -105,6 +105,14 @@ def add_parser(subparsers: Any) -> None:
         help="pytorch-fid's Inception file: also FID of the whole set (default "
         f"{DEFAULT_FID_WEIGHTS} if it exists, else no FID)",
     )
+    parser.add_argument(
+        "--fid-dims",
+        type=int,
+        choices=[64, 192, 768, 2048],
+        default=2048,
+        help="Inception features for FID (default 2048, the standard; pytorch-fid "
+        "advises fewer for sets of fewer than 2048 images)",
+    )
     parser.add_argument("--limit", type=_positive_int, metavar="N",
                         help="score only the first N photos (in sorted order)")  # fmt: skip
     parser.add_argument("--batch-size", type=_positive_int, default=8, metavar="B",
@@ -175,6 +183,7 @@ def _config(
         "model_flags": {k: str(v) for k, v in model_overrides(args).items()},
         "lpips_weights": None if lpips_weights is None else str(lpips_weights),
         "fid_weights": None if fid_weights is None else str(fid_weights),
+        "fid_dims": args.fid_dims if fid_weights is not None else None,
         "instances": None if args.instances is None else str(args.instances),
         "limit": args.limit,
         "grey_input": "skimage rgb2gray x255 rounded, 3 channels (spec §6)",
@@ -298,7 +307,7 @@ def _evaluate_all(
         if lpips is None and lpips_weights is not None:
             lpips = LpipsMetric.from_vgg16_file(lpips_weights, str(colorizer.device))
         if fid is None and fid_weights is not None:
-            fid = FidFeatures.from_inception_file(fid_weights, str(colorizer.device))
+            fid = FidFeatures.from_inception_file(fid_weights, str(colorizer.device), args.fid_dims)
         options = ColorizeOptions(
             resolution=config.args.resolution,
             max_instances=config.args.max_instances,
