@@ -22,6 +22,7 @@ from service import __version__
 
 COMMANDS: tuple[str, ...] = (
     "service.commands.colorize",
+    "service.commands.evaluate",
     "service.commands.fetch_weights",
     "service.commands.serve",
     "service.commands.worker",

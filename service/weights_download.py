@@ -1,6 +1,6 @@
 """Download the weight files, verify them and prove they load (``python -m service fetch-weights``).
 
-Three sources, each described by data (``RemoteFile``):
+Four sources, each described by data (``RemoteFile``):
 
 * the authors' checkpoint zip on Google Drive (``models.checkpoints.OFFICIAL_ZIP_DRIVE_ID``); only
   ``coco_finetuned_mask_256_ffs/latest_net_{G,GF,GComp}.pth`` are extracted, to
@@ -10,7 +10,9 @@ Three sources, each described by data (``RemoteFile``):
   name ends in ``-<8 hex>.pth``, the first 8 hex digits of the file's sha256 (OpenMMLab's
   ``tools/publish_model.py`` names files ``<name>-<sha256sum[:8]>.pth``); that prefix is checked;
 * torchvision's COCO Mask R-CNN (``models.detector.DETECTOR_WEIGHTS``) to ``DIR/<its name>``, whose
-  name carries the sha256 prefix that torchvision itself checks; that prefix is checked.
+  name carries the sha256 prefix that torchvision itself checks; that prefix is checked;
+* on request, torchvision's ImageNet VGG16 (``VGG16_Weights.IMAGENET1K_V1``), the LPIPS backbone
+  of ``evaluate``, to ``DIR/vgg16-397923af.pth``; its sha256 prefix is checked the same way.
 
 Every download streams into a temporary file beside its destination and is renamed into place only
 after the byte count and checksum are right, so no half-written or unverified file is ever left.
@@ -103,9 +105,12 @@ class WeightSources:
     official_zip: RemoteFile
     mmagic: RemoteFile
     detectors: Mapping[str, RemoteFile] = field(default_factory=dict)
+    lpips_vgg16: RemoteFile | None = None
 
     @classmethod
     def default(cls) -> WeightSources:
+        from torchvision.models import VGG16_Weights
+
         return cls(
             official_zip=RemoteFile(DRIVE_URL.format(id=OFFICIAL_ZIP_DRIVE_ID), OFFICIAL_ZIP_NAME),
             mmagic=remote_file(MMAGIC_URL),
@@ -113,6 +118,7 @@ class WeightSources:
                 v: RemoteFile(w.url, w.filename, w.sha256_prefix)
                 for v, w in DETECTOR_WEIGHTS.items()
             },
+            lpips_vgg16=remote_file(VGG16_Weights.IMAGENET1K_V1.url),
         )
 
     @classmethod
@@ -128,6 +134,7 @@ class WeightSources:
             official_zip=RemoteFile(base + OFFICIAL_ZIP_NAME, OFFICIAL_ZIP_NAME),
             mmagic=moved(default.mmagic),
             detectors={v: moved(f) for v, f in default.detectors.items()},
+            lpips_vgg16=moved(default.lpips_vgg16) if default.lpips_vgg16 else None,
         )
 
     @classmethod
@@ -149,6 +156,7 @@ class FetchReport:
     files: list[FetchedFile] = field(default_factory=list)
     checkpoints: Path | None = None  # what COLORIZE_CHECKPOINTS should point at
     detector_weights: Path | None = None  # what COLORIZE_DETECTOR_WEIGHTS should point at
+    lpips_vgg16: Path | None = None  # what evaluate --lpips-weights should point at
 
 
 # -- HTTP ---------------------------------------------------------------------------------------
@@ -460,6 +468,8 @@ def planned_files(
     variant: Variant = "official",
     detector: DetectorChoice = "v1",
     sources: WeightSources | None = None,
+    *,
+    lpips_vgg16: bool = False,
 ) -> list[PlannedFile]:
     """Every file ``fetch_weights(folder, variant, detector)`` provides, at its exact path."""
     sources = sources or WeightSources.default()
@@ -476,10 +486,14 @@ def planned_files(
     if detector != "none" and detector in sources.detectors:
         remote = sources.detectors[detector]
         planned.append(PlannedFile(folder / remote.filename, remote))
+    if lpips_vgg16 and sources.lpips_vgg16 is not None:
+        planned.append(PlannedFile(folder / sources.lpips_vgg16.filename, sources.lpips_vgg16))
     return planned
 
 
-def how_to_get_them(missing: list[PlannedFile], folder: Path, variant: str, detector: str) -> str:
+def how_to_get_them(
+    missing: list[PlannedFile], folder: Path, variant: str, detector: str, lpips_vgg16: bool = False
+) -> str:
     """What to do when the files cannot be downloaded here: a mirror, or copying them in by hand."""
     if not missing:
         return ""
@@ -491,6 +505,8 @@ def how_to_get_them(missing: list[PlannedFile], folder: Path, variant: str, dete
         flags += f" --variant {variant}"
     if detector != "v1":
         flags += f" --detector {detector}"
+    if lpips_vgg16:
+        flags += " --lpips-vgg16"
     lines += [
         "To get them without this machine reaching the original hosts, either:",
         f"  * a mirror (any HTTP server) serving {', '.join(r.filename for r in remotes)}:",
@@ -519,20 +535,26 @@ def fetch_weights(
     timeout: float = 60.0,
     progress: bool = True,
     verify: bool = True,
+    lpips_vgg16: bool = False,
 ) -> FetchReport:
     """Download what ``variant`` and ``detector`` need into ``folder``; verify and load each.
 
-    When a host cannot be reached, the error lists every file still missing and how to get it
-    another way (a mirror, or copying the files in by hand).
+    ``lpips_vgg16``: also torchvision's VGG16, the LPIPS backbone of ``evaluate``. When a host
+    cannot be reached, the error lists every file still missing and how to get it another way (a
+    mirror, or copying the files in by hand).
     """
     sources = sources or WeightSources.default()
     try:
-        return _fetch_all(folder, variant, detector, sources, timeout, progress, verify)
+        return _fetch_all(
+            folder, variant, detector, sources, timeout, progress, verify, lpips_vgg16
+        )
     except UnreachableError as exc:
         missing = [
-            p for p in planned_files(folder, variant, detector, sources) if not p.path.is_file()
+            p
+            for p in planned_files(folder, variant, detector, sources, lpips_vgg16=lpips_vgg16)
+            if not p.path.is_file()
         ]
-        advice = how_to_get_them(missing, folder, variant, detector)
+        advice = how_to_get_them(missing, folder, variant, detector, lpips_vgg16)
         raise UnreachableError(f"{exc}\n{advice}" if advice else str(exc)) from exc
 
 
@@ -544,6 +566,7 @@ def _fetch_all(
     timeout: float,
     progress: bool,
     verify: bool,
+    lpips_vgg16: bool,
 ) -> FetchReport:
     from models.checkpoints import load_networks
     from models.detector import BoxDetector
@@ -577,4 +600,18 @@ def _fetch_all(
         )
         report.files.append(item)
         report.detector_weights = item.path
+    if lpips_vgg16:
+        from evaluation.metrics import LpipsMetric
+
+        if sources.lpips_vgg16 is None:
+            raise DownloadError("no download source for the LPIPS VGG16 weights")
+        item = fetch_single(
+            sources.lpips_vgg16,
+            folder,
+            timeout=timeout,
+            progress=progress,
+            verify=LpipsMetric.from_vgg16_file if verify else None,
+        )
+        report.files.append(item)
+        report.lpips_vgg16 = item.path
     return report
