@@ -21,7 +21,9 @@ from service import __version__
 COMMANDS: tuple[str, ...] = (
     "service.commands.colorize",
     "service.commands.fetch_weights",
+    "service.commands.prepare_data",
     "service.commands.serve",
+    "service.commands.train",
     "service.commands.worker",
 )
 """Command modules, in the order ``--help`` lists them. Add a line here to add a command."""
