@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from weight_files import write_detector, write_mmagic, write_official
+from weight_files import write_detector, write_mmagic, write_official, write_vgg16
 
 from models.pipeline import Colorizer
 
@@ -42,6 +42,12 @@ def tiny_mmagic(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def detector_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Random-weight torchvision Mask R-CNN v1 under torchvision's file name (about 170 MB)."""
     return write_detector(tmp_path_factory.mktemp("detector"), "v1")
+
+
+@pytest.fixture(scope="session")
+def vgg16_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Seeded random VGG16 features under torchvision's file name: the LPIPS backbone."""
+    return write_vgg16(tmp_path_factory.mktemp("vgg16") / "vgg16-397923af.pth")
 
 
 @pytest.fixture(scope="session")

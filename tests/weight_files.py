@@ -10,6 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+import torchvision
 from torch import nn
 
 from models.checkpoints import MMAGIC_FILENAME
@@ -94,4 +95,24 @@ def write_detector(folder: Path, version: DetectorVersion = "v1", seed: int = 0)
     return path
 
 
-__all__ = ["MMAGIC_FILENAME", "random_networks", "write_detector", "write_mmagic", "write_official"]
+def write_vgg16(path: Path, seed: int = 0) -> Path:
+    """Seeded random torchvision VGG16 ``features.*`` tensors (the part LPIPS uses, about 60 MB).
+
+    The keys are those of torchvision's ``vgg16-397923af.pth``; the classifier is left out to keep
+    the file small, and the loader does not need it.
+    """
+    torch.manual_seed(seed)
+    state = torchvision.models.vgg16(weights=None).state_dict()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v for k, v in state.items() if k.startswith("features.")}, path)
+    return path
+
+
+__all__ = [
+    "MMAGIC_FILENAME",
+    "random_networks",
+    "write_detector",
+    "write_mmagic",
+    "write_official",
+    "write_vgg16",
+]

@@ -1,0 +1,1 @@
+"""Quality evaluation: the paper's metrics on held-out photos, and the report (imports ``models``)."""
