@@ -23,7 +23,14 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
-from models.boxes import DEFAULT_MAX_INSTANCES, FUSION_SCALES, Detections, IntBox, box_info, choose_boxes
+from models.boxes import (
+    DEFAULT_MAX_INSTANCES,
+    FUSION_SCALES,
+    Detections,
+    IntBox,
+    box_info,
+    choose_boxes,
+)
 from models.grey import training_grey
 from models.image_input import to_input_image
 from models.lab import AB_NORM, rgb_to_lab
@@ -80,7 +87,7 @@ class StageDataset(Dataset[dict[str, Any]]):
         grey = training_grey(colour)
         if self.stage == "instance":
             boxes = row_boxes(row)
-            rng = random.Random(f"{self.seed}:{self.epoch}:{index}")
+            rng = random.Random(f"{self.seed}:{self.epoch}:{index}")  # noqa: S311 (not crypto)
             box = boxes[rng.randrange(len(boxes))]
             colour, grey = colour.crop(box), grey.crop(box)
         ab, rgb = colour_target(colour)

@@ -135,7 +135,11 @@ class Progress:
 
 
 def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state(), "numpy": np.random.get_state(), "python": random.getstate()}
+    state = {
+        "torch": torch.get_rng_state(),
+        "numpy": np.random.get_state(),
+        "python": random.getstate(),
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -160,8 +164,10 @@ def _autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype |
 def train(options: TrainOptions) -> int:
     """Run one stage; returns the exit code (0 done, 130/143 stopped by a signal, saved)."""
     opts = options.resolved()
-    assert opts.epochs is not None and opts.decay_epochs is not None
-    assert opts.lr is not None and opts.batch_size is not None
+    assert opts.epochs is not None
+    assert opts.decay_epochs is not None
+    assert opts.lr is not None
+    assert opts.batch_size is not None
     context = distributed.init_distributed(opts.device)
     try:
         with StopRequest() as stop:
@@ -171,13 +177,17 @@ def train(options: TrainOptions) -> int:
 
 
 def _train(opts: TrainOptions, context: distributed.DistContext, stop: StopRequest) -> int:
-    assert opts.epochs is not None and opts.decay_epochs is not None
-    assert opts.lr is not None and opts.batch_size is not None
+    assert opts.epochs is not None
+    assert opts.decay_epochs is not None
+    assert opts.lr is not None
+    assert opts.batch_size is not None
     device = context.device
     autocast_dtype = _autocast_dtype(opts.precision, device)
     run_dir = opts.output
     if not opts.resume and (run_dir / "state.pt").exists():
         raise TrainingError(f"{run_dir} already holds a run; pass --resume or another --output")
+    if opts.resume and not (run_dir / "state.pt").is_file():
+        raise TrainingError(f"{run_dir / 'state.pt'}: nothing to resume; leave out --resume")
 
     rows = read_manifest(opts.data)
     train_set = StageDataset([r for r in rows if r.split == "train"], opts.stage, opts.seed)
@@ -200,14 +210,18 @@ def _train(opts: TrainOptions, context: distributed.DistContext, stop: StopReque
     for net in (model.networks.instance, model.networks.fusion, model.networks.full_image):
         net.to(device)
     optimizer = torch.optim.Adam(model.parameters, lr=opts.lr, betas=ADAM_BETAS)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda_lr(opts.epochs, opts.decay_epochs))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda_lr(opts.epochs, opts.decay_epochs)
+    )
     scaler = torch.amp.GradScaler(device.type, enabled=opts.precision == "fp16")
 
     progress = Progress()
     if opts.resume:
         state = load_state(run_dir)
         if state["stage"] != opts.stage:
-            raise TrainingError(f"{run_dir} is a {state['stage']} run; resume it with --stage {state['stage']}")
+            raise TrainingError(
+                f"{run_dir} is a {state['stage']} run; resume it with --stage {state['stage']}"
+            )
         model.module.load_state_dict(state["module"])
         optimizer.load_state_dict(state["optimizer"])
         scheduler.load_state_dict(state["scheduler"])
@@ -234,7 +248,9 @@ def _train(opts: TrainOptions, context: distributed.DistContext, stop: StopReque
         collate_fn=collate, drop_last=True, pin_memory=device.type == "cuda",
         persistent_workers=False,
     )  # fmt: skip
-    val_loader = DataLoader(val_set, batch_size=opts.batch_size, num_workers=opts.workers, collate_fn=collate)
+    val_loader = DataLoader(
+        val_set, batch_size=opts.batch_size, num_workers=opts.workers, collate_fn=collate
+    )
     lpips = None
     if opts.lpips_weights is not None and context.is_main:
         from evaluation.metrics import LpipsMetric
@@ -316,9 +332,16 @@ def _train(opts: TrainOptions, context: distributed.DistContext, stop: StopReque
                     if context.is_main:
                         log.info("step %d epoch %d loss %.5f lr %.3g %.2f images/s", row["step"],
                                  row["epoch"], row["loss"], row["lr"], row["images_per_s"])  # fmt: skip
-                    window_start, window_images, window_loss, window_steps = time.perf_counter(), 0, 0.0, 0
+                    window_start, window_images, window_loss, window_steps = (
+                        time.perf_counter(),
+                        0,
+                        0.0,
+                        0,
+                    )
                 if bar is not None:
-                    bar.set_postfix(loss=f"{float(loss):.4f}", img_s=f"{_rate(bar, global_batch):.1f}")
+                    bar.set_postfix(
+                        loss=f"{float(loss):.4f}", img_s=f"{_rate(bar, global_batch):.1f}"
+                    )
                 if opts.val_every and progress.step % opts.val_every == 0:
                     run_validation()
                 if opts.save_every and progress.step % opts.save_every == 0:

@@ -14,7 +14,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-
 from PIL import Image
 
 from models.boxes import DEFAULT_MAX_INSTANCES
@@ -122,7 +121,9 @@ def prepare_data(
             ab, _ = colour_target(rgb)
             if bool(is_near_grey(ab)):
                 report.near_grey += 1
-                grey_rows.append({"root": str(source.root), "path": source.relative, "reason": "near-grey"})
+                grey_rows.append(
+                    {"root": str(source.root), "path": source.relative, "reason": "near-grey"}
+                )
             else:
                 decoded.append(_Decoded(source, rgb))
         boxes: list[tuple[list[list[float]], list[float]]] = [([], []) for _ in decoded]
@@ -146,5 +147,3 @@ def prepare_data(
     if not manifest.exists():
         manifest.touch()
     return report
-
-

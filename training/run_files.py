@@ -40,7 +40,10 @@ def load_init(path: Path) -> tuple[ColorizationNetworks, str | None]:
 
 
 def _cpu_state(net: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
-    return {prefix + k: v.detach().to("cpu", copy=True).contiguous() for k, v in net.state_dict().items()}
+    return {
+        prefix + k: v.detach().to("cpu", copy=True).contiguous()
+        for k, v in net.state_dict().items()
+    }
 
 
 def save_checkpoints(networks: ColorizationNetworks, run_dir: Path) -> None:
@@ -80,9 +83,7 @@ def _json_safe(value: Any) -> Any:
 
 def write_metrics(rows: list[dict[str, Any]], run_dir: Path) -> None:
     """Rewrite metrics.jsonl whole (atomic): a resumed run drops rows past its saved step."""
-    text = "".join(
-        json.dumps({k: _json_safe(v) for k, v in row.items()}) + "\n" for row in rows
-    )
+    text = "".join(json.dumps({k: _json_safe(v) for k, v in row.items()}) + "\n" for row in rows)
     write_text_atomic(run_dir / METRICS_NAME, text)
 
 

@@ -136,7 +136,8 @@ def fresh_fusion_net(full_image: FullImageGenerator, width: int, seed: int) -> F
     """GF with the trunk of GComp (the stage-1 net) and freshly initialised weight generators."""
     fusion = FusionGenerator(width)
     missing, unexpected = fusion.load_state_dict(full_image.state_dict(), strict=False)
-    assert not unexpected and all(k.startswith("weight_layer") for k in missing)
+    assert not unexpected
+    assert all(k.startswith("weight_layer") for k in missing)
     generator = torch.Generator().manual_seed(seed)
     for weight_generator in fusion.weight_generators():
         init_weights(weight_generator, generator)

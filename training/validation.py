@@ -36,11 +36,15 @@ def validate(
         for cpu_batch in batches:
             batch = to_device(cpu_batch, device)
             with torch.autocast(
-                device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None
+                device.type,
+                dtype=autocast_dtype or torch.float32,
+                enabled=autocast_dtype is not None,
             ):
                 pred = model.module(batch)
             losses.append(float(colorization_loss(pred, batch["ab"])) * len(pred))
-            for l_norm, ab, rgb in zip(cpu_batch["l"], pred.float().cpu(), cpu_batch["rgb"], strict=True):
+            for l_norm, ab, rgb in zip(
+                cpu_batch["l"], pred.float().cpu(), cpu_batch["rgb"], strict=True
+            ):
                 image = np.asarray(merge_network(l_norm, ab, None))
                 target = rgb.permute(1, 2, 0).numpy()
                 for name, value in score_pair(image, target, lpips).items():

@@ -37,7 +37,9 @@ def add_parser(subparsers: Any) -> None:
         "Re-running resumes: images already handled are skipped. Exit code 0: done; 1: some "
         "files could not be read (listed, skipped); 2: usage error.",
     )
-    parser.add_argument("inputs", nargs="+", type=Path, metavar="INPUT", help="photo file or folder")
+    parser.add_argument(
+        "inputs", nargs="+", type=Path, metavar="INPUT", help="photo file or folder"
+    )
     parser.add_argument("--output", type=Path, required=True, metavar="DATA_DIR",
                         help="where manifest.jsonl and skipped.jsonl go")  # fmt: skip
     parser.add_argument("--val-fraction", type=_fraction, default=0.05,
@@ -52,10 +54,14 @@ def add_parser(subparsers: Any) -> None:
                         help="Mask R-CNN ResNet-50-FPN v1 (default) or v2")  # fmt: skip
     parser.add_argument("--score-threshold", type=float, default=0.7,
                         help="keep boxes scoring at least this (default 0.7, the reference's)")  # fmt: skip
-    parser.add_argument("--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N")
+    parser.add_argument(
+        "--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N"
+    )
     parser.add_argument("--batch-size", type=_positive_int, default=4,
                         help="images per detector call (default 4)")  # fmt: skip
-    parser.add_argument("--seed", type=int, default=0, help="seed of the train/val split (default 0)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of the train/val split (default 0)"
+    )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     parser.set_defaults(func=run)
 

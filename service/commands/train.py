@@ -70,7 +70,9 @@ def add_parser(subparsers: Any) -> None:
                         "takes cuda:LOCAL_RANK")  # fmt: skip
     parser.add_argument("--resume", action="store_true",
                         help="continue the run in RUN_DIR from its state.pt")  # fmt: skip
-    parser.add_argument("--seed", type=int, default=0, help="seed of order, boxes, init (default 0)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="seed of order, boxes, init (default 0)"
+    )
     parser.add_argument("--workers", type=_non_negative_int, default=2,
                         help="data-loading processes per training process (default 2)")  # fmt: skip
     parser.add_argument("--fresh-fusion", action="store_true",
