@@ -15,6 +15,7 @@ import math
 import random
 import signal
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -362,7 +363,9 @@ def _train(opts: TrainOptions, context: distributed.DistContext, stop: StopReque
             break
         progress.epoch += 1
         progress.position = 0
-        scheduler.step()
+        with warnings.catch_warnings():  # a resumed run may close an epoch it did not step in
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+            scheduler.step()
         if progress.epoch < total_epochs:  # the last epoch's validation and save follow below
             if not opts.val_every:
                 run_validation()

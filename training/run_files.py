@@ -110,7 +110,8 @@ def plot_curves(rows: list[dict[str, Any]], run_dir: Path) -> None:
     axes[0].legend()
     axes[1].set_xlabel("step")
     axes[1].set_ylabel("PSNR (dB)")
-    axes[1].legend()
+    if axes[1].lines:
+        axes[1].legend()
     figure.tight_layout()
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
