@@ -114,6 +114,11 @@ class StopRequest:
             signal.signal(sig, handler)
 
 
+def _ignore_sigint(_worker_id: int) -> None:
+    """Data-loading workers leave Ctrl-C to the main process, which saves before stopping."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 class ResumableSampler(DistributedSampler[int]):
     """The distributed sampler's epoch permutation, minus the samples already consumed."""
 
@@ -247,7 +252,7 @@ def _train(opts: TrainOptions, context: distributed.DistContext, stop: StopReque
     loader = DataLoader(
         train_set, batch_size=opts.batch_size, sampler=sampler, num_workers=opts.workers,
         collate_fn=collate, drop_last=True, pin_memory=device.type == "cuda",
-        persistent_workers=False,
+        worker_init_fn=_ignore_sigint,
     )  # fmt: skip
     val_loader = DataLoader(
         val_set, batch_size=opts.batch_size, num_workers=opts.workers, collate_fn=collate
