@@ -24,7 +24,9 @@ COMMANDS: tuple[str, ...] = (
     "service.commands.colorize",
     "service.commands.evaluate",
     "service.commands.fetch_weights",
+    "service.commands.prepare_data",
     "service.commands.serve",
+    "service.commands.train",
     "service.commands.worker",
 )
 """Command modules, in the order ``--help`` lists them. Add a line here to add a command."""

@@ -1,0 +1,187 @@
+"""What each stage trains, built from an init (spec §6 table).
+
+* ``full``: GComp (the full-image net) from the init's GComp; every parameter but the unused
+  classification head; BatchNorm in train mode.
+* ``instance``: G (the instance net) from the init's GComp, the stage-1 weights as in the paper,
+  or from the init's G when the init is a previous ``instance`` run (continuing it); BN in train mode.
+* ``fusion``: GF fine-tuned from the init's GF, weight generators included (the official files
+  hold a trained GF); with ``fresh_fusion``, GF's trunk from the init's GComp and freshly
+  initialised weight generators, as the paper. Only the 13 used weight generators, ``model10`` and
+  ``model_out`` train; G and GComp are frozen; every net stays in eval mode (BN statistics frozen).
+
+The other two networks are carried over from the init unchanged, so every run writes all three.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from models.checkpoints import ColorizationNetworks
+from models.fusion import build_layout
+from models.networks import (
+    FUSION_LAYERS,
+    FullImageGenerator,
+    FusionGenerator,
+    InstanceGenerator,
+)
+from models.preprocess import network_input
+from training.data import Stage
+
+
+@dataclass(frozen=True)
+class StageDefaults:
+    """The reference's settings for one stage (spec §6)."""
+
+    lr: float
+    epochs: int  # niter: epochs at the full learning rate
+    decay_epochs: int  # niter_decay: epochs of linear decay to ~0
+    batch_size: int
+    bn_train: bool
+
+
+STAGE_DEFAULTS: dict[Stage, StageDefaults] = {
+    "full": StageDefaults(lr=5e-4, epochs=100, decay_epochs=50, batch_size=16, bn_train=True),
+    "instance": StageDefaults(lr=5e-4, epochs=100, decay_epochs=50, batch_size=16, bn_train=True),
+    "fusion": StageDefaults(lr=5e-5, epochs=10, decay_epochs=20, batch_size=1, bn_train=False),
+}
+ADAM_BETAS = (0.9, 0.999)
+INIT_STD = 0.02
+
+
+def lambda_lr(epochs: int, decay_epochs: int) -> Any:
+    """The reference's "lambda" policy: constant for ``epochs``, then linear decay to ~0."""
+
+    def factor(epoch: int) -> float:
+        return 1.0 - max(0, epoch + 1 - epochs) / float(decay_epochs + 1)
+
+    return factor
+
+
+def init_weights(module: nn.Module, generator: torch.Generator) -> None:
+    """The reference's ``normal`` init: conv weights N(0, 0.02), biases 0 (BN: N(1, 0.02), 0)."""
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, nn.Conv2d | nn.ConvTranspose2d):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=generator) * INIT_STD)
+                if m.bias is not None:
+                    m.bias.zero_()
+            elif isinstance(m, nn.BatchNorm2d):
+                m.weight.copy_(torch.randn(m.weight.shape, generator=generator) * INIT_STD + 1.0)
+                m.bias.zero_()
+
+
+class FullImageStage(nn.Module):
+    def __init__(self, net: FullImageGenerator) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self.net(network_input(batch["l"]))
+
+
+class InstanceStage(nn.Module):
+    def __init__(self, net: InstanceGenerator) -> None:
+        super().__init__()
+        self.net = net
+
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        return self.net(network_input(batch["l"]))[0]
+
+
+class FusionStage(nn.Module):
+    """G on every crop (frozen, no graph), then GF through the vectorised fusion of ``models``."""
+
+    def __init__(self, instance: InstanceGenerator, fusion: FusionGenerator) -> None:
+        super().__init__()
+        self.instance = instance
+        self.net = fusion
+
+    def forward(self, batch: dict[str, Any]) -> torch.Tensor:
+        with torch.no_grad():
+            _, features = self.instance(network_input(batch["crops"]))
+        layout = build_layout(batch["box_info"], batch["l"].device)
+        return self.net(network_input(batch["l"]), features, layout)
+
+
+@dataclass
+class StageModel:
+    """The module a stage optimises, its trained parameters, and all three networks for saving."""
+
+    stage: Stage
+    module: nn.Module
+    parameters: list[nn.Parameter]
+    networks: ColorizationNetworks
+    bn_train: bool
+
+    def set_mode(self, training: bool) -> None:
+        self.module.train(training and self.bn_train)
+
+
+def _trunk_parameters(net: nn.Module) -> list[nn.Parameter]:
+    """Every parameter except the 529-bin classification head (never trained, spec §6)."""
+    return [p for name, p in net.named_parameters() if not name.startswith("model_class.")]
+
+
+def _copy_of(cls: type[nn.Module], source: nn.Module, width: int) -> Any:
+    net = cls(width)
+    net.load_state_dict(source.state_dict(), strict=True)
+    return net
+
+
+def fresh_fusion_net(full_image: FullImageGenerator, width: int, seed: int) -> FusionGenerator:
+    """GF with the trunk of GComp (the stage-1 net) and freshly initialised weight generators."""
+    fusion = FusionGenerator(width)
+    missing, unexpected = fusion.load_state_dict(full_image.state_dict(), strict=False)
+    assert not unexpected
+    assert all(k.startswith("weight_layer") for k in missing)
+    generator = torch.Generator().manual_seed(seed)
+    for weight_generator in fusion.weight_generators():
+        init_weights(weight_generator, generator)
+    return fusion
+
+
+def build_stage(
+    stage: Stage,
+    init: ColorizationNetworks,
+    *,
+    init_stage: str | None = None,
+    fresh_fusion: bool = False,
+    seed: int = 0,
+) -> StageModel:
+    """The trainable module of ``stage`` from the init's networks (see the module docstring)."""
+    width = init.width
+    instance, fusion, full_image = init.instance, init.fusion, init.full_image
+    for net in (instance, fusion, full_image):
+        net.requires_grad_(False)
+    module: nn.Module
+    if stage == "full":
+        full_image = _copy_of(FullImageGenerator, init.full_image, width)
+        module = FullImageStage(full_image)
+        trained = _trunk_parameters(full_image)
+    elif stage == "instance":
+        source = init.instance if init_stage == "instance" else init.full_image
+        instance = _copy_of(InstanceGenerator, source, width)
+        module = InstanceStage(instance)
+        trained = _trunk_parameters(instance)
+    else:
+        if fresh_fusion:
+            fusion = fresh_fusion_net(init.full_image, width, seed)
+        else:
+            fusion = _copy_of(FusionGenerator, init.fusion, width)
+        fusion.requires_grad_(False)
+        module = FusionStage(instance, fusion)
+        trained = [
+            p
+            for name in (*FUSION_LAYERS.values(), "model10", "model_out")
+            for p in fusion.get_submodule(name).parameters()
+        ]
+    for p in trained:
+        p.requires_grad_(True)
+    networks = ColorizationNetworks(
+        instance, fusion, full_image, init.layout, init.files, init.width
+    )
+    return StageModel(stage, module, trained, networks, STAGE_DEFAULTS[stage].bn_train)
