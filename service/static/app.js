@@ -329,7 +329,9 @@
         </button>
         <progress class="item-progress" max="1"></progress>
         <p class="item-error" hidden></p>`;
-      item.li.querySelector(".thumb").src = item.beforeUrl;
+      const thumb = item.li.querySelector(".thumb");
+      thumb.addEventListener("error", () => thumb.classList.add("no-preview"), { once: true });
+      thumb.src = item.beforeUrl;
       item.li.querySelector(".item-name").textContent = item.name;
       item.li.querySelector(".item-select").addEventListener("click", () => select(item, true));
       $("queue").append(item.li);
@@ -498,12 +500,15 @@
     renderFacts(item);
   }
 
+  // The largest zoom at which the whole comparison is visible without scrolling.
   function fitZoom() {
-    const { width } = scales();
+    const { width, height } = scales();
     const side = stage.classList.contains("mode-side");
-    const room = $("stage-scroll").clientWidth - 4;
-    const fit = (side ? (room - 16) / 2 : room) / width;
-    setZoom(Math.min(1, Math.max(0.1, fit)));
+    const scroll = $("stage-scroll");
+    const room = scroll.clientWidth - 4;
+    const across = (side ? (room - 16) / 2 : room) / width;
+    const down = (Number.parseFloat(getComputedStyle(scroll).maxHeight) - 4) / height;
+    setZoom(Math.min(across, Number.isFinite(down) ? down : across));
   }
 
   function setZoom(value) {
@@ -547,9 +552,9 @@
     const item = state.selected;
     if (!item || !item.boxes) return;
     overlay.classList.toggle("hidden-boxes", !$("show-boxes").checked);
-    const { sx, sy, width } = scales();
-    const stroke = Math.max(1.5, width / 400);
-    const font = Math.max(10, width / 45);
+    const { sx, sy } = scales();
+    const stroke = 2 / state.zoom; // in output pixels: 2 and 13 screen pixels at any zoom
+    const font = 13 / state.zoom;
     item.boxes.forEach((entry, i) => {
       const [x1, y1, x2, y2] = entry.box;
       const group = document.createElementNS(SVG, "g");
@@ -565,6 +570,7 @@
       label.setAttribute("x", x1 * sx + stroke * 2);
       label.setAttribute("y", y1 * sy + font + stroke);
       label.setAttribute("font-size", font);
+      label.style.strokeWidth = String(3 / state.zoom);
       label.textContent = `${i + 1}: ${boxScore(entry)}`;
       group.append(rect, label);
       overlay.append(group);

@@ -1,0 +1,310 @@
+"""The web page in a real browser: Debian's headless Chromium driven by Playwright, against a real
+``serve`` process with random-weight checkpoints and a random-weight Mask R-CNN.
+
+Upload, before/after, boxes, remove and draw a box, colour strength, download, an error from the
+problem detail, and the API-key prompt. Every request the page makes must go to the server. A
+screenshot is saved under ``artifacts/`` (``INSTCOLOR_ARTIFACTS`` overrides) for CI to keep.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image, ImageDraw
+from test_serve_process import free_port, wait_ready
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run",
+                 "--disable-quic"]  # fmt: skip
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = Path(os.environ.get("INSTCOLOR_ARTIFACTS", REPO / "artifacts"))
+TIMEOUT_MS = 60_000
+
+playwright_api = pytest.importorskip("playwright.sync_api")
+if not CHROMIUM.is_file():  # pragma: no cover - CI installs the chromium package
+    pytest.skip("needs Debian's chromium at /usr/bin/chromium", allow_module_level=True)
+
+
+def scene(width: int = 320, height: int = 240) -> Image.Image:
+    """A grayscale picture with a few object-like shapes (sky gradient, sun, houses, a tree)."""
+    rows = np.linspace(215, 120, height)[:, None].repeat(width, axis=1)
+    image = Image.fromarray(rows.astype(np.uint8), mode="L")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((0, int(height * 0.72), width, height), fill=90)
+    draw.ellipse((int(width * 0.72), 18, int(width * 0.72) + 44, 62), fill=245)
+    draw.rectangle((30, 110, 120, 185), fill=60)
+    draw.polygon([(22, 112), (75, 70), (128, 112)], fill=35)
+    draw.rectangle((62, 145, 88, 185), fill=150)
+    draw.rectangle((165, 125, 235, 190), fill=175)
+    draw.ellipse((250, 95, 305, 160), fill=70)
+    draw.rectangle((273, 155, 283, 195), fill=45)
+    return image
+
+
+@dataclass
+class Server:
+    base: str
+    process: subprocess.Popen[str]
+    log: Path
+    requests: list[str] = field(default_factory=list)
+
+
+@pytest.fixture(scope="module")
+def server(
+    tiny_checkpoints: Path, detector_weights: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    port = free_port()
+    log = tmp_path_factory.mktemp("web") / "serve.log"
+    env = {**os.environ, "COLORIZE_MAX_BATCH_SIZE": "2", "COLORIZE_MAX_BATCH_DELAY_MS": "10",
+           "COLORIZE_WARMUP": "false", "COLORIZE_DETECTOR_MIN_SIZE": "240",
+           "COLORIZE_DETECTOR_MAX_SIZE": "320"}  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service", "serve", "--checkpoints", str(tiny_checkpoints),
+         "--detector-weights", str(detector_weights), "--device", "cpu",
+         "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log.open("w"), stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, process, log)
+        yield Server(base, process, log)
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture
+def page(server: Server) -> Iterator[object]:
+    with playwright_api.sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            context = browser.new_context(viewport={"width": 1360, "height": 1000},
+                                          accept_downloads=True)  # fmt: skip
+            page = context.new_page()
+            page.set_default_timeout(TIMEOUT_MS)
+            page.on("request", lambda request: server.requests.append(request.url))
+            yield page
+        finally:
+            browser.close()
+
+
+def item_status(page: object, index: int) -> str:
+    return str(page.locator(".queue-item").nth(index).get_attribute("data-status"))  # type: ignore[attr-defined]
+
+
+def wait_done(page: object, index: int) -> None:
+    """Wait until image ``index`` has a fresh result (status done)."""
+    page.wait_for_function(  # type: ignore[attr-defined]
+        "i => document.querySelectorAll('.queue-item')[i]?.dataset.status === 'done'", arg=index
+    )
+
+
+def fact(page: object, name: str) -> str:
+    return str(page.locator(f'#result-facts dd[data-fact="{name}"]').inner_text())  # type: ignore[attr-defined]
+
+
+def test_page_end_to_end(server: Server, page: object, tmp_path: Path) -> None:
+    p = page  # the Playwright page (typed as object: the module is imported at run time)
+    photo = tmp_path / "street.jpg"
+    scene().save(photo, quality=92)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+
+    response = httpx.get(server.base + "/")
+    assert response.status_code == 200
+    assert "default-src 'self'" in response.headers["content-security-policy"]
+    p.goto(server.base + "/")  # type: ignore[attr-defined]
+    p.wait_for_function("document.querySelector('#model-info').textContent.includes('Model')")  # type: ignore[attr-defined]
+    assert "maskrcnn_resnet50_fpn_v1" in p.locator("#model-info").inner_text()  # type: ignore[attr-defined]
+
+    # Every control can be reached from the keyboard and has a label.
+    unlabelled = p.evaluate("""() => [...document.querySelectorAll('input, select, button')]
+        .filter(el => el.type !== 'hidden' && !(el.labels && el.labels.length)
+                && !el.getAttribute('aria-label') && !el.textContent.trim())
+        .map(el => el.id || el.outerHTML)""")  # type: ignore[attr-defined]
+    assert unlabelled == []
+    p.keyboard.press("Tab")  # type: ignore[attr-defined]
+    p.keyboard.press("Tab")  # type: ignore[attr-defined]
+    assert p.evaluate("document.activeElement.id") == "file-input"  # type: ignore[attr-defined]
+
+    # Options: every box the random detector proposes, at most three of them.
+    p.fill("#opt-score-threshold", "0")  # type: ignore[attr-defined]
+    p.fill("#opt-max-instances", "3")  # type: ignore[attr-defined]
+    p.set_input_files("#file-input", [str(photo), str(broken)])  # type: ignore[attr-defined]
+    wait_done(p, 0)
+    p.wait_for_function("document.querySelectorAll('.queue-item')[1]?.dataset.status === 'failed'")  # type: ignore[attr-defined]
+
+    # The error of the broken file comes from the problem detail.
+    error = p.locator(".queue-item").nth(1).locator(".item-error").inner_text()  # type: ignore[attr-defined]
+    assert "400" in error and "could not be decoded" in error
+
+    # Before and after at the output's resolution, boxes drawn with their scores.
+    p.wait_for_function("document.querySelector('#after-img').naturalWidth > 0")  # type: ignore[attr-defined]
+    sizes = p.evaluate("""() => ['#before-img', '#after-img'].map(s => {
+        const img = document.querySelector(s); return [img.naturalWidth, img.naturalHeight,
+        img.getBoundingClientRect().width]; })""")  # type: ignore[attr-defined]
+    assert sizes[0][:2] == [320, 240] and sizes[1][:2] == [320, 240]
+    assert sizes[0][2] == sizes[1][2] > 0
+    assert fact(p, "Instances") == "3"
+    assert p.locator("#overlay g.box").count() == 3  # type: ignore[attr-defined]
+    labels = p.locator("#overlay g.box text").all_text_contents()  # type: ignore[attr-defined]
+    assert all(label.split(": ")[1].replace(".", "").isdigit() for label in labels), labels
+    stages = p.locator("#timings tbody tr").evaluate_all("rows => rows.map(r => r.dataset.stage)")  # type: ignore[attr-defined]
+    assert {"decode", "queue", "detect", "instance", "fusion", "merge", "encode", "total"} <= set(stages)
+    assert fact(p, "Model version")
+
+    # Side by side and slider modes; zoom doubles the displayed size (boxes are drawn at 200%).
+    p.check('input[name="mode"][value="side"]')  # type: ignore[attr-defined]
+    lefts = p.evaluate("""() => ['#before-img', '#after-img'].map(
+        s => document.querySelector(s).getBoundingClientRect().left)""")  # type: ignore[attr-defined]
+    assert lefts[1] >= lefts[0] + 320
+    p.check('input[name="mode"][value="slider"]')  # type: ignore[attr-defined]
+    p.click("#zoom-actual")  # type: ignore[attr-defined]
+    p.fill("#zoom", "200")  # type: ignore[attr-defined]
+    width = p.evaluate("document.querySelector('#after-img').getBoundingClientRect().width")  # type: ignore[attr-defined]
+    assert width == 640
+
+    # Remove a box (from the keyboard) and colorize again with exactly the other two.
+    p.focus('#box-list button[aria-label="Remove box 1"]')  # type: ignore[attr-defined]
+    p.keyboard.press("Enter")  # type: ignore[attr-defined]
+    assert p.locator("#box-list .box-item").count() == 2  # type: ignore[attr-defined]
+    kept = p.locator("#box-list .box-item span").all_inner_texts()  # type: ignore[attr-defined]
+    p.click("#recolorize")  # type: ignore[attr-defined]
+    p.wait_for_function("document.querySelector('.queue-item').dataset.status !== 'done'")  # type: ignore[attr-defined]
+    wait_done(p, 0)
+    assert fact(p, "Instances") == "2"
+    assert p.locator("#box-list .box-item span").all_inner_texts() == kept  # type: ignore[attr-defined]
+
+    # Draw a new box with the mouse; it is sent and comes back marked as drawn.
+    p.click("#draw-toggle")  # type: ignore[attr-defined]
+    box = p.locator("#overlay").bounding_box()  # type: ignore[attr-defined]
+    p.mouse.move(box["x"] + 40, box["y"] + 30)  # type: ignore[attr-defined]
+    p.mouse.down()  # type: ignore[attr-defined]
+    p.mouse.move(box["x"] + 200, box["y"] + 150, steps=5)  # type: ignore[attr-defined]
+    p.mouse.up()  # type: ignore[attr-defined]
+    assert p.locator("#box-list .box-item").count() == 3  # type: ignore[attr-defined]
+    assert "[20, 15, 100, 75]" in p.locator("#box-list .box-item").nth(2).inner_text()  # type: ignore[attr-defined]
+    p.click("#recolorize")  # type: ignore[attr-defined]
+    p.wait_for_function("document.querySelector('.queue-item').dataset.status !== 'done'")  # type: ignore[attr-defined]
+    wait_done(p, 0)
+    assert fact(p, "Instances") == "3"
+    assert p.locator("#overlay g.drawn").count() == 1  # type: ignore[attr-defined]
+    assert "score drawn" in p.locator("#box-list").inner_text()  # type: ignore[attr-defined]
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    p.click("#zoom-fit")  # type: ignore[attr-defined]
+    shot = ARTIFACTS / "web-page.png"
+    p.screenshot(path=str(shot), full_page=True)  # type: ignore[attr-defined]
+    print(f"screenshot: {shot}")  # noqa: T201
+
+    # Colour strength 0 from the keyboard (Home on the range), colorize again, download.
+    p.focus("#opt-saturation")  # type: ignore[attr-defined]
+    p.keyboard.press("Home")  # type: ignore[attr-defined]
+    assert p.locator("#saturation-value").inner_text() == "0.00"  # type: ignore[attr-defined]
+    p.click("#recolorize")  # type: ignore[attr-defined]
+    p.wait_for_function("document.querySelector('.queue-item').dataset.status !== 'done'")  # type: ignore[attr-defined]
+    wait_done(p, 0)
+    assert fact(p, "Colour strength") == "0.00"
+    with p.expect_download() as download_info:  # type: ignore[attr-defined]
+        p.click("#download")  # type: ignore[attr-defined]
+    download = download_info.value
+    assert download.suggested_filename == "street-colorized.jpg"
+    saved = tmp_path / download.suggested_filename
+    download.save_as(saved)
+    with Image.open(saved) as result:
+        result.load()
+        assert result.format == "JPEG" and result.size == (320, 240)
+        rgb = np.asarray(result.convert("RGB"), dtype=np.int16)
+    assert int((rgb.max(axis=2) - rgb.min(axis=2)).max()) <= 6  # no colour left (JPEG noise)
+
+    hosts = {urlsplit(url).netloc for url in server.requests if not url.startswith(("blob:", "data:"))}
+    assert hosts == {urlsplit(server.base).netloc}, server.requests
+
+
+def test_page_asks_for_an_api_key_on_401(server: Server, page: object, tmp_path: Path) -> None:
+    """The page side of API keys: a 401 problem shows the key form; the key is kept in
+    sessionStorage and sent as X-API-Key. The 401 comes from a route handler standing in for a
+    key-checking server (the service's own keys are added separately); after the key, the
+    request goes on to the real server."""
+    p = page
+    photo = tmp_path / "p.png"
+    scene(96, 72).save(photo)
+    sent_keys: list[str | None] = []
+
+    def guard(route: object) -> None:
+        request = route.request  # type: ignore[attr-defined]
+        key = request.headers.get("x-api-key")
+        sent_keys.append(key)
+        if key != "s3cret":
+            route.fulfill(  # type: ignore[attr-defined]
+                status=401, content_type="application/problem+json",
+                headers={"WWW-Authenticate": "Bearer"},
+                body='{"type": "about:blank", "title": "Unauthorized", "status": 401, '
+                     '"detail": "missing or wrong API key"}',
+            )  # fmt: skip
+        else:
+            route.continue_()  # type: ignore[attr-defined]
+
+    p.route("**/colorize?*", guard)  # type: ignore[attr-defined]
+    p.goto(server.base + "/")  # type: ignore[attr-defined]
+    p.set_input_files("#file-input", str(photo))  # type: ignore[attr-defined]
+    p.wait_for_selector("#key-form:not([hidden])")  # type: ignore[attr-defined]
+    assert item_status(p, 0) == "needs-key"
+    assert p.evaluate("document.activeElement.id") == "api-key"  # type: ignore[attr-defined]
+    p.keyboard.type("wrong")  # type: ignore[attr-defined]
+    p.keyboard.press("Enter")  # type: ignore[attr-defined]
+    p.wait_for_selector("#key-form:not([hidden])")  # type: ignore[attr-defined]
+    assert "refused" in p.locator("#key-message").inner_text()  # type: ignore[attr-defined]
+    p.fill("#api-key", "s3cret")  # type: ignore[attr-defined]
+    p.click("#key-form button[type=submit]")  # type: ignore[attr-defined]
+    wait_done(p, 0)
+    assert sent_keys == [None, "wrong", "s3cret"]
+    assert p.evaluate("sessionStorage.getItem('instcolor.apiKey')") == "s3cret"  # type: ignore[attr-defined]
+    assert p.locator("#key-status").is_visible()  # type: ignore[attr-defined]
+
+
+def test_static_files_are_packaged() -> None:
+    """index.html, app.js and app.css ship inside the package and are served under /static/."""
+    static = REPO / "service" / "static"
+    assert {p.name for p in static.iterdir()} >= {"index.html", "app.js", "app.css"}
+    html = (static / "index.html").read_text()
+    assert "/static/app.js" in html and "/static/app.css" in html
+    for asset in ("index.html", "app.js", "app.css"):  # nothing from another host
+        text = (static / asset).read_text().replace("http://www.w3.org/2000/svg", "")
+        assert "https://" not in text and "http://" not in text and "//cdn" not in text, asset
+
+
+def test_static_files_in_the_built_wheel(tmp_path: Path) -> None:
+    """setuptools package-data carries the page into the wheel (what the Docker image installs)."""
+    source = tmp_path / "src"  # a copy: building never writes build/ or egg-info into the repo
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    for package in ("models", "service"):
+        shutil.copytree(REPO / package, source / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    pip = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+           "-w", str(tmp_path / "dist"), str(source)]  # fmt: skip
+    result = subprocess.run(pip, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    (wheel,) = (tmp_path / "dist").glob("instcolor_service-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"service/static/index.html", "service/static/app.js", "service/static/app.css"} <= names
