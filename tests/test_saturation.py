@@ -71,7 +71,7 @@ def test_zero_removes_all_colour() -> None:
 
 @pytest.mark.parametrize("bad", [-0.1, 2.01, float("nan"), float("inf")])
 def test_out_of_range_is_refused(bad: float) -> None:
-    with pytest.raises(ValueError, match="saturation must be between 0.0 and 2.0"):
+    with pytest.raises(ValueError, match=r"saturation must be between 0\.0 and 2\.0"):
         scale_saturation(torch.zeros(2, 2, 2), bad)
 
 
@@ -97,7 +97,7 @@ def test_pipeline_default_is_unchanged_and_zero_is_gray(
     assert plain.image.tobytes() == same.image.tobytes()
     assert channel_spread(none.image) <= 1  # L only: gray up to rounding
     assert colourfulness(strong.image) > colourfulness(plain.image) > 0
-    with pytest.raises(OptionsError, match="saturation must be between 0.0 and 2.0, got 2.5"):
+    with pytest.raises(OptionsError, match=r"saturation must be between 0\.0 and 2\.0, got 2\.5"):
         tiny_colorizer.prepare(gray_photo, ColorizeOptions(saturation=2.5))
 
 

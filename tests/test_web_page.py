@@ -22,6 +22,7 @@ import httpx
 import numpy as np
 import pytest
 from PIL import Image, ImageDraw
+from playwright.sync_api import Page, Route, sync_playwright
 from test_serve_process import free_port, wait_ready
 
 pytestmark = pytest.mark.slow
@@ -33,8 +34,8 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("INSTCOLOR_ARTIFACTS", REPO / "artifacts"))
 TIMEOUT_MS = 60_000
+STAGES = ("decode", "queue", "detect", "instance", "fusion", "merge", "encode", "total")
 
-playwright_api = pytest.importorskip("playwright.sync_api")
 if not CHROMIUM.is_file():  # pragma: no cover - CI installs the chromium package
     pytest.skip("needs Debian's chromium at /usr/bin/chromium", allow_module_level=True)
 
@@ -92,8 +93,8 @@ def server(
 
 
 @pytest.fixture
-def page(server: Server) -> Iterator[object]:
-    with playwright_api.sync_playwright() as playwright:
+def page(server: Server) -> Iterator[Page]:
+    with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
             context = browser.new_context(viewport={"width": 1360, "height": 1000},
@@ -106,23 +107,23 @@ def page(server: Server) -> Iterator[object]:
             browser.close()
 
 
-def item_status(page: object, index: int) -> str:
-    return str(page.locator(".queue-item").nth(index).get_attribute("data-status"))  # type: ignore[attr-defined]
+def item_status(page: Page, index: int) -> str:
+    return str(page.locator(".queue-item").nth(index).get_attribute("data-status"))
 
 
-def wait_done(page: object, index: int) -> None:
+def wait_done(page: Page, index: int) -> None:
     """Wait until image ``index`` has a fresh result (status done)."""
-    page.wait_for_function(  # type: ignore[attr-defined]
+    page.wait_for_function(
         "i => document.querySelectorAll('.queue-item')[i]?.dataset.status === 'done'", arg=index
     )
 
 
-def fact(page: object, name: str) -> str:
-    return str(page.locator(f'#result-facts dd[data-fact="{name}"]').inner_text())  # type: ignore[attr-defined]
+def fact(page: Page, name: str) -> str:
+    return str(page.locator(f'#result-facts dd[data-fact="{name}"]').inner_text())
 
 
-def test_page_end_to_end(server: Server, page: object, tmp_path: Path) -> None:
-    p = page  # the Playwright page (typed as object: the module is imported at run time)
+def test_page_end_to_end(server: Server, page: Page, tmp_path: Path) -> None:
+    p = page
     photo = tmp_path / "street.jpg"
     scene().save(photo, quality=92)
     broken = tmp_path / "broken.png"
@@ -131,100 +132,100 @@ def test_page_end_to_end(server: Server, page: object, tmp_path: Path) -> None:
     response = httpx.get(server.base + "/")
     assert response.status_code == 200
     assert "default-src 'self'" in response.headers["content-security-policy"]
-    p.goto(server.base + "/")  # type: ignore[attr-defined]
-    p.wait_for_function("document.querySelector('#model-info').textContent.includes('Model')")  # type: ignore[attr-defined]
-    assert "maskrcnn_resnet50_fpn_v1" in p.locator("#model-info").inner_text()  # type: ignore[attr-defined]
+    p.goto(server.base + "/")
+    p.wait_for_function("document.querySelector('#model-info').textContent.includes('Model')")
+    assert "maskrcnn_resnet50_fpn_v1" in p.locator("#model-info").inner_text()
 
     # Every control can be reached from the keyboard and has a label.
     unlabelled = p.evaluate("""() => [...document.querySelectorAll('input, select, button')]
         .filter(el => el.type !== 'hidden' && !(el.labels && el.labels.length)
                 && !el.getAttribute('aria-label') && !el.textContent.trim())
-        .map(el => el.id || el.outerHTML)""")  # type: ignore[attr-defined]
+        .map(el => el.id || el.outerHTML)""")
     assert unlabelled == []
-    p.keyboard.press("Tab")  # type: ignore[attr-defined]
-    p.keyboard.press("Tab")  # type: ignore[attr-defined]
-    assert p.evaluate("document.activeElement.id") == "file-input"  # type: ignore[attr-defined]
+    p.keyboard.press("Tab")
+    p.keyboard.press("Tab")
+    assert p.evaluate("document.activeElement.id") == "file-input"
 
     # Options: every box the random detector proposes, at most three of them.
-    p.fill("#opt-score-threshold", "0")  # type: ignore[attr-defined]
-    p.fill("#opt-max-instances", "3")  # type: ignore[attr-defined]
-    p.set_input_files("#file-input", [str(photo), str(broken)])  # type: ignore[attr-defined]
+    p.fill("#opt-score-threshold", "0")
+    p.fill("#opt-max-instances", "3")
+    p.set_input_files("#file-input", [str(photo), str(broken)])
     wait_done(p, 0)
-    p.wait_for_function("document.querySelectorAll('.queue-item')[1]?.dataset.status === 'failed'")  # type: ignore[attr-defined]
+    p.wait_for_function("document.querySelectorAll('.queue-item')[1]?.dataset.status === 'failed'")
 
     # The error of the broken file comes from the problem detail.
-    error = p.locator(".queue-item").nth(1).locator(".item-error").inner_text()  # type: ignore[attr-defined]
+    error = p.locator(".queue-item").nth(1).locator(".item-error").inner_text()
     assert "400" in error and "could not be decoded" in error
 
     # Before and after at the output's resolution, boxes drawn with their scores.
-    p.wait_for_function("document.querySelector('#after-img').naturalWidth > 0")  # type: ignore[attr-defined]
+    p.wait_for_function("document.querySelector('#after-img').naturalWidth > 0")
     sizes = p.evaluate("""() => ['#before-img', '#after-img'].map(s => {
         const img = document.querySelector(s); return [img.naturalWidth, img.naturalHeight,
-        img.getBoundingClientRect().width]; })""")  # type: ignore[attr-defined]
+        img.getBoundingClientRect().width]; })""")
     assert sizes[0][:2] == [320, 240] and sizes[1][:2] == [320, 240]
     assert sizes[0][2] == sizes[1][2] > 0
     assert fact(p, "Instances") == "3"
-    assert p.locator("#overlay g.box").count() == 3  # type: ignore[attr-defined]
-    labels = p.locator("#overlay g.box text").all_text_contents()  # type: ignore[attr-defined]
+    assert p.locator("#overlay g.box").count() == 3
+    labels = p.locator("#overlay g.box text").all_text_contents()
     assert all(label.split(": ")[1].replace(".", "").isdigit() for label in labels), labels
-    stages = p.locator("#timings tbody tr").evaluate_all("rows => rows.map(r => r.dataset.stage)")  # type: ignore[attr-defined]
-    assert {"decode", "queue", "detect", "instance", "fusion", "merge", "encode", "total"} <= set(stages)
+    stages = p.locator("#timings tbody tr").evaluate_all("rows => rows.map(r => r.dataset.stage)")
+    assert set(STAGES) <= set(stages)
     assert fact(p, "Model version")
 
     # Side by side and slider modes; zoom doubles the displayed size (boxes are drawn at 200%).
-    p.check('input[name="mode"][value="side"]')  # type: ignore[attr-defined]
+    p.check('input[name="mode"][value="side"]')
     lefts = p.evaluate("""() => ['#before-img', '#after-img'].map(
-        s => document.querySelector(s).getBoundingClientRect().left)""")  # type: ignore[attr-defined]
+        s => document.querySelector(s).getBoundingClientRect().left)""")
     assert lefts[1] >= lefts[0] + 320
-    p.check('input[name="mode"][value="slider"]')  # type: ignore[attr-defined]
-    p.click("#zoom-actual")  # type: ignore[attr-defined]
-    p.fill("#zoom", "200")  # type: ignore[attr-defined]
-    width = p.evaluate("document.querySelector('#after-img').getBoundingClientRect().width")  # type: ignore[attr-defined]
+    p.check('input[name="mode"][value="slider"]')
+    p.click("#zoom-actual")
+    p.fill("#zoom", "200")
+    width = p.evaluate("document.querySelector('#after-img').getBoundingClientRect().width")
     assert width == 640
 
     # Remove a box (from the keyboard) and colorize again with exactly the other two.
-    p.focus('#box-list button[aria-label="Remove box 1"]')  # type: ignore[attr-defined]
-    p.keyboard.press("Enter")  # type: ignore[attr-defined]
-    assert p.locator("#box-list .box-item").count() == 2  # type: ignore[attr-defined]
-    kept = p.locator("#box-list .box-item span").all_inner_texts()  # type: ignore[attr-defined]
-    p.click("#recolorize")  # type: ignore[attr-defined]
-    p.wait_for_function("document.querySelector('.queue-item').dataset.status !== 'done'")  # type: ignore[attr-defined]
+    p.focus('#box-list button[aria-label="Remove box 1"]')
+    p.keyboard.press("Enter")
+    assert p.locator("#box-list .box-item").count() == 2
+    kept = p.locator("#box-list .box-item span").all_inner_texts()
+    p.click("#recolorize")
+    p.wait_for_function("document.querySelector('.queue-item').dataset.status !== 'done'")
     wait_done(p, 0)
     assert fact(p, "Instances") == "2"
-    assert p.locator("#box-list .box-item span").all_inner_texts() == kept  # type: ignore[attr-defined]
+    assert p.locator("#box-list .box-item span").all_inner_texts() == kept
 
     # Draw a new box with the mouse; it is sent and comes back marked as drawn.
-    p.click("#draw-toggle")  # type: ignore[attr-defined]
-    box = p.locator("#overlay").bounding_box()  # type: ignore[attr-defined]
-    p.mouse.move(box["x"] + 40, box["y"] + 30)  # type: ignore[attr-defined]
-    p.mouse.down()  # type: ignore[attr-defined]
-    p.mouse.move(box["x"] + 200, box["y"] + 150, steps=5)  # type: ignore[attr-defined]
-    p.mouse.up()  # type: ignore[attr-defined]
-    assert p.locator("#box-list .box-item").count() == 3  # type: ignore[attr-defined]
-    assert "[20, 15, 100, 75]" in p.locator("#box-list .box-item").nth(2).inner_text()  # type: ignore[attr-defined]
-    p.click("#recolorize")  # type: ignore[attr-defined]
-    p.wait_for_function("document.querySelector('.queue-item').dataset.status !== 'done'")  # type: ignore[attr-defined]
+    p.click("#draw-toggle")
+    box = p.locator("#overlay").bounding_box()
+    p.mouse.move(box["x"] + 40, box["y"] + 30)
+    p.mouse.down()
+    p.mouse.move(box["x"] + 200, box["y"] + 150, steps=5)
+    p.mouse.up()
+    assert p.locator("#box-list .box-item").count() == 3
+    assert "[20, 15, 100, 75]" in p.locator("#box-list .box-item").nth(2).inner_text()
+    p.click("#recolorize")
+    p.wait_for_function("document.querySelector('.queue-item').dataset.status !== 'done'")
     wait_done(p, 0)
     assert fact(p, "Instances") == "3"
-    assert p.locator("#overlay g.drawn").count() == 1  # type: ignore[attr-defined]
-    assert "score drawn" in p.locator("#box-list").inner_text()  # type: ignore[attr-defined]
+    assert p.locator("#overlay g.drawn").count() == 1
+    assert "score drawn" in p.locator("#box-list").inner_text()
 
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
-    p.click("#zoom-fit")  # type: ignore[attr-defined]
+    p.click("#zoom-fit")
     shot = ARTIFACTS / "web-page.png"
-    p.screenshot(path=str(shot), full_page=True)  # type: ignore[attr-defined]
-    print(f"screenshot: {shot}")  # noqa: T201
+    p.screenshot(path=str(shot), full_page=True)
+    print(f"screenshot: {shot}")
 
     # Colour strength 0 from the keyboard (Home on the range), colorize again, download.
-    p.focus("#opt-saturation")  # type: ignore[attr-defined]
-    p.keyboard.press("Home")  # type: ignore[attr-defined]
-    assert p.locator("#saturation-value").inner_text() == "0.00"  # type: ignore[attr-defined]
-    p.click("#recolorize")  # type: ignore[attr-defined]
-    p.wait_for_function("document.querySelector('.queue-item').dataset.status !== 'done'")  # type: ignore[attr-defined]
+    p.focus("#opt-saturation")
+    p.keyboard.press("Home")
+    assert p.locator("#saturation-value").inner_text() == "0.00"
+    p.click("#recolorize")
+    p.wait_for_function("document.querySelector('.queue-item').dataset.status !== 'done'")
     wait_done(p, 0)
     assert fact(p, "Colour strength") == "0.00"
-    with p.expect_download() as download_info:  # type: ignore[attr-defined]
-        p.click("#download")  # type: ignore[attr-defined]
+    with p.expect_download() as download_info:
+        p.click("#download")
     download = download_info.value
     assert download.suggested_filename == "street-colorized.jpg"
     saved = tmp_path / download.suggested_filename
@@ -235,11 +236,13 @@ def test_page_end_to_end(server: Server, page: object, tmp_path: Path) -> None:
         rgb = np.asarray(result.convert("RGB"), dtype=np.int16)
     assert int((rgb.max(axis=2) - rgb.min(axis=2)).max()) <= 6  # no colour left (JPEG noise)
 
-    hosts = {urlsplit(url).netloc for url in server.requests if not url.startswith(("blob:", "data:"))}
+    hosts = {
+        urlsplit(url).netloc for url in server.requests if not url.startswith(("blob:", "data:"))
+    }
     assert hosts == {urlsplit(server.base).netloc}, server.requests
 
 
-def test_page_asks_for_an_api_key_on_401(server: Server, page: object, tmp_path: Path) -> None:
+def test_page_asks_for_an_api_key_on_401(server: Server, page: Page, tmp_path: Path) -> None:
     """The page side of API keys: a 401 problem shows the key form; the key is kept in
     sessionStorage and sent as X-API-Key. The 401 comes from a route handler standing in for a
     key-checking server (the service's own keys are added separately); after the key, the
@@ -249,36 +252,36 @@ def test_page_asks_for_an_api_key_on_401(server: Server, page: object, tmp_path:
     scene(96, 72).save(photo)
     sent_keys: list[str | None] = []
 
-    def guard(route: object) -> None:
-        request = route.request  # type: ignore[attr-defined]
+    def guard(route: Route) -> None:
+        request = route.request
         key = request.headers.get("x-api-key")
         sent_keys.append(key)
         if key != "s3cret":
-            route.fulfill(  # type: ignore[attr-defined]
+            route.fulfill(
                 status=401, content_type="application/problem+json",
                 headers={"WWW-Authenticate": "Bearer"},
                 body='{"type": "about:blank", "title": "Unauthorized", "status": 401, '
                      '"detail": "missing or wrong API key"}',
             )  # fmt: skip
         else:
-            route.continue_()  # type: ignore[attr-defined]
+            route.continue_()
 
-    p.route("**/colorize?*", guard)  # type: ignore[attr-defined]
-    p.goto(server.base + "/")  # type: ignore[attr-defined]
-    p.set_input_files("#file-input", str(photo))  # type: ignore[attr-defined]
-    p.wait_for_selector("#key-form:not([hidden])")  # type: ignore[attr-defined]
+    p.route("**/colorize?*", guard)
+    p.goto(server.base + "/")
+    p.set_input_files("#file-input", str(photo))
+    p.wait_for_selector("#key-form:not([hidden])")
     assert item_status(p, 0) == "needs-key"
-    assert p.evaluate("document.activeElement.id") == "api-key"  # type: ignore[attr-defined]
-    p.keyboard.type("wrong")  # type: ignore[attr-defined]
-    p.keyboard.press("Enter")  # type: ignore[attr-defined]
-    p.wait_for_selector("#key-form:not([hidden])")  # type: ignore[attr-defined]
-    assert "refused" in p.locator("#key-message").inner_text()  # type: ignore[attr-defined]
-    p.fill("#api-key", "s3cret")  # type: ignore[attr-defined]
-    p.click("#key-form button[type=submit]")  # type: ignore[attr-defined]
+    assert p.evaluate("document.activeElement.id") == "api-key"
+    p.keyboard.type("wrong")
+    p.keyboard.press("Enter")
+    p.wait_for_selector("#key-form:not([hidden])")
+    assert "refused" in p.locator("#key-message").inner_text()
+    p.fill("#api-key", "s3cret")
+    p.click("#key-form button[type=submit]")
     wait_done(p, 0)
     assert sent_keys == [None, "wrong", "s3cret"]
-    assert p.evaluate("sessionStorage.getItem('instcolor.apiKey')") == "s3cret"  # type: ignore[attr-defined]
-    assert p.locator("#key-status").is_visible()  # type: ignore[attr-defined]
+    assert p.evaluate("sessionStorage.getItem('instcolor.apiKey')") == "s3cret"
+    assert p.locator("#key-status").is_visible()
 
 
 def test_static_files_are_packaged() -> None:
