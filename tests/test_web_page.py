@@ -21,6 +21,7 @@ from urllib.parse import urlsplit
 import httpx
 import numpy as np
 import pytest
+from deploy_support import missing_tool
 from PIL import Image, ImageDraw
 from playwright.sync_api import Page, Route, sync_playwright
 from test_serve_process import free_port, wait_ready
@@ -36,8 +37,6 @@ ARTIFACTS = Path(os.environ.get("INSTCOLOR_ARTIFACTS", REPO / "artifacts"))
 TIMEOUT_MS = 60_000
 STAGES = ("decode", "queue", "detect", "instance", "fusion", "merge", "encode", "total")
 
-if not CHROMIUM.is_file():  # pragma: no cover - CI installs the chromium package
-    pytest.skip("needs Debian's chromium at /usr/bin/chromium", allow_module_level=True)
 
 
 def scene(width: int = 320, height: int = 240) -> Image.Image:
@@ -94,6 +93,8 @@ def server(
 
 @pytest.fixture
 def page(server: Server) -> Iterator[Page]:
+    if not CHROMIUM.is_file():
+        missing_tool("chromium")  # a skip here, a failure in CI
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
