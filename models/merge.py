@@ -54,11 +54,22 @@ def merge_network(
 
 
 def upsample_ab(ab_norm: torch.Tensor, height: int, width: int) -> torch.Tensor:
-    """Bilinear (antialiased when shrinking) resize of (2, h, w) ab to (2, height, width)."""
-    return F.interpolate(
-        ab_norm[None].float(), size=(height, width), mode="bilinear", align_corners=False,
-        antialias=True,
-    )[0]  # fmt: skip
+    """Bilinear (antialiased when shrinking) resize of (2, h, w) ab to (2, height, width).
+
+    Done in two separable steps, first the axes that shrink, then the axes that grow, so no
+    temporary is larger than the output or the input: one call on a 2 x 4,000,000 target would
+    make a 256 x 4,000,000 intermediate (4 GB). Separable filtering makes the result the same.
+    """
+    h, w = ab_norm.shape[-2:]
+    x = ab_norm[None].float()
+    shrunk = (min(h, height), min(w, width))
+    if shrunk != (h, w):
+        x = F.interpolate(x, size=shrunk, mode="bilinear", align_corners=False, antialias=True)
+    if shrunk != (height, width):
+        x = F.interpolate(
+            x, size=(height, width), mode="bilinear", align_corners=False, antialias=True
+        )
+    return x[0]
 
 
 def merge_original(

@@ -159,18 +159,18 @@ class Colorizer:
         return self.networks.version
 
     def describe(self) -> dict[str, Any]:
-        """What is loaded, for /info and logs."""
+        """What is loaded, for /info and logs: file names and sha256, never filesystem paths."""
         return {
             "model_version": self.version,
             "checkpoint_layout": self.networks.layout,
             "network_width": self.networks.width,
-            "files": [{"path": str(f.path), "sha256": f.sha256} for f in self.networks.files],
+            "files": [{"name": f.path.name, "sha256": f.sha256} for f in self.networks.files],
             "detector": None
             if self.detector is None
             else f"maskrcnn_resnet50_fpn_{self.detector.version}",
             "detector_file": None
             if self.detector is None or self.detector.file is None
-            else {"path": str(self.detector.file.path), "sha256": self.detector.file.sha256},
+            else {"name": self.detector.file.path.name, "sha256": self.detector.file.sha256},
             "device": str(self.device),
             "precision": self.precision,
             "instance_limit": self.instance_limit,

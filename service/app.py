@@ -20,7 +20,8 @@ from dataclasses import dataclass, field
 from importlib import metadata
 from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
+from fastapi.dependencies.models import Dependant
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, Response
@@ -30,10 +31,13 @@ from pydantic import BaseModel, Field
 from starlette.datastructures import MutableHeaders, UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.middleware.cors import CORSMiddleware
+from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from service.auth import ANONYMOUS, ApiKeyMiddleware, AuthPolicy, load_api_keys
 from service.batcher import JobQueue
-from service.decode import check_content_type
+from service.decode import check_content_type, check_shape, probe_size
 from service.errors import (
     PROBLEM_BASE,
     InternalError,
@@ -53,6 +57,8 @@ log = logging.getLogger(__name__)
 PROBLEM_JSON = "application/problem+json"
 CLIENT_CLOSED = 499  # nginx's "client closed request": logged and counted, never sent
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+MAX_COORDINATE = 1_000_000.0  # no side of an image within max_pixels is longer
+MAX_NUMBER_CHARS = 32  # digits a boxes number may have (a 4,000-digit integer is refused)
 
 QueueFactory = Callable[[ServiceSettings], JobQueue]
 
@@ -184,11 +190,14 @@ async def _read_body(request: Request, limit: int) -> bytes:
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise too_large
     chunks, size = [], 0
-    async for chunk in request.stream():
-        size += len(chunk)
-        if size > limit:
-            raise too_large
-        chunks.append(chunk)
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise _ClientGone from None
     return b"".join(chunks)
 
 
@@ -220,14 +229,39 @@ async def _image_from_request(request: Request, limit: int) -> bytes:
         await form.close()
 
 
-def _parse_boxes(text: str | None) -> tuple[list[list[float]] | None, list[float] | None]:
-    """``[[x1,y1,x2,y2], ...]`` or ``{"boxes": [...], "scores": [...]}``."""
+def _json_number(text: str) -> float:
+    if len(text) > MAX_NUMBER_CHARS:
+        raise InvalidParameterError(
+            f"boxes holds a number of {len(text)} characters; numbers have at most "
+            f"{MAX_NUMBER_CHARS}"
+        )
+    return float(text)
+
+
+def _json_constant(name: str) -> float:
+    raise InvalidParameterError(f"boxes holds {name}; coordinates and scores must be finite")
+
+
+def _parse_boxes(
+    text: str | None, max_boxes: int
+) -> tuple[list[list[float]] | None, list[float] | None]:
+    """``[[x1,y1,x2,y2], ...]`` or ``{"boxes": [...], "scores": [...]}``, within limits."""
     if text is None:
         return None, None
+    if len(text) > 64 * (max_boxes + 1):
+        raise InvalidParameterError(
+            f"boxes is {len(text)} characters long; at most {max_boxes} boxes are accepted"
+        )
     try:
-        data = json.loads(text)
+        data = json.loads(
+            text, parse_int=_json_number, parse_float=_json_number, parse_constant=_json_constant
+        )
     except json.JSONDecodeError as exc:
-        raise InvalidParameterError(f"boxes is not valid JSON: {exc}") from exc
+        raise InvalidParameterError(
+            f"boxes is not valid JSON ({exc.msg} at character {exc.pos})"
+        ) from exc
+    except RecursionError:
+        raise InvalidParameterError("boxes is nested too deeply; see the expected shape") from None
     scores = None
     if isinstance(data, dict):
         scores = data.get("scores")
@@ -248,11 +282,81 @@ def _parse_boxes(text: str | None) -> tuple[list[list[float]] | None, list[float
         or not all(isinstance(s, int | float) and not isinstance(s, bool) for s in scores)
     ):
         raise InvalidParameterError("scores must be a list of numbers, one per box")
+    if len(data) > max_boxes:
+        raise InvalidParameterError(f"boxes holds {len(data)} boxes; at most {max_boxes}")
     boxes = [[float(v) for v in box] for box in data]
     for i, (x1, y1, x2, y2) in enumerate(boxes):
         if not all(math.isfinite(v) for v in (x1, y1, x2, y2)) or x2 <= x1 or y2 <= y1:
             raise InvalidParameterError(f"box {i} must be finite with x2 > x1 and y2 > y1")
+        if not all(abs(v) <= MAX_COORDINATE for v in (x1, y1, x2, y2)):
+            raise InvalidParameterError(
+                f"box {i} has a coordinate beyond +-{MAX_COORDINATE:.0f} pixels"
+            )
     return boxes, None if scores is None else [float(s) for s in scores]
+
+
+def _query_names(dependant: Dependant) -> set[str]:
+    names = {param.alias for param in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+async def reject_unknown_query(request: Request) -> None:
+    """422 for a query parameter the route does not declare, naming the ones it does.
+
+    The names come from the route's own declared parameters, so a new ``Query`` parameter is
+    accepted as soon as it is added to the route.
+    """
+    dependant = getattr(request.scope.get("route"), "dependant", None)
+    if dependant is None:
+        return
+    valid = sorted(_query_names(dependant))
+    unknown = sorted(set(request.query_params.keys()) - set(valid))
+    if unknown:
+        names = ", ".join(valid) if valid else "none"
+        raise InvalidParameterError(
+            f"unknown query parameter{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(repr(u) for u in unknown)}; valid: {names}"
+        )
+
+
+def _accept_quality(accept: str, media_type: str) -> float:
+    """The q-value ``accept`` gives ``media_type`` (most specific matching range; 0 if none)."""
+    major = media_type.split("/", 1)[0]
+    best: tuple[int, float] = (-1, 0.0)
+    for item in accept.split(","):
+        media, *params = (part.strip() for part in item.split(";"))
+        media = media.lower()
+        specificity = {media_type: 2, f"{major}/*": 1, "*/*": 0}.get(media)
+        if specificity is None:
+            continue
+        q = 1.0
+        for param in params:
+            key, _, value = param.partition("=")
+            if key.strip().lower() == "q":
+                try:
+                    q = min(1.0, max(0.0, float(value)))
+                except ValueError:
+                    q = 0.0
+        if specificity > best[0]:
+            best = (specificity, q)
+    return best[1]
+
+
+def wants_json(accept: str, image_media_type: str) -> bool:
+    """JSON only when Accept names it explicitly with q > 0 and no higher q for the image."""
+    if "json" not in accept.lower():
+        return False
+    ranges = [part.split(";", 1)[0].strip().lower() for part in accept.split(",")]
+    if "application/json" not in ranges:
+        return False
+    json_q = _accept_quality(accept, "application/json")
+    image_q = max(
+        (_accept_quality(accept, image_media_type) for m in ranges if m.startswith("image/")),
+        default=0.0,
+    )
+    return json_q > 0 and json_q >= image_q
 
 
 async def _until_disconnected(request: Request) -> None:
@@ -334,6 +438,7 @@ def create_app(
         description="Instance-aware colorization of grayscale photos (Su, Chu, Huang, CVPR 2020) "
         "with dynamic batching. Errors are application/problem+json.",
         lifespan=lifespan,
+        dependencies=[Depends(reject_unknown_query)],
     )
     app.state.service = state
     # Generic HTTP metrics in a registry of this app's own (the instrumentator silently skips a
@@ -351,7 +456,23 @@ def create_app(
         body = generate_latest(REGISTRY) + generate_latest(http_registry)
         return Response(body, media_type=CONTENT_TYPE_LATEST)
 
-    app.add_middleware(RequestIdMiddleware)
+    policy = AuthPolicy(
+        load_api_keys(settings.api_keys, settings.api_key_file),
+        open_probes=settings.auth_open_probes,
+        open_metrics=settings.auth_open_metrics,
+    )
+    app.add_middleware(ApiKeyMiddleware, policy=policy)
+    app.add_middleware(RequestIdMiddleware)  # outside the key check: a 401 has its request ID
+    origins = settings.cors_origin_list()
+    if origins:  # outermost: preflights are answered before the key check
+        app.add_middleware(
+            CORSMiddleware,
+            allow_origins=origins,
+            allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "X-API-Key", "X-Request-ID", "Content-Type"],
+            expose_headers=["X-Request-ID", "X-Instances", "X-Model-Version", "Server-Timing",
+                            "Retry-After"],
+        )  # fmt: skip
     _install_error_handlers(app, state)
     _install_routes(app, state)
     _install_openapi(app)
@@ -374,9 +495,12 @@ async def _watch_failure(queue: JobQueue, on_fatal: Callable[[str], None] | None
         on_fatal(reason)
 
 
-def _count(request: Request, status: int) -> None:
+def _count(request: Request, status: int, kind: str | None = None) -> None:
     if request.url.path == "/colorize":
-        METRICS.requests.labels(outcome=outcome_for(status), status=str(status)).inc()
+        outcome = outcome_for(status, kind)
+        METRICS.requests.labels(outcome=outcome, status=str(status)).inc()
+        key = str(getattr(request.state, "api_key_name", "") or ANONYMOUS)
+        METRICS.requests_by_key.labels(key=key, outcome=outcome).inc()
 
 
 def _install_error_handlers(app: FastAPI, state: ServiceState) -> None:
@@ -384,7 +508,7 @@ def _install_error_handlers(app: FastAPI, state: ServiceState) -> None:
         assert isinstance(exc, ServiceError)
         status = state.settings.overload_status if isinstance(exc, OverloadedError) else None
         response = problem_response(exc, _request_id(request), status)
-        _count(request, response.status_code)
+        _count(request, response.status_code, exc.kind)
         return response
 
     async def validation_error(request: Request, exc: Exception) -> Response:
@@ -445,6 +569,7 @@ _IMAGE_CONTENT = {
 
 def _install_routes(app: FastAPI, state: ServiceState) -> None:
     settings = state.settings
+    policy_enabled = bool(load_api_keys(settings.api_keys, settings.api_key_file))
 
     @app.post(
         "/colorize",
@@ -518,8 +643,20 @@ def _install_routes(app: FastAPI, state: ServiceState) -> None:
                     f"max_instances must be between 0 and {settings.instance_limit}, "
                     f"got {max_instances}"
                 )
-            parsed_boxes, parsed_scores = _parse_boxes(boxes)
-            image = await _image_from_request(request, settings.max_body_bytes)
+            parsed_boxes, parsed_scores = _parse_boxes(boxes, settings.max_boxes)
+            try:
+                image = await _image_from_request(request, settings.max_body_bytes)
+            except _ClientGone:
+                log.info("request %s: client disconnected during the upload", request_id)
+                _count(request, CLIENT_CLOSED)
+                return Response(status_code=CLIENT_CLOSED)
+            size = probe_size(image)
+            if size is not None:  # unreadable headers get their precise 400/415 from decoding
+                check_shape(
+                    *size,
+                    max_pixels=settings.max_pixels,
+                    max_aspect_ratio=settings.max_aspect_ratio,
+                )
             now = time.time()
             job = Job(
                 request_id=request_id,
@@ -605,10 +742,17 @@ def _install_routes(app: FastAPI, state: ServiceState) -> None:
                 "request_timeout_s": settings.request_timeout_s,
                 "max_body_bytes": settings.max_body_bytes,
                 "max_pixels": settings.max_pixels,
+                "max_aspect_ratio": settings.max_aspect_ratio,
+                "max_boxes": settings.max_boxes,
                 "instance_limit": settings.instance_limit,
+                "max_header_bytes": settings.max_header_bytes,
+                "header_timeout_s": settings.header_timeout_s,
+                "keep_alive_timeout_s": settings.keep_alive_timeout_s,
+                "max_connections": settings.max_connections,
             },
             "worker_threads": settings.worker_threads,
             "overload_status": settings.overload_status,
+            "api_keys": policy_enabled,
             "queue_depth": state.queue.depth() if state.queue is not None else 0,
         }
 
@@ -627,7 +771,7 @@ def _result_response(
     }
     if result.cached:
         headers["X-Cache"] = "hit"
-    if "application/json" in request.headers.get("accept", ""):
+    if wants_json(request.headers.get("accept", ""), result.media_type):
         body = ColorizeJSON(
             request_id=request_id,
             model_version=result.model_version,

@@ -17,6 +17,7 @@ Status per failure (also in the README):
 from __future__ import annotations
 
 import io
+import logging
 import warnings
 
 from PIL import Image, UnidentifiedImageError
@@ -24,8 +25,11 @@ from PIL import Image, UnidentifiedImageError
 from service.errors import (
     ImageTooLargeError,
     InvalidImageError,
+    InvalidParameterError,
     UnsupportedMediaTypeError,
 )
+
+log = logging.getLogger(__name__)
 
 ACCEPTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
 ACCEPTED_CONTENT_TYPES = "image/* or application/octet-stream"
@@ -61,6 +65,31 @@ def _too_large(width: int, height: int, max_pixels: int) -> ImageTooLargeError:
     )
 
 
+def probe_size(data: bytes) -> tuple[int, int] | None:
+    """Width and height from the image's header alone (no pixel is decoded); None if unreadable.
+
+    The HTTP edge uses it to refuse oversized or too-thin images and to estimate a request's
+    cost before queueing it; the full checks run again in ``decode_image``.
+    """
+    try:
+        with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as image:
+            width, height = image.size
+    except Exception:  # any unreadable header: decode_image gives the precise answer
+        return None
+    return int(width), int(height)
+
+
+def check_shape(width: int, height: int, *, max_pixels: int, max_aspect_ratio: float) -> None:
+    """413 above the pixel budget; 422 beyond the aspect-ratio limit."""
+    if width * height > max_pixels:
+        raise _too_large(width, height, max_pixels)
+    if width > 0 and height > 0 and max(width, height) > max_aspect_ratio * min(width, height):
+        raise InvalidParameterError(
+            f"image is {width}x{height}, a side ratio over the limit of {max_aspect_ratio:g}:1; "
+            "crop or pad it"
+        )
+
+
 def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     """Decode one single-frame image of an accepted format, refusing bombs before decoding."""
     if not data:
@@ -68,7 +97,10 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     try:
         image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(f"image is over the limit of {max_pixels} pixels: {exc}") from exc
+        log.info("Pillow refused the image: %s", exc)
+        raise ImageTooLargeError(
+            f"image is over the limit of {max_pixels} pixels; send a smaller image"
+        ) from exc
     except UnidentifiedImageError as exc:
         other = _identify_other_format(data)
         if other is not None:
@@ -79,7 +111,8 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
             "the data is not a decodable image (truncated, corrupt, or not an image at all)"
         ) from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise InvalidImageError(f"the image header is corrupt: {exc}") from exc
+        log.info("Pillow could not read the image header: %s", exc)
+        raise InvalidImageError("the image header is corrupt") from exc
     width, height = image.size
     if width <= 0 or height <= 0:
         raise InvalidImageError(f"the image claims an empty size {width}x{height}")
@@ -89,7 +122,8 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
         frames = getattr(image, "n_frames", 1) if image.format == "TIFF" else 1
         animated = bool(getattr(image, "is_animated", False)) or frames > 1
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise InvalidImageError(f"the image is corrupt: {exc}") from exc
+        log.info("Pillow could not count the frames: %s", exc)
+        raise InvalidImageError("the image is corrupt (its frames cannot be read)") from exc
     if animated:
         raise UnsupportedMediaTypeError(
             f"animated or multi-frame {image.format} images are not supported; send a single frame"
@@ -97,9 +131,13 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     try:
         image.load()
     except Image.DecompressionBombError as exc:
-        raise ImageTooLargeError(str(exc)) from exc
+        log.info("Pillow refused the image: %s", exc)
+        raise _too_large(width, height, max_pixels) from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
-        raise InvalidImageError(f"the image data is truncated or corrupt: {exc}") from exc
+        log.info("Pillow could not decode the image data: %s", exc)
+        raise InvalidImageError(
+            "the image data is truncated or corrupt: it holds less data than its header declares"
+        ) from exc
     return image
 
 

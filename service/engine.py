@@ -190,7 +190,8 @@ class BatchEngine:
         except UnsupportedImageError as exc:
             return UnsupportedMediaTypeError(str(exc))
         except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            return InvalidImageError(f"the image could not be decoded: {exc}")
+            log.info("request %s: the image could not be decoded: %s", job.request_id, exc)
+            return InvalidImageError("the image could not be decoded (corrupt or truncated)")
         except Exception:
             log.exception("request %s: prepare failed", job.request_id)
             return InternalError("preparing the image failed")

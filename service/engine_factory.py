@@ -40,5 +40,8 @@ def build_colorizer(settings: ModelSettings) -> Colorizer:
         precision=precision,
         instance_limit=settings.instance_limit,
     )
-    log.info("loaded %s", colorizer.describe())
+    log.info(
+        "loaded %s from %s (detector file %s)",
+        colorizer.describe(), settings.checkpoints, settings.detector_weights if settings.detector else None,
+    )  # fmt: skip
     return colorizer

@@ -79,6 +79,12 @@ class UnavailableError(ServiceError):
     status, kind, title = 503, "unavailable", "Service unavailable"
 
 
+class NoWorkersError(ServiceError):
+    """Redis mode: no worker has sent a heartbeat recently, so nothing would serve the job."""
+
+    status, kind, title = 503, "no-workers", "No live worker"
+
+
 class ProcessingFailedError(ServiceError):
     """A job failed repeatedly and went to the dead-letter stream (Redis mode)."""
 
@@ -93,7 +99,7 @@ ERROR_KINDS: dict[str, type[ServiceError]] = {
     cls.kind: cls
     for cls in (
         InvalidImageError, PayloadTooLargeError, ImageTooLargeError, UnsupportedMediaTypeError,
-        InvalidParameterError, OverloadedError, DeadlineExceededError, UnavailableError,
+        InvalidParameterError, OverloadedError, DeadlineExceededError, UnavailableError, NoWorkersError,
         ProcessingFailedError, InternalError,
     )
 }  # fmt: skip

@@ -17,7 +17,10 @@ STAGES: tuple[str, ...] = (
 )  # fmt: skip
 """Stage labels of ``colorize_stage_duration_seconds`` (decode includes the model's preprocess)."""
 
-OUTCOMES: tuple[str, ...] = ("ok", "client_error", "overloaded", "timeout", "error")
+OUTCOMES: tuple[str, ...] = (
+    "ok", "client_error", "client_closed", "unauthorized", "overloaded", "unavailable", "timeout",
+    "error",
+)  # fmt: skip
 DROP_REASONS: tuple[str, ...] = ("deadline", "disconnected", "shutdown", "dead_letter")
 
 DURATION_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0)
@@ -54,6 +57,23 @@ class Metrics:
             "colorize_requests",
             "Colorize requests by outcome and HTTP status.",
             ["outcome", "status"],
+            registry=registry,
+        )
+        self.requests_by_key = Counter(
+            "colorize_requests_by_key",
+            "Colorize requests by API key name (never the key) and outcome; 'anonymous' when "
+            "keys are off.",
+            ["key", "outcome"],
+            registry=registry,
+        )
+        self.unauthorized = Counter(
+            "colorize_unauthorized_requests",
+            "Requests refused with 401 (no key or an unknown key), any route.",
+            registry=registry,
+        )
+        self.refused_by_cost = Counter(
+            "colorize_refused_by_cost",
+            "Requests refused at admission because their estimated finish is past their deadline.",
             registry=registry,
         )
         self.dropped = Counter(
@@ -110,12 +130,22 @@ class Metrics:
         ).set(1)
 
 
-def outcome_for(status: int) -> str:
-    """The ``outcome`` label of ``colorize_requests_total`` for an HTTP status."""
+def outcome_for(status: int, kind: str | None = None) -> str:
+    """The ``outcome`` label of ``colorize_requests_total`` for an HTTP status (and error kind).
+
+    503 is "overloaded" only for a full queue or a refused cost; Redis down, no live worker,
+    loading or draining are "unavailable".
+    """
     if status < 400:
         return "ok"
-    if status in (429, 503):
+    if status == 499:
+        return "client_closed"
+    if status == 401:
+        return "unauthorized"
+    if status == 429 or (status == 503 and kind in (None, "overloaded")):
         return "overloaded"
+    if status == 503:
+        return "unavailable"
     if status == 504:
         return "timeout"
     if status < 500:

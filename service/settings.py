@@ -214,6 +214,85 @@ class ServiceSettings(ModelSettings):
         description="Port of a Redis worker's own /metrics (0: none).",
     )
 
+    # The public edge (docs/security.md): HTTP limits enforced by the server `serve` starts.
+    max_header_bytes: int = Field(
+        default=16_384, ge=1024, le=1_048_576,
+        description="Largest request line plus headers (bytes); larger gets 431 and the "
+        "connection is closed.",
+    )  # fmt: skip
+    header_timeout_s: float = Field(
+        default=10.0, gt=0.0, le=600.0,
+        description="Time (s) a client has to send the request line and headers, counted from the "
+        "connection's opening or the end of its previous response; then 408 and close "
+        "(slowloris guard).",
+    )  # fmt: skip
+    keep_alive_timeout_s: float = Field(
+        default=5.0, gt=0.0, le=600.0,
+        description="An idle keep-alive connection is closed after this long (s).",
+    )  # fmt: skip
+    max_connections: int = Field(
+        default=1000, ge=1, le=1_000_000,
+        description="Open client connections at once; a connection beyond it gets 503 and is "
+        "closed. Keep it below the process's file-descriptor limit (ulimit -n).",
+    )  # fmt: skip
+    max_aspect_ratio: float = Field(
+        default=1000.0, ge=1.0,
+        description="Longest side over shortest side an image may have; beyond it 422.",
+    )  # fmt: skip
+    max_boxes: int = Field(
+        default=64, ge=1, le=4096, description="Most caller boxes one request may send."
+    )
+    # Authentication and browsers (docs/security.md).
+    api_keys: str | None = Field(
+        default=None,
+        description="API keys, 'name:key,name2:key2'. Set (or api_key_file): requests need "
+        "'Authorization: Bearer KEY' or 'X-API-Key: KEY'. Metrics show the name, never the key.",
+    )
+    api_key_file: Path | None = Field(
+        default=None,
+        description="File of API keys, one 'name:key' per line ('#' comments); with api_keys, "
+        "both sets count.",
+    )
+    auth_open_probes: bool = Field(
+        default=True, description="With keys: /healthz and /readyz stay open (for orchestrators)."
+    )
+    auth_open_metrics: bool = Field(
+        default=True, description="With keys: /metrics stays open (for Prometheus)."
+    )
+    cors_origins: str = Field(
+        default="",
+        description="Browser origins allowed by CORS, comma-separated ('*' for any); empty: no "
+        "CORS headers (same-origin only).",
+    )
+    # Redis mode: worker liveness.
+    worker_heartbeat_s: float = Field(
+        default=1.0, gt=0.0, le=60.0,
+        description="Redis mode: how often (s) each worker tells Redis it is alive.",
+    )  # fmt: skip
+    worker_alive_s: float = Field(
+        default=5.0, gt=0.0, le=600.0,
+        description="Redis mode: a worker not heard from for this long (s) counts as gone; with "
+        "none alive /readyz is 503 and requests get 503 no-workers at once.",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _check_edge(self) -> ServiceSettings:
+        if self.worker_alive_s <= self.worker_heartbeat_s:
+            raise ValueError(
+                f"worker_alive_s ({self.worker_alive_s}) is not longer than worker_heartbeat_s "
+                f"({self.worker_heartbeat_s}): live workers would count as gone; raise "
+                "COLORIZE_WORKER_ALIVE_S"
+            )
+        if self.api_key_file is not None and not self.api_key_file.is_file():
+            raise ValueError(
+                f"api_key_file {str(self.api_key_file)!r} is not a file: create it or unset "
+                "COLORIZE_API_KEY_FILE"
+            )
+        from service.auth import load_api_keys  # no torch, no app: just the key format
+
+        load_api_keys(self.api_keys, self.api_key_file)  # a malformed entry refuses the start
+        return self
+
     @model_validator(mode="after")
     def _check_service(self) -> ServiceSettings:
         if self.queue_size < self.max_batch_size:
@@ -257,6 +336,9 @@ class ServiceSettings(ModelSettings):
                 "after their clients gave up; lower COLORIZE_CLAIM_IDLE_MS"
             )
         return self
+
+    def cors_origin_list(self) -> list[str]:
+        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
 
     def batch_buckets(self) -> list[int]:
         """Batch sizes warmed up at start: powers of two below max_batch_size, and it."""

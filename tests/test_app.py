@@ -70,10 +70,11 @@ async def test_operational_routes(tiny_checkpoints: Path) -> None:
         assert info["model"]["device"] == "cpu"
         assert info["model"]["precision"] == "fp32"
         assert info["model"]["detector"] is None
-        assert {Path(f["path"]).name for f in info["model"]["files"]} == {
+        assert {f["name"] for f in info["model"]["files"]} == {
             "latest_net_G.pth", "latest_net_GF.pth", "latest_net_GComp.pth",
         }  # fmt: skip
         assert all(len(f["sha256"]) == 64 for f in info["model"]["files"])
+        assert str(tiny_checkpoints) not in json.dumps(info)  # names, never filesystem paths
         assert info["batching"]["max_batch_size"] == 2
         assert info["batching"]["batch_buckets"] == [1, 2]
         assert info["service_version"]

@@ -5,6 +5,9 @@ Equivalent uvicorn command (settings from COLORIZE_* variables only)::
     uvicorn --factory service.app:app_from_env --host 0.0.0.0 --port 8000 \\
         --timeout-graceful-shutdown 35
 
+(plain uvicorn lacks the connection limits of ``service.http_limits``: 431 for oversized headers,
+the header deadline and the connection cap; ``serve`` has them).
+
 On SIGTERM (or Ctrl-C) readiness turns 503 and /colorize refuses new work at once, the listening
 socket closes, requests in flight (queued or on the device) finish, then the queue drains and the
 process exits 0. A second Ctrl-C forces the exit.
@@ -22,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 import uvicorn
 
 from service.commands.model_flags import add_model_arguments, settings_from_args
+from service.http_limits import ConnectionLimits, uvicorn_limit_options
 
 if TYPE_CHECKING:
     from service.app import ServiceState
@@ -67,6 +71,11 @@ def run(args: argparse.Namespace) -> int:
         server.should_exit = True
 
     app = create_app(settings, on_fatal=on_fatal)
+    limits = ConnectionLimits(
+        max_header_bytes=settings.max_header_bytes,
+        header_timeout_s=settings.header_timeout_s,
+        max_connections=settings.max_connections,
+    )
     config = uvicorn.Config(
         app,
         host=settings.host,
@@ -74,6 +83,8 @@ def run(args: argparse.Namespace) -> int:
         lifespan="on",
         timeout_graceful_shutdown=math.ceil(settings.request_timeout_s) + 5,
         log_config=None,  # the root logger set up by the CLI
+        # header size (431), header deadline (408), idle timeout, connection cap: docs/security.md
+        **uvicorn_limit_options(limits, settings.keep_alive_timeout_s),
     )
     server = DrainingServer(config, app.state.service)
     server.run()
