@@ -14,6 +14,7 @@ import subprocess
 import sys
 import zipfile
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -23,7 +24,7 @@ import numpy as np
 import pytest
 from deploy_support import missing_tool
 from PIL import Image, ImageDraw
-from playwright.sync_api import Page, Route, sync_playwright
+from playwright.sync_api import Page, sync_playwright
 from test_serve_process import free_port, wait_ready
 
 pytestmark = pytest.mark.slow
@@ -35,8 +36,8 @@ CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networki
 REPO = Path(__file__).resolve().parents[1]
 ARTIFACTS = Path(os.environ.get("INSTCOLOR_ARTIFACTS", REPO / "artifacts"))
 TIMEOUT_MS = 60_000
+API_KEY = "web-page-test-key-0123456789"
 STAGES = ("decode", "queue", "detect", "instance", "fusion", "merge", "encode", "total")
-
 
 
 def scene(width: int = 320, height: int = 240) -> Image.Image:
@@ -60,23 +61,24 @@ class Server:
     base: str
     process: subprocess.Popen[str]
     log: Path
-    requests: list[str] = field(default_factory=list)
 
 
-@pytest.fixture(scope="module")
-def server(
-    tiny_checkpoints: Path, detector_weights: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[Server]:
+@dataclass
+class Browser:
+    page: Page
+    requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)  # url, headers
+
+
+@contextmanager
+def serve(checkpoints: Path, log: Path, *args: str, **env: str) -> Iterator[Server]:
+    """A real ``serve`` process on a free port (CPU, no warm-up), stopped afterwards."""
     port = free_port()
-    log = tmp_path_factory.mktemp("web") / "serve.log"
-    env = {**os.environ, "COLORIZE_MAX_BATCH_SIZE": "2", "COLORIZE_MAX_BATCH_DELAY_MS": "10",
-           "COLORIZE_WARMUP": "false", "COLORIZE_DETECTOR_MIN_SIZE": "240",
-           "COLORIZE_DETECTOR_MAX_SIZE": "320"}  # fmt: skip
+    environment = {**os.environ, "COLORIZE_MAX_BATCH_SIZE": "2",
+                   "COLORIZE_MAX_BATCH_DELAY_MS": "10", "COLORIZE_WARMUP": "false", **env}  # fmt: skip
     process = subprocess.Popen(
-        [sys.executable, "-m", "service", "serve", "--checkpoints", str(tiny_checkpoints),
-         "--detector-weights", str(detector_weights), "--device", "cpu",
-         "--host", "127.0.0.1", "--port", str(port)],
-        stdout=log.open("w"), stderr=subprocess.STDOUT, text=True, env=env, cwd=REPO,
+        [sys.executable, "-m", "service", "serve", "--checkpoints", str(checkpoints), *args,
+         "--device", "cpu", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log.open("w"), stderr=subprocess.STDOUT, text=True, env=environment, cwd=REPO,
     )  # fmt: skip
     base = f"http://127.0.0.1:{port}"
     try:
@@ -91,21 +93,51 @@ def server(
             process.wait()
 
 
+@pytest.fixture(scope="module")
+def server(
+    tiny_checkpoints: Path, detector_weights: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """With the random-weight detector at a small size, so it proposes boxes quickly."""
+    log = tmp_path_factory.mktemp("web") / "serve.log"
+    with serve(tiny_checkpoints, log, "--detector-weights", str(detector_weights),
+               COLORIZE_DETECTOR_MIN_SIZE="240", COLORIZE_DETECTOR_MAX_SIZE="320") as running:  # fmt: skip
+        yield running
+
+
+@pytest.fixture(scope="module")
+def keyed_server(
+    tiny_checkpoints: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """API keys enabled (COLORIZE_API_KEYS), no detector."""
+    log = tmp_path_factory.mktemp("web-keys") / "serve.log"
+    with serve(
+        tiny_checkpoints, log, "--no-detector", COLORIZE_API_KEYS=f"web:{API_KEY}"
+    ) as running:
+        yield running
+
+
 @pytest.fixture
-def page(server: Server) -> Iterator[Page]:
+def browser() -> Iterator[Browser]:
     if not CHROMIUM.is_file():
         missing_tool("chromium")  # a skip here, a failure in CI
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
         try:
-            context = browser.new_context(viewport={"width": 1360, "height": 1000},
-                                          accept_downloads=True)  # fmt: skip
+            context = chromium.new_context(viewport={"width": 1360, "height": 1000},
+                                           accept_downloads=True)  # fmt: skip
             page = context.new_page()
             page.set_default_timeout(TIMEOUT_MS)
-            page.on("request", lambda request: server.requests.append(request.url))
-            yield page
+            recorded = Browser(page)
+            page.on("request", lambda r: recorded.requests.append((r.url, r.headers)))
+            yield recorded
         finally:
-            browser.close()
+            chromium.close()
+
+
+def only_to(server: Server, browser: Browser) -> None:
+    """Every request the page made went to ``server`` (blob: and data: URLs are the page's own)."""
+    urls = [url for url, _ in browser.requests if not url.startswith(("blob:", "data:"))]
+    assert {urlsplit(url).netloc for url in urls} == {urlsplit(server.base).netloc}, urls
 
 
 def item_status(page: Page, index: int) -> str:
@@ -123,8 +155,8 @@ def fact(page: Page, name: str) -> str:
     return str(page.locator(f'#result-facts dd[data-fact="{name}"]').inner_text())
 
 
-def test_page_end_to_end(server: Server, page: Page, tmp_path: Path) -> None:
-    p = page
+def test_page_end_to_end(server: Server, browser: Browser, tmp_path: Path) -> None:
+    p = browser.page
     photo = tmp_path / "street.jpg"
     scene().save(photo, quality=92)
     broken = tmp_path / "broken.png"
@@ -157,6 +189,10 @@ def test_page_end_to_end(server: Server, page: Page, tmp_path: Path) -> None:
     # The error of the broken file comes from the problem detail.
     error = p.locator(".queue-item").nth(1).locator(".item-error").inner_text()
     assert "400" in error and "could not be decoded" in error
+    with p.expect_response(lambda r: "/colorize?" in r.url) as retried:
+        p.click('button[aria-label="Retry broken.png"]')
+    assert retried.value.status == 400
+    p.wait_for_function("document.querySelectorAll('.queue-item')[1].dataset.status === 'failed'")
 
     # Before and after at the output's resolution, boxes drawn with their scores.
     p.wait_for_function("document.querySelector('#after-img').naturalWidth > 0")
@@ -237,52 +273,46 @@ def test_page_end_to_end(server: Server, page: Page, tmp_path: Path) -> None:
         rgb = np.asarray(result.convert("RGB"), dtype=np.int16)
     assert int((rgb.max(axis=2) - rgb.min(axis=2)).max()) <= 6  # no colour left (JPEG noise)
 
-    hosts = {
-        urlsplit(url).netloc for url in server.requests if not url.startswith(("blob:", "data:"))
-    }
-    assert hosts == {urlsplit(server.base).netloc}, server.requests
+    only_to(server, browser)
 
 
-def test_page_asks_for_an_api_key_on_401(server: Server, page: Page, tmp_path: Path) -> None:
-    """The page side of API keys: a 401 problem shows the key form; the key is kept in
-    sessionStorage and sent as X-API-Key. The 401 comes from a route handler standing in for a
-    key-checking server (the service's own keys are added separately); after the key, the
-    request goes on to the real server."""
-    p = page
+def test_page_with_api_keys(keyed_server: Server, browser: Browser, tmp_path: Path) -> None:
+    """Keys enabled: the page still loads; a 401 shows the key form; a wrong key is refused; the
+    right one is kept in sessionStorage, sent as X-API-Key, and the refused image goes through."""
+    p = browser.page
     photo = tmp_path / "p.png"
     scene(96, 72).save(photo)
-    sent_keys: list[str | None] = []
-
-    def guard(route: Route) -> None:
-        request = route.request
-        key = request.headers.get("x-api-key")
-        sent_keys.append(key)
-        if key != "s3cret":
-            route.fulfill(
-                status=401, content_type="application/problem+json",
-                headers={"WWW-Authenticate": "Bearer"},
-                body='{"type": "about:blank", "title": "Unauthorized", "status": 401, '
-                     '"detail": "missing or wrong API key"}',
-            )  # fmt: skip
-        else:
-            route.continue_()
-
-    p.route("**/colorize?*", guard)
-    p.goto(server.base + "/")
+    refused = httpx.post(keyed_server.base + "/colorize", content=photo.read_bytes(),
+                         headers={"content-type": "image/png"})  # fmt: skip
+    assert refused.status_code == 401 and "bearer" in refused.headers["www-authenticate"].lower()
+    assert httpx.get(keyed_server.base + "/").status_code == 200  # the page itself is open
+    assert httpx.get(keyed_server.base + "/static/app.js").status_code == 200
+    p.goto(keyed_server.base + "/")
+    p.wait_for_function("document.querySelector('#model-info').textContent.includes('API key')")
     p.set_input_files("#file-input", str(photo))
     p.wait_for_selector("#key-form:not([hidden])")
     assert item_status(p, 0) == "needs-key"
+    assert "API key" in p.locator(".queue-item .item-error").inner_text()
     assert p.evaluate("document.activeElement.id") == "api-key"
     p.keyboard.type("wrong")
     p.keyboard.press("Enter")
+    p.wait_for_function("document.querySelector('#key-message').textContent.includes('refused')")
     p.wait_for_selector("#key-form:not([hidden])")
-    assert "refused" in p.locator("#key-message").inner_text()
-    p.fill("#api-key", "s3cret")
+    p.fill("#api-key", API_KEY)
     p.click("#key-form button[type=submit]")
     wait_done(p, 0)
-    assert sent_keys == [None, "wrong", "s3cret"]
-    assert p.evaluate("sessionStorage.getItem('instcolor.apiKey')") == "s3cret"
+    assert fact(p, "Instances") == "0"
+    assert p.evaluate("sessionStorage.getItem('instcolor.apiKey')") == API_KEY
     assert p.locator("#key-status").is_visible()
+    p.wait_for_function("document.querySelector('#model-info').textContent.includes('Model')")
+    sent = [headers.get("x-api-key") for url, headers in browser.requests if "/colorize?" in url]
+    assert sent == [None, "wrong", API_KEY]
+
+    p.click("#forget-key")  # forgotten: the next request asks again
+    assert p.evaluate("sessionStorage.getItem('instcolor.apiKey')") is None
+    p.click("#use-detector")
+    p.wait_for_selector("#key-form:not([hidden])")
+    only_to(keyed_server, browser)
 
 
 def test_static_files_are_packaged() -> None:

@@ -328,12 +328,18 @@
           </span>
         </button>
         <progress class="item-progress" max="1"></progress>
-        <p class="item-error" hidden></p>`;
+        <p class="item-error" hidden></p>
+        <button type="button" class="button small item-retry" hidden>Retry</button>`;
       const thumb = item.li.querySelector(".thumb");
       thumb.addEventListener("error", () => thumb.classList.add("no-preview"), { once: true });
       thumb.src = item.beforeUrl;
       item.li.querySelector(".item-name").textContent = item.name;
       item.li.querySelector(".item-select").addEventListener("click", () => select(item, true));
+      item.li.querySelector(".item-retry").addEventListener("click", () => {
+        item.status = "waiting";
+        renderItem(item);
+        pump();
+      });
       $("queue").append(item.li);
     }
     item.li.dataset.status = item.status;
@@ -350,6 +356,9 @@
     progress.hidden = !["uploading", "colorizing", "waiting"].includes(item.status);
     if (item.status === "uploading") progress.value = item.progress;
     else progress.removeAttribute("value"); // indeterminate while the model works
+    const retry = item.li.querySelector(".item-retry");
+    retry.hidden = item.status !== "failed";
+    retry.setAttribute("aria-label", `Retry ${item.name}`);
     const error = item.li.querySelector(".item-error");
     error.hidden = !item.error;
     if (item.error) {
