@@ -67,6 +67,7 @@ class Server:
 class Browser:
     page: Page
     requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)  # url, headers
+    errors: list[str] = field(default_factory=list)  # uncaught exceptions, CSP violations
 
 
 @contextmanager
@@ -129,7 +130,11 @@ def browser() -> Iterator[Browser]:
             page.set_default_timeout(TIMEOUT_MS)
             recorded = Browser(page)
             page.on("request", lambda r: recorded.requests.append((r.url, r.headers)))
+            page.on("pageerror", lambda error: recorded.errors.append(str(error)))
+            page.on("console", lambda m: recorded.errors.append(m.text)
+                    if "Content Security Policy" in m.text else None)  # fmt: skip
             yield recorded
+            assert recorded.errors == []
         finally:
             chromium.close()
 
@@ -272,6 +277,19 @@ def test_page_end_to_end(server: Server, browser: Browser, tmp_path: Path) -> No
         assert result.format == "JPEG" and result.size == (320, 240)
         rgb = np.asarray(result.convert("RGB"), dtype=np.int16)
     assert int((rgb.max(axis=2) - rgb.min(axis=2)).max()) <= 6  # no colour left (JPEG noise)
+
+    # Network resolution: a 256x256 output; boxes (input pixels) are drawn scaled onto it.
+    p.select_option("#opt-resolution", "network")
+    p.click("#use-detector")
+    p.wait_for_function("document.querySelector('.queue-item').dataset.status !== 'done'")
+    wait_done(p, 0)
+    p.wait_for_function("document.querySelector('#after-img').naturalWidth === 256")
+    assert fact(p, "Output").startswith("256×256") and fact(p, "Input") == "320×240"
+    first = p.locator("#box-list .box-item span").first.inner_text()
+    x1, y1 = (int(v) for v in first.split("[")[1].split(",")[:2])
+    rect = p.locator("#overlay g.box rect").first
+    assert float(rect.get_attribute("x") or 0) == pytest.approx(x1 * 256 / 320)
+    assert float(rect.get_attribute("y") or 0) == pytest.approx(y1 * 256 / 240)
 
     only_to(server, browser)
 
