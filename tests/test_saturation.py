@@ -9,6 +9,7 @@ import json
 import math
 from pathlib import Path
 
+import httpx
 import image_corpus as corpus
 import numpy as np
 import pytest
@@ -18,12 +19,15 @@ from hypothesis import strategies as st
 from PIL import Image
 from service_helpers import make_job, running_app, service_settings
 from test_cli_colorize import colorize, gray
+from test_redis_e2e import Fleet, fleet, redis_prefix, redis_url
 
 from models.merge import SATURATION_RANGE, scale_saturation
 from models.pipeline import ColorizeOptions, Colorizer, OptionsError
 from service.jobs import SATURATION_RANGE as SERVICE_SATURATION_RANGE
 from service.jobs import JobOptions
 from service.redis_queue import cache_digest, job_fields, job_from_fields
+
+__all__ = ["fleet", "redis_prefix", "redis_url"]  # fixtures
 
 PROBLEM = "application/problem+json"
 
@@ -194,3 +198,31 @@ def test_cli_refuses_bad_saturation(
                  checkpoints=tiny_checkpoints)  # fmt: skip
     assert caught.value.code == 2
     assert "--saturation" in capsys.readouterr().err
+
+
+# -- Redis mode end to end ----------------------------------------------------------------------
+
+
+@pytest.mark.redis
+@pytest.mark.slow
+@pytest.mark.timeout(180)
+def test_redis_worker_applies_saturation_and_caches_per_value(fleet: Fleet) -> None:
+    """The value travels with the job to a real worker process and is part of the cache key."""
+    api, worker = fleet.api(), fleet.worker("w1")
+    fleet.wait_ready(api, worker)
+    image = corpus.jpeg(80, 60)
+
+    def post(saturation: str) -> httpx.Response:
+        return httpx.post(
+            f"{api.url}/colorize?saturation={saturation}&format=png", content=image,
+            headers={"content-type": "image/jpeg"}, timeout=60,
+        )  # fmt: skip
+
+    gray_answer, model_answer, again = post("0"), post("1"), post("0")
+    assert [r.status_code for r in (gray_answer, model_answer, again)] == [200, 200, 200]
+    assert channel_spread(Image.open(io.BytesIO(gray_answer.content))) <= 1
+    assert colourfulness(Image.open(io.BytesIO(model_answer.content))) > 0
+    assert "x-cache" not in gray_answer.headers
+    assert "x-cache" not in model_answer.headers  # another saturation: not the cached result
+    assert again.headers["x-cache"] == "hit"
+    assert again.content == gray_answer.content
