@@ -31,7 +31,9 @@ def _peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # Linux: KiB
 
 
-def measure_one(checkpoints: Path, width: int, height: int, detector: Path | None) -> dict[str, float]:
+def measure_one(
+    checkpoints: Path, width: int, height: int, detector: Path | None
+) -> dict[str, float]:
     """In this process: the peak-RSS growth for one ``width`` x ``height`` PNG request."""
     from PIL import Image
 
@@ -72,26 +74,29 @@ def measure_one(checkpoints: Path, width: int, height: int, detector: Path | Non
 
 def measure(checkpoints: Path, size: str, detector: Path | None = None) -> dict[str, float]:
     """``measure_one`` in a fresh interpreter (peak RSS is per process)."""
-    width, height = (int(v) for v in size.lower().split("x"))
     root = Path(__file__).resolve().parent.parent
-    code = (
-        "import json, sys; sys.path.insert(0, %r); from loadtests.peak_memory import measure_one; "
-        "from pathlib import Path; print(json.dumps(measure_one(Path(%r), %d, %d, %s)))"
-    ) % (str(root), str(checkpoints), width, height, f"Path({str(detector)!r})" if detector else None)
+    command = [sys.executable, __file__, "--one", size, "--checkpoints", str(checkpoints)]
+    if detector is not None:
+        command += ["--detector", str(detector)]
     env = {**os.environ, "PYTHONPATH": str(root)}
-    done = subprocess.run(  # noqa: S603 - our own interpreter and module
-        [sys.executable, "-c", code], capture_output=True, text=True, env=env, check=True
-    )
+    done = subprocess.run(command, capture_output=True, text=True, env=env, check=True)
     return dict(json.loads(done.stdout.strip().splitlines()[-1]))
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawTextHelpFormatter
+    )
     parser.add_argument("sizes", nargs="+", help="WIDTHxHEIGHT")
     parser.add_argument("--checkpoints", type=Path, help="official checkpoints folder")
     parser.add_argument("--detector", type=Path, help="Mask R-CNN weights (default: no detector)")
     parser.add_argument("--tiny", action="store_true", help="seeded width-8 networks")
+    parser.add_argument("--one", action="store_true", help=argparse.SUPPRESS)  # the subprocess
     args = parser.parse_args()
+    if args.one:
+        width, height = (int(v) for v in args.sizes[0].lower().split("x"))
+        print(json.dumps(measure_one(args.checkpoints, width, height, args.detector)))
+        return 0
     checkpoints = args.checkpoints
     if args.tiny:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))

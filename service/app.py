@@ -109,12 +109,15 @@ class Status(BaseModel):
 def _problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     when = {
         400: "The image could not be decoded (corrupt, truncated, not an image).",
+        401: "API keys are on (COLORIZE_API_KEYS) and the request has no valid key; see "
+        "WWW-Authenticate.",
         413: "Body over max_body_bytes, or image over max_pixels (checked before decoding).",
         415: "Not an image content type, an unsupported image format, or an animated image.",
         422: "A parameter is out of range or malformed.",
         429: "Queue full (when COLORIZE_OVERLOAD_STATUS=429); see Retry-After.",
         500: "Internal error; the body carries the request ID, never a stack trace.",
-        503: "Queue full, model loading or server draining; see Retry-After.",
+        503: "Queue full, estimated work past the deadline, no live worker, model loading or "
+        "server draining; see Retry-After.",
         504: "The request's deadline passed before it was served.",
     }
     return {status: {"model": Problem, "description": when[status]} for status in statuses}
@@ -585,7 +588,7 @@ def _install_routes(app: FastAPI, state: ServiceState) -> None:
                 "content": {**_IMAGE_CONTENT, "application/json": {}},
                 "model": ColorizeJSON,
             },
-            **_problem_responses(400, 413, 415, 422, 429, 500, 503, 504),
+            **_problem_responses(400, 401, 413, 415, 422, 429, 500, 503, 504),
         },
     )
     async def colorize(
@@ -657,6 +660,7 @@ def _install_routes(app: FastAPI, state: ServiceState) -> None:
                     max_pixels=settings.max_pixels,
                     max_aspect_ratio=settings.max_aspect_ratio,
                 )
+            pixels = size[0] * size[1] if size is not None else 0
             now = time.time()
             job = Job(
                 request_id=request_id,
@@ -673,6 +677,7 @@ def _install_routes(app: FastAPI, state: ServiceState) -> None:
                 ),
                 deadline=now + settings.request_timeout_s,
                 enqueued_at=now,
+                pixels=pixels,
             )
             try:
                 result = await _submit_watching(request, queue, job)

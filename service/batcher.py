@@ -21,6 +21,7 @@ from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, Protocol
 
+from service.admission import CostModel, refusal
 from service.errors import (
     DeadlineExceededError,
     InternalError,
@@ -75,7 +76,11 @@ class JobQueue(Protocol):
 class BatchRunner(Protocol):
     """The engine side of the batcher (``service.engine.BatchEngine``)."""
 
-    async def run_batch(self, jobs: Sequence[Job]) -> list[JobResult | ServiceError]: ...
+    async def run_batch(
+        self, jobs: Sequence[Job], abandoned: Callable[[Job], bool] | None = None
+    ) -> list[JobResult | ServiceError]:
+        """``abandoned(job)`` is true once nobody waits for that job: skip its remaining work."""
+        ...
 
     def describe(self) -> dict[str, Any]: ...
 
@@ -88,6 +93,7 @@ class _Entry:
     future: asyncio.Future[JobResult]
     admitted: float = field(default_factory=time.monotonic)
     dropped: str | None = None  # why the caller gave up: deadline or disconnected
+    cost: float = 0.0  # estimated seconds of work (service.admission)
 
 
 class InProcessQueue:
@@ -127,6 +133,8 @@ class InProcessQueue:
         self._closed = False
         self._failure: str | None = None
         self._batch_seconds = 0.0  # moving average, for Retry-After
+        self.cost = CostModel()  # learnt from the engine's stage timings
+        self._backlog_s = 0.0  # estimated seconds of the admitted, unfinished entries
 
     # -- JobQueue -------------------------------------------------------------------------------
 
@@ -177,7 +185,9 @@ class InProcessQueue:
                 f"the queue is full ({self.queue_size} requests waiting); retry later",
                 retry_after=self._retry_after(),
             )
-        entry = _Entry(job, asyncio.get_running_loop().create_future())
+        entry = _Entry(job, asyncio.get_running_loop().create_future(), cost=self._admit_cost(job))
+        self._backlog_s += entry.cost
+        entry.future.add_done_callback(lambda _: self._settle(entry))
         self._entries.append(entry)
         self._changed()
         try:
@@ -211,7 +221,30 @@ class InProcessQueue:
         if self.engine is not None:
             await asyncio.to_thread(self.engine.close)
 
+    def backlog_seconds(self) -> float:
+        """Estimated seconds of work admitted and not finished (for /info and tests)."""
+        return self._backlog_s
+
     # -- internals ------------------------------------------------------------------------------
+
+    def _admit_cost(self, job: Job) -> float:
+        """The job's estimated cost; refuses it (503) if it cannot finish before its deadline."""
+        if not self.cost.measured:
+            return 0.0
+        cost = self.cost.estimate(job)
+        backlog = self._backlog_s
+        retry_after = refusal(backlog, cost, job.deadline - time.time(), self.retry_after_s)
+        if retry_after is not None:
+            self.metrics.refused_by_cost.inc()
+            raise OverloadedError(
+                f"the work queued ahead ({backlog:.1f} s estimated) and this request "
+                f"({cost:.1f} s) would not finish before its deadline; retry later",
+                retry_after=retry_after,
+            )
+        return cost
+
+    def _settle(self, entry: _Entry) -> None:
+        self._backlog_s = max(0.0, self._backlog_s - entry.cost)
 
     async def _load_engine(self) -> None:
         try:
@@ -326,7 +359,14 @@ class InProcessQueue:
         try:
             if batch:
                 assert self.engine is not None
-                outcomes = await self.engine.run_batch([e.job for e in batch])
+                waiting = {id(e.job): e for e in batch}
+                outcomes = await self.engine.run_batch(
+                    [e.job for e in batch], abandoned=lambda job: waiting[id(job)].future.done()
+                )
+                self.cost.observe_batch(
+                    [(e.job, o) for e, o in zip(batch, outcomes, strict=False)
+                     if isinstance(o, JobResult)]
+                )  # fmt: skip
         except Exception:
             log.exception("a batch of %d failed", len(batch))
             outcomes = [InternalError("the batch failed") for _ in batch]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any
@@ -31,6 +31,7 @@ from service.errors import (
     InvalidImageError,
     InvalidParameterError,
     ServiceError,
+    UnavailableError,
     UnsupportedMediaTypeError,
 )
 from service.jobs import Job, JobOptions, JobResult, OutputFormat
@@ -40,6 +41,11 @@ from service.settings import ServiceSettings
 log = logging.getLogger(__name__)
 
 Outcome = JobResult | ServiceError
+Abandoned = Callable[[Job], bool]  # True once nobody waits for the job's answer
+
+
+def _never(job: Job) -> bool:
+    return False
 
 
 @dataclass
@@ -130,30 +136,31 @@ class BatchEngine:
         if self.owns_pool:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
-    async def run_batch(self, jobs: Sequence[Job]) -> list[Outcome]:
-        """A result or an error per job, in order; never raises for one job's fault."""
+    async def run_batch(
+        self, jobs: Sequence[Job], abandoned: Abandoned | None = None
+    ) -> list[Outcome]:
+        """A result or an error per job, in order; never raises for one job's fault.
+
+        A job past its deadline, or ``abandoned`` (its client left), is dropped before its CPU
+        stage and again before the device: nobody would read its answer.
+        """
         if not jobs:
             return []
+        gone = abandoned or _never
         loop = asyncio.get_running_loop()
         self.metrics.batch_size.observe(len(jobs))
         ready = await asyncio.gather(
-            *(loop.run_in_executor(self.pool, self._prepare, j) for j in jobs)
+            *(loop.run_in_executor(self.pool, self._prepare_if_wanted, j, gone) for j in jobs)
         )
-        now = time.time()
         outcomes: list[Outcome] = []
         todo: list[tuple[int, _Ready]] = []
         for i, (job, item) in enumerate(zip(jobs, ready, strict=True)):
-            if isinstance(item, ServiceError):
+            if isinstance(item, ServiceError):  # a bad image, or dropped before decoding
                 outcomes.append(item)
-            elif now > job.deadline:  # expired while decoding: keep it off the device
-                self.metrics.dropped.labels(reason="deadline").inc()
-                outcomes.append(
-                    DeadlineExceededError(
-                        "the request's deadline passed before it reached the model"
-                    )
-                )
-            else:
-                outcomes.append(InternalError("not processed"))  # replaced below
+                continue
+            dropped = self._unwanted(job, gone)  # expired or withdrawn while decoding
+            outcomes.append(dropped or InternalError("not processed"))  # replaced below
+            if dropped is None:
                 todo.append((i, item))
         if not todo:
             return outcomes
@@ -174,7 +181,21 @@ class BatchEngine:
             outcomes[i] = outcome
         return outcomes
 
+    def _unwanted(self, job: Job, abandoned: Abandoned) -> ServiceError | None:
+        """Why ``job`` should not run any further (counted as dropped), or None."""
+        if time.time() > job.deadline:
+            self.metrics.dropped.labels(reason="deadline").inc()
+            return DeadlineExceededError("the request's deadline passed before it was processed")
+        if abandoned(job):
+            self.metrics.dropped.labels(reason="disconnected").inc()
+            return UnavailableError("the client withdrew the request")
+        return None
+
     # -- CPU stages (worker pool) ---------------------------------------------------------------
+
+    def _prepare_if_wanted(self, job: Job, abandoned: Abandoned) -> _Ready | ServiceError:
+        dropped = self._unwanted(job, abandoned)
+        return dropped if dropped is not None else self._prepare(job)
 
     def _prepare(self, job: Job) -> _Ready | ServiceError:
         start = time.perf_counter()

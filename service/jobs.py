@@ -32,6 +32,7 @@ class Job:
     options: JobOptions
     deadline: float  # time.time() after which the result is useless (504)
     enqueued_at: float  # time.time() when admitted
+    pixels: int = 0  # width x height from the image header (0: unknown), for cost admission
 
 
 @dataclass(frozen=True)

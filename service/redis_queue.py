@@ -19,6 +19,9 @@ Layout, for a key prefix ``P`` (``COLORIZE_REDIS_PREFIX``, default ``colorize``)
   ``processing-failed`` error.
 - ``P:cache:<sha256>``: encoded result keyed by image bytes, request options and model version,
   with a TTL (``cache_ttl_s``). May live in another Redis (``COLORIZE_CACHE_REDIS_URL``).
+- ``P:workers``: sorted set of live workers, scored by their last heartbeat (Redis server time,
+  so hosts' clocks do not matter); ``P:worker-costs``: hash worker -> its measured cost model
+  (``service.admission``). A worker not heard from for ``worker_alive_s`` is dropped from both.
 - ``P:model``: JSON description of the model the workers serve (``describe()``), refreshed by every
   worker; the API needs the model version for cache keys without loading the model.
 
@@ -42,8 +45,10 @@ from redis.asyncio.retry import Retry
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.exceptions import RedisError, ResponseError
 
+from service.admission import CostModel, refusal
 from service.errors import (
     DeadlineExceededError,
+    NoWorkersError,
     OverloadedError,
     ServiceError,
     UnavailableError,
@@ -92,6 +97,14 @@ class RedisLayout:
     def cache(self, digest: str) -> str:
         return f"{self.prefix}:cache:{digest}"
 
+    @property
+    def workers(self) -> str:
+        return f"{self.prefix}:workers"
+
+    @property
+    def worker_costs(self) -> str:
+        return f"{self.prefix}:worker-costs"
+
 
 def job_fields(job: Job, token: str) -> dict[str, bytes | str]:
     meta = asdict(job)
@@ -109,6 +122,7 @@ def job_from_fields(fields: dict[bytes, bytes]) -> tuple[str, Job]:
         options=JobOptions(**meta["options"]),
         deadline=float(meta["deadline"]),
         enqueued_at=float(meta["enqueued_at"]),
+        pixels=int(meta.get("pixels", 0)),
     )
     return token, job
 
@@ -194,6 +208,40 @@ return touched
 """
 
 
+# KEYS[1] workers zset, KEYS[2] costs hash; ARGV[1] consumer, ARGV[2] cost JSON. Server time, so
+# the clocks of the workers' and the API's hosts never matter.
+BEAT_SCRIPT = """
+local t = redis.call('TIME')
+redis.call('ZADD', KEYS[1], tonumber(t[1]) + tonumber(t[2]) / 1000000, ARGV[1])
+redis.call('HSET', KEYS[2], ARGV[1], ARGV[2])
+return 1
+"""
+
+# KEYS[1] workers zset, KEYS[2] costs hash; ARGV[1] seconds a worker counts as alive after its
+# last heartbeat. Forgets the others; returns the cost JSON of each live worker.
+LIVE_SCRIPT = """
+local t = redis.call('TIME')
+local oldest = tonumber(t[1]) + tonumber(t[2]) / 1000000 - tonumber(ARGV[1])
+local gone = redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', oldest)
+for _, name in ipairs(gone) do redis.call('HDEL', KEYS[2], name) end
+redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', oldest)
+local live = redis.call('ZRANGE', KEYS[1], 0, -1)
+if #live == 0 then return {} end
+return redis.call('HMGET', KEYS[2], unpack(live))
+"""
+
+
+def parse_worker_costs(reply: Any) -> list[CostModel]:
+    """The LIVE_SCRIPT reply: one cost model per live worker (unmeasured if unreadable)."""
+    models = []
+    for raw in reply or []:
+        try:
+            models.append(CostModel.from_dict(json.loads(raw)))
+        except (TypeError, ValueError):
+            models.append(CostModel())
+    return models
+
+
 async def ensure_group(client: aioredis.Redis, layout: RedisLayout) -> None:
     """Create the stream and its consumer group (at id 0: jobs admitted before it are kept)."""
     try:
@@ -269,6 +317,8 @@ class RedisQueueConfig:
     retry_after_s: float = 1.0
     stats_interval_s: float = 1.0
     connect_timeout_s: float = 2.0
+    worker_alive_s: float = 5.0  # a heartbeat older than this: the worker is gone
+    require_live_worker: bool = True  # no live worker: not ready, and 503 no-workers at once
 
     @staticmethod
     def from_settings(settings: ServiceSettings) -> RedisQueueConfig:
@@ -281,6 +331,7 @@ class RedisQueueConfig:
             cache_ttl_s=settings.cache_ttl_s,
             cache_url=settings.cache_redis_url,
             retry_after_s=settings.retry_after_s,
+            worker_alive_s=settings.worker_alive_s,
         )
 
 
@@ -324,6 +375,8 @@ class RedisJobQueue:
             else self._client
         )
         self._admit = self._client.register_script(ADMIT_SCRIPT)
+        self._live_script = self._client.register_script(LIVE_SCRIPT)
+        self._workers: list[CostModel] = []  # live workers' cost models, refreshed with the stats
         self._stats = QueueStats()
         self._model_info: dict[str, Any] | None = None  # refreshed by the stats task
         self._stats_task: asyncio.Task[None] | None = None
@@ -347,7 +400,12 @@ class RedisJobQueue:
         if self._closing:
             return False
         try:
-            return bool(await asyncio.wait_for(self._client.ping(), self.config.connect_timeout_s))
+            if not await asyncio.wait_for(self._client.ping(), self.config.connect_timeout_s):
+                return False
+            if self.config.require_live_worker:
+                self._workers = await self._read_workers()
+                return bool(self._workers)
+            return True
         except REDIS_ERRORS:
             return False
 
@@ -363,6 +421,7 @@ class RedisJobQueue:
                 "stream_length": s.stream_length,
                 "pending": s.pending,
                 "consumers": s.consumers,
+                "live_workers": len(self._workers),
                 "max_queue": self.config.max_queue,
                 "cache": self.config.cache_enabled,
             },
@@ -382,7 +441,7 @@ class RedisJobQueue:
         except REDIS_ERRORS as exc:
             log.warning("redis unavailable for %s: %s", job.request_id, exc)
             raise UnavailableError(
-                f"the job queue (Redis) is unreachable: {exc}. Retry shortly.",
+                "the job queue (Redis) is unreachable; retry shortly",
                 retry_after=self.config.retry_after_s,
             ) from exc
         finally:
@@ -403,6 +462,7 @@ class RedisJobQueue:
                     return replace(answer, timings={}, cached=True)
         if job.deadline <= time.time():
             raise DeadlineExceededError("the request deadline passed before it was queued")
+        backlog_s = await self._admit_by_cost(job)
         token = uuid.uuid4().hex
         fields = job_fields(job, token)
         args: list[Any] = [self.config.max_queue]
@@ -413,7 +473,7 @@ class RedisJobQueue:
             raise OverloadedError(
                 f"the job queue is full ({int(value)} jobs, limit {self.config.max_queue}); "
                 "retry later",
-                retry_after=self.config.retry_after_s,
+                retry_after=max(self.config.retry_after_s, backlog_s),
             )
         entry_id = value
         reply = self.layout.reply(token)
@@ -439,6 +499,49 @@ class RedisJobQueue:
         if isinstance(answer, ServiceError):
             raise answer
         return answer
+
+    async def _read_workers(self) -> list[CostModel]:
+        reply = await self._live_script(
+            keys=[self.layout.workers, self.layout.worker_costs],
+            args=[self.config.worker_alive_s],
+        )
+        return parse_worker_costs(reply)
+
+    async def _admit_by_cost(self, job: Job) -> float:
+        """The backlog's estimated seconds; raises ``NoWorkersError`` with no live worker and
+        ``OverloadedError`` when backlog plus this job cannot finish before its deadline.
+
+        The backlog is the stream's length times the average job cost the workers measured,
+        shared among the live workers (stream length as of the last stats read, <= 1 s old).
+        """
+        if not self.config.require_live_worker:
+            return 0.0
+        if not self._workers:  # none at the last look: ask Redis now before refusing
+            self._workers = await self._read_workers()
+        if not self._workers:
+            raise NoWorkersError(
+                f"no worker is alive (none sent a heartbeat in the last "
+                f"{self.config.worker_alive_s:g} s); retry later",
+                retry_after=max(self.config.retry_after_s, self.config.worker_alive_s),
+            )
+        cost = CostModel.mean(self._workers)
+        if not cost.measured:
+            return 0.0
+        backlog_s = self._stats.stream_length * cost.seconds_per_job / len(self._workers)
+        own_s = cost.estimate(job)
+        retry_after = refusal(
+            backlog_s, own_s, job.deadline - time.time(), self.config.retry_after_s
+        )
+        if retry_after is not None:
+            if self.metrics is not None:
+                self.metrics.refused_by_cost.inc()
+            raise OverloadedError(
+                f"the work queued ahead ({backlog_s:.1f} s estimated over "
+                f"{len(self._workers)} workers) and this request ({own_s:.1f} s) would not "
+                "finish before its deadline; retry later",
+                retry_after=retry_after,
+            )
+        return backlog_s
 
     async def _withdraw(self, entry_id: bytes, token: str, job: Job) -> None:
         """Remove a job nobody waits for: unread entries go away, held ones are skipped."""
@@ -471,6 +574,8 @@ class RedisJobQueue:
             try:
                 self._stats = await read_stats(self._client, self.layout)
                 self._model_info = await read_model_info(self._client, self.layout)
+                if self.config.require_live_worker:
+                    self._workers = await self._read_workers()
                 if self.metrics is not None:
                     publish_stats(self.metrics, self._stats)
             except REDIS_ERRORS as exc:

@@ -31,6 +31,7 @@ import redis.asyncio as aioredis
 from prometheus_client import start_http_server
 from redis.exceptions import ResponseError
 
+from service.admission import CostModel
 from service.errors import (
     DeadlineExceededError,
     ProcessingFailedError,
@@ -39,6 +40,7 @@ from service.errors import (
 from service.jobs import Job, JobResult
 from service.metrics import METRICS, Metrics
 from service.redis_queue import (
+    BEAT_SCRIPT,
     DEAD_LETTER_SCRIPT,
     FINISH_SCRIPT,
     REDIS_ERRORS,
@@ -97,6 +99,7 @@ class WorkerConfig:
             cache_enabled=settings.cache_enabled,
             cache_ttl_s=settings.cache_ttl_s,
             dead_letter_maxlen=settings.dead_letter_maxlen,
+            stats_interval_s=settings.worker_heartbeat_s,  # stats and heartbeat share the loop
         )
 
 
@@ -136,6 +139,8 @@ class RedisWorker:
         self._finish = client.register_script(FINISH_SCRIPT)
         self._dead_letter = client.register_script(DEAD_LETTER_SCRIPT)
         self._touch = client.register_script(TOUCH_SCRIPT)
+        self._beat = client.register_script(BEAT_SCRIPT)
+        self.cost = CostModel()  # measured here, published with every heartbeat
         self._stopping = asyncio.Event()
         self._slots = asyncio.Semaphore(config.max_concurrent_batches)
         self._tasks: set[asyncio.Task[None]] = set()
@@ -183,6 +188,7 @@ class RedisWorker:
                 await asyncio.gather(*self._tasks, return_exceptions=True)
             await stats  # ends at its next tick: cancelling a task inside a redis-py call can
             # leave the cancellation swallowed by the client's own read timeout handling
+            await self._leave()
             log.info("worker %s stopped after %d batches", self.consumer, self.batches)
 
     async def _prepare(self) -> None:
@@ -193,7 +199,23 @@ class RedisWorker:
             self.layout.stream, self.layout.group, self.consumer
         )
         await self._publish_model()
+        await self._send_heartbeat()
         self._ready = True
+
+    async def _send_heartbeat(self) -> None:
+        """Tell the API replicas this worker is alive, with the costs it has measured."""
+        await self._beat(
+            keys=[self.layout.workers, self.layout.worker_costs],
+            args=[self.consumer, json.dumps(self.cost.as_dict())],
+        )
+
+    async def _leave(self) -> None:
+        """Graceful stop: at once no longer counted as a live worker."""
+        with contextlib.suppress(*REDIS_ERRORS):
+            pipe = self.client.pipeline(transaction=False)
+            pipe.zrem(self.layout.workers, self.consumer)
+            pipe.hdel(self.layout.worker_costs, self.consumer)
+            await pipe.execute()
 
     async def _publish_model(self) -> None:
         await self.client.set(self.layout.model, json.dumps(self.model_info), px=60_000)
@@ -338,6 +360,10 @@ class RedisWorker:
         self.batches += 1
         async with self._heartbeat([entry_id for entry_id, _, _ in live]):
             answers = await self.engine.run_batch([job for _, _, job in live])
+        self.cost.observe_batch(
+            [(job, answer) for (_, _, job), answer in zip(live, answers, strict=True)
+             if isinstance(answer, JobResult)]
+        )  # fmt: skip
         frames = [encode_answer(answer) for answer in answers]
         if self.config.cache_enabled:
             # Before the answers, so that a client's next identical request hits.
@@ -411,6 +437,8 @@ class RedisWorker:
                 if self.metrics is not None:
                     publish_stats(self.metrics, stats)
                 now = time.monotonic()
+                if self._ready:
+                    await self._send_heartbeat()
                 if self._ready and now - last_publish > 10:
                     await self._publish_model()
                     last_publish = now

@@ -79,10 +79,12 @@ class GatedEngine:
         self.gate = asyncio.Event()
         self.batches: list[int] = []
 
-    async def run_batch(self, jobs: Sequence[Job]) -> list[JobResult | ServiceError]:
+    async def run_batch(
+        self, jobs: Sequence[Job], abandoned: Callable[[Job], bool] | None = None
+    ) -> list[JobResult | ServiceError]:
         self.batches.append(len(jobs))
         await self.gate.wait()
-        return await self.engine.run_batch(jobs)
+        return await self.engine.run_batch(jobs, abandoned)
 
     def describe(self) -> dict[str, Any]:
         return self.engine.describe()

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -303,7 +303,9 @@ class RecordingEngine:
         self.delays = delays
         self.batches: list[list[str]] = []
 
-    async def run_batch(self, jobs: Sequence[Job]) -> list[JobResult | ServiceError]:
+    async def run_batch(
+        self, jobs: Sequence[Job], abandoned: Callable[[Job], bool] | None = None
+    ) -> list[JobResult | ServiceError]:
         self.batches.append([j.request_id for j in jobs])
         await asyncio.sleep(self.delays[len(self.batches) % len(self.delays)])
         return [

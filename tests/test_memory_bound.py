@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from loadtests.peak_memory import measure  # noqa: E402
+from loadtests.peak_memory import measure
 
 pytestmark = pytest.mark.slow
 

@@ -96,7 +96,11 @@ class Harness:
         self.client = connect(url)
 
     def queue(self, **config: Any) -> RedisJobQueue:
-        base = RedisQueueConfig(url=self.url, layout=self.layout, stats_interval_s=0.1)
+        # Liveness is tested in test_redis_edge.py; here jobs may be submitted before a worker
+        # task has sent its first heartbeat.
+        base = RedisQueueConfig(
+            url=self.url, layout=self.layout, stats_interval_s=0.1, require_live_worker=False
+        )
         queue = RedisJobQueue(replace(base, **config), self.metrics)
         self.queues.append(queue)
         return queue
