@@ -4,6 +4,9 @@
 the predicted ab, Lab->RGB, clamp, round half to even. ``original`` resolution upsamples ab to the
 input's size and joins it to the input's own full-resolution L, so every detail of the input is
 kept (richzhang/colorization's ``postprocess_tens``; the reference notebook's display recipe).
+
+``scale_saturation`` is the product's colour-strength control, applied to the predicted ab before
+either merge; at 1.0 it returns the prediction untouched, so the default output is the model's own.
 """
 
 from __future__ import annotations
@@ -18,6 +21,22 @@ from models.lab import AB_NORM, lab_norm_to_rgb, lab_to_rgb, to_uint8
 
 Resolution = Literal["original", "network"]
 _ROWS_PER_CHUNK_PIXELS = 1 << 21  # bounds the float temporaries of a full-resolution merge
+SATURATION_RANGE = (0.0, 2.0)
+"""Allowed colour strengths: 0 gives the grayscale L, 1 the model's colours, 2 twice their chroma."""
+
+
+def scale_saturation(ab_norm: torch.Tensor, saturation: float) -> torch.Tensor:
+    """The predicted normalised ab scaled by ``saturation`` (chroma scales, hue is kept).
+
+    Scaling a and b together scales chroma sqrt(a² + b²) and leaves the hue angle unchanged; the
+    Lab->RGB conversion clamps whatever leaves the sRGB gamut. 1.0 returns ``ab_norm`` itself.
+    """
+    low, high = SATURATION_RANGE
+    if not low <= saturation <= high:  # also refuses NaN
+        raise ValueError(f"saturation must be between {low} and {high}, got {saturation}")
+    if saturation == 1.0:
+        return ab_norm
+    return ab_norm * saturation
 
 
 def _to_pil(rgb8: torch.Tensor, alpha: Image.Image | None) -> Image.Image:

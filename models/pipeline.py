@@ -31,7 +31,13 @@ from models.checkpoints import ColorizationNetworks, load_networks
 from models.detector import DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE, BoxDetector, DetectorVersion
 from models.fusion import build_layout
 from models.image_input import InputImage, to_input_image
-from models.merge import Resolution, merge_network, merge_original
+from models.merge import (
+    SATURATION_RANGE,
+    Resolution,
+    merge_network,
+    merge_original,
+    scale_saturation,
+)
 from models.precision import DTYPES, Precision, probe_cpu
 from models.preprocess import (
     crop_l,
@@ -54,12 +60,16 @@ class OptionsError(ValueError):
 
 @dataclass(frozen=True)
 class ColorizeOptions:
-    """Per-image options. ``boxes`` (input pixel coordinates) skip the detector for that image."""
+    """Per-image options. ``boxes`` (input pixel coordinates) skip the detector for that image.
+
+    ``saturation`` scales the predicted ab before the merge (1.0: the model's own colours).
+    """
 
     resolution: Resolution = "original"
     max_instances: int = DEFAULT_MAX_INSTANCES
     score_threshold: float = DEFAULT_SCORE_THRESHOLD
     boxes: Detections | None = None
+    saturation: float = 1.0
 
 
 @dataclass
@@ -191,6 +201,11 @@ class Colorizer:
             raise OptionsError(
                 f"score_threshold must be between 0 and 1, got {options.score_threshold}"
             )
+        low, high = SATURATION_RANGE
+        if not low <= options.saturation <= high:
+            raise OptionsError(
+                f"saturation must be between {low} and {high}, got {options.saturation}"
+            )
         if options.resolution not in ("original", "network"):
             raise OptionsError(
                 f"resolution must be 'original' or 'network', got {options.resolution!r}"
@@ -318,11 +333,12 @@ class Colorizer:
     def merge(self, prepared: PreparedImage, prediction: Prediction) -> ColorizedImage:
         start = time.perf_counter()
         alpha = prepared.source.alpha
+        ab = scale_saturation(prediction.ab, prepared.options.saturation)
         if prepared.options.resolution == "network":
-            image = merge_network(prepared.l_norm, prediction.ab, alpha)
+            image = merge_network(prepared.l_norm, ab, alpha)
         else:
             assert prepared.lightness is not None  # computed by prepare() for this resolution
-            image = merge_original(prepared.lightness, prediction.ab, alpha)
+            image = merge_original(prepared.lightness, ab, alpha)
         timings = {**prediction.timings, "merge": time.perf_counter() - start}
         return ColorizedImage(image, prediction.boxes, prediction.scores, timings)
 

@@ -48,9 +48,10 @@ from service.errors import (
     ServiceError,
     UnavailableError,
 )
-from service.jobs import Job, JobOptions, JobResult, OutputFormat
+from service.jobs import SATURATION_RANGE, Job, JobOptions, JobResult, OutputFormat
 from service.metrics import METRICS, STAGES, outcome_for
 from service.settings import ServiceSettings
+from service.web import install_web_page
 
 log = logging.getLogger(__name__)
 
@@ -93,6 +94,10 @@ class ColorizeJSON(BaseModel):
     instances: int = Field(description="Number of instance boxes used.")
     boxes: list[list[int]] = Field(description="Boxes used, [x1, y1, x2, y2] in input pixels.")
     scores: list[float]
+    input_size: list[int] | None = Field(
+        default=None, description="[width, height] of the upright input: the frame of the boxes."
+    )
+    saturation: float = Field(description="The colour strength applied.")
     timings_ms: dict[str, float] = Field(description="Milliseconds per stage, and total.")
     cached: bool = False
 
@@ -479,6 +484,7 @@ def create_app(
     _install_error_handlers(app, state)
     _install_routes(app, state)
     _install_openapi(app)
+    install_web_page(app)
     return app
 
 
@@ -620,6 +626,16 @@ def _install_routes(app: FastAPI, state: ServiceState) -> None:
                 '"scores":[...]}, in input pixels (after EXIF rotation). Skips the detector.'
             ),
         ] = None,
+        saturation: Annotated[
+            float,
+            Query(
+                ge=SATURATION_RANGE[0],
+                le=SATURATION_RANGE[1],
+                allow_inf_nan=False,
+                description="Colour strength: scales the predicted ab before the merge. 1.0: the "
+                "model's own colours; 0: grayscale; 2: twice the chroma.",
+            ),
+        ] = 1.0,
     ) -> Response:
         started = time.perf_counter()
         request_id = _request_id(request)
@@ -662,6 +678,7 @@ def _install_routes(app: FastAPI, state: ServiceState) -> None:
                     score_threshold=score_threshold,
                     boxes=parsed_boxes,
                     scores=parsed_scores,
+                    saturation=saturation,
                 ),
                 deadline=now + settings.request_timeout_s,
                 enqueued_at=now,
@@ -675,7 +692,7 @@ def _install_routes(app: FastAPI, state: ServiceState) -> None:
                 return Response(status_code=CLIENT_CLOSED)
             timings = {**result.timings, "total": time.perf_counter() - started}
             METRICS.stage_duration.labels(stage="total").observe(timings["total"])
-            response = _result_response(request, request_id, result, timings)
+            response = _result_response(request, request_id, result, timings, saturation)
             _count(request, response.status_code)
             return response
         except ServiceError:
@@ -751,7 +768,11 @@ def _install_routes(app: FastAPI, state: ServiceState) -> None:
 
 
 def _result_response(
-    request: Request, request_id: str, result: JobResult, timings: dict[str, float]
+    request: Request,
+    request_id: str,
+    result: JobResult,
+    timings: dict[str, float],
+    saturation: float,
 ) -> Response:
     headers = {
         "X-Instances": str(len(result.boxes)),
@@ -769,6 +790,8 @@ def _result_response(
             instances=len(result.boxes),
             boxes=result.boxes,
             scores=result.scores,
+            input_size=result.input_size,
+            saturation=saturation,
             timings_ms={k: round(v * 1000, 3) for k, v in timings.items()},
             cached=result.cached,
         )

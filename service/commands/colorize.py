@@ -108,6 +108,16 @@ def _unit_float(text: str) -> float:
     return value
 
 
+def _saturation(text: str) -> float:
+    from service.jobs import SATURATION_RANGE
+
+    value = float(text)
+    low, high = SATURATION_RANGE
+    if not low <= value <= high:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be between {low:g} and {high:g}, got {text}")
+    return value
+
+
 def add_parser(subparsers: Any) -> None:
     parser: argparse.ArgumentParser = subparsers.add_parser(
         "colorize",
@@ -162,6 +172,14 @@ def add_parser(subparsers: Any) -> None:
         default=0.7,
         metavar="T",
         help="detector score threshold (default 0.7)",
+    )
+    parser.add_argument(
+        "--saturation",
+        type=_saturation,
+        default=1.0,
+        metavar="S",
+        help="colour strength, 0 to 2: scales the predicted colours before the merge "
+        "(default 1.0, the model's own; 0 grayscale, 2 twice the chroma)",
     )
     parser.add_argument(
         "--batch-size",
@@ -509,6 +527,7 @@ def run(args: argparse.Namespace) -> int:
             resolution=args.resolution,
             max_instances=args.max_instances,
             score_threshold=args.score_threshold,
+            saturation=args.saturation,
         )
         per_job = {job: replace(base, boxes=detections) for job, detections in boxes.items()}
         work_started = time.perf_counter()

@@ -1,0 +1,362 @@
+"""The web page in a real browser: Debian's headless Chromium driven by Playwright, against a real
+``serve`` process with random-weight checkpoints and a random-weight Mask R-CNN.
+
+Upload, before/after, boxes, remove and draw a box, colour strength, download, an error from the
+problem detail, and the API-key prompt. Every request the page makes must go to the server. A
+screenshot is saved under ``artifacts/`` (``INSTCOLOR_ARTIFACTS`` overrides) for CI to keep.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import zipfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import httpx
+import numpy as np
+import pytest
+from deploy_support import missing_tool
+from PIL import Image, ImageDraw
+from playwright.sync_api import Page, sync_playwright
+from test_serve_process import free_port, wait_ready
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run",
+                 "--disable-quic"]  # fmt: skip
+REPO = Path(__file__).resolve().parents[1]
+ARTIFACTS = Path(os.environ.get("INSTCOLOR_ARTIFACTS", REPO / "artifacts"))
+TIMEOUT_MS = 60_000
+API_KEY = "web-page-test-key-0123456789"
+STAGES = ("decode", "queue", "detect", "instance", "fusion", "merge", "encode", "total")
+
+
+def scene(width: int = 320, height: int = 240) -> Image.Image:
+    """A grayscale picture with a few object-like shapes (sky gradient, sun, houses, a tree)."""
+    rows = np.linspace(215, 120, height)[:, None].repeat(width, axis=1)
+    image = Image.fromarray(rows.astype(np.uint8), mode="L")
+    draw = ImageDraw.Draw(image)
+    draw.rectangle((0, int(height * 0.72), width, height), fill=90)
+    draw.ellipse((int(width * 0.72), 18, int(width * 0.72) + 44, 62), fill=245)
+    draw.rectangle((30, 110, 120, 185), fill=60)
+    draw.polygon([(22, 112), (75, 70), (128, 112)], fill=35)
+    draw.rectangle((62, 145, 88, 185), fill=150)
+    draw.rectangle((165, 125, 235, 190), fill=175)
+    draw.ellipse((250, 95, 305, 160), fill=70)
+    draw.rectangle((273, 155, 283, 195), fill=45)
+    return image
+
+
+@dataclass
+class Server:
+    base: str
+    process: subprocess.Popen[str]
+    log: Path
+
+
+@dataclass
+class Browser:
+    page: Page
+    requests: list[tuple[str, dict[str, str]]] = field(default_factory=list)  # url, headers
+    errors: list[str] = field(default_factory=list)  # uncaught exceptions, CSP violations
+
+
+@contextmanager
+def serve(checkpoints: Path, log: Path, *args: str, **env: str) -> Iterator[Server]:
+    """A real ``serve`` process on a free port (CPU, no warm-up), stopped afterwards."""
+    port = free_port()
+    environment = {**os.environ, "COLORIZE_MAX_BATCH_SIZE": "2",
+                   "COLORIZE_MAX_BATCH_DELAY_MS": "10", "COLORIZE_WARMUP": "false", **env}  # fmt: skip
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service", "serve", "--checkpoints", str(checkpoints), *args,
+         "--device", "cpu", "--host", "127.0.0.1", "--port", str(port)],
+        stdout=log.open("w"), stderr=subprocess.STDOUT, text=True, env=environment, cwd=REPO,
+    )  # fmt: skip
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, process, log)
+        yield Server(base, process, log)
+    finally:
+        process.terminate()
+        try:
+            process.wait(30)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+@pytest.fixture(scope="module")
+def server(
+    tiny_checkpoints: Path, detector_weights: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """With the random-weight detector at a small size, so it proposes boxes quickly."""
+    log = tmp_path_factory.mktemp("web") / "serve.log"
+    with serve(tiny_checkpoints, log, "--detector-weights", str(detector_weights),
+               COLORIZE_DETECTOR_MIN_SIZE="240", COLORIZE_DETECTOR_MAX_SIZE="320") as running:  # fmt: skip
+        yield running
+
+
+@pytest.fixture(scope="module")
+def keyed_server(
+    tiny_checkpoints: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """API keys enabled (COLORIZE_API_KEYS), no detector."""
+    log = tmp_path_factory.mktemp("web-keys") / "serve.log"
+    with serve(
+        tiny_checkpoints, log, "--no-detector", COLORIZE_API_KEYS=f"web:{API_KEY}"
+    ) as running:
+        yield running
+
+
+@pytest.fixture
+def browser() -> Iterator[Browser]:
+    if not CHROMIUM.is_file():
+        missing_tool("chromium")  # a skip here, a failure in CI
+    with sync_playwright() as playwright:
+        chromium = playwright.chromium.launch(executable_path=str(CHROMIUM), args=CHROMIUM_ARGS)
+        try:
+            context = chromium.new_context(viewport={"width": 1360, "height": 1000},
+                                           accept_downloads=True)  # fmt: skip
+            page = context.new_page()
+            page.set_default_timeout(TIMEOUT_MS)
+            recorded = Browser(page)
+            page.on("request", lambda r: recorded.requests.append((r.url, r.headers)))
+            page.on("pageerror", lambda error: recorded.errors.append(str(error)))
+            page.on("console", lambda m: recorded.errors.append(m.text)
+                    if "Content Security Policy" in m.text else None)  # fmt: skip
+            yield recorded
+            assert recorded.errors == []
+        finally:
+            chromium.close()
+
+
+def only_to(server: Server, browser: Browser) -> None:
+    """Every request the page made went to ``server`` (blob: and data: URLs are the page's own)."""
+    urls = [url for url, _ in browser.requests if not url.startswith(("blob:", "data:"))]
+    assert {urlsplit(url).netloc for url in urls} == {urlsplit(server.base).netloc}, urls
+
+
+def item_status(page: Page, index: int) -> str:
+    return str(page.locator(".queue-item").nth(index).get_attribute("data-status"))
+
+
+def wait_done(page: Page, index: int) -> None:
+    """Wait until image ``index`` has a fresh result (status done)."""
+    page.wait_for_function(
+        "i => document.querySelectorAll('.queue-item')[i]?.dataset.status === 'done'", arg=index
+    )
+
+
+def fact(page: Page, name: str) -> str:
+    return str(page.locator(f'#result-facts dd[data-fact="{name}"]').inner_text())
+
+
+def test_page_end_to_end(server: Server, browser: Browser, tmp_path: Path) -> None:
+    p = browser.page
+    photo = tmp_path / "street.jpg"
+    scene().save(photo, quality=92)
+    broken = tmp_path / "broken.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+
+    response = httpx.get(server.base + "/")
+    assert response.status_code == 200
+    assert "default-src 'self'" in response.headers["content-security-policy"]
+    p.goto(server.base + "/")
+    p.wait_for_function("document.querySelector('#model-info').textContent.includes('Model')")
+    assert "maskrcnn_resnet50_fpn_v1" in p.locator("#model-info").inner_text()
+
+    # Every control can be reached from the keyboard and has a label.
+    unlabelled = p.evaluate("""() => [...document.querySelectorAll('input, select, button')]
+        .filter(el => el.type !== 'hidden' && !(el.labels && el.labels.length)
+                && !el.getAttribute('aria-label') && !el.textContent.trim())
+        .map(el => el.id || el.outerHTML)""")
+    assert unlabelled == []
+    p.keyboard.press("Tab")
+    p.keyboard.press("Tab")
+    assert p.evaluate("document.activeElement.id") == "file-input"
+
+    # Options: every box the random detector proposes, at most three of them.
+    p.fill("#opt-score-threshold", "0")
+    p.fill("#opt-max-instances", "3")
+    p.set_input_files("#file-input", [str(photo), str(broken)])
+    wait_done(p, 0)
+    p.wait_for_function("document.querySelectorAll('.queue-item')[1]?.dataset.status === 'failed'")
+
+    # The error of the broken file comes from the problem detail.
+    error = p.locator(".queue-item").nth(1).locator(".item-error").inner_text()
+    assert "400" in error and "could not be decoded" in error
+    with p.expect_response(lambda r: "/colorize?" in r.url) as retried:
+        p.click('button[aria-label="Retry broken.png"]')
+    assert retried.value.status == 400
+    p.wait_for_function("document.querySelectorAll('.queue-item')[1].dataset.status === 'failed'")
+
+    # Before and after at the output's resolution, boxes drawn with their scores.
+    p.wait_for_function("document.querySelector('#after-img').naturalWidth > 0")
+    sizes = p.evaluate("""() => ['#before-img', '#after-img'].map(s => {
+        const img = document.querySelector(s); return [img.naturalWidth, img.naturalHeight,
+        img.getBoundingClientRect().width]; })""")
+    assert sizes[0][:2] == [320, 240] and sizes[1][:2] == [320, 240]
+    assert sizes[0][2] == sizes[1][2] > 0
+    assert fact(p, "Instances") == "3"
+    assert p.locator("#overlay g.box").count() == 3
+    labels = p.locator("#overlay g.box text").all_text_contents()
+    assert all(label.split(": ")[1].replace(".", "").isdigit() for label in labels), labels
+    stages = p.locator("#timings tbody tr").evaluate_all("rows => rows.map(r => r.dataset.stage)")
+    assert set(STAGES) <= set(stages)
+    assert fact(p, "Model version")
+
+    # Side by side and slider modes; zoom doubles the displayed size (boxes are drawn at 200%).
+    p.check('input[name="mode"][value="side"]')
+    lefts = p.evaluate("""() => ['#before-img', '#after-img'].map(
+        s => document.querySelector(s).getBoundingClientRect().left)""")
+    assert lefts[1] >= lefts[0] + 320
+    p.check('input[name="mode"][value="slider"]')
+    p.click("#zoom-actual")
+    p.fill("#zoom", "200")
+    width = p.evaluate("document.querySelector('#after-img').getBoundingClientRect().width")
+    assert width == 640
+
+    # Remove a box (from the keyboard) and colorize again with exactly the other two.
+    p.focus('#box-list button[aria-label="Remove box 1"]')
+    p.keyboard.press("Enter")
+    assert p.locator("#box-list .box-item").count() == 2
+    kept = p.locator("#box-list .box-item span").all_inner_texts()
+    p.click("#recolorize")
+    p.wait_for_function("document.querySelector('.queue-item').dataset.status !== 'done'")
+    wait_done(p, 0)
+    assert fact(p, "Instances") == "2"
+    assert p.locator("#box-list .box-item span").all_inner_texts() == kept
+
+    # Draw a new box with the mouse; it is sent and comes back marked as drawn.
+    p.click("#draw-toggle")
+    box = p.locator("#overlay").bounding_box()
+    p.mouse.move(box["x"] + 40, box["y"] + 30)
+    p.mouse.down()
+    p.mouse.move(box["x"] + 200, box["y"] + 150, steps=5)
+    p.mouse.up()
+    assert p.locator("#box-list .box-item").count() == 3
+    assert "[20, 15, 100, 75]" in p.locator("#box-list .box-item").nth(2).inner_text()
+    p.click("#recolorize")
+    p.wait_for_function("document.querySelector('.queue-item').dataset.status !== 'done'")
+    wait_done(p, 0)
+    assert fact(p, "Instances") == "3"
+    assert p.locator("#overlay g.drawn").count() == 1
+    assert "score drawn" in p.locator("#box-list").inner_text()
+
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    p.click("#zoom-fit")
+    shot = ARTIFACTS / "web-page.png"
+    p.screenshot(path=str(shot), full_page=True)
+    print(f"screenshot: {shot}")
+
+    # Colour strength 0 from the keyboard (Home on the range), colorize again, download.
+    p.focus("#opt-saturation")
+    p.keyboard.press("Home")
+    assert p.locator("#saturation-value").inner_text() == "0.00"
+    p.click("#recolorize")
+    p.wait_for_function("document.querySelector('.queue-item').dataset.status !== 'done'")
+    wait_done(p, 0)
+    assert fact(p, "Colour strength") == "0.00"
+    with p.expect_download() as download_info:
+        p.click("#download")
+    download = download_info.value
+    assert download.suggested_filename == "street-colorized.jpg"
+    saved = tmp_path / download.suggested_filename
+    download.save_as(saved)
+    with Image.open(saved) as result:
+        result.load()
+        assert result.format == "JPEG" and result.size == (320, 240)
+        rgb = np.asarray(result.convert("RGB"), dtype=np.int16)
+    assert int((rgb.max(axis=2) - rgb.min(axis=2)).max()) <= 6  # no colour left (JPEG noise)
+
+    # Network resolution: a 256x256 output; boxes (input pixels) are drawn scaled onto it.
+    p.select_option("#opt-resolution", "network")
+    p.click("#use-detector")
+    p.wait_for_function("document.querySelector('.queue-item').dataset.status !== 'done'")
+    wait_done(p, 0)
+    p.wait_for_function("document.querySelector('#after-img').naturalWidth === 256")
+    assert fact(p, "Output").startswith("256×256") and fact(p, "Input") == "320×240"
+    first = p.locator("#box-list .box-item span").first.inner_text()
+    x1, y1 = (int(v) for v in first.split("[")[1].split(",")[:2])
+    rect = p.locator("#overlay g.box rect").first
+    assert float(rect.get_attribute("x") or 0) == pytest.approx(x1 * 256 / 320)
+    assert float(rect.get_attribute("y") or 0) == pytest.approx(y1 * 256 / 240)
+
+    only_to(server, browser)
+
+
+def test_page_with_api_keys(keyed_server: Server, browser: Browser, tmp_path: Path) -> None:
+    """Keys enabled: the page still loads; a 401 shows the key form; a wrong key is refused; the
+    right one is kept in sessionStorage, sent as X-API-Key, and the refused image goes through."""
+    p = browser.page
+    photo = tmp_path / "p.png"
+    scene(96, 72).save(photo)
+    refused = httpx.post(keyed_server.base + "/colorize", content=photo.read_bytes(),
+                         headers={"content-type": "image/png"})  # fmt: skip
+    assert refused.status_code == 401 and "bearer" in refused.headers["www-authenticate"].lower()
+    assert httpx.get(keyed_server.base + "/").status_code == 200  # the page itself is open
+    assert httpx.get(keyed_server.base + "/static/app.js").status_code == 200
+    p.goto(keyed_server.base + "/")
+    p.wait_for_function("document.querySelector('#model-info').textContent.includes('API key')")
+    p.set_input_files("#file-input", str(photo))
+    p.wait_for_selector("#key-form:not([hidden])")
+    assert item_status(p, 0) == "needs-key"
+    assert "API key" in p.locator(".queue-item .item-error").inner_text()
+    assert p.evaluate("document.activeElement.id") == "api-key"
+    p.keyboard.type("wrong")
+    p.keyboard.press("Enter")
+    p.wait_for_function("document.querySelector('#key-message').textContent.includes('refused')")
+    p.wait_for_selector("#key-form:not([hidden])")
+    p.fill("#api-key", API_KEY)
+    p.click("#key-form button[type=submit]")
+    wait_done(p, 0)
+    assert fact(p, "Instances") == "0"
+    assert p.evaluate("sessionStorage.getItem('instcolor.apiKey')") == API_KEY
+    assert p.locator("#key-status").is_visible()
+    p.wait_for_function("document.querySelector('#model-info').textContent.includes('Model')")
+    sent = [headers.get("x-api-key") for url, headers in browser.requests if "/colorize?" in url]
+    assert sent == [None, "wrong", API_KEY]
+
+    p.click("#forget-key")  # forgotten: the next request asks again
+    assert p.evaluate("sessionStorage.getItem('instcolor.apiKey')") is None
+    p.click("#use-detector")
+    p.wait_for_selector("#key-form:not([hidden])")
+    only_to(keyed_server, browser)
+
+
+def test_static_files_are_packaged() -> None:
+    """index.html, app.js and app.css ship inside the package and are served under /static/."""
+    static = REPO / "service" / "static"
+    assert {p.name for p in static.iterdir()} >= {"index.html", "app.js", "app.css"}
+    html = (static / "index.html").read_text()
+    assert "/static/app.js" in html and "/static/app.css" in html
+    for asset in ("index.html", "app.js", "app.css"):  # nothing from another host
+        text = (static / asset).read_text().replace("http://www.w3.org/2000/svg", "")
+        assert "https://" not in text and "http://" not in text and "//cdn" not in text, asset
+
+
+def test_static_files_in_the_built_wheel(tmp_path: Path) -> None:
+    """setuptools package-data carries the page into the wheel (what the Docker image installs)."""
+    source = tmp_path / "src"  # a copy: building never writes build/ or egg-info into the repo
+    source.mkdir()
+    for name in ("pyproject.toml", "README.md"):
+        shutil.copy(REPO / name, source / name)
+    for package in ("models", "service"):
+        shutil.copytree(REPO / package, source / package,
+                        ignore=shutil.ignore_patterns("__pycache__"))  # fmt: skip
+    pip = [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q",
+           "-w", str(tmp_path / "dist"), str(source)]  # fmt: skip
+    result = subprocess.run(pip, capture_output=True, text=True, timeout=300, check=False)
+    assert result.returncode == 0, result.stderr
+    (wheel,) = (tmp_path / "dist").glob("instcolor_service-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    assert {"service/static/index.html", "service/static/app.js", "service/static/app.css"} <= names
