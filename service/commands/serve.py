@@ -52,10 +52,9 @@ def add_parser(subparsers: Any) -> None:
 def run(args: argparse.Namespace) -> int:
     import uvicorn  # the server's dependencies are imported only when it runs
 
-    from service.http_limits import ConnectionLimits, uvicorn_limit_options
-
     from service.app import create_app
     from service.draining_server import DrainingServer
+    from service.http_limits import ConnectionLimits, uvicorn_limit_options
 
     settings = settings_from_args(args, ("host", "port"))
     if settings is None:
