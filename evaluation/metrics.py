@@ -18,8 +18,15 @@ import numpy as np
 import torch
 from scipy import stats
 from skimage.metrics import peak_signal_noise_ratio, structural_similarity
+from torchvision.models import VGG16_Weights
+
+from models.checkpoints import CheckpointError
 
 DATA_RANGE = 255
+VGG16_URL = VGG16_Weights.IMAGENET1K_V1.url
+"""torchvision's ImageNet VGG16, the backbone LPIPS v0.1 was calibrated on; its name
+(``vgg16-397923af.pth``) carries the sha256 prefix torchvision checks."""
+VGG16_FILENAME = VGG16_URL.rsplit("/", 1)[-1]
 VGG16_FEATURE_LAYERS = 30  # torchvision vgg16.features[0:30]: conv1_1 .. relu5_3 (LPIPS slices)
 
 
@@ -59,7 +66,7 @@ def colorfulness(image: np.ndarray) -> float:
     return sigma + 0.3 * mu
 
 
-class LpipsError(ValueError):
+class LpipsError(CheckpointError):
     """The VGG16 file is missing, unreadable or not a torchvision VGG16 state dict."""
 
 
@@ -121,7 +128,10 @@ class LpipsMetric:
     @staticmethod
     def _to_tensor(image: np.ndarray) -> torch.Tensor:
         """uint8 HxWx3 -> (1, 3, H, W) in [-1, 1], as ``lpips.im2tensor``."""
-        return torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1.0
+        return (
+            torch.from_numpy(np.array(image, copy=True)).permute(2, 0, 1)[None].float() / 127.5
+            - 1.0
+        )
 
     @torch.inference_mode()
     def __call__(self, pred: np.ndarray, target: np.ndarray) -> float:

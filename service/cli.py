@@ -20,6 +20,7 @@ from service import __version__
 
 COMMANDS: tuple[str, ...] = (
     "service.commands.colorize",
+    "service.commands.evaluate",
     "service.commands.fetch_weights",
     "service.commands.prepare_data",
     "service.commands.serve",

@@ -1,6 +1,6 @@
 """Download the weight files, verify them and prove they load (``python -m service fetch-weights``).
 
-Three sources, each described by data (``RemoteFile``):
+Four sources, each described by data (``RemoteFile``):
 
 * the authors' checkpoint zip on Google Drive (``models.checkpoints.OFFICIAL_ZIP_DRIVE_ID``); only
   ``coco_finetuned_mask_256_ffs/latest_net_{G,GF,GComp}.pth`` are extracted, to
@@ -10,7 +10,9 @@ Three sources, each described by data (``RemoteFile``):
   name ends in ``-<8 hex>.pth``, the first 8 hex digits of the file's sha256 (OpenMMLab's
   ``tools/publish_model.py`` names files ``<name>-<sha256sum[:8]>.pth``); that prefix is checked;
 * torchvision's COCO Mask R-CNN (``models.detector.DETECTOR_WEIGHTS``) to ``DIR/<its name>``, whose
-  name carries the sha256 prefix that torchvision itself checks; that prefix is checked.
+  name carries the sha256 prefix that torchvision itself checks; that prefix is checked;
+* on request, torchvision's ImageNet VGG16 (``VGG16_Weights.IMAGENET1K_V1``), the LPIPS backbone
+  of ``evaluate``, to ``DIR/vgg16-397923af.pth``; its sha256 prefix is checked the same way.
 
 Every download streams into a temporary file beside its destination and is renamed into place only
 after the byte count and checksum are right, so no half-written or unverified file is ever left.
@@ -99,9 +101,12 @@ class WeightSources:
     official_zip: RemoteFile
     mmagic: RemoteFile
     detectors: Mapping[str, RemoteFile] = field(default_factory=dict)
+    lpips_vgg16: RemoteFile | None = None
 
     @classmethod
     def default(cls) -> WeightSources:
+        from torchvision.models import VGG16_Weights
+
         return cls(
             official_zip=RemoteFile(DRIVE_URL.format(id=OFFICIAL_ZIP_DRIVE_ID), OFFICIAL_ZIP_NAME),
             mmagic=remote_file(MMAGIC_URL),
@@ -109,6 +114,7 @@ class WeightSources:
                 v: RemoteFile(w.url, w.filename, w.sha256_prefix)
                 for v, w in DETECTOR_WEIGHTS.items()
             },
+            lpips_vgg16=remote_file(VGG16_Weights.IMAGENET1K_V1.url),
         )
 
     @classmethod
@@ -124,6 +130,7 @@ class WeightSources:
             official_zip=RemoteFile(base + OFFICIAL_ZIP_NAME, OFFICIAL_ZIP_NAME),
             mmagic=moved(default.mmagic),
             detectors={v: moved(f) for v, f in default.detectors.items()},
+            lpips_vgg16=moved(default.lpips_vgg16) if default.lpips_vgg16 else None,
         )
 
     @classmethod
@@ -145,6 +152,7 @@ class FetchReport:
     files: list[FetchedFile] = field(default_factory=list)
     checkpoints: Path | None = None  # what COLORIZE_CHECKPOINTS should point at
     detector_weights: Path | None = None  # what COLORIZE_DETECTOR_WEIGHTS should point at
+    lpips_vgg16: Path | None = None  # what evaluate --lpips-weights should point at
 
 
 # -- HTTP ---------------------------------------------------------------------------------------
@@ -451,8 +459,12 @@ def fetch_weights(
     timeout: float = 60.0,
     progress: bool = True,
     verify: bool = True,
+    lpips_vgg16: bool = False,
 ) -> FetchReport:
-    """Download what ``variant`` and ``detector`` need into ``folder``; verify and load each."""
+    """Download what ``variant`` and ``detector`` need into ``folder``; verify and load each.
+
+    ``lpips_vgg16``: also torchvision's VGG16, the LPIPS backbone of ``evaluate``.
+    """
     from models.checkpoints import load_networks
     from models.detector import BoxDetector
 
@@ -486,4 +498,18 @@ def fetch_weights(
         )
         report.files.append(item)
         report.detector_weights = item.path
+    if lpips_vgg16:
+        from evaluation.metrics import LpipsMetric
+
+        if sources.lpips_vgg16 is None:
+            raise DownloadError("no download source for the LPIPS VGG16 weights")
+        item = fetch_single(
+            sources.lpips_vgg16,
+            folder,
+            timeout=timeout,
+            progress=progress,
+            verify=LpipsMetric.from_vgg16_file if verify else None,
+        )
+        report.files.append(item)
+        report.lpips_vgg16 = item.path
     return report

@@ -7,7 +7,13 @@ from pathlib import Path
 import pytest
 import torch
 from PIL import Image
-from weight_files import write_detector, write_mmagic, write_official, write_vgg16
+from weight_files import (
+    write_detector,
+    write_fid_inception,
+    write_mmagic,
+    write_official,
+    write_vgg16,
+)
 
 from models.pipeline import Colorizer
 
@@ -48,6 +54,14 @@ def detector_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def vgg16_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Seeded random VGG16 features under torchvision's file name: the LPIPS backbone."""
     return write_vgg16(tmp_path_factory.mktemp("vgg16") / "vgg16-397923af.pth")
+
+
+@pytest.fixture(scope="session")
+def fid_inception_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Seeded random FID Inception weights under pytorch-fid's file name."""
+    return write_fid_inception(
+        tmp_path_factory.mktemp("fid") / "pt_inception-2015-12-05-6726825d.pth"
+    )
 
 
 @pytest.fixture(scope="session")

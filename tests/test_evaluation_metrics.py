@@ -139,3 +139,70 @@ def test_lpips_refuses_a_file_that_is_not_vgg16(tmp_path: Path) -> None:
         LpipsMetric.from_vgg16_file(wrong)
     with pytest.raises(LpipsError, match="not found"):
         LpipsMetric.from_vgg16_file(tmp_path / "missing.pth")
+
+
+@pytest.fixture
+def no_downloads(monkeypatch: pytest.MonkeyPatch) -> None:
+    def no_download(*args: object, **kwargs: object) -> None:
+        raise AssertionError("tried to download weights")
+
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", no_download)
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+
+
+@pytest.mark.usefixtures("no_downloads")
+@pytest.mark.filterwarnings("ignore:.*disp.*:DeprecationWarning")
+@pytest.mark.filterwarnings("ignore::scipy.linalg.LinAlgWarning")
+def test_fid_matches_pytorch_fid_on_the_same_weights(fid_inception_weights: Path) -> None:
+    from pytorch_fid import inception
+    from pytorch_fid.fid_score import calculate_frechet_distance
+
+    from evaluation.fid import FidFeatures, frechet_distance
+
+    # 192-d (second pooling) features: the library's cheap block, and a small sqrtm
+    features = FidFeatures.from_inception_file(fid_inception_weights, dims=192)
+    set_a = [photo(i, (40, 40)) for i in range(3)]
+    set_b = [np.clip(photo(i + 10, (40, 40)).astype(int) + 30, 0, 255).astype(np.uint8)
+             for i in range(3)]  # fmt: skip
+    ours_a, ours_b = [features(x) for x in set_a], [features(x) for x in set_b]
+    ours = frechet_distance(ours_a, ours_b)
+
+    # the library's own network and distance, its weights handed over by hand
+    state = torch.load(fid_inception_weights, weights_only=True)
+    original = inception.load_state_dict_from_url
+    inception.load_state_dict_from_url = lambda *a, **k: state
+    try:
+        library = inception.InceptionV3([1]).eval()
+    finally:
+        inception.load_state_dict_from_url = original
+
+    def pool(images: list[np.ndarray]) -> np.ndarray:
+        batch = torch.stack(
+            [torch.from_numpy(x.copy()).permute(2, 0, 1).float() / 255 for x in images]
+        )
+        with torch.no_grad():
+            pooled = torch.nn.functional.adaptive_avg_pool2d(library(batch)[0], (1, 1))
+        return pooled.reshape(len(images), -1).double().numpy()
+
+    a, b = pool(set_a), pool(set_b)
+    np.testing.assert_allclose(np.stack(ours_a), a, rtol=1e-4, atol=1e-6)
+    expected = calculate_frechet_distance(
+        a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False)
+    )
+    assert ours == pytest.approx(float(expected), rel=1e-4, abs=1e-6)
+    assert ours > 0
+    assert frechet_distance(ours_a, ours_a) == pytest.approx(0.0, abs=1e-3)
+    assert math.isnan(frechet_distance(ours_a[:1], ours_b[:1]))
+
+
+def test_fid_refuses_a_file_that_is_not_the_fid_inception(tmp_path: Path) -> None:
+    from evaluation.fid import FidError, FidFeatures
+
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"conv.weight": torch.zeros(1)}, wrong)
+    with pytest.raises(FidError, match="not pytorch-fid's FID Inception"):
+        FidFeatures.from_inception_file(wrong)
+    with pytest.raises(FidError, match="not found"):
+        FidFeatures.from_inception_file(tmp_path / "missing.pth")
+    with pytest.raises(FidError, match="must be one of"):
+        FidFeatures.from_inception_file(wrong, dims=100)

@@ -16,7 +16,7 @@ from pathlib import Path
 from urllib.parse import parse_qs, urlsplit
 
 import pytest
-from weight_files import write_mmagic, write_official
+from weight_files import write_mmagic, write_official, write_vgg16
 
 from models.checkpoints import MMAGIC_FILENAME, NETWORK_FILES, OFFICIAL_VARIANT, load_networks
 from service.cli import main
@@ -142,6 +142,7 @@ def sources(
         official_zip=RemoteFile(server.url + zip_path, "checkpoints.zip"),
         mmagic=kw.get("mmagic", RemoteFile(server.url + "/missing.pth", "missing.pth")),
         detectors={"v1": kw["detector"]} if "detector" in kw else {},
+        lpips_vgg16=kw.get("lpips_vgg16"),
     )
 
 
@@ -448,3 +449,71 @@ def test_default_sources_use_the_published_names() -> None:
     assert default.detectors["v1"].filename == "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth"
     assert default.detectors["v1"].sha256_prefix == "bf2d0c1e"
     assert "drive.google.com" in default.official_zip.url
+
+
+@pytest.fixture(scope="module")
+def vgg16_bytes(tmp_path_factory: pytest.TempPathFactory) -> bytes:
+    return write_vgg16(tmp_path_factory.mktemp("vgg") / "vgg16.pth", seed=2).read_bytes()
+
+
+def test_lpips_vgg16_checksum_verified_and_loaded(
+    server: _Server, vgg16_bytes: bytes, tmp_path: Path
+) -> None:
+    from evaluation.metrics import LpipsMetric
+
+    name = f"vgg16-{sha256(vgg16_bytes)[:8]}.pth"
+    server.routes[f"/{name}"] = send_bytes(vgg16_bytes)
+    dest = tmp_path / "weights"
+    write_official(dest / "checkpoints" / OFFICIAL_VARIANT, width=8, seed=1)
+    remote = sources(server, lpips_vgg16=remote_file(f"{server.url}/{name}"))
+    report = fetch_weights(dest, "official", "none", sources=remote, progress=False,
+                           lpips_vgg16=True)  # fmt: skip
+    assert report.lpips_vgg16 == dest / name
+    assert report.files[-1].downloaded
+    assert report.files[-1].sha256 == sha256(vgg16_bytes)
+    LpipsMetric.from_vgg16_file(dest / name)  # loads into the LPIPS backbone
+    again = fetch_weights(dest, "official", "none", sources=remote, progress=False,
+                          lpips_vgg16=True)  # fmt: skip
+    assert not again.files[-1].downloaded
+    assert server.requests == [f"/{name}"]
+    # without the option the VGG16 file is not asked for
+    assert (
+        fetch_weights(dest, "official", "none", sources=remote, progress=False).lpips_vgg16 is None
+    )
+
+
+def test_lpips_vgg16_that_does_not_load_is_removed(server: _Server, tmp_path: Path) -> None:
+    junk = b"not a vgg16 state dict" * 50
+    name = f"vgg16-{sha256(junk)[:8]}.pth"
+    server.routes[f"/{name}"] = send_bytes(junk)
+    dest = tmp_path / "weights"
+    write_official(dest / "checkpoints" / OFFICIAL_VARIANT, width=8, seed=1)
+    remote = sources(server, lpips_vgg16=remote_file(f"{server.url}/{name}"))
+    with pytest.raises(DownloadError, match="does not load"):
+        fetch_weights(dest, "official", "none", sources=remote, progress=False, lpips_vgg16=True)
+    assert not (dest / name).exists()
+
+
+def test_cli_lpips_vgg16_from_a_mirror_is_checksummed(
+    server: _Server, vgg16_bytes: bytes, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A mirror serves other bytes under torchvision's name vgg16-397923af.pth: refused, exit 1."""
+    server.routes["/vgg16-397923af.pth"] = send_bytes(vgg16_bytes)
+    write_official(tmp_path / "checkpoints" / OFFICIAL_VARIANT, width=8, seed=1)
+    code = main(["fetch-weights", "--dir", str(tmp_path), "--detector", "none", "--lpips-vgg16",
+                 "--no-progress", "--base-url", server.url])  # fmt: skip
+    assert code == 1
+    assert "checksum mismatch" in capsys.readouterr().err
+    assert not (tmp_path / "vgg16-397923af.pth").exists()
+    assert server.requests == ["/vgg16-397923af.pth"]
+
+
+def test_default_lpips_source_is_torchvisions_vgg16() -> None:
+    from evaluation.metrics import VGG16_FILENAME
+    from service.commands.evaluate import LPIPS_VGG16_FILENAME
+
+    vgg16 = WeightSources.default().lpips_vgg16
+    assert vgg16 is not None
+    assert vgg16.url == "https://download.pytorch.org/models/vgg16-397923af.pth"
+    assert vgg16.sha256_prefix == "397923af"
+    assert VGG16_FILENAME == LPIPS_VGG16_FILENAME == vgg16.filename

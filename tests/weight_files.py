@@ -108,10 +108,39 @@ def write_vgg16(path: Path, seed: int = 0) -> Path:
     return path
 
 
+def write_fid_inception(path: Path, seed: int = 0) -> Path:
+    """Seeded random weights for pytorch-fid's FID Inception, in its file's layout (about 95 MB).
+
+    The network is built as ``pytorch_fid.inception.fid_inception_v3`` builds it (torchvision's
+    Inception v3 with 1008 classes and the FID blocks), without the download.
+    """
+    from pytorch_fid import inception as fid
+
+    torch.manual_seed(seed)
+    net = fid._inception_v3(num_classes=1008, aux_logits=False, weights=None)
+    net.Mixed_5b = fid.FIDInceptionA(192, pool_features=32)
+    net.Mixed_5c = fid.FIDInceptionA(256, pool_features=64)
+    net.Mixed_5d = fid.FIDInceptionA(288, pool_features=64)
+    net.Mixed_6b = fid.FIDInceptionC(768, channels_7x7=128)
+    net.Mixed_6c = fid.FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6d = fid.FIDInceptionC(768, channels_7x7=160)
+    net.Mixed_6e = fid.FIDInceptionC(768, channels_7x7=192)
+    net.Mixed_7b = fid.FIDInceptionE_1(1280)
+    net.Mixed_7c = fid.FIDInceptionE_2(2048)
+    randomize(net, seed)  # built with init_weights=False: every tensor is set here
+    with torch.no_grad():
+        net.fc.weight.normal_(0, 0.01)
+        net.fc.bias.zero_()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(net.state_dict(), path)
+    return path
+
+
 __all__ = [
     "MMAGIC_FILENAME",
     "random_networks",
     "write_detector",
+    "write_fid_inception",
     "write_mmagic",
     "write_official",
     "write_vgg16",

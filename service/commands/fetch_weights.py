@@ -50,6 +50,12 @@ def add_parser(subparsers: Any) -> None:
         help="Mask R-CNN weights to fetch (default v1, the reference's detector); none: skip",
     )
     parser.add_argument(
+        "--lpips-vgg16",
+        action="store_true",
+        help="also fetch torchvision's ImageNet VGG16 (528 MB, vgg16-397923af.pth), the LPIPS "
+        "backbone `evaluate` needs for its LPIPS column",
+    )
+    parser.add_argument(
         "--base-url",
         help="download every file from this mirror by its usual name (the zip as "
         "checkpoints.zip) instead of the original hosts [COLORIZE_WEIGHTS_BASE_URL]",
@@ -103,6 +109,7 @@ def run(args: argparse.Namespace) -> int:
             timeout=args.timeout,
             progress=not args.no_progress,
             verify=not args.no_verify_load,
+            lpips_vgg16=args.lpips_vgg16,
         )
     except (DownloadError, OSError) as exc:  # OSError: the destination (permissions, disk full)
         sys.stderr.write(f"fetch-weights: error: {exc}\n")
@@ -113,4 +120,10 @@ def run(args: argparse.Namespace) -> int:
     hints = _settings_hint(report, args.detector)
     if hints:
         sys.stdout.write("to use them, set: " + " ".join(hints) + "\n")
+    default_vgg16 = Path(os.path.abspath(DEFAULT_WEIGHTS_DIR / "vgg16-397923af.pth"))
+    if (
+        report.lpips_vgg16 is not None
+        and Path(os.path.abspath(report.lpips_vgg16)) != default_vgg16
+    ):
+        sys.stdout.write(f"for evaluate's LPIPS, pass: --lpips-weights {report.lpips_vgg16}\n")
     return EXIT_OK

@@ -1,0 +1,272 @@
+"""Colorize ground-truth photos through the batched engine and score every result.
+
+Per batch: decode each photo, make its training grey (spec §6) and ``Colorizer.prepare`` it (in a
+read-ahead thread, one batch ahead), one ``Colorizer.predict`` for the batch, then merge, save
+``images/<key>.png`` atomically and score the saved pixels against the target. A photo that
+cannot be decoded or colorized is recorded as a failure and skipped; the others go on.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import platform
+import sys
+import time
+import uuid
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+
+from evaluation.dataset import GroundTruth, Instance, Pair, instance_box, load_pair
+from evaluation.fid import FidFeatures
+from evaluation.metrics import LpipsMetric, colorfulness, score_pair
+from models.pipeline import ColorizeOptions, Colorizer, Prediction, PreparedImage
+
+log = logging.getLogger(__name__)
+
+METRICS: tuple[str, ...] = ("psnr", "ssim", "lpips", "colorfulness")
+"""Per-image metrics, in the order of ``metrics.csv``. Higher is better except for lpips."""
+LOWER_IS_BETTER = frozenset({"lpips"})
+DECODE_ERRORS: tuple[type[BaseException], ...] = (
+    OSError,
+    ValueError,
+    SyntaxError,
+    EOFError,
+    Image.DecompressionBombError,
+)
+PREDICT_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, ValueError)
+
+
+@dataclass(frozen=True)
+class InstanceScore:
+    annotation_id: int
+    category: str
+    box: tuple[int, int, int, int]  # x1, y1, x2, y2 in the scored image
+    scores: dict[str, float]
+
+
+@dataclass(frozen=True)
+class ImageScore:
+    item: GroundTruth
+    scores: dict[str, float]
+    target_colorfulness: float
+    instances: list[InstanceScore] | None  # None: no annotations were given
+    skipped_instances: int = 0  # annotated instances too small to score
+    fid_features: tuple[np.ndarray, np.ndarray] | None = None  # (colorized, ground truth)
+
+
+@dataclass
+class EvaluationRun:
+    scores: list[ImageScore] = field(default_factory=list)
+    failures: list[tuple[str, str]] = field(default_factory=list)  # (path, reason)
+    seconds: float = 0.0  # colorizing and scoring, without loading the model
+
+    @property
+    def images_per_second(self) -> float:
+        return len(self.scores) / self.seconds if self.seconds > 0 else 0.0
+
+
+def machine_description(device: torch.device) -> dict[str, Any]:
+    """Where the figures were measured."""
+    described: dict[str, Any] = {
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "device": str(device),
+    }
+    if device.type == "cuda":
+        described["gpu"] = torch.cuda.get_device_name(device)
+    return described
+
+
+def save_png(image: Image.Image, path: Path) -> None:
+    """Write a PNG atomically: a temporary file beside it, then ``os.replace``."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
+    try:
+        image.save(temp, format="PNG")
+        os.replace(temp, path)
+    except BaseException:
+        temp.unlink(missing_ok=True)
+        raise
+
+
+def score_instances(
+    pred: np.ndarray,
+    target: np.ndarray,
+    instances: Sequence[Instance],
+    original_size: tuple[int, int],
+    lpips: LpipsMetric | None,
+) -> tuple[list[InstanceScore], int]:
+    """The metrics on each ground-truth instance crop (Table 2); and how many were too small."""
+    scored_size = (target.shape[1], target.shape[0])
+    results, skipped = [], 0
+    for instance in instances:
+        box = instance_box(instance, original_size, scored_size)
+        if box is None:
+            skipped += 1
+            continue
+        x1, y1, x2, y2 = box
+        crop_pred = np.ascontiguousarray(pred[y1:y2, x1:x2])
+        crop_target = np.ascontiguousarray(target[y1:y2, x1:x2])
+        results.append(
+            InstanceScore(
+                instance.annotation_id,
+                instance.category,
+                box,
+                score_pair(crop_pred, crop_target, lpips),
+            )
+        )
+    return results, skipped
+
+
+Loaded = tuple[GroundTruth, Pair, PreparedImage] | tuple[GroundTruth, BaseException]
+
+
+class Evaluator:
+    """One configuration: a colorizer, its options, LPIPS (optional) and instances (optional)."""
+
+    def __init__(
+        self,
+        colorizer: Colorizer,
+        options: ColorizeOptions,
+        lpips: LpipsMetric | None = None,
+        instances: dict[str, list[Instance]] | None = None,
+        fid: FidFeatures | None = None,
+    ) -> None:
+        self.colorizer = colorizer
+        self.options = options
+        self.lpips = lpips
+        self.instances = instances
+        self.fid = fid
+
+    def _load(self, items: Sequence[GroundTruth]) -> list[Loaded]:
+        loaded: list[Loaded] = []
+        for item in items:
+            try:
+                pair = load_pair(item.source, self.options.resolution)
+                loaded.append((item, pair, self.colorizer.prepare(pair.grey, self.options)))
+            except DECODE_ERRORS as exc:
+                loaded.append((item, exc))
+        return loaded
+
+    def _predict(
+        self, ready: Sequence[tuple[GroundTruth, Pair, PreparedImage]], run: EvaluationRun
+    ) -> list[tuple[GroundTruth, Pair, PreparedImage, Prediction]]:
+        """One call for the batch; if it fails, one call per image so one bad input fails alone."""
+        try:
+            predictions = self.colorizer.predict([p for _, _, p in ready])
+            return [(*r, pred) for r, pred in zip(ready, predictions, strict=True)]
+        except PREDICT_ERRORS as exc:
+            log.warning("batch of %d failed (%s); retrying image by image", len(ready), exc)
+        results = []
+        for item, pair, prepared in ready:
+            try:
+                results.append((item, pair, prepared, self.colorizer.predict([prepared])[0]))
+            except PREDICT_ERRORS as exc:
+                run.failures.append((str(item.source), f"{type(exc).__name__}: {exc}"))
+        return results
+
+    def score(self, item: GroundTruth, pair: Pair, colorized: Image.Image) -> ImageScore:
+        pred = np.asarray(colorized.convert("RGB"), dtype=np.uint8)
+        target = np.asarray(pair.target, dtype=np.uint8)
+        instances, skipped = None, 0
+        if self.instances is not None:
+            instances, skipped = score_instances(
+                pred,
+                target,
+                self.instances.get(item.source.name, []),
+                pair.original_size,
+                self.lpips,
+            )
+        features = None
+        if self.fid is not None:
+            features = (self.fid(pred).astype(np.float32), self.fid(target).astype(np.float32))
+        return ImageScore(
+            item,
+            score_pair(pred, target, self.lpips),
+            colorfulness(target),
+            instances,
+            skipped,
+            features,
+        )
+
+    def _finish(self, loaded: Sequence[Loaded], report_dir: Path, run: EvaluationRun) -> None:
+        ready = []
+        for entry in loaded:
+            if len(entry) == 2:
+                run.failures.append(
+                    (str(entry[0].source), f"{type(entry[1]).__name__}: {entry[1]}")
+                )
+            else:
+                ready.append(entry)
+        if not ready:
+            return
+        for item, pair, prepared, prediction in self._predict(ready, run):
+            try:
+                colorized = self.colorizer.merge(prepared, prediction).image.convert("RGB")
+                save_png(colorized, report_dir / item.image_name)
+                run.scores.append(self.score(item, pair, colorized))
+            except (
+                OSError,
+                ValueError,
+                RuntimeError,
+            ) as exc:  # RuntimeError: LPIPS on a tiny image
+                run.failures.append((str(item.source), f"{type(exc).__name__}: {exc}"))
+
+    def run(
+        self,
+        items: Sequence[GroundTruth],
+        report_dir: Path,
+        *,
+        batch_size: int = 8,
+        progress: bool = True,
+    ) -> EvaluationRun:
+        """Colorize and score ``items``; images go to ``report_dir/images/``."""
+        from tqdm import tqdm
+
+        run = EvaluationRun()
+        started = time.perf_counter()
+        batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
+        with (
+            ThreadPoolExecutor(1, thread_name_prefix="evaluate-read") as reader,
+            tqdm(
+                total=len(items),
+                unit="img",
+                file=sys.stderr,
+                disable=not progress,
+                dynamic_ncols=True,
+                desc=report_dir.name,
+            ) as bar,
+        ):
+            upcoming: Future[list[Loaded]] | None = (
+                reader.submit(self._load, batches[0]) if batches else None
+            )
+            for index, batch in enumerate(batches):
+                assert upcoming is not None
+                loaded = upcoming.result()
+                if index + 1 < len(batches):
+                    upcoming = reader.submit(self._load, batches[index + 1])
+                self._finish(loaded, report_dir, run)
+                bar.update(len(batch))
+        run.seconds = time.perf_counter() - started
+        return run
+
+
+def finite_or_none(value: float) -> float | str | None:
+    """JSON has no nan or inf: nan -> null, inf -> "inf" (so an identical pair stays visible)."""
+    if math.isnan(value):
+        return None
+    if math.isinf(value):
+        return "inf" if value > 0 else "-inf"
+    return value

@@ -1,0 +1,335 @@
+"""``evaluate``: colorize held-out colour photos from their grey version and score the results.
+
+The work is in the ``evaluation`` package; this module is the command line around it: planning
+(inputs, ``--compare`` configurations, annotation file) happens before any weights load, so a
+usage mistake fails in a second. Exit codes: 0 every image scored; 1 some images failed (each is
+listed, the others are scored); 2 usage or configuration error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import logging
+import re
+import shlex
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, NoReturn
+
+from service.commands.model_flags import add_model_arguments, model_overrides
+from service.settings import DEFAULT_WEIGHTS_DIR
+
+if TYPE_CHECKING:
+    from evaluation.metrics import LpipsMetric
+    from evaluation.run import EvaluationRun
+
+log = logging.getLogger(__name__)
+
+EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+LPIPS_VGG16_FILENAME = "vgg16-397923af.pth"  # evaluation.metrics.VGG16_FILENAME (checked by a test)
+DEFAULT_LPIPS_WEIGHTS = DEFAULT_WEIGHTS_DIR / LPIPS_VGG16_FILENAME
+FID_INCEPTION_FILENAME = "pt_inception-2015-12-05-6726825d.pth"  # evaluation.fid.FID_FILENAME
+DEFAULT_FID_WEIGHTS = DEFAULT_WEIGHTS_DIR / FID_INCEPTION_FILENAME
+CONFIG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+RESERVED_NAMES = frozenset({"images", "report_files"})
+
+
+class UsageError(Exception):
+    """A mistake in the arguments, found before any work (exit code 2)."""
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
+    return value
+
+
+def _unit_float(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
+    return value
+
+
+def add_run_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags a ``--compare`` configuration may change, besides the model flags."""
+    parser.add_argument(
+        "--resolution",
+        choices=["network", "original"],
+        default="network",
+        help="network: 256x256, the paper's protocol (default); original: the photo's size",
+    )
+    parser.add_argument("--max-instances", type=_non_negative_int, default=8, metavar="K",
+                        help="instances colorized per image (default 8); 0: full-image network only")  # fmt: skip
+    parser.add_argument("--score-threshold", type=_unit_float, default=0.7, metavar="T",
+                        help="detector score threshold (default 0.7)")  # fmt: skip
+    add_model_arguments(parser)
+
+
+def add_parser(subparsers: Any) -> None:
+    parser: argparse.ArgumentParser = subparsers.add_parser(
+        "evaluate",
+        help="score colorization quality on colour photos (LPIPS, PSNR, SSIM, colorfulness)",
+        description="Make each colour photo grey the way training does, colorize it with the "
+        "chosen weights and settings, and compare with the original: PSNR, SSIM, LPIPS v0.1 "
+        "(VGG) and colorfulness per image and, with --instances, per ground-truth instance. "
+        "Writes REPORT_DIR/images/, metrics.csv, summary.json and report.html. Exit code 0: all "
+        "scored; 1: some images failed; 2: usage or configuration error.",
+    )
+    parser.add_argument("inputs", nargs="+", type=Path, metavar="GROUND_TRUTH",
+                        help="colour photo or folder of photos (scanned recursively)")  # fmt: skip
+    parser.add_argument("-o", "--output", type=Path, required=True, metavar="REPORT_DIR",
+                        help="report folder (created; files in it are replaced)")  # fmt: skip
+    parser.add_argument("--instances", type=Path, metavar="COCO_ANNOTATIONS.json",
+                        help="COCO annotations (e.g. instances_val2017.json): also score each "
+                        "ground-truth instance crop (Table 2's protocol); matched by file name")  # fmt: skip
+    parser.add_argument("--lpips-weights", type=Path, metavar="FILE",
+                        help="torchvision VGG16 file for LPIPS (default "
+                        f"{DEFAULT_LPIPS_WEIGHTS} if it exists, else no LPIPS)")  # fmt: skip
+    parser.add_argument(
+        "--fid-weights",
+        type=Path,
+        metavar="FILE",
+        help="pytorch-fid's Inception file: also FID of the whole set (default "
+        f"{DEFAULT_FID_WEIGHTS} if it exists, else no FID)",
+    )
+    parser.add_argument(
+        "--fid-dims",
+        type=int,
+        choices=[64, 192, 768, 2048],
+        default=2048,
+        help="Inception features for FID (default 2048, the standard; pytorch-fid "
+        "advises fewer for sets of fewer than 2048 images)",
+    )
+    parser.add_argument("--limit", type=_positive_int, metavar="N",
+                        help="score only the first N photos (in sorted order)")  # fmt: skip
+    parser.add_argument("--batch-size", type=_positive_int, default=8, metavar="B",
+                        help="images per network call (default 8)")  # fmt: skip
+    parser.add_argument("--compare", nargs="+", metavar="NAME=FLAGS",
+                        help="run several configurations on the same images, e.g. "
+                        "'base=' nodet=--no-detector 'fp16=--precision fp16'; FLAGS are model "
+                        "flags, --resolution, --max-instances or --score-threshold added to "
+                        "those given outside --compare; reports go to REPORT_DIR/NAME/ and the "
+                        "side-by-side table (differences to the first) to "
+                        "REPORT_DIR/comparison.html")  # fmt: skip
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_run_arguments(parser)
+    parser.set_defaults(func=run)
+
+
+class _FlagsParser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(f"{self.prog}: {message}")
+
+
+@dataclass(frozen=True)
+class Configuration:
+    name: str
+    flags: str
+    args: argparse.Namespace
+
+
+def parse_compare(base: argparse.Namespace, entries: list[str]) -> list[Configuration]:
+    """``NAME=FLAGS`` entries -> configurations; FLAGS override the base command's flags."""
+    configurations: list[Configuration] = []
+    for entry in entries:
+        name, sep, flags = entry.partition("=")
+        if not sep:
+            raise UsageError(f"--compare {entry!r}: expected NAME=FLAGS (FLAGS may be empty)")
+        if not CONFIG_NAME.match(name) or name in RESERVED_NAMES:
+            raise UsageError(
+                f"--compare {entry!r}: NAME must be letters, digits, '_', '.' or '-' (not "
+                f"{', '.join(sorted(RESERVED_NAMES))}); it names the folder REPORT_DIR/NAME/"
+            )
+        if any(c.name == name for c in configurations):
+            raise UsageError(f"--compare: the name {name!r} is used twice")
+        parser = _FlagsParser(prog=f"--compare {name}", add_help=False)
+        add_run_arguments(parser)
+        namespace = copy.copy(base)
+        try:
+            tokens = shlex.split(flags)
+        except ValueError as exc:
+            raise UsageError(f"--compare {entry!r}: {exc}") from exc
+        parser.parse_args(tokens, namespace=namespace)
+        if namespace.detector_weights != base.detector_weights:
+            namespace.no_detector = False  # --detector-weights in FLAGS turns the detector on
+        configurations.append(Configuration(name, flags, namespace))
+    return configurations
+
+
+def _config(
+    args: argparse.Namespace,
+    lpips_weights: Path | None,
+    fid_weights: Path | None,
+    flags: str | None,
+) -> dict[str, Any]:
+    described: dict[str, Any] = {
+        "resolution": args.resolution,
+        "max_instances": args.max_instances,
+        "score_threshold": args.score_threshold,
+        "batch_size": args.batch_size,
+        "model_flags": {k: str(v) for k, v in model_overrides(args).items()},
+        "lpips_weights": None if lpips_weights is None else str(lpips_weights),
+        "fid_weights": None if fid_weights is None else str(fid_weights),
+        "fid_dims": args.fid_dims if fid_weights is not None else None,
+        "instances": None if args.instances is None else str(args.instances),
+        "limit": args.limit,
+        "grey_input": "skimage rgb2gray x255 rounded, 3 channels (spec §6)",
+    }
+    if flags is not None:
+        described["compare_flags"] = flags
+    return described
+
+
+def _usage_error(message: str) -> int:
+    sys.stderr.write(f"evaluate: error: {message}\n")
+    return EXIT_USAGE
+
+
+def _summary_line(name: str, run: EvaluationRun, summary: dict[str, Any], page: Path) -> str:
+    parts = []
+    for metric in ("psnr", "ssim", "lpips"):
+        stats = summary["metrics"][metric]
+        if stats["count"]:
+            parts.append(f"{metric.upper()} {stats['mean']:.4f}")
+    if summary["fid"] is not None and summary["fid"]["value"] is not None:
+        parts.append(f"FID {summary['fid']['value']:.3f}")
+    infinite = summary["metrics"]["psnr"]["infinite"]
+    if infinite:
+        parts.append(f"{infinite} identical (PSNR inf, left out)")
+    return (
+        f"{name}: {len(run.scores)} scored, {len(run.failures)} failed, "
+        f"{run.images_per_second:.2f} images/s; " + ", ".join(parts) + f" -> {page}\n"
+    )
+
+
+def run(args: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from evaluation.dataset import DatasetError, collect_ground_truth, load_coco_instances
+    from evaluation.fid import FidError
+    from evaluation.metrics import LpipsError
+    from models.checkpoints import CheckpointError
+    from service.engine_factory import MissingWeightsError
+    from service.settings import ModelSettings, describe_validation_error
+
+    started = time.perf_counter()
+    try:
+        items = collect_ground_truth(args.inputs, args.output, args.limit)
+        if args.compare:
+            configurations = parse_compare(args, args.compare)
+        else:
+            configurations = [Configuration("", "", args)]
+        settings = [ModelSettings(**model_overrides(c.args)) for c in configurations]
+        instances = load_coco_instances(args.instances) if args.instances else None
+    except (UsageError, DatasetError) as exc:
+        return _usage_error(str(exc))
+    except ValidationError as exc:
+        return _usage_error(describe_validation_error(exc))
+    for config, chosen in zip(configurations, settings, strict=True):
+        if config.args.max_instances > chosen.instance_limit:
+            return _usage_error(
+                f"--max-instances {config.args.max_instances} is above the instance limit "
+                f"{chosen.instance_limit} (COLORIZE_INSTANCE_LIMIT)"
+            )
+    lpips_weights = args.lpips_weights
+    if lpips_weights is None and DEFAULT_LPIPS_WEIGHTS.is_file():
+        lpips_weights = DEFAULT_LPIPS_WEIGHTS
+    if lpips_weights is None:
+        sys.stderr.write(
+            f"evaluate: no LPIPS ({DEFAULT_LPIPS_WEIGHTS} not found): fetch it with "
+            "`python -m service fetch-weights --lpips-vgg16`, or pass --lpips-weights FILE\n"
+        )
+    fid_weights = args.fid_weights
+    if fid_weights is None and DEFAULT_FID_WEIGHTS.is_file():
+        fid_weights = DEFAULT_FID_WEIGHTS
+    if instances is not None:
+        annotated = sum(1 for item in items if item.source.name in instances)
+        log.info("%d of %d photos have annotated instances", annotated, len(items))
+    try:
+        runs = _evaluate_all(
+            args, configurations, settings, items, instances, lpips_weights, fid_weights
+        )
+    except (CheckpointError, LpipsError, FidError, MissingWeightsError) as exc:
+        return _usage_error(str(exc))
+    failed = False
+    for name, result in runs:
+        for source, reason in result.failures:
+            sys.stderr.write(f"failed{f' ({name})' if name else ''}: {source}: {reason}\n")
+        failed = failed or bool(result.failures)
+    if args.compare:
+        from evaluation.compare import build_comparison, write_comparison
+
+        comparison = build_comparison(runs, {c.name: c.flags for c in configurations})
+        page = write_comparison(args.output, comparison)
+        sys.stdout.write(f"comparison of {len(runs)} configurations -> {page}\n")
+    sys.stdout.write(f"done in {time.perf_counter() - started:.1f} s\n")
+    return EXIT_FAILED if failed else EXIT_OK
+
+
+def _evaluate_all(
+    args: argparse.Namespace,
+    configurations: list[Configuration],
+    settings: list[Any],
+    items: list[Any],
+    instances: dict[str, Any] | None,
+    lpips_weights: Path | None,
+    fid_weights: Path | None,
+) -> list[tuple[str, EvaluationRun]]:
+    """Each configuration in turn: load its colorizer, run, write its report, free it."""
+    import torch
+
+    from evaluation.fid import FidFeatures
+    from evaluation.metrics import LpipsMetric
+    from evaluation.report import write_report
+    from evaluation.run import Evaluator, machine_description
+    from models.pipeline import ColorizeOptions
+    from service.engine_factory import build_colorizer
+
+    runs: list[tuple[str, EvaluationRun]] = []
+    lpips: LpipsMetric | None = None
+    fid: FidFeatures | None = None
+    for config, chosen in zip(configurations, settings, strict=True):
+        report_dir = args.output / config.name if config.name else args.output
+        colorizer = build_colorizer(chosen)
+        if lpips is None and lpips_weights is not None:
+            lpips = LpipsMetric.from_vgg16_file(lpips_weights, str(colorizer.device))
+        if fid is None and fid_weights is not None:
+            fid = FidFeatures.from_inception_file(fid_weights, str(colorizer.device), args.fid_dims)
+        options = ColorizeOptions(
+            resolution=config.args.resolution,
+            max_instances=config.args.max_instances,
+            score_threshold=config.args.score_threshold,
+        )
+        evaluator = Evaluator(colorizer, options, lpips, instances, fid)
+        result = evaluator.run(
+            items, report_dir, batch_size=args.batch_size, progress=not args.no_progress
+        )
+        summary = write_report(
+            report_dir,
+            result,
+            _config(config.args, lpips_weights, fid_weights, config.flags if config.name else None),
+            colorizer.describe(),
+            machine_description(colorizer.device),
+            config.args.resolution,
+        )
+        sys.stdout.write(_summary_line(config.name or "evaluate", result, summary,
+                                       report_dir / "report.html"))  # fmt: skip
+        runs.append((config.name, result))
+        del evaluator, colorizer
+        gc.collect()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    return runs
