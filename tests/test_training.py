@@ -337,7 +337,11 @@ def test_sigterm_saves_and_resume_finishes(
     stopped = state["step"]
     assert main([*["train"], *flags[:-1], str(stopped + 1), "--resume"]) == 0
     assert torch.load(run / "state.pt", weights_only=False)["step"] == stopped + 1
-    load_networks(run / "checkpoints")
+    photo(5, (70, 50)).save(tmp_path / "input.png")  # the run directory serves the CLI as it is
+    code = main(["colorize", str(tmp_path / "input.png"), "-o", str(tmp_path / "out"),
+                 "--checkpoints", str(run / "checkpoints"), "--no-detector", "--no-progress"])  # fmt: skip
+    assert code == 0
+    assert Image.open(tmp_path / "out" / "input.png").size == (70, 50)
 
 
 def test_usage_errors_are_clear(
