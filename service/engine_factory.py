@@ -31,17 +31,15 @@ def check_weight_files(settings: ModelSettings) -> None:
         )
 
 
-def model_summary(description: dict[str, Any]) -> str:
-    """One readable line from ``Colorizer.describe()`` (the full record is in ``/info``)."""
-    files = description.get("files") or []
-    where = (
-        os.path.dirname(files[0]["path"])
-        if len(files) > 1
-        else (files[0]["path"] if files else "?")
-    )
+def model_summary(description: dict[str, Any], checkpoints: os.PathLike[str] | str) -> str:
+    """One readable line from ``Colorizer.describe()`` (the full record is in ``/info``).
+
+    ``describe()`` names files without their folders (``/info`` shows no paths); the log line
+    says where the weights were loaded from.
+    """
     return (
         f"model {description.get('model_version')} ({description.get('checkpoint_layout')}, "
-        f"width {description.get('network_width')}, from {where}), "
+        f"width {description.get('network_width')}, from {checkpoints}), "
         f"detector {description.get('detector') or 'none'}, "
         f"{description.get('device')} {description.get('precision')}, "
         f"at most {description.get('instance_limit')} instances"
@@ -63,5 +61,5 @@ def build_colorizer(settings: ModelSettings) -> Colorizer:
         channels_last=settings.channels_last,
     )
     log.info("%s on %s", precision_reason(settings.precision, device), device)
-    log.info("loaded %s", model_summary(colorizer.describe()))
+    log.info("loaded %s", model_summary(colorizer.describe(), settings.checkpoints))
     return colorizer

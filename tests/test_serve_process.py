@@ -48,6 +48,13 @@ def wait_ready(base: str, process: subprocess.Popen[str], log: Path, timeout: fl
     raise TimeoutError("the server did not become ready")
 
 
+def in_flight(base: str) -> float:
+    for line in httpx.get(base + "/metrics", timeout=10).text.splitlines():
+        if line.startswith("colorize_in_flight_requests "):
+            return float(line.split()[1])
+    return 0.0
+
+
 def test_serve_answers_real_http_and_drains_on_sigterm(
     tiny_checkpoints: Path, tmp_path: Path
 ) -> None:
@@ -82,7 +89,11 @@ def test_serve_answers_real_http_and_drains_on_sigterm(
         threads = [threading.Thread(target=post, args=(i,)) for i in range(6)]
         for thread in threads:
             thread.start()
-        time.sleep(0.3)
+        # SIGTERM once every request is inside the handler (not after a fixed sleep, which a
+        # loaded machine can outrun): the in-flight gauge counts them.
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and in_flight(base) < 6 and not results:
+            time.sleep(0.02)
         process.send_signal(signal.SIGTERM)
         for thread in threads:
             thread.join(60)
