@@ -36,7 +36,7 @@ def build_comparison(
             name: [scores[k].scores[metric] for k in common]
             for (name, _), scores in zip(runs, by_key, strict=True)
         }
-        rows = []
+        rows: list[dict[str, Any]] = []
         for name, _ in runs:
             difference = None
             if name != baseline:
@@ -47,7 +47,11 @@ def build_comparison(
             rows.append(
                 {"name": name, "summary": _json_summary(values[name]), "difference": difference}
             )
-        metrics[metric] = {"lower_is_better": metric in LOWER_IS_BETTER, "rows": rows}
+        metrics[metric] = {
+            "lower_is_better": metric in LOWER_IS_BETTER,
+            "computed": any(row["summary"]["count"] for row in rows),
+            "rows": rows,
+        }
     return {
         "baseline": baseline,
         "configurations": [
