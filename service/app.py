@@ -309,11 +309,13 @@ async def reject_unknown_query(request: Request) -> None:
     """422 for a query parameter the route does not declare, naming the ones it does.
 
     The names come from the route's own declared parameters, so a new ``Query`` parameter is
-    accepted as soon as it is added to the route.
+    accepted as soon as it is added to the route. Routes left out of the API description
+    (``include_in_schema=False``, such as a web page) are not checked.
     """
-    dependant = getattr(request.scope.get("route"), "dependant", None)
-    if dependant is None:
-        return
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None or not getattr(route, "include_in_schema", True):
+        return  # not an API route (e.g. the web page: links may carry tracking parameters)
     valid = sorted(_query_names(dependant))
     unknown = sorted(set(request.query_params.keys()) - set(valid))
     if unknown:

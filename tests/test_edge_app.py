@@ -50,6 +50,12 @@ async def test_unknown_query_parameters_get_422_naming_the_declared_ones(
         assert added.status_code == 422
         assert "valid: saturation" in added.json()["detail"]
 
+        @app.get("/page-like", include_in_schema=False)
+        async def page() -> dict[str, str]:
+            return {"page": "ok"}
+
+        assert (await client.get("/page-like?utm_source=mail")).status_code == 200
+
 
 BAD_BOXES = {
     "nested 1500 deep": "[" * 1500 + "]" * 1500,
