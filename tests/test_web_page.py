@@ -150,7 +150,10 @@ def item_status(page: Page, index: int) -> str:
 
 
 def wait_done(page: Page, index: int) -> None:
-    """Wait until image ``index`` has a fresh result (status done)."""
+    """Wait until image ``index`` has a fresh result (status done).
+
+    Predicates are functions, never expression strings: Playwright evals those, which the page's
+    Content-Security-Policy (no 'unsafe-eval') forbids."""
     page.wait_for_function(
         "i => document.querySelectorAll('.queue-item')[i]?.dataset.status === 'done'", arg=index
     )
@@ -171,7 +174,7 @@ def test_page_end_to_end(server: Server, browser: Browser, tmp_path: Path) -> No
     assert response.status_code == 200
     assert "default-src 'self'" in response.headers["content-security-policy"]
     p.goto(server.base + "/")
-    p.wait_for_function("document.querySelector('#model-info').textContent.includes('Model')")
+    p.wait_for_function("() => document.querySelector('#model-info').textContent.includes('Model')")
     assert "maskrcnn_resnet50_fpn_v1" in p.locator("#model-info").inner_text()
 
     # Every control can be reached from the keyboard and has a label.
@@ -189,7 +192,9 @@ def test_page_end_to_end(server: Server, browser: Browser, tmp_path: Path) -> No
     p.fill("#opt-max-instances", "3")
     p.set_input_files("#file-input", [str(photo), str(broken)])
     wait_done(p, 0)
-    p.wait_for_function("document.querySelectorAll('.queue-item')[1]?.dataset.status === 'failed'")
+    p.wait_for_function(
+        "() => document.querySelectorAll('.queue-item')[1]?.dataset.status === 'failed'"
+    )
 
     # The error of the broken file comes from the problem detail.
     error = p.locator(".queue-item").nth(1).locator(".item-error").inner_text()
@@ -197,10 +202,12 @@ def test_page_end_to_end(server: Server, browser: Browser, tmp_path: Path) -> No
     with p.expect_response(lambda r: "/colorize?" in r.url) as retried:
         p.click('button[aria-label="Retry broken.png"]')
     assert retried.value.status == 400
-    p.wait_for_function("document.querySelectorAll('.queue-item')[1].dataset.status === 'failed'")
+    p.wait_for_function(
+        "() => document.querySelectorAll('.queue-item')[1].dataset.status === 'failed'"
+    )
 
     # Before and after at the output's resolution, boxes drawn with their scores.
-    p.wait_for_function("document.querySelector('#after-img').naturalWidth > 0")
+    p.wait_for_function("() => document.querySelector('#after-img').naturalWidth > 0")
     sizes = p.evaluate("""() => ['#before-img', '#after-img'].map(s => {
         const img = document.querySelector(s); return [img.naturalWidth, img.naturalHeight,
         img.getBoundingClientRect().width]; })""")
@@ -231,7 +238,7 @@ def test_page_end_to_end(server: Server, browser: Browser, tmp_path: Path) -> No
     assert p.locator("#box-list .box-item").count() == 2
     kept = p.locator("#box-list .box-item span").all_inner_texts()
     p.click("#recolorize")
-    p.wait_for_function("document.querySelector('.queue-item').dataset.status !== 'done'")
+    p.wait_for_function("() => document.querySelector('.queue-item').dataset.status !== 'done'")
     wait_done(p, 0)
     assert fact(p, "Instances") == "2"
     assert p.locator("#box-list .box-item span").all_inner_texts() == kept
@@ -246,7 +253,7 @@ def test_page_end_to_end(server: Server, browser: Browser, tmp_path: Path) -> No
     assert p.locator("#box-list .box-item").count() == 3
     assert "[20, 15, 100, 75]" in p.locator("#box-list .box-item").nth(2).inner_text()
     p.click("#recolorize")
-    p.wait_for_function("document.querySelector('.queue-item').dataset.status !== 'done'")
+    p.wait_for_function("() => document.querySelector('.queue-item').dataset.status !== 'done'")
     wait_done(p, 0)
     assert fact(p, "Instances") == "3"
     assert p.locator("#overlay g.drawn").count() == 1
@@ -263,7 +270,7 @@ def test_page_end_to_end(server: Server, browser: Browser, tmp_path: Path) -> No
     p.keyboard.press("Home")
     assert p.locator("#saturation-value").inner_text() == "0.00"
     p.click("#recolorize")
-    p.wait_for_function("document.querySelector('.queue-item').dataset.status !== 'done'")
+    p.wait_for_function("() => document.querySelector('.queue-item').dataset.status !== 'done'")
     wait_done(p, 0)
     assert fact(p, "Colour strength") == "0.00"
     with p.expect_download() as download_info:
@@ -281,9 +288,9 @@ def test_page_end_to_end(server: Server, browser: Browser, tmp_path: Path) -> No
     # Network resolution: a 256x256 output; boxes (input pixels) are drawn scaled onto it.
     p.select_option("#opt-resolution", "network")
     p.click("#use-detector")
-    p.wait_for_function("document.querySelector('.queue-item').dataset.status !== 'done'")
+    p.wait_for_function("() => document.querySelector('.queue-item').dataset.status !== 'done'")
     wait_done(p, 0)
-    p.wait_for_function("document.querySelector('#after-img').naturalWidth === 256")
+    p.wait_for_function("() => document.querySelector('#after-img').naturalWidth === 256")
     assert fact(p, "Output").startswith("256×256") and fact(p, "Input") == "320×240"
     first = p.locator("#box-list .box-item span").first.inner_text()
     x1, y1 = (int(v) for v in first.split("[")[1].split(",")[:2])
@@ -306,7 +313,9 @@ def test_page_with_api_keys(keyed_server: Server, browser: Browser, tmp_path: Pa
     assert httpx.get(keyed_server.base + "/").status_code == 200  # the page itself is open
     assert httpx.get(keyed_server.base + "/static/app.js").status_code == 200
     p.goto(keyed_server.base + "/")
-    p.wait_for_function("document.querySelector('#model-info').textContent.includes('API key')")
+    p.wait_for_function(
+        "() => document.querySelector('#model-info').textContent.includes('API key')"
+    )
     p.set_input_files("#file-input", str(photo))
     p.wait_for_selector("#key-form:not([hidden])")
     assert item_status(p, 0) == "needs-key"
@@ -314,7 +323,9 @@ def test_page_with_api_keys(keyed_server: Server, browser: Browser, tmp_path: Pa
     assert p.evaluate("document.activeElement.id") == "api-key"
     p.keyboard.type("wrong")
     p.keyboard.press("Enter")
-    p.wait_for_function("document.querySelector('#key-message').textContent.includes('refused')")
+    p.wait_for_function(
+        "() => document.querySelector('#key-message').textContent.includes('refused')"
+    )
     p.wait_for_selector("#key-form:not([hidden])")
     p.fill("#api-key", API_KEY)
     p.click("#key-form button[type=submit]")
@@ -322,7 +333,7 @@ def test_page_with_api_keys(keyed_server: Server, browser: Browser, tmp_path: Pa
     assert fact(p, "Instances") == "0"
     assert p.evaluate("sessionStorage.getItem('instcolor.apiKey')") == API_KEY
     assert p.locator("#key-status").is_visible()
-    p.wait_for_function("document.querySelector('#model-info').textContent.includes('Model')")
+    p.wait_for_function("() => document.querySelector('#model-info').textContent.includes('Model')")
     sent = [headers.get("x-api-key") for url, headers in browser.requests if "/colorize?" in url]
     assert sent == [None, "wrong", API_KEY]
 
