@@ -48,6 +48,8 @@ RUN groupadd --system --gid 10001 app \
 COPY pyproject.toml ./
 COPY models ./models
 COPY service ./service
+COPY evaluation ./evaluation
+COPY training ./training
 COPY --chmod=0755 deploy/entrypoint.sh /usr/local/bin/instcolor-entrypoint
 COPY --chmod=0644 deploy/healthcheck.py /usr/local/bin/instcolor-healthcheck
 RUN --mount=type=cache,target=/root/.cache/pip \
