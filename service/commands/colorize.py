@@ -33,6 +33,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from service.commands.arg_types import non_negative_int, positive_int, unit_float
 from service.commands.model_flags import add_model_arguments, model_overrides
 
 if TYPE_CHECKING:  # the model stack (torch) is imported only when the command runs
@@ -76,13 +77,6 @@ class Job:
 # -- arguments ----------------------------------------------------------------------------------
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
 AUTO_BATCH_SIZE = {"cpu": 1, "cuda": 4}
 """``--batch-size auto`` per device type. On a CPU one image at a time is the fastest: one image's
 convolutions already keep every core busy, and a batch of 8-instance images only adds memory
@@ -91,21 +85,7 @@ traffic (0.06 images/s at 4 against 0.10 at 1 on 4 photos; see docs/performance.
 
 def _batch_size(text: str) -> int | None:
     """``auto`` (None: chosen per device once the model is loaded) or a positive integer."""
-    return None if text == "auto" else _positive_int(text)
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
-
-
-def _unit_float(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
-    return value
+    return None if text == "auto" else positive_int(text)
 
 
 def _saturation(text: str) -> float:
@@ -160,7 +140,7 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--max-instances",
-        type=_non_negative_int,
+        type=non_negative_int,
         default=8,
         metavar="K",
         help="instances colorized per image (default 8, at most the instance "
@@ -168,7 +148,7 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--score-threshold",
-        type=_unit_float,
+        type=unit_float,
         default=0.7,
         metavar="T",
         help="detector score threshold (default 0.7)",

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
+from service.commands.arg_types import non_negative_int, positive_int, unit_float
 from service.commands.model_flags import add_model_arguments, model_overrides
 from service.settings import DEFAULT_WEIGHTS_DIR
 
@@ -42,27 +43,6 @@ class UsageError(Exception):
     """A mistake in the arguments, found before any work (exit code 2)."""
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
-
-
-def _unit_float(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value <= 1.0:
-        raise argparse.ArgumentTypeError(f"must be between 0 and 1, got {value}")
-    return value
-
-
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     """The flags a ``--compare`` configuration may change, besides the model flags."""
     parser.add_argument(
@@ -71,9 +51,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
         default="network",
         help="network: 256x256, the paper's protocol (default); original: the photo's size",
     )
-    parser.add_argument("--max-instances", type=_non_negative_int, default=8, metavar="K",
+    parser.add_argument("--max-instances", type=non_negative_int, default=8, metavar="K",
                         help="instances colorized per image (default 8); 0: full-image network only")  # fmt: skip
-    parser.add_argument("--score-threshold", type=_unit_float, default=0.7, metavar="T",
+    parser.add_argument("--score-threshold", type=unit_float, default=0.7, metavar="T",
                         help="detector score threshold (default 0.7)")  # fmt: skip
     add_model_arguments(parser)
 
@@ -113,9 +93,9 @@ def add_parser(subparsers: Any) -> None:
         help="Inception features for FID (default 2048, the standard; pytorch-fid "
         "advises fewer for sets of fewer than 2048 images)",
     )
-    parser.add_argument("--limit", type=_positive_int, metavar="N",
+    parser.add_argument("--limit", type=positive_int, metavar="N",
                         help="score only the first N photos (in sorted order)")  # fmt: skip
-    parser.add_argument("--batch-size", type=_positive_int, default=8, metavar="B",
+    parser.add_argument("--batch-size", type=positive_int, default=8, metavar="B",
                         help="images per network call (default 8)")  # fmt: skip
     parser.add_argument("--compare", nargs="+", metavar="NAME=FLAGS",
                         help="run several configurations on the same images, e.g. "

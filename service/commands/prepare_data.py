@@ -11,21 +11,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from service.commands.arg_types import fraction, positive_int
+
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-
-
-def _fraction(text: str) -> float:
-    value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
-    return value
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def add_parser(subparsers: Any) -> None:
@@ -42,7 +30,7 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--output", type=Path, required=True, metavar="DATA_DIR",
                         help="where manifest.jsonl and skipped.jsonl go")  # fmt: skip
-    parser.add_argument("--val-fraction", type=_fraction, default=0.05,
+    parser.add_argument("--val-fraction", type=fraction, default=0.05,
                         help="share of images held out for validation (default 0.05; "
                         "chosen by a hash of the path, stable across re-runs)")  # fmt: skip
     detector = parser.add_mutually_exclusive_group(required=True)
@@ -57,7 +45,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--device", default="auto", help="auto (CUDA if present), cpu, cuda or cuda:N"
     )
-    parser.add_argument("--batch-size", type=_positive_int, default=4,
+    parser.add_argument("--batch-size", type=positive_int, default=4,
                         help="images per detector call (default 4)")  # fmt: skip
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of the train/val split (default 0)"

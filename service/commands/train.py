@@ -12,28 +12,9 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from service.commands.arg_types import non_negative_int, positive_float, positive_int
+
 EXIT_USAGE = 2
-
-
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
-
-
-def _non_negative_int(text: str) -> int:
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be at least 0, got {value}")
-    return value
-
-
-def _positive_float(text: str) -> float:
-    value = float(text)
-    if not value > 0:
-        raise argparse.ArgumentTypeError(f"must be above 0, got {value}")
-    return value
 
 
 def add_parser(subparsers: Any) -> None:
@@ -53,14 +34,14 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--init", type=Path, required=True, metavar="WEIGHTS",
                         help="official checkpoint folder, MMagic file or a previous run directory")  # fmt: skip
     parser.add_argument("--output", type=Path, required=True, metavar="RUN_DIR")
-    parser.add_argument("--epochs", type=_non_negative_int,
+    parser.add_argument("--epochs", type=non_negative_int,
                         help="epochs at the full learning rate (niter; default per stage)")  # fmt: skip
-    parser.add_argument("--decay-epochs", type=_non_negative_int,
+    parser.add_argument("--decay-epochs", type=non_negative_int,
                         help="epochs of linear decay to ~0 (niter_decay; default per stage)")  # fmt: skip
-    parser.add_argument("--lr", type=_positive_float, help="Adam learning rate (default per stage)")
-    parser.add_argument("--batch-size", type=_positive_int,
+    parser.add_argument("--lr", type=positive_float, help="Adam learning rate (default per stage)")
+    parser.add_argument("--batch-size", type=positive_int,
                         help="images per step per process (default per stage)")  # fmt: skip
-    parser.add_argument("--max-steps", type=_positive_int, metavar="K",
+    parser.add_argument("--max-steps", type=positive_int, metavar="K",
                         help="stop after K optimiser steps in all (a short run, a benchmark)")  # fmt: skip
     parser.add_argument("--precision", choices=["fp32", "bf16", "fp16"], default="fp32",
                         help="fp32 (default); bf16 autocast (CUDA, CPU); fp16 autocast with "
@@ -73,18 +54,18 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of order, boxes, init (default 0)"
     )
-    parser.add_argument("--workers", type=_non_negative_int, default=2,
+    parser.add_argument("--workers", type=non_negative_int, default=2,
                         help="data-loading processes per training process (default 2)")  # fmt: skip
     parser.add_argument("--fresh-fusion", action="store_true",
                         help="fusion stage: GF trunk from the init's GComp and new weight "
                         "generators (the paper) instead of fine-tuning the init's GF")  # fmt: skip
-    parser.add_argument("--log-every", type=_positive_int, default=10, metavar="K",
+    parser.add_argument("--log-every", type=positive_int, default=10, metavar="K",
                         help="a log line and a metrics.jsonl row every K steps (default 10)")  # fmt: skip
-    parser.add_argument("--val-every", type=_non_negative_int, default=0, metavar="K",
+    parser.add_argument("--val-every", type=non_negative_int, default=0, metavar="K",
                         help="validate every K steps (default 0: after every epoch)")  # fmt: skip
-    parser.add_argument("--save-every", type=_non_negative_int, default=0, metavar="K",
+    parser.add_argument("--save-every", type=non_negative_int, default=0, metavar="K",
                         help="save checkpoints every K steps (default 0: after every epoch)")  # fmt: skip
-    parser.add_argument("--val-limit", type=_positive_int, metavar="N",
+    parser.add_argument("--val-limit", type=positive_int, metavar="N",
                         help="validate on at most N held-out images")  # fmt: skip
     parser.add_argument("--lpips-weights", type=Path, metavar="FILE",
                         help="torchvision VGG16 weights: adds LPIPS to validation")  # fmt: skip
