@@ -20,13 +20,14 @@ from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from types import FrameType
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import DataLoader, DistributedSampler
 
+from models.precision import Precision
 from training import distributed
 from training.data import Stage, StageDataset, collate, to_device
 from training.losses import colorization_loss, is_near_grey
@@ -46,7 +47,6 @@ from training.validation import validate
 
 log = logging.getLogger(__name__)
 
-Precision = Literal["fp32", "bf16", "fp16"]
 EXIT_OK, EXIT_SIGINT, EXIT_SIGTERM = 0, 130, 143
 
 
