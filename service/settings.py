@@ -275,7 +275,9 @@ class ServiceSettings(ModelSettings):
 
     def warmup_plan(self, device_type: str) -> tuple[list[int], int]:
         """Batch sizes to warm up and instances per image, on a ``cpu`` or ``cuda`` device."""
-        if self.warmup_scope == "minimal" or (self.warmup_scope == "auto" and device_type != "cuda"):
+        if self.warmup_scope == "minimal" or (
+            self.warmup_scope == "auto" and device_type != "cuda"
+        ):
             return [1], min(1, self.instance_limit)
         return self.batch_buckets(), self.instance_limit
 
