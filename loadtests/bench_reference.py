@@ -214,6 +214,32 @@ def rgb_difference(a: Path, b: Path) -> tuple[float, float, int]:
     return float((diff > 1).mean()), float((diff > 3).mean()), int(diff.max())
 
 
+def comparison(variants: list[Variant]) -> str:
+    """The Markdown table: medians, ratios to the reference, output differences."""
+    base = statistics.median(variants[0].wall)
+    base_cpu = statistics.median(variants[0].cpu)
+    fp32 = next(v for v in variants if v.name == "product fp32 channels_last")
+    lines = [
+        "| run | s/image (median) | each round | CPU s/image | x reference (wall) "
+        "| x reference (CPU) | RGB vs reference >1 / >3 LSB, max | RGB vs product fp32 "
+        ">1 / >3 LSB, max |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for v in variants:
+        if not v.wall:
+            continue
+        wall, cpu = statistics.median(v.wall), statistics.median(v.cpu)
+        vs_ref = rgb_difference(v.output, variants[0].output)
+        vs_fp32 = rgb_difference(v.output, fp32.output)
+        lines.append(
+            f"| {v.name} | {wall:.2f} | {' / '.join(f'{w:.2f}' for w in v.wall)} "
+            f"| {cpu:.2f} | {base / wall:.2f} | {base_cpu / cpu:.2f} "
+            f"| {100 * vs_ref[0]:.2f}% / {100 * vs_ref[1]:.2f}%, {vs_ref[2]} "
+            f"| {100 * vs_fp32[0]:.2f}% / {100 * vs_fp32[1]:.2f}%, {vs_fp32[2]} |"
+        )
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--reference", type=Path, required=True,
@@ -273,27 +299,9 @@ def main(argv: list[str] | None = None) -> int:
                 variant.timed()
                 print(f"round {round_ + 1}: {variant.name}: {variant.wall[-1]:.2f} s "
                       f"(CPU {variant.cpu[-1]:.2f} s)", flush=True)  # fmt: skip
+            print(comparison(variants), flush=True)  # so far: an interrupted run keeps its figures
 
-        base = statistics.median(variants[0].wall)
-        base_cpu = statistics.median(variants[0].cpu)
-        fp32 = next(v for v in variants if v.name == "product fp32 channels_last")
-        lines = [
-            "| run | s/image (median) | each round | CPU s/image | x reference (wall) "
-            "| x reference (CPU) | RGB vs reference >1 / >3 LSB, max | RGB vs product fp32 "
-            ">1 / >3 LSB, max |",
-            "|---|---|---|---|---|---|---|---|",
-        ]
-        for v in variants:
-            wall, cpu = statistics.median(v.wall), statistics.median(v.cpu)
-            vs_ref = rgb_difference(v.output, variants[0].output)
-            vs_fp32 = rgb_difference(v.output, fp32.output)
-            lines.append(
-                f"| {v.name} | {wall:.2f} | {' / '.join(f'{w:.2f}' for w in v.wall)} "
-                f"| {cpu:.2f} | {base / wall:.2f} | {base_cpu / cpu:.2f} "
-                f"| {100 * vs_ref[0]:.2f}% / {100 * vs_ref[1]:.2f}%, {vs_ref[2]} "
-                f"| {100 * vs_fp32[0]:.2f}% / {100 * vs_fp32[1]:.2f}%, {vs_fp32[2]} |"
-            )
-    table = "\n".join(lines)
+        table = comparison(variants)
     cpu = probe_cpu().describe()
     header = [
         f"## Product vs the authors' loop (`loadtests/bench_reference.py`), "
