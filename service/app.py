@@ -742,11 +742,16 @@ def _install_routes(app: FastAPI, state: ServiceState) -> None:
             "model": model,
             "queue": settings.queue,
             "batching": {
-                "max_batch_size": settings.max_batch_size,
+                # Redis mode: the workers batch (and the API process never loads torch)
+                "max_batch_size": (
+                    settings.max_batch_size
+                    if settings.queue == "redis"
+                    else settings.resolved_max_batch_size()
+                ),
                 "max_batch_delay_ms": settings.max_batch_delay_ms,
                 "max_concurrent_batches": settings.max_concurrent_batches,
                 "queue_size": settings.queue_size,
-                "batch_buckets": settings.batch_buckets(),
+                "batch_buckets": settings.batch_buckets() if settings.queue == "memory" else None,
             },
             "limits": {
                 "request_timeout_s": settings.request_timeout_s,

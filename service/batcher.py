@@ -156,7 +156,7 @@ class InProcessQueue:
         """A queue with the batching knobs of ``settings``."""
         return cls(
             load,
-            max_batch_size=settings.max_batch_size,
+            max_batch_size=settings.resolved_max_batch_size(),
             max_batch_delay_ms=settings.max_batch_delay_ms,
             queue_size=settings.queue_size,
             max_concurrent_batches=settings.max_concurrent_batches,

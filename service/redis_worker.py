@@ -90,7 +90,7 @@ class WorkerConfig:
     def from_settings(settings: ServiceSettings) -> WorkerConfig:
         return WorkerConfig(
             layout=RedisLayout(settings.redis_prefix, settings.redis_group),
-            max_batch_size=settings.max_batch_size,
+            max_batch_size=settings.resolved_max_batch_size(),
             batch_delay_ms=settings.max_batch_delay_ms,
             max_concurrent_batches=settings.max_concurrent_batches,
             claim_idle_ms=settings.claim_idle_ms,

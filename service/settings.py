@@ -18,6 +18,11 @@ DEFAULT_WEIGHTS_DIR = Path("weights")
 DEFAULT_DETECTOR_FILENAME = "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth"
 
 
+AUTO_MAX_BATCH_SIZE = {"cpu": 1, "cuda": 8}
+"""``max_batch_size`` where it is unset. On a CPU one image's convolutions already keep every core
+busy, and batching 8-instance images made each image 13% slower (docs/performance.md)."""
+
+
 class ModelSettings(BaseSettings):
     """Where the weights are and how to run them."""
 
@@ -104,10 +109,11 @@ class ServiceSettings(ModelSettings):
         description="Address to bind. 0.0.0.0: every interface; 127.0.0.1: this machine only.",
     )
     port: int = Field(default=8000, ge=1, le=65535, description="TCP port to listen on.")
-    max_batch_size: int = Field(
-        default=8, ge=1, le=256,
+    max_batch_size: int | None = Field(
+        default=None, ge=1, le=256,
         description="Most images per device batch. Larger: more throughput on a GPU, more latency "
-        "and device memory per batch.",
+        "and device memory per batch. Unset: 8 on CUDA, 1 on a CPU (where one image at a time "
+        "is the fastest, docs/performance.md).",
     )  # fmt: skip
     max_batch_delay_ms: float = Field(
         default=5.0, ge=0.0, le=10_000.0,
@@ -310,10 +316,11 @@ class ServiceSettings(ModelSettings):
 
     @model_validator(mode="after")
     def _check_service(self) -> ServiceSettings:
-        if self.queue_size < self.max_batch_size:
+        largest_batch = self.max_batch_size or AUTO_MAX_BATCH_SIZE["cuda"]
+        if self.queue_size < largest_batch:
             raise ValueError(
                 f"queue_size ({self.queue_size}) is smaller than max_batch_size "
-                f"({self.max_batch_size}), so batches could never fill: raise COLORIZE_QUEUE_SIZE "
+                f"({largest_batch}), so batches could never fill: raise COLORIZE_QUEUE_SIZE "
                 "or lower COLORIZE_MAX_BATCH_SIZE"
             )
         if self.max_batch_delay_ms / 1000.0 >= self.request_timeout_s:
@@ -363,13 +370,20 @@ class ServiceSettings(ModelSettings):
             return [1], min(1, self.instance_limit)
         return self.batch_buckets(), self.instance_limit
 
+    def resolved_max_batch_size(self) -> int:
+        """``max_batch_size``, or where unset the measured default for this machine's device."""
+        if self.max_batch_size is not None:
+            return self.max_batch_size
+        return AUTO_MAX_BATCH_SIZE["cuda" if self.resolved_device().startswith("cuda") else "cpu"]
+
     def batch_buckets(self) -> list[int]:
         """Batch sizes warmed up at start: powers of two below max_batch_size, and it."""
+        largest = self.resolved_max_batch_size()
         sizes, size = [], 1
-        while size < self.max_batch_size:
+        while size < largest:
             sizes.append(size)
             size *= 2
-        return [*sizes, self.max_batch_size]
+        return [*sizes, largest]
 
 
 def describe_validation_error(exc: ValidationError) -> str:

@@ -102,6 +102,7 @@ def service_settings(checkpoints: Path, **overrides: Any) -> ServiceSettings:
         "precision": "fp32",
         "warmup": False,
         "max_batch_delay_ms": 20.0,
+        "max_batch_size": 8,  # batching is what these tests exercise (unset, a CPU gets 1)
         "worker_threads": 2,
         "drain_timeout_s": 10.0,
         **overrides,

@@ -139,7 +139,10 @@ def test_warmup_is_minimal_on_cpu_and_full_on_cuda() -> None:
     settings = ServiceSettings(max_batch_size=8, instance_limit=8)
     assert settings.warmup_plan("cpu") == ([1], 1)
     assert settings.warmup_plan("cuda") == ([1, 2, 4, 8], 8)
-    assert ServiceSettings(warmup_scope="full").warmup_plan("cpu") == ([1, 2, 4, 8], 8)
+    assert ServiceSettings(warmup_scope="full", max_batch_size=8).warmup_plan("cpu") == (
+        [1, 2, 4, 8],
+        8,
+    )
     assert ServiceSettings(warmup_scope="minimal").warmup_plan("cuda") == ([1], 1)
     assert ServiceSettings(instance_limit=0).warmup_plan("cpu") == ([1], 0)
 
@@ -209,3 +212,12 @@ def test_colorize_batch_size_is_auto_unless_given(
             "--no-detector", "--checkpoints", str(tiny_checkpoints)]  # fmt: skip
     assert main(argv) == 0
     assert seen == [colorize.AUTO_BATCH_SIZE["cpu"]] == [1]
+
+
+def test_max_batch_size_defaults_per_device() -> None:
+    """Unset, a CPU batches one image at a time (the fastest there) and CUDA up to 8."""
+    assert ServiceSettings(device="cpu").resolved_max_batch_size() == 1
+    assert ServiceSettings(device="cpu").batch_buckets() == [1]
+    assert ServiceSettings(device="cuda").resolved_max_batch_size() == 8
+    assert ServiceSettings(device="cuda:1").batch_buckets() == [1, 2, 4, 8]
+    assert ServiceSettings(device="cpu", max_batch_size=4).resolved_max_batch_size() == 4
