@@ -25,6 +25,11 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 
 log = logging.getLogger(__name__)
 
+LINGER_S = 2.0
+"""After a refusal (431, 408) the rest of what the client sends is read and dropped for this long
+before the socket closes. Closing with unread data makes the kernel answer with a reset, which
+can destroy the refusal before the client has read it."""
+
 
 @dataclass(frozen=True)
 class ConnectionLimits:
@@ -50,6 +55,7 @@ class LimitedH11Protocol(H11Protocol):
         super().__init__(*args, **kwargs)
         self._header_timer: asyncio.TimerHandle | None = None
         self._head = bytearray()  # bytes of the request line and headers being received
+        self._lingering = False  # a refusal was sent: drop what still arrives, then close
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
@@ -70,6 +76,8 @@ class LimitedH11Protocol(H11Protocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
+        if self._lingering:
+            return
         if self.conn.their_state is h11.IDLE:  # h11 checks its limit only on an incomplete head
             self._head += data
             end = self._head.find(b"\r\n\r\n")
@@ -105,8 +113,22 @@ class LimitedH11Protocol(H11Protocol):
         self._disarm_header_timer()
         self._head.clear()
         text = f"request line and headers must fit in {self.limits.max_header_bytes} bytes\n"
-        self.transport.write(_plain_response(431, "Request Header Fields Too Large", text))
-        self.transport.close()
+        self._refuse(_plain_response(431, "Request Header Fields Too Large", text))
+
+    def _refuse(self, response: bytes) -> None:
+        """Send ``response``, end our side, and close after the client's remaining bytes."""
+        self._disarm_header_timer()
+        self._lingering = True
+        self.transport.write(response)
+        if self.transport.can_write_eof():
+            self.transport.write_eof()  # the client reads the answer, then end of stream
+        self.loop.call_later(LINGER_S, self.transport.close)
+
+    def eof_received(self) -> None:
+        if self._lingering:  # the client has sent everything and read our answer
+            self.transport.close()
+            return
+        super().eof_received()
 
     def _arm_header_timer(self) -> None:
         self._disarm_header_timer()
@@ -129,7 +151,8 @@ class LimitedH11Protocol(H11Protocol):
                 "(header_timeout_s)",
                 self.client, self.limits.header_timeout_s,
             )  # fmt: skip
-            self.transport.write(_plain_response(408, "Request Timeout", "headers too slow\n"))
+            self._refuse(_plain_response(408, "Request Timeout", "headers too slow\n"))
+            return
         self.transport.close()
 
 
