@@ -11,20 +11,19 @@ from __future__ import annotations
 
 import json
 import math
-import os
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from PIL import Image
 
 from models.grey import training_grey
+from models.image_files import PHOTO_EXTENSIONS, scan_images
 from models.image_input import to_input_image
 from models.merge import Resolution
 from models.preprocess import resize_to_network
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
 MIN_INSTANCE_SIDE = 16
 """Instance crops narrower or shorter than this (px, in the scored image) are not scored: VGG16's
 four poolings leave nothing of them for LPIPS, and SSIM needs its 7x7 window."""
@@ -45,19 +44,6 @@ class GroundTruth:
         return (Path("images") / Path(self.key).with_suffix(".png")).as_posix()
 
 
-def _scan(folder: Path, skip: Path | None) -> Iterable[Path]:
-    for root, dirs, files in os.walk(folder):
-        here = Path(root)
-        dirs[:] = sorted(
-            d
-            for d in dirs
-            if not d.startswith(".") and (skip is None or (here / d).resolve() != skip)
-        )
-        for name in sorted(files):
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                yield here / name
-
-
 def collect_ground_truth(
     inputs: Sequence[Path], report_dir: Path | None = None, limit: int | None = None
 ) -> list[GroundTruth]:
@@ -67,7 +53,10 @@ def collect_ground_truth(
     seen: set[Path] = set()
     for given in inputs:
         if given.is_dir():
-            pairs = [(p, p.relative_to(given).as_posix()) for p in _scan(given, skip)]
+            pairs = [
+                (p, p.relative_to(given).as_posix())
+                for p in scan_images(given, PHOTO_EXTENSIONS, skip)
+            ]
         elif given.is_file():
             pairs = [(given, given.name)]
         else:
@@ -81,7 +70,7 @@ def collect_ground_truth(
             "no images found in "
             + ", ".join(map(str, inputs))
             + " (looked for "
-            + ", ".join(sorted(IMAGE_EXTENSIONS))
+            + ", ".join(sorted(PHOTO_EXTENSIONS))
             + ")"
         )
     by_output: dict[str, list[str]] = defaultdict(list)

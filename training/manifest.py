@@ -17,10 +17,10 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Literal
 
+from models.image_files import PHOTO_EXTENSIONS, scan_images
+
 MANIFEST_NAME = "manifest.jsonl"
 SKIPPED_NAME = "skipped.jsonl"
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff"})
-"""Extensions picked up when scanning folders (case-insensitive); named files are always tried."""
 
 Split = Literal["train", "val"]
 
@@ -67,15 +67,10 @@ def scan_inputs(inputs: Sequence[Path]) -> list[SourceFile]:
     for given in inputs:
         if given.is_dir():
             root = given.resolve()
-            for folder, dirs, files in os.walk(root):
-                dirs[:] = sorted(d for d in dirs if not d.startswith("."))
-                for name in sorted(files):
-                    if name.startswith(".") or Path(name).suffix.lower() not in IMAGE_EXTENSIONS:
-                        continue
-                    path = Path(folder) / name
-                    if path.resolve() not in seen:
-                        seen.add(path.resolve())
-                        found.append(SourceFile(root, path.relative_to(root).as_posix()))
+            for path in scan_images(root, PHOTO_EXTENSIONS):
+                if path.resolve() not in seen:
+                    seen.add(path.resolve())
+                    found.append(SourceFile(root, path.relative_to(root).as_posix()))
         elif given.is_file():
             path = given.resolve()
             if path not in seen:

@@ -27,12 +27,13 @@ import sys
 import time
 import uuid
 from collections import Counter, defaultdict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from models.image_files import IMAGE_EXTENSIONS, scan_images
 from service.commands.arg_types import non_negative_int, positive_int, unit_float
 from service.commands.model_flags import add_model_arguments, model_overrides
 
@@ -44,7 +45,6 @@ if TYPE_CHECKING:  # the model stack (torch) is imported only when the command r
 
 log = logging.getLogger(__name__)
 
-IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"})
 """Extensions picked up when scanning folders (case-insensitive). Files named explicitly are
 always tried, whatever their extension."""
 
@@ -182,26 +182,6 @@ def add_parser(subparsers: Any) -> None:
 # -- planning -----------------------------------------------------------------------------------
 
 
-def _is_within(path: Path, folder: Path) -> bool:
-    try:
-        path.relative_to(folder)
-    except ValueError:
-        return False
-    return True
-
-
-def _scan(folder: Path, skip: Path) -> Iterable[Path]:
-    """Image files below ``folder`` in a stable order, leaving out hidden entries and ``skip``."""
-    for root, dirs, files in os.walk(folder):
-        here = Path(root)
-        dirs[:] = sorted(
-            d for d in dirs if not d.startswith(".") and not _is_within((here / d).resolve(), skip)
-        )
-        for name in sorted(files):
-            if not name.startswith(".") and Path(name).suffix.lower() in IMAGE_EXTENSIONS:
-                yield here / name
-
-
 def collect_jobs(inputs: Sequence[Path], output_dir: Path, extension: str) -> list[Job]:
     """Expand files and folders into jobs with unique output paths (see the module docstring)."""
     out_root = output_dir.resolve()
@@ -209,7 +189,7 @@ def collect_jobs(inputs: Sequence[Path], output_dir: Path, extension: str) -> li
     seen: set[Path] = set()
     for given in inputs:
         if given.is_dir():
-            pairs = [(p, p.relative_to(given)) for p in _scan(given, out_root)]
+            pairs = [(p, p.relative_to(given)) for p in scan_images(given, skip=out_root)]
         elif given.is_file():
             pairs = [(given, Path(given.name))]
         else:
