@@ -38,8 +38,8 @@ def measure_one(
     from PIL import Image
 
     from models.pipeline import Colorizer
-    from service.engine import BatchEngine
-    from service.jobs import Job, JobOptions
+    from service.core.jobs import Job, JobOptions
+    from service.engine.batch import BatchEngine
 
     def job(data: bytes) -> Job:
         now = time.time()

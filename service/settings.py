@@ -179,7 +179,7 @@ class ServiceSettings(ModelSettings):
         default="memory",
         description="memory: batch in this process; redis: submit jobs to Redis for GPU workers.",
     )
-    # Redis mode (queue=redis): API replicas and GPU workers share one Redis (service/redis_queue).
+    # Redis mode (queue=redis): API replicas and GPU workers share one Redis (service/queues/redis).
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0", description="Redis server for queue=redis."
     )
@@ -309,7 +309,7 @@ class ServiceSettings(ModelSettings):
                 f"api_key_file {str(self.api_key_file)!r} is not a file: create it or unset "
                 "COLORIZE_API_KEY_FILE"
             )
-        from service.auth import load_api_keys  # no torch, no app: just the key format
+        from service.core.api_keys import load_api_keys  # no torch, no app: just the key format
 
         load_api_keys(self.api_keys, self.api_key_file)  # a malformed entry refuses the start
         return self

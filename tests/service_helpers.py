@@ -24,10 +24,11 @@ from prometheus_client import REGISTRY
 
 from models.pipeline import Colorizer, Prediction, PreparedImage
 from service.app import create_app, default_queue_factory
-from service.batcher import InProcessQueue, JobQueue
-from service.engine import BatchEngine
-from service.errors import ServiceError
-from service.jobs import Job, JobOptions, JobResult
+from service.core.errors import ServiceError
+from service.core.jobs import Job, JobOptions, JobResult
+from service.core.queue import JobQueue
+from service.engine.batch import BatchEngine
+from service.queues.memory import InProcessQueue
 from service.settings import ServiceSettings
 
 

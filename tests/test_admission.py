@@ -26,11 +26,11 @@ from service_helpers import (
 )
 
 from models.pipeline import ColorizeOptions, Colorizer, Prediction, PreparedImage
-from service.admission import CostModel, refusal
-from service.batcher import InProcessQueue
-from service.engine import BatchEngine
-from service.errors import DeadlineExceededError
-from service.jobs import JobResult
+from service.core.admission import CostModel, refusal
+from service.core.errors import DeadlineExceededError
+from service.core.jobs import JobResult
+from service.engine.batch import BatchEngine
+from service.queues.memory import InProcessQueue
 
 PNG = {"content-type": "image/png"}
 

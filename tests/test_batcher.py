@@ -21,9 +21,7 @@ from hypothesis import strategies as st
 from service_helpers import FaultyColorizer, GatedEngine, make_job, sample, size_of
 
 from models.pipeline import Colorizer
-from service.batcher import InProcessQueue
-from service.engine import BatchEngine
-from service.errors import (
+from service.core.errors import (
     DeadlineExceededError,
     InternalError,
     InvalidImageError,
@@ -32,7 +30,9 @@ from service.errors import (
     ServiceError,
     UnavailableError,
 )
-from service.jobs import Job, JobResult
+from service.core.jobs import Job, JobResult
+from service.engine.batch import BatchEngine
+from service.queues.memory import InProcessQueue
 
 LIMIT = 40_000_000
 

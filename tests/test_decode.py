@@ -11,14 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from service.decode import check_content_type, configure_pil, decode_image
-from service.encode import choose_format, encode_image, flatten_alpha
-from service.errors import (
+from service.core.errors import (
     ImageTooLargeError,
     InvalidImageError,
     InvalidParameterError,
     UnsupportedMediaTypeError,
 )
+from service.engine.decode import configure_pil, decode_image
+from service.engine.encode import choose_format, encode_image, flatten_alpha
+from service.router.inputs import check_content_type
 
 LIMIT = 40_000_000
 

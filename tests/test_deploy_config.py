@@ -272,7 +272,9 @@ def test_dashboard_covers_the_issue_and_every_service_metric() -> None:
         assert panel.get("description"), f"{panel['title']}: say what the panel means"
     named = set().union(*(metric_names(q.expr) for q in dashboard_queries(dashboard)))
     families = {re.sub(r"_(bucket|sum|count)$", "", name) for name in named}
-    from service.metrics import METRICS  # the contract: every colorize_* family is on the board
+    from service.core.metrics import (
+        METRICS,  # the contract: every colorize_* family is on the board
+    )
 
     collectors = [value for value in vars(METRICS).values() if hasattr(value, "collect")]
     contract = {

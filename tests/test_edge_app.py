@@ -14,8 +14,9 @@ from PIL import Image
 from pydantic import ValidationError
 from service_helpers import running_app, sample, service_settings
 
-from service.auth import AuthPolicy, parse_api_keys
-from service.metrics import outcome_for
+from service.core.api_keys import parse_api_keys
+from service.core.metrics import outcome_for
+from service.router.auth import AuthPolicy
 from service.settings import describe_validation_error
 
 PROBLEM = "application/problem+json"
@@ -115,7 +116,7 @@ async def test_image_shape_limits(tiny_checkpoints: Path) -> None:
 async def test_library_messages_stay_in_the_log(
     tiny_checkpoints: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="service.decode")
+    caplog.set_level(logging.INFO, logger="service.engine.decode")
     data = corpus.png(320, 240)
     truncated_jpeg = corpus.jpeg(320, 240)[:-300]
     async with running_app(service_settings(tiny_checkpoints)) as (_, client):

@@ -21,13 +21,13 @@ from weight_files import write_mmagic, write_official, write_vgg16
 from models.checkpoints import MMAGIC_FILENAME, NETWORK_FILES, OFFICIAL_VARIANT, load_networks
 from service.cli import main
 from service.settings import ModelSettings
-from service.weights_download import (
+from service.weights.fetch import fetch_weights
+from service.weights.http import drive_confirm_url
+from service.weights.sources import (
     ChecksumError,
     DownloadError,
     RemoteFile,
     WeightSources,
-    drive_confirm_url,
-    fetch_weights,
     remote_file,
 )
 

@@ -15,7 +15,8 @@ import pytest
 
 from service import cli
 from service.settings import ModelSettings
-from service.weights_download import UnreachableError, WeightSources, fetch_weights, planned_files
+from service.weights.fetch import fetch_weights, planned_files
+from service.weights.sources import UnreachableError, WeightSources
 
 REPO = Path(__file__).resolve().parents[1]
 HEAVY = ("torch", "torchvision", "uvicorn", "fastapi", "starlette", "redis", "models.pipeline")

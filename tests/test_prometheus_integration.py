@@ -43,7 +43,7 @@ from deploy_support import (
 from PIL import Image
 from redis_fixtures import OwnRedis
 
-from service.metrics import STAGES
+from service.core.metrics import STAGES
 
 pytestmark = pytest.mark.slow
 

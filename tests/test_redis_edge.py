@@ -20,9 +20,10 @@ from service_helpers import running_app, sample, service_settings
 from test_redis_queue import Harness, make_job, png
 
 from models.pipeline import Colorizer
-from service.errors import NoWorkersError, OverloadedError
-from service.jobs import JobResult
-from service.redis_queue import BEAT_SCRIPT, RedisJobQueue, RedisLayout
+from service.core.errors import NoWorkersError, OverloadedError
+from service.core.jobs import JobResult
+from service.queues.redis.client import RedisJobQueue
+from service.queues.redis.protocol import BEAT_SCRIPT, RedisLayout
 
 __all__ = ["redis_prefix", "redis_url"]  # fixtures
 

@@ -24,27 +24,26 @@ from prometheus_client import CollectorRegistry
 from redis_fixtures import OwnRedis, free_port, redis_prefix, redis_url
 
 from models.pipeline import Colorizer
-from service.engine import BatchEngine
-from service.errors import (
+from service.core.errors import (
     DeadlineExceededError,
     OverloadedError,
     ProcessingFailedError,
     ServiceError,
     UnavailableError,
 )
-from service.jobs import Job, JobOptions, JobResult
-from service.metrics import Metrics
-from service.redis_queue import (
+from service.core.jobs import Job, JobOptions, JobResult
+from service.core.metrics import Metrics
+from service.engine.batch import BatchEngine
+from service.queues.redis.client import RedisJobQueue, RedisQueueConfig
+from service.queues.redis.protocol import (
     FINISH_SCRIPT,
-    RedisJobQueue,
     RedisLayout,
-    RedisQueueConfig,
     connect,
     decode_answer,
     encode_answer,
     job_fields,
 )
-from service.redis_worker import RedisWorker, WorkerConfig
+from service.queues.redis.worker import RedisWorker, WorkerConfig
 
 __all__ = ["redis_prefix", "redis_url"]  # fixtures
 

@@ -23,9 +23,9 @@ from test_redis_e2e import Fleet, fleet, redis_prefix, redis_url
 
 from models.merge import SATURATION_RANGE, scale_saturation
 from models.pipeline import ColorizeOptions, Colorizer, OptionsError
-from service.jobs import SATURATION_RANGE as SERVICE_SATURATION_RANGE
-from service.jobs import JobOptions
-from service.redis_queue import cache_digest, job_fields, job_from_fields
+from service.core.jobs import SATURATION_RANGE as SERVICE_SATURATION_RANGE
+from service.core.jobs import JobOptions
+from service.queues.redis.protocol import cache_digest, job_fields, job_from_fields
 
 __all__ = ["fleet", "redis_prefix", "redis_url"]  # fixtures
 

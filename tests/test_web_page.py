@@ -370,4 +370,8 @@ def test_static_files_in_the_built_wheel(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     (wheel,) = (tmp_path / "dist").glob("instcolor_service-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {"service/static/index.html", "service/static/app.js", "service/static/app.css"} <= names
+    assert {
+        "service/router/static/index.html",
+        "service/router/static/app.js",
+        "service/router/static/app.css",
+    } <= names

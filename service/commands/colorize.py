@@ -89,7 +89,7 @@ def _batch_size(text: str) -> int | None:
 
 
 def _saturation(text: str) -> float:
-    from service.jobs import SATURATION_RANGE
+    from service.core.jobs import SATURATION_RANGE
 
     value = float(text)
     low, high = SATURATION_RANGE
@@ -304,7 +304,7 @@ def write_image(image: Image.Image, output: Path, image_format: str) -> None:
     """Encode and write atomically: a temporary file in the same folder, then ``os.replace``."""
     pil_format, save_options = FORMATS[image_format]
     if pil_format == "JPEG" and image.mode != "RGB":
-        from service.encode import flatten_alpha
+        from service.engine.encode import flatten_alpha
 
         if "A" in image.getbands():
             image = flatten_alpha(image, JPEG_BACKGROUND)
@@ -452,7 +452,7 @@ def run(args: argparse.Namespace) -> int:
 
     from models.checkpoints import CheckpointError
     from models.pipeline import ColorizeOptions
-    from service.engine_factory import MissingWeightsError, build_colorizer
+    from service.engine.loading import MissingWeightsError, build_colorizer
     from service.settings import ModelSettings, describe_validation_error
 
     started = time.perf_counter()

@@ -202,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
     from evaluation.fid import FidError
     from evaluation.metrics import LpipsError
     from models.checkpoints import CheckpointError
-    from service.engine_factory import MissingWeightsError
+    from service.engine.loading import MissingWeightsError
     from service.settings import ModelSettings, describe_validation_error
 
     started = time.perf_counter()
@@ -276,7 +276,7 @@ def _evaluate_all(
     from evaluation.report import write_report
     from evaluation.run import Evaluator, machine_description
     from models.pipeline import ColorizeOptions
-    from service.engine_factory import build_colorizer
+    from service.engine.loading import build_colorizer
 
     runs: list[tuple[str, EvaluationRun]] = []
     lpips: LpipsMetric | None = None

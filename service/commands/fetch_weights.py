@@ -1,6 +1,6 @@
 """``fetch-weights``: download the checkpoints and detector weights, verify them, prove they load.
 
-The work is in ``service.weights_download``; this module is the command line around it. Exit codes:
+The work is in ``service.weights.fetch``; this module is the command line around it. Exit codes:
 0 all files present and verified; 1 a download or verification failed (nothing half-written is
 left); 2 usage error.
 """
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from service.settings import DEFAULT_WEIGHTS_DIR
 
 if TYPE_CHECKING:
-    from service.weights_download import FetchReport
+    from service.weights.sources import FetchReport
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -94,7 +94,8 @@ def _settings_hint(report: FetchReport, detector: str) -> list[str]:
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.weights_download import DownloadError, WeightSources, fetch_weights
+    from service.weights.fetch import fetch_weights
+    from service.weights.sources import DownloadError, WeightSources
 
     if args.timeout <= 0:
         sys.stderr.write("fetch-weights: error: --timeout must be positive\n")

@@ -53,15 +53,14 @@ def run(args: argparse.Namespace) -> int:
     import uvicorn  # the server's dependencies are imported only when it runs
 
     from service.app import create_app
-    from service.draining_server import DrainingServer
-    from service.http_limits import ConnectionLimits, uvicorn_limit_options
+    from service.router.server import ConnectionLimits, DrainingServer, uvicorn_limit_options
 
     settings = settings_from_args(args, ("host", "port"))
     if settings is None:
         return 2
     if settings.queue == "memory":
         # imports torch (models.pipeline): only the memory mode, which loads the model, needs it
-        from service.engine_factory import MissingWeightsError, check_weight_files
+        from service.engine.loading import MissingWeightsError, check_weight_files
 
         try:
             check_weight_files(settings)

@@ -40,8 +40,8 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from service.engine_factory import MissingWeightsError
-    from service.redis_worker import run_worker
+    from service.engine.loading import MissingWeightsError
+    from service.queues.redis.worker import run_worker
 
     settings = settings_from_args(args, ("redis_url", "worker_metrics_port"), queue="redis")
     if settings is None:

@@ -31,15 +31,15 @@ import redis.asyncio as aioredis
 from prometheus_client import start_http_server
 from redis.exceptions import ResponseError
 
-from service.admission import CostModel
-from service.errors import (
+from service.core.admission import CostModel
+from service.core.errors import (
     DeadlineExceededError,
     ProcessingFailedError,
     ServiceError,
 )
-from service.jobs import Job, JobResult
-from service.metrics import METRICS, Metrics
-from service.redis_queue import (
+from service.core.jobs import Job, JobResult
+from service.core.metrics import METRICS, Metrics
+from service.queues.redis.protocol import (
     BEAT_SCRIPT,
     DEAD_LETTER_SCRIPT,
     FINISH_SCRIPT,
@@ -66,7 +66,7 @@ Entry = tuple[bytes, dict[bytes, bytes]]
 
 
 class Engine(Protocol):
-    """``service.engine.BatchEngine``: one answer per job, in order."""
+    """``service.engine.batch.BatchEngine``: one answer per job, in order."""
 
     async def run_batch(self, jobs: list[Job]) -> list[JobResult | ServiceError]: ...
 
@@ -468,7 +468,7 @@ class RedisWorker:
 
 async def run_worker(settings: ServiceSettings, *, consumer: str | None = None) -> int:
     """Load the model, warm up, serve /metrics, consume until SIGTERM/SIGINT; the exit status."""
-    from service.engine import BatchEngine  # imports torch: only the worker process needs it
+    from service.engine.batch import BatchEngine  # imports torch: only the worker process needs it
 
     engine = await BatchEngine.start(settings, METRICS)
     if settings.worker_metrics_port:

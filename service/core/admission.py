@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
-from service.jobs import Job, JobResult
+from service.core.jobs import Job, JobResult
 
 PIXEL_STAGES = ("decode", "merge", "encode")
 DEVICE_STAGES = ("detect", "instance", "fusion")

@@ -22,29 +22,14 @@ import warnings
 
 from PIL import Image, UnidentifiedImageError
 
-from service.errors import (
+from service.core.errors import (
     ImageTooLargeError,
     InvalidImageError,
-    InvalidParameterError,
     UnsupportedMediaTypeError,
 )
+from service.core.image_header import ACCEPTED_FORMATS, too_large
 
 log = logging.getLogger(__name__)
-
-ACCEPTED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "WEBP", "GIF", "BMP", "TIFF")
-ACCEPTED_CONTENT_TYPES = "image/* or application/octet-stream"
-
-
-def check_content_type(content_type: str | None) -> None:
-    """Refuse (415) a declared media type that is not an image; a missing one is refused too."""
-    media = (content_type or "").split(";", 1)[0].strip().lower()
-    if media.startswith("image/") or media == "application/octet-stream":
-        return
-    shown = media or "none"
-    raise UnsupportedMediaTypeError(
-        f"content type {shown!r} is not an image: send {ACCEPTED_CONTENT_TYPES} "
-        "(as the raw body or as the multipart field 'image')"
-    )
 
 
 def configure_pil(max_pixels: int) -> None:
@@ -56,38 +41,6 @@ def configure_pil(max_pixels: int) -> None:
     """
     Image.MAX_IMAGE_PIXELS = max_pixels
     warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-
-
-def _too_large(width: int, height: int, max_pixels: int) -> ImageTooLargeError:
-    return ImageTooLargeError(
-        f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}; "
-        "send a smaller image"
-    )
-
-
-def probe_size(data: bytes) -> tuple[int, int] | None:
-    """Width and height from the image's header alone (no pixel is decoded); None if unreadable.
-
-    The HTTP edge uses it to refuse oversized or too-thin images and to estimate a request's
-    cost before queueing it; the full checks run again in ``decode_image``.
-    """
-    try:
-        with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as image:
-            width, height = image.size
-    except Exception:  # any unreadable header: decode_image gives the precise answer
-        return None
-    return int(width), int(height)
-
-
-def check_shape(width: int, height: int, *, max_pixels: int, max_aspect_ratio: float) -> None:
-    """413 above the pixel budget; 422 beyond the aspect-ratio limit."""
-    if width * height > max_pixels:
-        raise _too_large(width, height, max_pixels)
-    if width > 0 and height > 0 and max(width, height) > max_aspect_ratio * min(width, height):
-        raise InvalidParameterError(
-            f"image is {width}x{height}, a side ratio over the limit of {max_aspect_ratio:g}:1; "
-            "crop or pad it"
-        )
 
 
 def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
@@ -117,7 +70,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
     if width <= 0 or height <= 0:
         raise InvalidImageError(f"the image claims an empty size {width}x{height}")
     if width * height > max_pixels:
-        raise _too_large(width, height, max_pixels)
+        raise too_large(width, height, max_pixels)
     try:
         frames = getattr(image, "n_frames", 1) if image.format == "TIFF" else 1
         animated = bool(getattr(image, "is_animated", False)) or frames > 1
@@ -132,7 +85,7 @@ def decode_image(data: bytes, *, max_pixels: int) -> Image.Image:
         image.load()
     except Image.DecompressionBombError as exc:
         log.info("Pillow refused the image: %s", exc)
-        raise _too_large(width, height, max_pixels) from exc
+        raise too_large(width, height, max_pixels) from exc
     except (OSError, SyntaxError, ValueError, EOFError) as exc:
         log.info("Pillow could not decode the image data: %s", exc)
         raise InvalidImageError(

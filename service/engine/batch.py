@@ -22,10 +22,7 @@ import torch
 from models.boxes import Detections
 from models.image_input import UnsupportedImageError
 from models.pipeline import ColorizeOptions, Colorizer, OptionsError, Prediction, PreparedImage
-from service.decode import configure_pil, decode_image
-from service.encode import choose_format, encode_image
-from service.engine_factory import build_colorizer
-from service.errors import (
+from service.core.errors import (
     DeadlineExceededError,
     InternalError,
     InvalidImageError,
@@ -34,8 +31,11 @@ from service.errors import (
     UnavailableError,
     UnsupportedMediaTypeError,
 )
-from service.jobs import Job, JobOptions, JobResult, OutputFormat
-from service.metrics import METRICS, Metrics
+from service.core.jobs import Job, JobOptions, JobResult, OutputFormat
+from service.core.metrics import METRICS, Metrics
+from service.engine.decode import configure_pil, decode_image
+from service.engine.encode import choose_format, encode_image
+from service.engine.loading import build_colorizer
 from service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)

@@ -6,7 +6,7 @@ batch to the engine. Up to ``max_concurrent_batches`` batches are in progress at
 is on the device, the next one decodes on the CPU pool (the engine's device thread keeps predicts
 in order). Entries whose caller went away or whose deadline passed never reach the engine.
 
-``JobQueue`` is the interface the HTTP app uses; the Redis mode implements it too.
+``service.core.queue.JobQueue`` is the interface the router uses; the Redis client implements it too.
 """
 
 from __future__ import annotations
@@ -17,74 +17,26 @@ import logging
 import math
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
-from service.admission import CostModel, refusal
-from service.errors import (
+from service.core.admission import CostModel, refusal
+from service.core.errors import (
     DeadlineExceededError,
     InternalError,
     OverloadedError,
     ServiceError,
     UnavailableError,
 )
-from service.jobs import Job, JobResult
-from service.metrics import METRICS, Metrics
+from service.core.jobs import Job, JobResult
+from service.core.metrics import METRICS, Metrics
+from service.core.queue import BatchRunner
 
 if TYPE_CHECKING:
     from service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
-
-
-class JobQueue(Protocol):
-    """What the HTTP app needs from a queue: admit, await the result, report, drain."""
-
-    async def start(self) -> None:
-        """Begin (loading may continue in the background: ``ready()`` says when it is done)."""
-
-    async def submit(self, job: Job) -> JobResult:
-        """The job's result; raises ``OverloadedError`` (queue full, with retry_after),
-        ``DeadlineExceededError``, ``UnavailableError`` (loading or draining) or the job's own
-        ``ServiceError``. Cancelling the call withdraws the job if it has not started."""
-        ...
-
-    async def drain(self) -> None:
-        """Stop admitting; return once queued and in-flight jobs have finished."""
-
-    async def close(self) -> None:
-        """Release everything (after ``drain``, or at once on a failed start)."""
-
-    def depth(self) -> int:
-        """Jobs waiting to be processed."""
-        ...
-
-    async def ready(self) -> bool:
-        """True when jobs can be served now (model loaded and warm, not draining)."""
-        ...
-
-    def describe(self) -> dict[str, Any]:
-        """Model facts for /info: version, files and sha256, device, ... (empty before loading)."""
-        ...
-
-    def failure(self) -> str | None:
-        """Why the queue can never become ready (e.g. weights failed to load), else None."""
-        ...
-
-
-class BatchRunner(Protocol):
-    """The engine side of the batcher (``service.engine.BatchEngine``)."""
-
-    async def run_batch(
-        self, jobs: Sequence[Job], abandoned: Callable[[Job], bool] | None = None
-    ) -> list[JobResult | ServiceError]:
-        """``abandoned(job)`` is true once nobody waits for that job: skip its remaining work."""
-        ...
-
-    def describe(self) -> dict[str, Any]: ...
-
-    def close(self) -> None: ...
 
 
 @dataclass
@@ -93,7 +45,7 @@ class _Entry:
     future: asyncio.Future[JobResult]
     admitted: float = field(default_factory=time.monotonic)
     dropped: str | None = None  # why the caller gave up: deadline or disconnected
-    cost: float = 0.0  # estimated seconds of work (service.admission)
+    cost: float = 0.0  # estimated seconds of work (service.core.admission)
 
 
 class InProcessQueue:
@@ -398,8 +350,8 @@ def build_memory_queue(settings: ServiceSettings) -> InProcessQueue:
 
     Missing weight files raise ``MissingWeightsError`` here, before the server starts.
     """
-    from service.engine import BatchEngine  # imports torch: memory mode only
-    from service.engine_factory import check_weight_files
+    from service.engine.batch import BatchEngine  # imports torch: memory mode only
+    from service.engine.loading import check_weight_files
 
     check_weight_files(settings)
 

@@ -1,4 +1,5 @@
-"""Connection-level limits for the uvicorn server that ``serve`` starts (docs/security.md).
+"""The uvicorn server that ``serve`` starts: connection-level limits (docs/security.md) and a
+first SIGTERM/SIGINT that also starts the app's drain.
 
 uvicorn (with h11) already has an idle keep-alive timeout and a cap on buffered header bytes
 (``h11_max_incomplete_event_size``), but it answers an oversized header with 400, has no deadline
@@ -18,10 +19,14 @@ import asyncio
 import logging
 import sys
 from dataclasses import dataclass
+from types import FrameType
 from typing import Any
 
 import h11
+import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
+
+from service.router.state import ServiceState
 
 log = logging.getLogger(__name__)
 
@@ -177,3 +182,19 @@ __all__ = [
     "protocol_with_limits",
     "uvicorn_limit_options",
 ]
+
+
+class DrainingServer(uvicorn.Server):
+    """uvicorn's server whose first SIGTERM/SIGINT also starts the app's drain."""
+
+    def __init__(self, config: uvicorn.Config, state: ServiceState) -> None:
+        super().__init__(config)
+        self.state = state
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.state.begin_drain()
+        super().handle_exit(sig, frame)
+        # uvicorn re-raises the signal once it has shut down; a drained exit is a clean 0.
+        captured = getattr(self, "_captured_signals", None)
+        if isinstance(captured, list):
+            captured.clear()

@@ -11,8 +11,8 @@ import io
 
 from PIL import Image
 
-from service.errors import InvalidParameterError
-from service.jobs import OutputFormat
+from service.core.errors import InvalidParameterError
+from service.core.jobs import OutputFormat
 
 MEDIA_TYPES: dict[str, str] = {"jpeg": "image/jpeg", "png": "image/png", "webp": "image/webp"}
 MAX_SIDE: dict[str, int] = {"jpeg": 65_535, "png": 2**31 - 1, "webp": 16_383}

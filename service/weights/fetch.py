@@ -22,310 +22,35 @@ Files already present and verified are not downloaded again. Only the standard l
 from __future__ import annotations
 
 import hashlib
-import html
-import http.client
 import logging
 import os
-import re
-import uuid
 import zipfile
-from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager
-from dataclasses import dataclass, field, replace
-from html.parser import HTMLParser
-from http.cookiejar import CookieJar
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Literal
-from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
-from urllib.request import HTTPCookieProcessor, Request, build_opener
 
 from models.checkpoints import (
-    MMAGIC_URL,
     NETWORK_FILES,
     OFFICIAL_VARIANT,
-    OFFICIAL_ZIP_DRIVE_ID,
     sha256_file,
 )
-from models.detector import DETECTOR_WEIGHTS
+from service.weights.http import (
+    download,
+    temp_beside,
+)
+from service.weights.sources import (
+    CHUNK,
+    DetectorChoice,
+    DownloadError,
+    FetchedFile,
+    FetchReport,
+    RemoteFile,
+    UnreachableError,
+    Variant,
+    WeightSources,
+)
 
 log = logging.getLogger(__name__)
-
-Variant = Literal["official", "mmagic"]
-DetectorChoice = Literal["v1", "v2", "none"]
-
-DRIVE_URL = "https://drive.google.com/uc?export=download&id={id}"
-OFFICIAL_ZIP_NAME = "checkpoints.zip"  # the name the authors' download script gives the zip
-BASE_URL_ENV = "COLORIZE_WEIGHTS_BASE_URL"
-USER_AGENT = "instcolor-service fetch-weights"
-CHUNK = 1 << 20
-MAX_CONFIRM_PAGES = 4
-MAX_PAGE_BYTES = 1 << 20
-
-
-class DownloadError(RuntimeError):
-    """A download failed or produced an unusable file; nothing was left at the destination."""
-
-
-class ChecksumError(DownloadError):
-    """The downloaded bytes do not match the checksum the file name promises."""
-
-
-class UnreachableError(DownloadError):
-    """The host could not be reached or the connection failed (offline, DNS, firewall, HTTP error)."""
-
-
-@dataclass(frozen=True)
-class RemoteFile:
-    """Where a file comes from, the name it is stored under and its sha256 prefix when known."""
-
-    url: str
-    filename: str
-    sha256_prefix: str | None = None
-
-    def matches(self, digest: str) -> bool:
-        return self.sha256_prefix is None or digest.startswith(self.sha256_prefix.lower())
-
-
-def _name_hash(filename: str) -> str | None:
-    """``name-<hex>.pth`` -> ``<hex>``: the sha256-prefix naming of torchvision and OpenMMLab."""
-    found = re.search(r"-([0-9a-f]{8,64})\.[A-Za-z0-9]+$", filename)
-    return found.group(1) if found else None
-
-
-def remote_file(url: str) -> RemoteFile:
-    """A file named by its URL; a ``-<hex>`` suffix in the name is its sha256 prefix."""
-    filename = url.rsplit("/", 1)[-1]
-    return RemoteFile(url, filename, _name_hash(filename))
-
-
-@dataclass(frozen=True)
-class WeightSources:
-    """Where each weight file is downloaded from (replace it for mirrors and tests)."""
-
-    official_zip: RemoteFile
-    mmagic: RemoteFile
-    detectors: Mapping[str, RemoteFile] = field(default_factory=dict)
-    lpips_vgg16: RemoteFile | None = None
-
-    @classmethod
-    def default(cls) -> WeightSources:
-        from torchvision.models import VGG16_Weights
-
-        return cls(
-            official_zip=RemoteFile(DRIVE_URL.format(id=OFFICIAL_ZIP_DRIVE_ID), OFFICIAL_ZIP_NAME),
-            mmagic=remote_file(MMAGIC_URL),
-            detectors={
-                v: RemoteFile(w.url, w.filename, w.sha256_prefix)
-                for v, w in DETECTOR_WEIGHTS.items()
-            },
-            lpips_vgg16=remote_file(VGG16_Weights.IMAGENET1K_V1.url),
-        )
-
-    @classmethod
-    def mirror(cls, base_url: str) -> WeightSources:
-        """Every file under ``base_url`` by its usual name (the zip as ``checkpoints.zip``)."""
-        base = base_url.rstrip("/") + "/"
-
-        def moved(remote: RemoteFile) -> RemoteFile:
-            return replace(remote, url=base + remote.filename)
-
-        default = cls.default()
-        return cls(
-            official_zip=RemoteFile(base + OFFICIAL_ZIP_NAME, OFFICIAL_ZIP_NAME),
-            mmagic=moved(default.mmagic),
-            detectors={v: moved(f) for v, f in default.detectors.items()},
-            lpips_vgg16=moved(default.lpips_vgg16) if default.lpips_vgg16 else None,
-        )
-
-    @classmethod
-    def from_environment(cls, base_url: str | None = None) -> WeightSources:
-        """``base_url`` (``--base-url``), else ``COLORIZE_WEIGHTS_BASE_URL``, else the originals."""
-        chosen = base_url or os.environ.get(BASE_URL_ENV)
-        return cls.mirror(chosen) if chosen else cls.default()
-
-
-@dataclass(frozen=True)
-class FetchedFile:
-    path: Path
-    sha256: str
-    downloaded: bool  # False: it was already there and verified
-
-
-@dataclass
-class FetchReport:
-    files: list[FetchedFile] = field(default_factory=list)
-    checkpoints: Path | None = None  # what COLORIZE_CHECKPOINTS should point at
-    detector_weights: Path | None = None  # what COLORIZE_DETECTOR_WEIGHTS should point at
-    lpips_vgg16: Path | None = None  # what evaluate --lpips-weights should point at
-
-
-# -- HTTP ---------------------------------------------------------------------------------------
-
-
-class _PageParser(HTMLParser):
-    """Forms (action and inputs) and links of an HTML page, enough for Drive's confirm page."""
-
-    def __init__(self) -> None:
-        super().__init__(convert_charrefs=True)
-        self.forms: list[tuple[str, dict[str, str]]] = []
-        self.links: list[str] = []
-        self.title = ""
-        self._in_form = False
-        self._in_title = False
-
-    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
-        values = {k: v or "" for k, v in attrs}
-        if tag == "form":
-            self.forms.append((values.get("action", ""), {}))
-            self._in_form = True
-        elif tag == "input" and self._in_form and values.get("name"):
-            self.forms[-1][1][values["name"]] = values.get("value", "")
-        elif tag == "a" and "href" in values:
-            self.links.append(values["href"])
-        elif tag == "title":
-            self._in_title = True
-
-    def handle_endtag(self, tag: str) -> None:
-        if tag == "form":
-            self._in_form = False
-        elif tag == "title":
-            self._in_title = False
-
-    def handle_data(self, data: str) -> None:
-        if self._in_title:
-            self.title += data
-
-
-def _with_query(url: str, extra: Mapping[str, str]) -> str:
-    parts = urlsplit(url)
-    query = dict(parse_qsl(parts.query, keep_blank_values=True))
-    query.update(extra)
-    return urlunsplit(parts._replace(query=urlencode(query)))
-
-
-def drive_confirm_url(page: str, url: str, cookies: CookieJar) -> str | None:
-    """The URL that confirms a Google Drive "can't scan this file for viruses" page, if any.
-
-    Three generations of the page are understood: a form (``download-form``, today pointing to
-    drive.usercontent.google.com) whose hidden inputs carry ``confirm``/``uuid``; a link with
-    ``confirm=<token>``; a ``download_warning*`` cookie whose value is the token.
-    """
-    parser = _PageParser()
-    parser.feed(page)
-    for action, inputs in parser.forms:
-        if "confirm" in inputs or "id" in inputs:
-            return _with_query(urljoin(url, html.unescape(action) or url), inputs)
-    for href in parser.links:
-        if "confirm=" in href:
-            return urljoin(url, html.unescape(href))
-    for cookie in cookies:
-        if cookie.name.startswith("download_warning") and cookie.value:
-            return _with_query(url, {"confirm": cookie.value})
-    return None
-
-
-def _check_scheme(url: str) -> None:
-    if urlsplit(url).scheme not in ("http", "https"):
-        raise DownloadError(f"{url}: only http and https URLs are supported")
-
-
-@contextmanager
-def open_url(url: str, timeout: float) -> Iterator[http.client.HTTPResponse]:
-    """GET ``url`` and yield the response of the file itself, passing Drive's confirm pages."""
-    cookies = CookieJar()
-    opener = build_opener(HTTPCookieProcessor(cookies))
-    current = url
-    for _ in range(MAX_CONFIRM_PAGES):
-        _check_scheme(current)
-        request = Request(current, headers={"User-Agent": USER_AGENT})  # noqa: S310 (checked)
-        try:
-            response = opener.open(request, timeout=timeout)
-        except (OSError, http.client.HTTPException) as exc:
-            raise UnreachableError(f"{current}: {exc}") from exc
-        if response.headers.get_content_type() != "text/html":
-            with response:
-                yield response
-            return
-        with response:
-            page = response.read(MAX_PAGE_BYTES).decode("utf-8", "replace")
-        following = drive_confirm_url(page, current, cookies)
-        if following is None:
-            parser = _PageParser()
-            parser.feed(page)
-            title = parser.title.strip() or "no title"
-            raise DownloadError(
-                f"{current}: got an HTML page ({title!r}) instead of the file. Google Drive "
-                "refuses downloads when a file's quota is exceeded: try later, or download it in "
-                "a browser and serve it from a mirror (--base-url)"
-            )
-        log.info("following the download confirmation page of %s", current)
-        current = following
-    raise DownloadError(f"{url}: more than {MAX_CONFIRM_PAGES} confirmation pages")
-
-
-def _copy(
-    response: http.client.HTTPResponse,
-    out: IO[bytes],
-    digest: hashlib._Hash,
-    label: str,
-    progress: bool,
-) -> int:
-    from tqdm import tqdm
-
-    length = response.headers.get("Content-Length")
-    total = int(length) if length and length.isdigit() else None
-    received = 0
-    with tqdm(
-        total=total, unit="B", unit_scale=True, unit_divisor=1024, desc=label, disable=not progress
-    ) as bar:
-        while True:
-            try:
-                chunk = response.read(CHUNK)
-            except (OSError, http.client.HTTPException) as exc:
-                raise DownloadError(
-                    f"{label}: connection lost after {received} bytes ({exc})"
-                ) from exc
-            if not chunk:
-                break
-            out.write(chunk)
-            digest.update(chunk)
-            received += len(chunk)
-            bar.update(len(chunk))
-    if total is not None and received != total:
-        raise DownloadError(f"{label}: truncated download, got {received} of {total} bytes")
-    return received
-
-
-def _temp_beside(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.part")
-
-
-def download(
-    remote: RemoteFile, destination: Path, *, timeout: float = 60.0, progress: bool = True
-) -> str:
-    """Stream ``remote`` to ``destination`` atomically; return the sha256. Checks the prefix."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    temp = _temp_beside(destination)
-    try:
-        digest = hashlib.sha256()
-        with open_url(remote.url, timeout) as response, temp.open("xb") as out:
-            size = _copy(response, out, digest, remote.filename, progress)
-        sha256 = digest.hexdigest()
-        if not remote.matches(sha256):
-            raise ChecksumError(
-                f"{remote.url}: checksum mismatch: sha256 {sha256} does not start with "
-                f"{remote.sha256_prefix} (from the file name); the download is corrupt or not "
-                "the published file, and was discarded"
-            )
-        os.replace(temp, destination)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    log.info("downloaded %s (%d bytes) to %s", remote.url, size, destination)
-    return sha256
-
-
-# -- the three kinds of weights -----------------------------------------------------------------
 
 
 def _verified_present(path: Path, remote: RemoteFile) -> str | None:
@@ -414,7 +139,7 @@ def fetch_official(
     present = _present_official(target)
     if present is not None:
         return present
-    archive_path = _temp_beside(folder / remote.filename)
+    archive_path = temp_beside(folder / remote.filename)
     written: list[FetchedFile] = []
     try:
         zip_sha256 = download(remote, archive_path, timeout=timeout, progress=progress)
@@ -428,7 +153,7 @@ def fetch_official(
             for spec in NETWORK_FILES:
                 member = _zip_member(archive, spec.filename)
                 path = target / spec.filename
-                temp = _temp_beside(path)
+                temp = temp_beside(path)
                 digest = hashlib.sha256()
                 try:
                     with archive.open(member) as source, temp.open("xb") as out:

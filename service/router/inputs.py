@@ -1,0 +1,189 @@
+"""What a request brings: the body within its limit, the image part, the boxes and the query."""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import AsyncGenerator
+
+from fastapi import Request
+from fastapi.dependencies.models import Dependant
+from starlette.datastructures import UploadFile
+from starlette.formparsers import MultiPartException, MultiPartParser
+from starlette.requests import ClientDisconnect
+
+from service.core.errors import (
+    InvalidParameterError,
+    PayloadTooLargeError,
+    UnsupportedMediaTypeError,
+)
+
+ACCEPTED_CONTENT_TYPES = "image/* or application/octet-stream"
+MAX_COORDINATE = 1_000_000.0  # no side of an image within max_pixels is longer
+MAX_NUMBER_CHARS = 32  # digits a boxes number may have (a 4,000-digit integer is refused)
+
+
+def check_content_type(content_type: str | None) -> None:
+    """Refuse (415) a declared media type that is not an image; a missing one is refused too."""
+    media = (content_type or "").split(";", 1)[0].strip().lower()
+    if media.startswith("image/") or media == "application/octet-stream":
+        return
+    shown = media or "none"
+    raise UnsupportedMediaTypeError(
+        f"content type {shown!r} is not an image: send {ACCEPTED_CONTENT_TYPES} "
+        "(as the raw body or as the multipart field 'image')"
+    )
+
+
+class ClientGone(Exception):
+    """The client disconnected before its answer was sent."""
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The body, refused with 413 as soon as it is known to exceed ``limit`` bytes."""
+    declared = request.headers.get("content-length")
+    too_large = PayloadTooLargeError(
+        f"the request body is over the limit of {limit} bytes; send a smaller image"
+    )
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise too_large
+    chunks, size = [], 0
+    try:
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > limit:
+                raise too_large
+            chunks.append(chunk)
+    except ClientDisconnect:
+        raise ClientGone from None
+    return b"".join(chunks)
+
+
+async def image_from_request(request: Request, limit: int) -> bytes:
+    """The image bytes: the multipart field ``image``, or the raw body with an image type."""
+    content_type = request.headers.get("content-type", "")
+    if not content_type.lower().startswith("multipart/form-data"):
+        check_content_type(content_type)
+        return await read_body(request, limit)
+    body = await read_body(request, limit)
+
+    async def single_chunk() -> AsyncGenerator[bytes, None]:
+        yield body
+
+    parser = MultiPartParser(request.headers, single_chunk(), max_files=4, max_fields=16)
+    try:
+        form = await parser.parse()
+    except MultiPartException as exc:
+        raise InvalidParameterError(f"malformed multipart body: {exc.message}") from exc
+    try:
+        part = form.get("image")
+        if not isinstance(part, UploadFile):
+            raise InvalidParameterError(
+                "the multipart body has no file field 'image' (curl -F image=@photo.jpg)"
+            )
+        check_content_type(part.content_type or "application/octet-stream")
+        return await part.read()
+    finally:
+        await form.close()
+
+
+def _json_number(text: str) -> float:
+    if len(text) > MAX_NUMBER_CHARS:
+        raise InvalidParameterError(
+            f"boxes holds a number of {len(text)} characters; numbers have at most "
+            f"{MAX_NUMBER_CHARS}"
+        )
+    return float(text)
+
+
+def _json_constant(name: str) -> float:
+    raise InvalidParameterError(f"boxes holds {name}; coordinates and scores must be finite")
+
+
+def parse_boxes(
+    text: str | None, max_boxes: int
+) -> tuple[list[list[float]] | None, list[float] | None]:
+    """``[[x1,y1,x2,y2], ...]`` or ``{"boxes": [...], "scores": [...]}``, within limits."""
+    if text is None:
+        return None, None
+    if len(text) > 64 * (max_boxes + 1):
+        raise InvalidParameterError(
+            f"boxes is {len(text)} characters long; at most {max_boxes} boxes are accepted"
+        )
+    try:
+        data = json.loads(
+            text, parse_int=_json_number, parse_float=_json_number, parse_constant=_json_constant
+        )
+    except json.JSONDecodeError as exc:
+        raise InvalidParameterError(
+            f"boxes is not valid JSON ({exc.msg} at character {exc.pos})"
+        ) from exc
+    except RecursionError:
+        raise InvalidParameterError("boxes is nested too deeply; see the expected shape") from None
+    scores = None
+    if isinstance(data, dict):
+        scores = data.get("scores")
+        data = data.get("boxes")
+    if not isinstance(data, list) or not all(
+        isinstance(box, list)
+        and len(box) == 4
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in box)
+        for box in data
+    ):
+        raise InvalidParameterError(
+            'boxes must be a JSON list of [x1, y1, x2, y2] number lists, or {"boxes": [...], '
+            '"scores": [...]}'
+        )
+    if scores is not None and (
+        not isinstance(scores, list)
+        or len(scores) != len(data)
+        or not all(isinstance(s, int | float) and not isinstance(s, bool) for s in scores)
+    ):
+        raise InvalidParameterError("scores must be a list of numbers, one per box")
+    if len(data) > max_boxes:
+        raise InvalidParameterError(f"boxes holds {len(data)} boxes; at most {max_boxes}")
+    boxes = [[float(v) for v in box] for box in data]
+    for i, (x1, y1, x2, y2) in enumerate(boxes):
+        if not all(math.isfinite(v) for v in (x1, y1, x2, y2)) or x2 <= x1 or y2 <= y1:
+            raise InvalidParameterError(f"box {i} must be finite with x2 > x1 and y2 > y1")
+        if not all(abs(v) <= MAX_COORDINATE for v in (x1, y1, x2, y2)):
+            raise InvalidParameterError(
+                f"box {i} has a coordinate beyond +-{MAX_COORDINATE:.0f} pixels"
+            )
+    return boxes, None if scores is None else [float(s) for s in scores]
+
+
+def _query_names(dependant: Dependant) -> set[str]:
+    names = {param.alias for param in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+async def reject_unknown_query(request: Request) -> None:
+    """422 for a query parameter the route does not declare, naming the ones it does.
+
+    The names come from the route's own declared parameters, so a new ``Query`` parameter is
+    accepted as soon as it is added to the route. Routes left out of the API description
+    (``include_in_schema=False``, such as a web page) are not checked.
+    """
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None or not getattr(route, "include_in_schema", True):
+        return  # not an API route (e.g. the web page: links may carry tracking parameters)
+    valid = sorted(_query_names(dependant))
+    unknown = sorted(set(request.query_params.keys()) - set(valid))
+    if unknown:
+        names = ", ".join(valid) if valid else "none"
+        raise InvalidParameterError(
+            f"unknown query parameter{'s' if len(unknown) > 1 else ''} "
+            f"{', '.join(repr(u) for u in unknown)}; valid: {names}"
+        )
+
+
+async def until_disconnected(request: Request) -> None:
+    """Returns when the client has gone away (call only after the body was read)."""
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return

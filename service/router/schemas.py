@@ -1,0 +1,84 @@
+"""The OpenAPI shapes of the API: response models, the problem responses, request bodies."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, Field
+
+from service.core.errors import (
+    PROBLEM_BASE,
+)
+
+PROBLEM_JSON = "application/problem+json"
+
+
+class Problem(BaseModel):
+    """RFC 9457 problem details."""
+
+    type: str = Field(examples=[PROBLEM_BASE + "invalid-image"])
+    title: str
+    status: int
+    detail: str
+    request_id: str | None = None
+
+
+class ColorizeJSON(BaseModel):
+    """The ``Accept: application/json`` answer of POST /colorize."""
+
+    request_id: str
+    model_version: str
+    media_type: str = Field(description="Media type of the encoded image.")
+    image_base64: str = Field(description="The colorized image, base64-encoded.")
+    instances: int = Field(description="Number of instance boxes used.")
+    boxes: list[list[int]] = Field(description="Boxes used, [x1, y1, x2, y2] in input pixels.")
+    scores: list[float]
+    input_size: list[int] | None = Field(
+        default=None, description="[width, height] of the upright input: the frame of the boxes."
+    )
+    saturation: float = Field(description="The colour strength applied.")
+    timings_ms: dict[str, float] = Field(description="Milliseconds per stage, and total.")
+    cached: bool = False
+
+
+class Status(BaseModel):
+    status: str
+    detail: str | None = None
+
+
+def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    when = {
+        400: "The image could not be decoded (corrupt, truncated, not an image).",
+        401: "API keys are on (COLORIZE_API_KEYS) and the request has no valid key; see "
+        "WWW-Authenticate.",
+        413: "Body over max_body_bytes, or image over max_pixels (checked before decoding).",
+        415: "Not an image content type, an unsupported image format, or an animated image.",
+        422: "A parameter is out of range or malformed.",
+        429: "Queue full (when COLORIZE_OVERLOAD_STATUS=429); see Retry-After.",
+        500: "Internal error; the body carries the request ID, never a stack trace.",
+        503: "Queue full, estimated work past the deadline, no live worker, model loading or "
+        "server draining; see Retry-After.",
+        504: "The request's deadline passed before it was served.",
+    }
+    return {status: {"model": Problem, "description": when[status]} for status in statuses}
+
+
+COLORIZE_BODY = {
+    "required": True,
+    "content": {
+        "multipart/form-data": {
+            "schema": {
+                "type": "object",
+                "properties": {"image": {"type": "string", "format": "binary"}},
+                "required": ["image"],
+            }
+        },
+        "image/*": {"schema": {"type": "string", "format": "binary"}},
+        "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+    },
+}
+
+IMAGE_CONTENT = {
+    media: {"schema": {"type": "string", "format": "binary"}}
+    for media in ("image/jpeg", "image/png", "image/webp")
+}
