@@ -346,7 +346,7 @@ def test_page_with_api_keys(keyed_server: Server, browser: Browser, tmp_path: Pa
 
 def test_static_files_are_packaged() -> None:
     """index.html, app.js and app.css ship inside the package and are served under /static/."""
-    static = REPO / "service" / "static"
+    static = REPO / "service" / "router" / "static"
     assert {p.name for p in static.iterdir()} >= {"index.html", "app.js", "app.css"}
     html = (static / "index.html").read_text()
     assert "/static/app.js" in html and "/static/app.css" in html
