@@ -9,6 +9,7 @@ screenshot is saved under ``artifacts/`` (``INSTCOLOR_ARTIFACTS`` overrides) for
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -23,9 +24,13 @@ import httpx
 import numpy as np
 import pytest
 from deploy_support import missing_tool
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from PIL import Image, ImageDraw
 from playwright.sync_api import Page, sync_playwright
 from test_serve_process import free_port, wait_ready
+
+from service.router.web import install_web_page
 
 pytestmark = pytest.mark.slow
 
@@ -265,6 +270,13 @@ def test_page_end_to_end(server: Server, browser: Browser, tmp_path: Path) -> No
     p.screenshot(path=str(shot), full_page=True)
     print(f"screenshot: {shot}")
 
+    # "Show boxes" off hides them (and draws no stray preview rectangle); on shows them again.
+    p.uncheck("#show-boxes")
+    assert "hidden-boxes" in str(p.locator("#overlay").get_attribute("class"))
+    assert p.locator("#overlay rect.preview").count() == 0
+    p.check("#show-boxes")
+    assert "hidden-boxes" not in str(p.locator("#overlay").get_attribute("class"))
+
     # Colour strength 0 from the keyboard (Home on the range), colorize again, download.
     p.focus("#opt-saturation")
     p.keyboard.press("Home")
@@ -298,6 +310,8 @@ def test_page_end_to_end(server: Server, browser: Browser, tmp_path: Path) -> No
     assert float(rect.get_attribute("x") or 0) == pytest.approx(x1 * 256 / 320)
     assert float(rect.get_attribute("y") or 0) == pytest.approx(y1 * 256 / 240)
 
+    loaded = {urlsplit(url).path for url, _ in browser.requests}
+    assert {f"/static/{name}" for name in MODULES} <= loaded  # every ES module came from /static/
     only_to(server, browser)
 
 
@@ -344,15 +358,58 @@ def test_page_with_api_keys(keyed_server: Server, browser: Browser, tmp_path: Pa
     only_to(keyed_server, browser)
 
 
+STATIC = REPO / "service" / "router" / "static"
+MODULES = ("app.js", "api.js", "apikey.js", "boxes.js", "compare.js", "dom.js", "facts.js",
+           "frame.js", "info.js", "list.js", "options.js", "queue.js", "state.js", "upload.js",
+           "viewer.js")  # fmt: skip
+IMPORT = re.compile(r'^import [^;]+ from "\./([a-z]+\.js)";$', re.MULTILINE)
+
+
 def test_static_files_are_packaged() -> None:
-    """index.html, app.js and app.css ship inside the package and are served under /static/."""
-    static = REPO / "service" / "router" / "static"
-    assert {p.name for p in static.iterdir()} >= {"index.html", "app.js", "app.css"}
-    html = (static / "index.html").read_text()
-    assert "/static/app.js" in html and "/static/app.css" in html
-    for asset in ("index.html", "app.js", "app.css"):  # nothing from another host
-        text = (static / asset).read_text().replace("http://www.w3.org/2000/svg", "")
+    """index.html, app.css and the page's ES modules ship inside the package; nothing comes from
+    another host."""
+    assert {p.name for p in STATIC.iterdir()} >= {"index.html", "app.css", *MODULES}
+    assert {p.name for p in STATIC.glob("*.js")} == set(MODULES)
+    html = (STATIC / "index.html").read_text()
+    assert '<script type="module" src="/static/app.js"></script>' in html
+    assert "/static/app.css" in html
+    for asset in ("index.html", "app.css", *MODULES):  # nothing from another host
+        text = (STATIC / asset).read_text().replace("http://www.w3.org/2000/svg", "")
         assert "https://" not in text and "http://" not in text and "//cdn" not in text, asset
+
+
+def test_modules_import_each_other_without_a_cycle() -> None:
+    """Every module the page imports exists next to it, and app.js reaches all of them without
+    an import cycle (each module is one concern; app.js only wires them)."""
+    imports = {name: IMPORT.findall((STATIC / name).read_text()) for name in MODULES}
+    for name, targets in imports.items():
+        assert set(targets) <= set(MODULES), (name, targets)
+        assert "import(" not in (STATIC / name).read_text(), name  # static imports only
+
+    reached: set[str] = set()
+
+    def visit(name: str, path: tuple[str, ...]) -> None:
+        assert name not in path, " -> ".join((*path, name))
+        reached.add(name)
+        for target in imports[name]:
+            visit(target, (*path, name))
+
+    visit("app.js", ())
+    assert reached == set(MODULES)
+
+
+def test_modules_are_served_as_javascript() -> None:
+    """Browsers run a module script only with a JavaScript MIME type (an HTML spec rule)."""
+    app = FastAPI()
+    install_web_page(app)
+    with TestClient(app) as client:
+        for name in MODULES:
+            response = client.get(f"/static/{name}")
+            assert response.status_code == 200, name
+            mime = response.headers["content-type"].split(";")[0].strip()
+            assert mime in {"text/javascript", "application/javascript"}, (name, mime)
+            assert response.text == (STATIC / name).read_text()
+        assert client.get("/static/app.css").headers["content-type"].startswith("text/css")
 
 
 def test_static_files_in_the_built_wheel(tmp_path: Path) -> None:
@@ -370,8 +427,5 @@ def test_static_files_in_the_built_wheel(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     (wheel,) = (tmp_path / "dist").glob("instcolor_service-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
-    assert {
-        "service/router/static/index.html",
-        "service/router/static/app.js",
-        "service/router/static/app.css",
-    } <= names
+    expected = {"index.html", "app.css", *MODULES}
+    assert {f"service/router/static/{name}" for name in expected} <= names

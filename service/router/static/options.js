@@ -1,0 +1,39 @@
+// The options form: what the next request asks for, clamped to the allowed ranges.
+
+import { $ } from "./dom.js";
+import { state } from "./state.js";
+
+export function readOptions() {
+  return {
+    resolution: $("opt-resolution").value,
+    format: $("opt-format").value,
+    max_instances: clampInt($("opt-max-instances").value, 0, state.instanceLimit, 8),
+    score_threshold: clampNumber($("opt-score-threshold").value, 0, 1, 0.7),
+    saturation: clampNumber($("opt-saturation").value, 0, 2, 1),
+  };
+}
+
+function clampInt(text, low, high, fallback) {
+  const value = Number.parseInt(text, 10);
+  return Number.isFinite(value) ? Math.min(high, Math.max(low, value)) : fallback;
+}
+
+function clampNumber(text, low, high, fallback) {
+  const value = Number.parseFloat(text);
+  return Number.isFinite(value) ? Math.min(high, Math.max(low, value)) : fallback;
+}
+
+/** The server's COLORIZE_INSTANCE_LIMIT bounds the "Max instances" field. */
+export function setInstanceLimit(limit) {
+  state.instanceLimit = limit;
+  const input = $("opt-max-instances");
+  input.max = String(limit);
+  if (Number(input.value) > limit) input.value = String(limit);
+}
+
+/** The colour-strength slider shows its value next to it. */
+export function installOptions() {
+  $("opt-saturation").addEventListener("input", () => {
+    $("saturation-value").textContent = Number($("opt-saturation").value).toFixed(2);
+  });
+}
