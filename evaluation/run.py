@@ -1,14 +1,15 @@
 """Colorize ground-truth photos through the batched engine and score every result.
 
-Per batch: decode each photo, make its training grey (spec §6) and ``Colorizer.prepare`` it (in a
-read-ahead thread, one batch ahead), one ``Colorizer.predict`` for the batch, then merge, save
-``images/<key>.png`` atomically and score the saved pixels against the target. A photo that
-cannot be decoded or colorized is recorded as a failure and skipped; the others go on.
+Through the offline runner ``models.offline.run_batches`` (shared with ``colorize``), per batch:
+decode each photo, make its training grey (spec §6) and ``Colorizer.prepare`` it (in a read-ahead
+thread, one batch ahead), one ``Colorizer.predict`` for the batch (image by image if it fails),
+then merge, save ``images/<key>.png`` atomically and score the saved pixels against the target. A
+photo that cannot be decoded, colorized or scored is recorded as a failure and skipped; the others
+go on.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import platform
@@ -29,8 +30,6 @@ from evaluation.metrics import LpipsMetric, colorfulness, score_pair
 from models.atomic import write_atomic
 from models.offline import FINISH_ERRORS, describe_failure, run_batches
 from models.pipeline import ColorizeOptions, Colorizer, Prediction, PreparedImage
-
-log = logging.getLogger(__name__)
 
 METRICS: tuple[str, ...] = ("psnr", "ssim", "lpips", "colorfulness")
 """Per-image metrics, in the order of ``metrics.csv``. Higher is better except for lpips."""
