@@ -22,8 +22,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 
 # 1. Dependencies, in their own layer keyed only on pyproject.toml: editing the source does not
-#    reinstall them. torch/torchvision come from the base image and are pinned by constraints.txt
-#    so pip never swaps them for another CUDA build (deploy/requirements_from_pyproject.py).
+#    reinstall them. Only the serving set ([project].dependencies): the image runs serve, worker,
+#    colorize and fetch-weights; the eval and train extras (evaluate, train) are left out.
+#    torch/torchvision come from the base image and are pinned by constraints.txt so pip never
+#    swaps them for another CUDA build (deploy/requirements_from_pyproject.py).
 #    A base without torch (python:3.11-slim, for the CPU-only image) gets the CPU wheels first.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 COPY pyproject.toml deploy/requirements_from_pyproject.py /tmp/deps/
@@ -44,12 +46,10 @@ RUN groupadd --system --gid 10001 app \
     && chown app:app /weights
 
 # 3. The source, last, owned by root and read-only to the service. --no-deps: everything was
-#    installed in step 1.
+#    installed in step 1. evaluation/ and training/ stay out, like their extras.
 COPY pyproject.toml ./
 COPY models ./models
 COPY service ./service
-COPY evaluation ./evaluation
-COPY training ./training
 COPY --chmod=0755 deploy/entrypoint.sh /usr/local/bin/instcolor-entrypoint
 COPY --chmod=0644 deploy/healthcheck.py /usr/local/bin/instcolor-healthcheck
 RUN --mount=type=cache,target=/root/.cache/pip \

@@ -18,9 +18,9 @@ from evaluation.report import (
     _environment,
     _json_summary,
     fid_summary,
-    write_text_atomic,
 )
 from evaluation.run import LOWER_IS_BETTER, METRICS, EvaluationRun, finite_or_none
+from models.atomic import write_text_atomic
 
 
 def build_comparison(

@@ -10,8 +10,6 @@ import csv
 import io
 import json
 import math
-import os
-import uuid
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +22,7 @@ from evaluation.dataset import load_pair
 from evaluation.fid import frechet_distance
 from evaluation.metrics import summarize
 from evaluation.run import LOWER_IS_BETTER, METRICS, EvaluationRun, ImageScore, finite_or_none
+from models.atomic import write_text_atomic
 from models.grey import training_grey
 from models.merge import Resolution
 
@@ -34,19 +33,6 @@ METRIC_TITLES = {
     "lpips": "LPIPS v0.1 VGG (lower is better)",
     "colorfulness": "Colorfulness (Hasler & Suesstrunk)",
 }
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a temporary file beside ``path``, then rename it into place."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        with temp.open("w", encoding="utf-8", newline="") as handle:
-            handle.write(text)
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
 
 
 def _cell(value: float) -> str:

@@ -1,22 +1,21 @@
 """Colorize ground-truth photos through the batched engine and score every result.
 
-Per batch: decode each photo, make its training grey (spec §6) and ``Colorizer.prepare`` it (in a
-read-ahead thread, one batch ahead), one ``Colorizer.predict`` for the batch, then merge, save
-``images/<key>.png`` atomically and score the saved pixels against the target. A photo that
-cannot be decoded or colorized is recorded as a failure and skipped; the others go on.
+Through the offline runner ``models.offline.run_batches`` (shared with ``colorize``), per batch:
+decode each photo, make its training grey (spec §6) and ``Colorizer.prepare`` it (in a read-ahead
+thread, one batch ahead), one ``Colorizer.predict`` for the batch (image by image if it fails),
+then merge, save ``images/<key>.png`` atomically and score the saved pixels against the target. A
+photo that cannot be decoded, colorized or scored is recorded as a failure and skipped; the others
+go on.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import platform
 import sys
 import time
-import uuid
 from collections.abc import Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -28,21 +27,14 @@ from PIL import Image
 from evaluation.dataset import GroundTruth, Instance, Pair, instance_box, load_pair
 from evaluation.fid import FidFeatures
 from evaluation.metrics import LpipsMetric, colorfulness, score_pair
+from models.atomic import write_atomic
+from models.offline import FINISH_ERRORS, describe_failure, run_batches
 from models.pipeline import ColorizeOptions, Colorizer, Prediction, PreparedImage
-
-log = logging.getLogger(__name__)
 
 METRICS: tuple[str, ...] = ("psnr", "ssim", "lpips", "colorfulness")
 """Per-image metrics, in the order of ``metrics.csv``. Higher is better except for lpips."""
 LOWER_IS_BETTER = frozenset({"lpips"})
-DECODE_ERRORS: tuple[type[BaseException], ...] = (
-    OSError,
-    ValueError,
-    SyntaxError,
-    EOFError,
-    Image.DecompressionBombError,
-)
-PREDICT_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, ValueError)
+SCORE_ERRORS = (*FINISH_ERRORS, RuntimeError)  # RuntimeError: LPIPS on a tiny image
 
 
 @dataclass(frozen=True)
@@ -90,15 +82,8 @@ def machine_description(device: torch.device) -> dict[str, Any]:
 
 
 def save_png(image: Image.Image, path: Path) -> None:
-    """Write a PNG atomically: a temporary file beside it, then ``os.replace``."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.tmp")
-    try:
-        image.save(temp, format="PNG")
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+    """Write a PNG atomically (``models.atomic``)."""
+    write_atomic(path, lambda handle: image.save(handle, format="PNG"))
 
 
 def score_instances(
@@ -130,7 +115,12 @@ def score_instances(
     return results, skipped
 
 
-Loaded = tuple[GroundTruth, Pair, PreparedImage] | tuple[GroundTruth, BaseException]
+@dataclass
+class _Photo:
+    """One ground-truth photo through the runner: its pair is filled in by ``load``."""
+
+    item: GroundTruth
+    pair: Pair | None = None
 
 
 class Evaluator:
@@ -150,32 +140,9 @@ class Evaluator:
         self.instances = instances
         self.fid = fid
 
-    def _load(self, items: Sequence[GroundTruth]) -> list[Loaded]:
-        loaded: list[Loaded] = []
-        for item in items:
-            try:
-                pair = load_pair(item.source, self.options.resolution)
-                loaded.append((item, pair, self.colorizer.prepare(pair.grey, self.options)))
-            except DECODE_ERRORS as exc:
-                loaded.append((item, exc))
-        return loaded
-
-    def _predict(
-        self, ready: Sequence[tuple[GroundTruth, Pair, PreparedImage]], run: EvaluationRun
-    ) -> list[tuple[GroundTruth, Pair, PreparedImage, Prediction]]:
-        """One call for the batch; if it fails, one call per image so one bad input fails alone."""
-        try:
-            predictions = self.colorizer.predict([p for _, _, p in ready])
-            return [(*r, pred) for r, pred in zip(ready, predictions, strict=True)]
-        except PREDICT_ERRORS as exc:
-            log.warning("batch of %d failed (%s); retrying image by image", len(ready), exc)
-        results = []
-        for item, pair, prepared in ready:
-            try:
-                results.append((item, pair, prepared, self.colorizer.predict([prepared])[0]))
-            except PREDICT_ERRORS as exc:
-                run.failures.append((str(item.source), f"{type(exc).__name__}: {exc}"))
-        return results
+    def _load(self, photo: _Photo) -> PreparedImage:
+        photo.pair = load_pair(photo.item.source, self.options.resolution)
+        return self.colorizer.prepare(photo.pair.grey, self.options)
 
     def score(self, item: GroundTruth, pair: Pair, colorized: Image.Image) -> ImageScore:
         pred = np.asarray(colorized.convert("RGB"), dtype=np.uint8)
@@ -201,28 +168,13 @@ class Evaluator:
             features,
         )
 
-    def _finish(self, loaded: Sequence[Loaded], report_dir: Path, run: EvaluationRun) -> None:
-        ready = []
-        for entry in loaded:
-            if len(entry) == 2:
-                run.failures.append(
-                    (str(entry[0].source), f"{type(entry[1]).__name__}: {entry[1]}")
-                )
-            else:
-                ready.append(entry)
-        if not ready:
-            return
-        for item, pair, prepared, prediction in self._predict(ready, run):
-            try:
-                colorized = self.colorizer.merge(prepared, prediction).image.convert("RGB")
-                save_png(colorized, report_dir / item.image_name)
-                run.scores.append(self.score(item, pair, colorized))
-            except (
-                OSError,
-                ValueError,
-                RuntimeError,
-            ) as exc:  # RuntimeError: LPIPS on a tiny image
-                run.failures.append((str(item.source), f"{type(exc).__name__}: {exc}"))
+    def _finish(
+        self, photo: _Photo, prepared: PreparedImage, prediction: Prediction, report_dir: Path
+    ) -> ImageScore:
+        assert photo.pair is not None  # loaded before it was predicted
+        colorized = self.colorizer.merge(prepared, prediction).image.convert("RGB")
+        save_png(colorized, report_dir / photo.item.image_name)
+        return self.score(photo.item, photo.pair, colorized)
 
     def run(
         self,
@@ -237,28 +189,28 @@ class Evaluator:
 
         run = EvaluationRun()
         started = time.perf_counter()
-        batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-        with (
-            ThreadPoolExecutor(1, thread_name_prefix="evaluate-read") as reader,
-            tqdm(
-                total=len(items),
-                unit="img",
-                file=sys.stderr,
-                disable=not progress,
-                dynamic_ncols=True,
-                desc=report_dir.name,
-            ) as bar,
-        ):
-            upcoming: Future[list[Loaded]] | None = (
-                reader.submit(self._load, batches[0]) if batches else None
+
+        def finish(photo: _Photo, prepared: PreparedImage, prediction: Prediction) -> None:
+            run.scores.append(self._finish(photo, prepared, prediction, report_dir))
+
+        with tqdm(
+            total=len(items),
+            unit="img",
+            file=sys.stderr,
+            disable=not progress,
+            dynamic_ncols=True,
+            desc=report_dir.name,
+        ) as bar:
+            failures = run_batches(
+                self.colorizer,
+                [_Photo(item) for item in items],
+                self._load,
+                finish,
+                batch_size=batch_size,
+                progress=bar.update,
+                finish_errors=SCORE_ERRORS,
             )
-            for index, batch in enumerate(batches):
-                assert upcoming is not None
-                loaded = upcoming.result()
-                if index + 1 < len(batches):
-                    upcoming = reader.submit(self._load, batches[index + 1])
-                self._finish(loaded, report_dir, run)
-                bar.update(len(batch))
+        run.failures = [(str(p.item.source), describe_failure(exc)) for p, exc in failures]
         run.seconds = time.perf_counter() - started
         return run
 

@@ -5,8 +5,8 @@ Each module in ``COMMANDS`` defines ``add_parser(subparsers)``, which adds its s
 one more module name in ``COMMANDS``. Every command module is imported to build the parser, so a
 command module imports its heavy dependencies (torch, uvicorn, fastapi, redis) only inside ``run``:
 one command never fails for a package only another needs, and the HTTP API in Redis mode starts
-without torch. A package missing at run time is reported with what to do (usually: run the
-venv's Python), not as a traceback.
+without torch. A package missing at run time is reported with what to do (the extra to install,
+``MODULE_EXTRAS``; or run the venv's Python), not as a traceback.
 """
 
 from __future__ import annotations
@@ -81,8 +81,41 @@ def setup_logging(level: str | None) -> None:
     logging.getLogger().setLevel(chosen)
 
 
-def missing_package_message(exc: ModuleNotFoundError) -> str:
-    """What to do when a dependency is not importable: usually the wrong (not the venv's) Python."""
+MODULE_EXTRAS: dict[str, tuple[str, ...]] = {
+    "skimage": ("eval", "train"),
+    "scipy": ("eval", "train"),
+    "lpips": ("eval", "train"),
+    "matplotlib": ("eval", "train"),
+    "jinja2": ("eval",),
+    "pytorch_fid": ("eval",),
+    "evaluation": ("eval", "train"),  # our packages themselves, absent from the container image
+    "training": ("train",),
+}
+"""Modules that only an extra of pyproject.toml installs -> the extras that carry them. Serving
+(serve, worker, colorize, fetch-weights) needs none."""
+
+COMMAND_EXTRAS: dict[str, str] = {"evaluate": "eval", "prepare-data": "train", "train": "train"}
+"""The extra each command needs beyond the base dependencies."""
+
+OWN_PACKAGES = ("service", "models", "evaluation", "training")
+
+
+def missing_package_message(exc: ModuleNotFoundError, command: str | None = None) -> str:
+    """What to do when a dependency is not importable: install the extra the command needs, or
+    (for a base dependency) use the Python of the environment the project was installed into."""
+    top = (exc.name or "").split(".")[0]
+    extras = MODULE_EXTRAS.get(top)
+    if extras:
+        wanted = COMMAND_EXTRAS.get(command or "")
+        extra = wanted if wanted in extras else extras[0]
+        needs = f"`{command}` needs" if command else "this command needs"
+        return (
+            f"error: No module named {top!r}: install the {extra} extra: "
+            f"pip install -e '.[{extra}]'\n"
+            f"({needs} the {extra} extra, which the base install and the container image leave "
+            f"out; if it is installed, run the command with that environment's Python, e.g. "
+            f"`.venv/bin/python -m service ...`)\n"
+        )
     return (
         f"error: the Python package {exc.name!r} is not installed for {sys.executable}.\n"
         "Run the command with the Python of the environment the project was installed into, "
@@ -91,18 +124,29 @@ def missing_package_message(exc: ModuleNotFoundError) -> str:
     )
 
 
+def _is_own_code(name: str | None) -> bool:
+    """A missing module of our own packages is broken code (its traceback is the answer), except
+    a whole package left out of this installation (``evaluation`` in the image)."""
+    if name is None:
+        return True
+    top = name.split(".")[0]
+    return top in OWN_PACKAGES and not (name == top and top in MODULE_EXTRAS)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse ``argv`` (default ``sys.argv[1:]``), run the command and return its exit code."""
+    command = None
     try:
         parser = build_parser()
         args = parser.parse_args(argv)
+        command = args.command
         setup_logging(args.log_level)
         return int(args.func(args))
     except KeyboardInterrupt:
         sys.stderr.write("interrupted\n")
         return 130
     except ModuleNotFoundError as exc:
-        if exc.name is None or exc.name.split(".")[0] in ("service", "models"):
+        if _is_own_code(exc.name):
             raise  # our own code is broken: the traceback is the useful answer
-        sys.stderr.write(missing_package_message(exc))
+        sys.stderr.write(missing_package_message(exc, command))
         return 1

@@ -226,6 +226,23 @@ def test_output_formats_and_transparency(
             np.testing.assert_array_equal(np.asarray(result.getchannel("A")), np.asarray(alpha))
 
 
+@pytest.mark.parametrize("fmt", ["png", "jpeg", "webp"])
+def test_files_are_encoded_by_the_http_encoder_at_quality_95(tmp_path: Path, fmt: str) -> None:
+    """One encoder: the CLI's bytes are the HTTP API's for the same format and quality."""
+    from PIL import JpegImagePlugin
+
+    from service.commands.colorize import QUALITY, write_image
+    from service.engine.encode import encode_image
+
+    image = Image.merge("RGB", (gray(64, 48, 1), gray(64, 48, 2), gray(64, 48, 3)))
+    write_image(image, tmp_path / f"out.{fmt}", fmt)  # type: ignore[arg-type]
+    assert QUALITY == 95
+    assert (tmp_path / f"out.{fmt}").read_bytes() == encode_image(image, fmt, 95)[0]  # type: ignore[arg-type]
+    if fmt == "jpeg":
+        with Image.open(tmp_path / "out.jpeg") as written:
+            assert JpegImagePlugin.get_sampling(written) == 0  # 4:4:4: full chroma resolution
+
+
 def test_same_stems_are_kept_apart(
     tmp_path: Path, tiny_checkpoints: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

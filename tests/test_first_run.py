@@ -59,6 +59,59 @@ def test_a_missing_package_says_to_use_the_venv(
     assert ".venv/bin/python -m service" in err and "source .venv/bin/activate" in err
 
 
+@pytest.mark.parametrize(
+    ("module", "command", "extra"),
+    [
+        ("lpips", "evaluate", "eval"),
+        ("pytorch_fid.inception", "evaluate", "eval"),
+        ("skimage", "evaluate", "eval"),
+        ("skimage", "train", "train"),
+        ("matplotlib", "train", "train"),
+        ("jinja2", None, "eval"),
+        ("evaluation", "evaluate", "eval"),  # the package itself, left out of the image
+        ("evaluation", "train", "train"),  # validation scores with evaluation.metrics
+        ("training", "train", "train"),
+        ("skimage", "prepare-data", "train"),
+    ],
+)
+def test_a_missing_extra_is_named(module: str, command: str | None, extra: str) -> None:
+    message = cli.missing_package_message(
+        ModuleNotFoundError(f"No module named {module!r}", name=module), command
+    )
+    top = module.split(".")[0]
+    assert message.startswith(
+        f"error: No module named {top!r}: install the {extra} extra: pip install -e '.[{extra}]'"
+    )
+
+
+def test_the_extras_table_matches_pyproject() -> None:
+    """Every distribution of the eval and train extras has its module in MODULE_EXTRAS, under
+    exactly the extras that list it; no base dependency is in the table."""
+    import tomllib
+    from importlib.metadata import packages_distributions
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+
+    def names(requirements: list[str]) -> set[str]:
+        return {re.split(r"[<>=!~\[; ]", r, maxsplit=1)[0].lower() for r in requirements}
+
+    extras = {extra: names(project["optional-dependencies"][extra]) for extra in ("eval", "train")}
+    base = names(project["dependencies"])
+    distribution_of = {
+        module: {d.lower() for d in dists} for module, dists in packages_distributions().items()
+    }
+    for module, listed in cli.MODULE_EXTRAS.items():
+        if module in cli.OWN_PACKAGES:
+            continue
+        (distribution,) = distribution_of[module]
+        assert distribution not in base, module
+        assert {e for e, dists in extras.items() if distribution in dists} == set(listed), module
+    covered = {next(iter(distribution_of[m])) for m in cli.MODULE_EXTRAS if m in distribution_of}
+    assert set().union(*extras.values()) <= covered
+    assert cli.COMMAND_EXTRAS == {"evaluate": "eval", "prepare-data": "train", "train": "train"}
+    assert "instcolor-service[train,eval]" in project["optional-dependencies"]["dev"]
+
+
 def test_our_own_broken_import_is_not_disguised(monkeypatch: pytest.MonkeyPatch) -> None:
     def broken(args: argparse.Namespace) -> int:
         raise ModuleNotFoundError("No module named 'service.nope'", name="service.nope")
@@ -75,6 +128,145 @@ def test_our_own_broken_import_is_not_disguised(monkeypatch: pytest.MonkeyPatch)
     monkeypatch.setattr(cli, "build_parser", build)
     with pytest.raises(ModuleNotFoundError):
         cli.main(["serve"])
+
+
+def test_a_missing_evaluation_package_is_an_extra_but_a_missing_module_in_it_is_a_bug() -> None:
+    assert not cli._is_own_code("evaluation")
+    assert not cli._is_own_code("training")
+    assert cli._is_own_code("evaluation.nope")
+    assert cli._is_own_code("models")
+    assert cli._is_own_code(None)
+    assert not cli._is_own_code("lpips")
+
+
+# -- commands import only what they use (issue 18 item 4) ---------------------------------------
+
+SERVING_MODULES = ("fastapi", "starlette", "uvicorn", "redis", "prometheus_client")
+"""What only the HTTP process and the Redis worker use: no offline command may import them."""
+EXTRA_MODULES = tuple(m for m in cli.MODULE_EXTRAS if m not in cli.OWN_PACKAGES)
+EVAL_ONLY_MODULES = tuple(m for m in EXTRA_MODULES if cli.MODULE_EXTRAS[m] == ("eval",))
+
+ISOLATED = """
+import importlib.abc, json, sys
+blocked, watched, argv = json.loads(sys.argv[1])
+
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split(".")[0] in blocked:
+            raise ModuleNotFoundError(f"No module named {name!r} (blocked)", name=name)
+        return None
+
+sys.meta_path.insert(0, Block())
+from service.cli import main
+try:
+    code = main(argv)
+except SystemExit as exc:
+    code = exc.code
+sys.stdout.flush()
+print("RESULT " + json.dumps([code, sorted(m for m in watched if m in sys.modules)]))
+"""
+
+
+def run_isolated(
+    argv: list[str], cwd: Path, blocked: tuple[str, ...] = ()
+) -> tuple[int, list[str], str]:
+    """Run ``main(argv)`` in a fresh interpreter where ``blocked`` cannot be imported; return the
+    exit code, which of SERVING_MODULES ended up imported, and stderr."""
+    import json
+
+    env = {**os.environ, "PYTHONPATH": str(REPO), "COLORIZE_PRECISION": "fp32"}
+    result = subprocess.run(
+        [sys.executable, "-c", ISOLATED, json.dumps([blocked, SERVING_MODULES, argv])],
+        capture_output=True, text=True, check=False, cwd=cwd, env=env, timeout=300,
+    )  # fmt: skip
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    assert lines, result.stderr
+    code, loaded = json.loads(lines[-1][len("RESULT ") :])
+    return code, loaded, result.stderr
+
+
+def _colour_photos(folder: Path, count: int) -> Path:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for i in range(count):
+        Image.merge("RGB", [Image.linear_gradient("L").resize((48 + i, 40)).rotate(90 * k)
+                            for k in range(3)]).save(folder / f"p{i}.png")  # fmt: skip
+    return folder
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("command", ["colorize", "prepare-data", "evaluate", "train"])
+def test_offline_commands_never_import_the_serving_stack(
+    command: str, tmp_path: Path, tiny_checkpoints: Path
+) -> None:
+    """``--help`` and a real run of each command (train: one step) import none of fastapi,
+    uvicorn, redis and prometheus_client; colorize runs with every extra's module made
+    unimportable (serving needs no extra), prepare-data and train without the eval extra's."""
+    code, loaded, err = run_isolated([command, "--help"], tmp_path)
+    assert (code, loaded) == (0, []), err
+    photos = _colour_photos(tmp_path / "photos", 2)
+    out = str(tmp_path / "out")
+    no_model = ["--no-detector", "--no-progress", "--checkpoints", str(tiny_checkpoints)]
+    runs: dict[str, tuple[list[str], tuple[str, ...], int]] = {
+        "colorize": ([command, str(photos), "-o", out, *no_model], EXTRA_MODULES, 0),
+        "prepare-data": (
+            [command, str(photos), "--output", out, "--no-detector", "--no-progress"],
+            EVAL_ONLY_MODULES,
+            0,
+        ),
+        "evaluate": ([command, str(photos), "-o", out, *no_model], (), 0),
+        "train": (
+            [command, "--stage", "full", "--data", str(tmp_path / "data"), "--init",
+             str(tiny_checkpoints), "--output", out, "--max-steps", "1", "--batch-size", "2",
+             "--workers", "0", "--no-progress"],
+            EVAL_ONLY_MODULES,
+            0,
+        ),
+    }  # fmt: skip
+    if command == "train":  # its input: a manifest of the photos
+        assert cli.main(["prepare-data", str(photos), "--output", str(tmp_path / "data"),
+                         "--no-detector", "--no-progress"]) == 0  # fmt: skip
+    argv, blocked, expected = runs[command]
+    code, loaded, err = run_isolated(argv, tmp_path, blocked)
+    assert code == expected, err
+    assert loaded == [], f"{command} imported {loaded}"
+    written = {"colorize": "p0.png", "prepare-data": "manifest.jsonl", "evaluate": "metrics.csv",
+               "train": "checkpoints/latest_net_GComp.pth"}  # fmt: skip
+    assert (Path(out) / written[command]).is_file()
+
+
+@pytest.mark.parametrize(
+    ("command", "extra"), [("evaluate", "eval"), ("prepare-data", "train"), ("train", "train")]
+)
+def test_a_command_run_without_its_extra_names_it(command: str, extra: str, tmp_path: Path) -> None:
+    argv = {
+        "evaluate": [command, str(tmp_path), "-o", str(tmp_path / "report")],
+        "prepare-data": [
+            command,
+            str(tmp_path),
+            "--output",
+            str(tmp_path / "data"),
+            "--no-detector",
+        ],
+        "train": [
+            command,
+            "--stage",
+            "full",
+            "--data",
+            str(tmp_path),
+            "--init",
+            str(tmp_path),
+            "--output",
+            str(tmp_path / "run"),
+        ],
+    }[command]
+    code, _, err = run_isolated(argv, tmp_path, blocked=("skimage",))
+    assert code == 1
+    assert (
+        f"No module named 'skimage': install the {extra} extra: pip install -e '.[{extra}]'" in err
+    )
+    assert "Traceback" not in err
 
 
 def test_version_names_the_program(capsys: pytest.CaptureFixture[str]) -> None:

@@ -102,7 +102,8 @@ def check_apt_line(line: str) -> None:
 
 def check_environment_has_requirements(clone: Path) -> None:
     project = tomllib.loads((clone / "pyproject.toml").read_text())["project"]
-    requirements = project["dependencies"] + project["optional-dependencies"]["dev"]
+    extras = project["optional-dependencies"]  # dev pulls train and eval
+    requirements = project["dependencies"] + [r for group in extras.values() for r in group]
     for requirement in requirements:
         name = re.split(r"[<>=!~\[; ]", requirement, maxsplit=1)[0]
         try:

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import nn
 
+from models.atomic import write_bytes_atomic, write_text_atomic
 from models.checkpoints import ColorizationNetworks, load_networks
-from training.atomic import save_torch_atomic, write_atomic, write_text_atomic
+from training.atomic import save_torch_atomic
 
 CHECKPOINT_DIR = "checkpoints"
 STATE_NAME = "state.pt"
@@ -116,4 +117,4 @@ def plot_curves(rows: list[dict[str, Any]], run_dir: Path) -> None:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=100)
     plt.close(figure)
-    write_atomic(run_dir / PLOT_NAME, lambda handle: handle.write(buffer.getvalue()))
+    write_bytes_atomic(run_dir / PLOT_NAME, buffer.getvalue())

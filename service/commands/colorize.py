@@ -22,13 +22,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
-import uuid
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -36,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from models.image_files import IMAGE_EXTENSIONS, scan_images
 from service.commands.arg_types import non_negative_int, positive_int, unit_float
 from service.commands.model_flags import add_model_arguments, model_overrides
+from service.core.jobs import SATURATION_RANGE, OutputFormat
 
 if TYPE_CHECKING:  # the model stack (torch) is imported only when the command runs
     from PIL import Image
@@ -45,18 +43,12 @@ if TYPE_CHECKING:  # the model stack (torch) is imported only when the command r
 
 log = logging.getLogger(__name__)
 
-"""Extensions picked up when scanning folders (case-insensitive). Files named explicitly are
-always tried, whatever their extension."""
+FORMATS: tuple[OutputFormat, ...] = ("jpeg", "png", "webp")
+"""``--format`` values, also the file extension. Encoded by ``service.engine.encode.encode_image``
+(the HTTP API's encoder); jpeg flattens transparency onto white."""
 
-FORMATS: dict[str, tuple[str, dict[str, Any]]] = {
-    "png": ("PNG", {"compress_level": 6}),
-    "jpeg": ("JPEG", {"quality": 95, "subsampling": 0}),
-    "webp": ("WEBP", {"quality": 95, "method": 4}),
-}
-"""``--format`` -> (Pillow format, save options). The file extension is the ``--format`` value."""
-
-JPEG_BACKGROUND = (255, 255, 255)
-"""JPEG has no alpha channel: transparent inputs are flattened onto this colour (white)."""
+QUALITY = 95
+"""JPEG and WebP quality of the written files (the HTTP API's default is 90; there is no flag)."""
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
 
@@ -89,8 +81,6 @@ def _batch_size(text: str) -> int | None:
 
 
 def _saturation(text: str) -> float:
-    from service.core.jobs import SATURATION_RANGE
-
     value = float(text)
     low, high = SATURATION_RANGE
     if not low <= value <= high:  # also refuses nan
@@ -133,7 +123,7 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--format",
-        choices=sorted(FORMATS),
+        choices=FORMATS,
         default="png",
         dest="image_format",
         help="output format (default png); jpeg flattens transparency on white",
@@ -300,110 +290,22 @@ def match_boxes(jobs: Sequence[Job], boxes: dict[str, Detections]) -> dict[Job, 
 # -- writing ------------------------------------------------------------------------------------
 
 
-def write_image(image: Image.Image, output: Path, image_format: str) -> None:
-    """Encode and write atomically: a temporary file in the same folder, then ``os.replace``."""
-    pil_format, save_options = FORMATS[image_format]
-    if pil_format == "JPEG" and image.mode != "RGB":
-        from service.engine.encode import flatten_alpha
+def write_image(image: Image.Image, output: Path, image_format: OutputFormat) -> None:
+    """Encode with the service's encoder (quality ``QUALITY``) and write atomically."""
+    from models.atomic import write_bytes_atomic
+    from service.engine.encode import encode_image
 
-        if "A" in image.getbands():
-            image = flatten_alpha(image, JPEG_BACKGROUND)
-        else:
-            image = image.convert("RGB")
-    output.parent.mkdir(parents=True, exist_ok=True)
-    temp = output.with_name(f".{output.name}.{uuid.uuid4().hex[:12]}.tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # umask applies, like open()
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            image.save(handle, format=pil_format, **save_options)
-        os.replace(temp, output)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
+    data, _ = encode_image(image, image_format, QUALITY)
+    write_bytes_atomic(output, data)
 
 
 # -- running ------------------------------------------------------------------------------------
-
-DECODE_ERRORS: tuple[type[BaseException], ...] = (OSError, ValueError, SyntaxError, EOFError)
-"""What decoding a bad file raises: Pillow's UnidentifiedImageError (an OSError), truncated
-data (OSError, EOFError, SyntaxError from old plugins), UnsupportedImageError / OptionsError
-(ValueError). DecompressionBombError is added at run time."""
 
 
 @dataclass
 class Outcome:
     written: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)  # (input, reason)
-
-    def fail(self, job: Job, exc: BaseException) -> None:
-        message = str(exc) or type(exc).__name__
-        self.failures.append((str(job.source), f"{type(exc).__name__}: {message}"))
-        log.debug("%s failed", job.source, exc_info=exc)
-
-
-def _prepare_batch(
-    colorizer: Colorizer, jobs: Sequence[Job], options: Callable[[Job], ColorizeOptions],
-    errors: tuple[type[BaseException], ...],
-) -> list[tuple[Job, PreparedImage | BaseException]]:  # fmt: skip
-    from PIL import Image
-
-    prepared: list[tuple[Job, PreparedImage | BaseException]] = []
-    for job in jobs:
-        try:
-            with Image.open(job.source) as image:
-                image.load()
-                prepared.append((job, colorizer.prepare(image, options(job))))
-        except errors as exc:
-            prepared.append((job, exc))
-    return prepared
-
-
-PREDICT_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, ValueError)
-"""What the device stage may raise for particular inputs (out of memory is a RuntimeError)."""
-
-
-def _predict_each(
-    colorizer: Colorizer, ready: Sequence[tuple[Job, PreparedImage]], outcome: Outcome,
-) -> list[tuple[Job, PreparedImage, Prediction]]:  # fmt: skip
-    """One call for the batch; if it fails, one call per image so one bad input fails alone."""
-    try:
-        predictions = colorizer.predict([p for _, p in ready])
-        return [(j, p, r) for (j, p), r in zip(ready, predictions, strict=True)]
-    except PREDICT_ERRORS as exc:
-        if len(ready) == 1:
-            outcome.fail(ready[0][0], exc)
-            return []
-        log.warning("batch of %d failed (%s); retrying image by image", len(ready), exc)
-    results = []
-    for job, prepared in ready:
-        try:
-            results.append((job, prepared, colorizer.predict([prepared])[0]))
-        except PREDICT_ERRORS as exc:
-            outcome.fail(job, exc)
-    return results
-
-
-def _finish_batch(
-    colorizer: Colorizer, loaded: Sequence[tuple[Job, PreparedImage | BaseException]],
-    outcome: Outcome, image_format: str,
-) -> None:  # fmt: skip
-    """Predict the prepared images of one batch, then merge and write each; record failures."""
-    ready: list[tuple[Job, PreparedImage]] = []
-    for job, item in loaded:
-        if isinstance(item, BaseException):
-            outcome.fail(job, item)
-        else:
-            ready.append((job, item))
-    if not ready:
-        return
-    for job, prepared, prediction in _predict_each(colorizer, ready, outcome):
-        try:
-            result = colorizer.merge(prepared, prediction)
-            write_image(result.image, job.output, image_format)
-        except (OSError, ValueError) as exc:
-            outcome.fail(job, exc)
-        else:
-            outcome.written += 1
 
 
 def process(
@@ -412,34 +314,34 @@ def process(
     options: Callable[[Job], ColorizeOptions],
     *,
     batch_size: int,
-    image_format: str,
+    image_format: OutputFormat,
     progress: bool,
 ) -> Outcome:
     """Colorize ``jobs`` in batches with a read-ahead of one batch; never stops on a bad input."""
     from PIL import Image
     from tqdm import tqdm
 
-    errors = (*DECODE_ERRORS, Image.DecompressionBombError)
-    outcome = Outcome()
-    batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
-    with (
-        ThreadPoolExecutor(1, thread_name_prefix="colorize-read") as reader,
-        tqdm(total=len(jobs), unit="img", file=sys.stderr, disable=not progress,
-             dynamic_ncols=True) as bar,
-    ):  # fmt: skip
+    from models.offline import FINISH_ERRORS, describe_failure, run_batches
+    from service.core.errors import InvalidParameterError
 
-        def read(batch: Sequence[Job]) -> Future[list[tuple[Job, PreparedImage | BaseException]]]:
-            return reader.submit(_prepare_batch, colorizer, batch, options, errors)
+    def load(job: Job) -> PreparedImage:
+        with Image.open(job.source) as image:
+            image.load()
+            return colorizer.prepare(image, options(job))
 
-        upcoming = read(batches[0]) if batches else None
-        for index, batch in enumerate(batches):
-            assert upcoming is not None
-            loaded = upcoming.result()
-            if index + 1 < len(batches):
-                upcoming = read(batches[index + 1])  # decoded while this batch runs
-            _finish_batch(colorizer, loaded, outcome, image_format)
-            bar.update(len(batch))
-    return outcome
+    def finish(job: Job, prepared: PreparedImage, prediction: Prediction) -> None:
+        write_image(colorizer.merge(prepared, prediction).image, job.output, image_format)
+
+    with tqdm(total=len(jobs), unit="img", file=sys.stderr, disable=not progress,
+              dynamic_ncols=True) as bar:  # fmt: skip
+        failures = run_batches(
+            colorizer, jobs, load, finish, batch_size=batch_size, progress=bar.update,
+            finish_errors=(*FINISH_ERRORS, InvalidParameterError),  # a size JPEG cannot hold
+        )  # fmt: skip
+    return Outcome(
+        written=len(jobs) - len(failures),
+        failures=[(str(job.source), describe_failure(exc)) for job, exc in failures],
+    )
 
 
 def _usage_error(message: str) -> int:

@@ -3,6 +3,11 @@
 Alpha: PNG and WebP keep it. JPEG has no alpha channel, so an RGBA result asked for as JPEG is
 flattened onto white (what a viewer shows for a transparent PNG on a white page); ask for png or
 webp to keep transparency. PNG ignores ``quality`` (lossless); WebP uses it (100: still lossy).
+JPEG keeps full chroma resolution (4:4:4, no chroma subsampling): the colours are the product.
+
+One encoder for both interfaces: the HTTP API (``quality``, default 90) and the ``colorize`` command
+(quality 95, ``service.commands.colorize.QUALITY``) call ``encode_image``, so the same format and
+quality give the same bytes.
 """
 
 from __future__ import annotations
@@ -49,7 +54,7 @@ def encode_image(image: Image.Image, fmt: OutputFormat, quality: int = 90) -> tu
     out = io.BytesIO()
     if fmt == "jpeg":
         rgb = flatten_alpha(image) if "A" in image.getbands() else image.convert("RGB")
-        rgb.save(out, format="JPEG", quality=quality)
+        rgb.save(out, format="JPEG", quality=quality, subsampling=0)
     elif fmt == "png":
         image.save(out, format="PNG", compress_level=6)
     else:

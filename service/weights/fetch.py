@@ -23,21 +23,18 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import os
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
+from models.atomic import atomic_path, temp_beside
 from models.checkpoints import (
     NETWORK_FILES,
     OFFICIAL_VARIANT,
     sha256_file,
 )
-from service.weights.http import (
-    download,
-    temp_beside,
-)
+from service.weights.http import PART_SUFFIX, download
 from service.weights.sources import (
     CHUNK,
     DetectorChoice,
@@ -139,7 +136,7 @@ def fetch_official(
     present = _present_official(target)
     if present is not None:
         return present
-    archive_path = temp_beside(folder / remote.filename)
+    archive_path = temp_beside(folder / remote.filename, PART_SUFFIX)
     written: list[FetchedFile] = []
     try:
         zip_sha256 = download(remote, archive_path, timeout=timeout, progress=progress)
@@ -153,20 +150,20 @@ def fetch_official(
             for spec in NETWORK_FILES:
                 member = _zip_member(archive, spec.filename)
                 path = target / spec.filename
-                temp = temp_beside(path)
                 digest = hashlib.sha256()
                 try:
-                    with archive.open(member) as source, temp.open("xb") as out:
+                    with (
+                        atomic_path(path, PART_SUFFIX) as temp,
+                        archive.open(member) as source,
+                        temp.open("xb") as out,
+                    ):
                         while block := source.read(CHUNK):
                             out.write(block)
                             digest.update(block)
-                    os.replace(temp, path)
                 except (zipfile.BadZipFile, OSError) as exc:
                     raise DownloadError(
                         f"{remote.url}: cannot extract {member.filename} ({exc})"
                     ) from exc
-                finally:
-                    temp.unlink(missing_ok=True)
                 written.append(FetchedFile(path, digest.hexdigest(), downloaded=True))
     except BaseException:
         for item in written:

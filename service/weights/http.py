@@ -7,8 +7,6 @@ import hashlib
 import html
 import http.client
 import logging
-import os
-import uuid
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from html.parser import HTMLParser
@@ -18,6 +16,7 @@ from typing import IO
 from urllib.parse import parse_qsl, urlencode, urljoin, urlsplit, urlunsplit
 from urllib.request import HTTPCookieProcessor, Request, build_opener
 
+from models.atomic import atomic_path
 from service.weights.sources import (
     CHUNK,
     MAX_CONFIRM_PAGES,
@@ -30,6 +29,9 @@ from service.weights.sources import (
 )
 
 log = logging.getLogger(__name__)
+
+PART_SUFFIX = ".part"
+"""Temporary downloads and extractions: ``.<name>.<random>.part`` beside the final file."""
 
 
 class _PageParser(HTMLParser):
@@ -166,18 +168,16 @@ def _copy(
     return received
 
 
-def temp_beside(path: Path) -> Path:
-    return path.with_name(f".{path.name}.{uuid.uuid4().hex[:12]}.part")
-
-
 def download(
     remote: RemoteFile, destination: Path, *, timeout: float = 60.0, progress: bool = True
 ) -> str:
-    """Stream ``remote`` to ``destination`` atomically; return the sha256. Checks the prefix."""
-    destination.parent.mkdir(parents=True, exist_ok=True)
-    temp = temp_beside(destination)
-    try:
-        digest = hashlib.sha256()
+    """Stream ``remote`` to ``destination`` atomically; return the sha256. Checks the prefix.
+
+    The bytes go to a ``.part`` file beside ``destination``, renamed over it only once the
+    checksum passes; a failed or corrupt download leaves nothing behind.
+    """
+    digest = hashlib.sha256()
+    with atomic_path(destination, PART_SUFFIX) as temp:
         with open_url(remote.url, timeout) as response, temp.open("xb") as out:
             size = _copy(response, out, digest, remote.filename, progress)
         sha256 = digest.hexdigest()
@@ -187,9 +187,5 @@ def download(
                 f"{remote.sha256_prefix} (from the file name); the download is corrupt or not "
                 "the published file, and was discarded"
             )
-        os.replace(temp, destination)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
     log.info("downloaded %s (%d bytes) to %s", remote.url, size, destination)
     return sha256
