@@ -35,7 +35,7 @@ from service_helpers import (
 )
 
 from models.pipeline import Colorizer
-from service.app import create_app
+from service.app import create_app, default_queue_factory
 from service.settings import DEFAULT_DETECTOR_FILENAME, ServiceSettings, describe_validation_error
 
 PROBLEM = "application/problem+json"
@@ -366,6 +366,46 @@ async def test_internal_error_is_500_with_request_id(
         assert "kernel failure" not in bad.text  # no internals leak
         assert good.status_code == 200
         assert faulty.calls[0] == 2  # they were batched together, and only the bad one failed
+
+
+class BuggyQueue:
+    """The real memory queue whose ``submit`` has a bug: an exception that is no ServiceError."""
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.queue = default_queue_factory(settings)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.queue, name)
+
+    async def submit(self, job: Any) -> Any:
+        raise RuntimeError("queue bug (injected)")
+
+
+async def test_unexpected_exception_is_the_500_problem_with_request_id_and_counted(
+    tiny_checkpoints: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running_app(service_settings(tiny_checkpoints), BuggyQueue) as (_, client):
+        before = sample("colorize_requests_total", outcome="error", status="500")
+        by_key = sample("colorize_requests_by_key_total", key="anonymous", outcome="error")
+        response = await client.post(
+            "/colorize",
+            content=corpus.png(20, 20),
+            headers={"content-type": "image/png", "x-request-id": "bug-1"},
+        )
+        assert response.status_code == 500
+        assert problem_type(response) == "internal"
+        assert response.headers["x-request-id"] == "bug-1"
+        assert response.json()["detail"] == (
+            "internal error; quote the request ID when reporting it"
+        )
+        assert "queue bug" not in response.text  # no internals leak
+        assert sample("colorize_requests_total", outcome="error", status="500") == before + 1
+        assert (
+            sample("colorize_requests_by_key_total", key="anonymous", outcome="error") == by_key + 1
+        )
+        assert sample("colorize_in_flight_requests") == 0
+        assert any("bug-1" in r.getMessage() and r.exc_info for r in caplog.records)
+        assert (await client.get("/healthz")).status_code == 200  # the app carries on
 
 
 async def test_client_disconnect_frees_its_slot(

@@ -3,20 +3,23 @@
 from __future__ import annotations
 
 import base64
+import logging
 import math
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
 
 from service.core.api_keys import ANONYMOUS
-from service.core.errors import (
-    ServiceError,
-)
+from service.core.errors import InternalError, ServiceError
 from service.core.jobs import JobResult
 from service.core.metrics import METRICS, STAGES, outcome_for
 from service.router.schemas import PROBLEM_JSON, ColorizeJSON
 
+log = logging.getLogger(__name__)
+
 CLIENT_CLOSED = 499  # nginx's "client closed request": logged and counted, never sent
+INTERNAL_DETAIL = "internal error; quote the request ID when reporting it"
 
 
 def problem_response(
@@ -29,6 +32,14 @@ def problem_response(
     if error.retry_after is not None:
         headers["Retry-After"] = str(max(1, math.ceil(error.retry_after)))
     return JSONResponse(body, status_code=status, headers=headers, media_type=PROBLEM_JSON)
+
+
+def internal_error_response(request: Request, request_id: str, exc: BaseException) -> Response:
+    """The 500 problem for an exception no handler took: logged with its traceback, counted."""
+    log.error("request %s failed", request_id, exc_info=exc)
+    response = problem_response(InternalError(INTERNAL_DETAIL), request_id)
+    count_outcome(request, response.status_code)
+    return response
 
 
 def _accept_quality(accept: str, media_type: str) -> float:
@@ -83,13 +94,20 @@ def count_outcome(request: Request, status: int, kind: str | None = None) -> Non
         METRICS.requests_by_key.labels(key=key, outcome=outcome).inc()
 
 
-def result_response(
+OFFLOAD_BYTES = 256 * 1024
+"""Answers larger than this are base64- and JSON-encoded on a worker thread, not on the event
+loop (a 20 MB answer holds the loop for tens of ms); smaller ones inline, where a thread hop
+would cost more than the encoding."""
+
+
+async def result_response(
     request: Request,
     request_id: str,
     result: JobResult,
     timings: dict[str, float],
     saturation: float,
 ) -> Response:
+    """The image as the body, or JSON with its base64 where Accept asks for it."""
     headers = {
         "X-Instances": str(len(result.boxes)),
         "X-Model-Version": result.model_version,
@@ -97,19 +115,32 @@ def result_response(
     }
     if result.cached:
         headers["X-Cache"] = "hit"
-    if wants_json(request.headers.get("accept", ""), result.media_type):
-        body = ColorizeJSON(
-            request_id=request_id,
-            model_version=result.model_version,
-            media_type=result.media_type,
-            image_base64=base64.b64encode(result.body).decode("ascii"),
-            instances=len(result.boxes),
-            boxes=result.boxes,
-            scores=result.scores,
-            input_size=result.input_size,
-            saturation=saturation,
-            timings_ms={k: round(v * 1000, 3) for k, v in timings.items()},
-            cached=result.cached,
-        )
-        return JSONResponse(body.model_dump(), headers=headers)
-    return Response(result.body, media_type=result.media_type, headers=headers)
+    if not wants_json(request.headers.get("accept", ""), result.media_type):
+        return Response(result.body, media_type=result.media_type, headers=headers)
+    if len(result.body) <= OFFLOAD_BYTES:
+        return json_answer(request_id, result, timings, saturation, headers)
+    return await run_in_threadpool(json_answer, request_id, result, timings, saturation, headers)
+
+
+def json_answer(
+    request_id: str,
+    result: JobResult,
+    timings: dict[str, float],
+    saturation: float,
+    headers: dict[str, str],
+) -> JSONResponse:
+    """The JSON answer (rendered here: base64 and JSON encoding both happen in this call)."""
+    body = ColorizeJSON(
+        request_id=request_id,
+        model_version=result.model_version,
+        media_type=result.media_type,
+        image_base64=base64.b64encode(result.body).decode("ascii"),
+        instances=len(result.boxes),
+        boxes=result.boxes,
+        scores=result.scores,
+        input_size=result.input_size,
+        saturation=saturation,
+        timings_ms={k: round(v * 1000, 3) for k, v in timings.items()},
+        cached=result.cached,
+    )
+    return JSONResponse(body.model_dump(), headers=headers)
