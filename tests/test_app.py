@@ -36,6 +36,7 @@ from service_helpers import (
 
 from models.pipeline import Colorizer
 from service.app import create_app, default_queue_factory
+from service.core.offload import OFFLOAD_BYTES
 from service.settings import DEFAULT_DETECTOR_FILENAME, ServiceSettings, describe_validation_error
 
 PROBLEM = "application/problem+json"
@@ -181,6 +182,23 @@ async def test_json_answer_with_supplied_boxes(tiny_checkpoints: Path) -> None:
             headers={"content-type": "image/png", "accept": "application/json"},
         )
         assert scored.json()["boxes"] == [boxes[1]]  # the higher score wins the one slot
+
+
+async def test_a_large_json_answer_carries_the_same_image(tiny_checkpoints: Path) -> None:
+    """Over OFFLOAD_BYTES the JSON is encoded on a worker thread: the same bytes as the image."""
+    async with running_app(service_settings(tiny_checkpoints)) as (_, client):
+        photo, png = corpus.png(480, 360, seed=3), {"content-type": "image/png"}
+        image = await client.post("/colorize", content=photo, headers=png)
+        assert image.status_code == 200
+        assert len(image.content) > OFFLOAD_BYTES  # the threaded path
+        answer = await client.post(
+            "/colorize", content=photo, headers={**png, "accept": "application/json"}
+        )
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert base64.b64decode(body["image_base64"]) == image.content
+        assert body["request_id"] == answer.headers["x-request-id"]
+        assert answer.headers["x-instances"] == "0"
 
 
 @pytest.mark.parametrize(

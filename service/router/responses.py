@@ -8,12 +8,12 @@ import math
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
-from starlette.concurrency import run_in_threadpool
 
 from service.core.api_keys import ANONYMOUS
 from service.core.errors import InternalError, ServiceError
 from service.core.jobs import JobResult
 from service.core.metrics import METRICS, STAGES, outcome_for
+from service.core.offload import off_loop_if_large
 from service.router.schemas import PROBLEM_JSON, ColorizeJSON
 
 log = logging.getLogger(__name__)
@@ -94,12 +94,6 @@ def count_outcome(request: Request, status: int, kind: str | None = None) -> Non
         METRICS.requests_by_key.labels(key=key, outcome=outcome).inc()
 
 
-OFFLOAD_BYTES = 256 * 1024
-"""Answers larger than this are base64- and JSON-encoded on a worker thread, not on the event
-loop (a 20 MB answer holds the loop for tens of ms); smaller ones inline, where a thread hop
-would cost more than the encoding."""
-
-
 async def result_response(
     request: Request,
     request_id: str,
@@ -117,9 +111,10 @@ async def result_response(
         headers["X-Cache"] = "hit"
     if not wants_json(request.headers.get("accept", ""), result.media_type):
         return Response(result.body, media_type=result.media_type, headers=headers)
-    if len(result.body) <= OFFLOAD_BYTES:
-        return json_answer(request_id, result, timings, saturation, headers)
-    return await run_in_threadpool(json_answer, request_id, result, timings, saturation, headers)
+    # a large answer's base64 and JSON encoding run on a worker thread, not on the event loop
+    return await off_loop_if_large(
+        len(result.body), json_answer, request_id, result, timings, saturation, headers
+    )
 
 
 def json_answer(
