@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import image_corpus as corpus
 import pytest
+from fastapi.responses import JSONResponse
 from PIL import Image
 from pydantic import ValidationError
 from service_helpers import (
@@ -37,6 +38,7 @@ from service_helpers import (
 from models.pipeline import Colorizer
 from service.app import create_app, default_queue_factory
 from service.core.offload import OFFLOAD_BYTES
+from service.router.responses import BASE64_PIECE, json_pieces
 from service.settings import DEFAULT_DETECTOR_FILENAME, ServiceSettings, describe_validation_error
 
 PROBLEM = "application/problem+json"
@@ -199,6 +201,16 @@ async def test_a_large_json_answer_carries_the_same_image(tiny_checkpoints: Path
         assert base64.b64decode(body["image_base64"]) == image.content
         assert body["request_id"] == answer.headers["x-request-id"]
         assert answer.headers["x-instances"] == "0"
+
+
+@pytest.mark.parametrize("size", [0, 1, BASE64_PIECE, 3 * BASE64_PIECE + 2])
+def test_json_pieces_join_to_the_json_response(size: int) -> None:
+    image = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    answer = {"request_id": 'a"image_base64":""', "image_base64": "", "boxes": [[1, 2, 3, 4]]}
+    pieces = json_pieces(answer, image)
+    expected = {**answer, "image_base64": base64.b64encode(image).decode()}
+    assert b"".join(pieces) == JSONResponse(expected).body
+    assert max(len(piece) for piece in pieces) <= 4 * BASE64_PIECE // 3 + 64
 
 
 @pytest.mark.parametrize(

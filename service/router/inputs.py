@@ -17,6 +17,7 @@ from service.core.errors import (
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
+from service.core.offload import off_loop_if_large
 
 ACCEPTED_CONTENT_TYPES = "image/* or application/octet-stream"
 MAX_NUMBER_CHARS = 32  # digits a boxes number may have (a 4,000-digit integer is refused)
@@ -55,7 +56,8 @@ async def read_body(request: Request, limit: int) -> bytes:
             chunks.append(chunk)
     except ClientDisconnect:
         raise ClientGone from None
-    return b"".join(chunks)
+    # bytes.join of a large body releases the GIL for its copy: on a thread the loop runs on
+    return await off_loop_if_large(size, b"".join, chunks)
 
 
 async def image_from_request(request: Request, limit: int) -> bytes:

@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import logging
 import math
+from typing import Any
 
 from fastapi import Request
 from fastapi.responses import JSONResponse, Response
+from starlette.types import Receive, Scope, Send
 
 from service.core.api_keys import ANONYMOUS
 from service.core.errors import InternalError, ServiceError
 from service.core.jobs import JobResult
 from service.core.metrics import METRICS, STAGES, outcome_for
-from service.core.offload import off_loop_if_large
+from service.core.offload import OFFLOAD_BYTES
 from service.router.schemas import PROBLEM_JSON, ColorizeJSON
 
 log = logging.getLogger(__name__)
@@ -111,10 +114,13 @@ async def result_response(
         headers["X-Cache"] = "hit"
     if not wants_json(request.headers.get("accept", ""), result.media_type):
         return Response(result.body, media_type=result.media_type, headers=headers)
-    # a large answer's base64 and JSON encoding run on a worker thread, not on the event loop
-    return await off_loop_if_large(
-        len(result.body), json_answer, request_id, result, timings, saturation, headers
-    )
+    answer = json_answer(request_id, result, timings, saturation, image_base64="")
+    if len(result.body) <= OFFLOAD_BYTES:
+        answer["image_base64"] = base64.b64encode(result.body).decode("ascii")
+        return JSONResponse(answer, headers=headers)
+    # a large answer's base64 is encoded on a worker thread, one piece at a time
+    pieces = await asyncio.to_thread(json_pieces, answer, result.body)
+    return PiecesResponse(pieces, headers=headers, media_type="application/json")
 
 
 def json_answer(
@@ -122,14 +128,13 @@ def json_answer(
     result: JobResult,
     timings: dict[str, float],
     saturation: float,
-    headers: dict[str, str],
-) -> JSONResponse:
-    """The JSON answer (rendered here: base64 and JSON encoding both happen in this call)."""
-    body = ColorizeJSON(
+    image_base64: str,
+) -> dict[str, Any]:
+    return ColorizeJSON(
         request_id=request_id,
         model_version=result.model_version,
         media_type=result.media_type,
-        image_base64=base64.b64encode(result.body).decode("ascii"),
+        image_base64=image_base64,
         instances=len(result.boxes),
         boxes=result.boxes,
         scores=result.scores,
@@ -137,5 +142,51 @@ def json_answer(
         saturation=saturation,
         timings_ms={k: round(v * 1000, 3) for k, v in timings.items()},
         cached=result.cached,
-    )
-    return JSONResponse(body.model_dump(), headers=headers)
+    ).model_dump()
+
+
+BASE64_PIECE = 3 * 256 * 1024  # image bytes per base64 piece (1 MiB of base64, about 2 ms)
+_IMAGE_FIELD = b'"image_base64":""'
+
+
+def json_pieces(answer: dict[str, Any], image: bytes) -> list[bytes]:
+    """Pieces that join to exactly ``JSONResponse(answer with image_base64)``'s body.
+
+    One ``b64encode`` or ``json.dumps`` of a whole 20 MB image holds the GIL throughout (tens of
+    ms in which the event loop cannot run, even from a worker thread); a piece at a time lets the
+    loop take the GIL between pieces. ``answer`` has an empty ``image_base64``, filled in here.
+    """
+    rendered = bytes(JSONResponse({**answer, "image_base64": ""}).body)
+    head, tail = rendered.split(_IMAGE_FIELD, 1)
+    view = memoryview(image)
+    encoded = (
+        base64.b64encode(view[i : i + BASE64_PIECE]) for i in range(0, len(view), BASE64_PIECE)
+    )  # BASE64_PIECE is a multiple of 3: the pieces' base64 is the whole image's
+    return [head + b'"image_base64":"', *encoded, b'"' + tail]
+
+
+class PiecesResponse(Response):
+    """A body sent as several ASGI messages, with its full Content-Length.
+
+    One large message would be copied whole on the event loop (by h11 and the socket transport's
+    buffer); pieces are written one at a time, with the transport's flow control between them.
+    """
+
+    def __init__(self, pieces: list[bytes], *, headers: dict[str, str], media_type: str) -> None:
+        self.pieces = pieces
+        super().__init__(b"", headers=headers, media_type=media_type)
+        length = str(sum(len(piece) for piece in pieces)).encode("latin-1")
+        self.raw_headers = [
+            (name, length if name == b"content-length" else value)
+            for name, value in self.raw_headers
+        ]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        await send(
+            {"type": "http.response.start", "status": self.status_code, "headers": self.raw_headers}
+        )
+        for i, piece in enumerate(self.pieces):
+            last = i == len(self.pieces) - 1
+            await send({"type": "http.response.body", "body": piece, "more_body": not last})
+        if self.background is not None:
+            await self.background()
