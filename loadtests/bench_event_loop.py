@@ -23,6 +23,7 @@ Bounded: the server gets 60 s to start and each upload 60 s; a run takes about a
 from __future__ import annotations
 
 import argparse
+import base64
 import io
 import multiprocessing
 import os
@@ -190,6 +191,11 @@ def measure(url: str, args: argparse.Namespace, body: bytes) -> Run:
             windows.append((began, ended))
             seconds.append(ended - began)
             answer = len(response.content)
+            if i == 0:  # the answer is whole: JSON whose base64 is a JPEG of the input's size
+                image = base64.b64decode(response.json()["image_base64"])
+                with Image.open(io.BytesIO(image)) as decoded, Image.open(io.BytesIO(body)) as sent:
+                    assert decoded.format == "JPEG", decoded.format
+                    assert decoded.size == sent.size, (decoded.size, sent.size)
             time.sleep(0.2)
         prober.finish()
     idle = [lat for sent, lat in prober.samples if sent < idle_end]
