@@ -9,23 +9,19 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from importlib import metadata
 
 from fastapi import Depends, FastAPI
-from fastapi.responses import Response
 from fastapi_offline import FastAPIOffline
-from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, generate_latest
-from prometheus_fastapi_instrumentator import Instrumentator
-from starlette.middleware.cors import CORSMiddleware
 
-from service.core.api_keys import load_api_keys
 from service.core.metrics import METRICS
 from service.core.queue import JobQueue
-from service.router.auth import ApiKeyMiddleware, AuthPolicy
+from service.router.auth import AuthPolicy
 from service.router.handlers import install_error_handlers
 from service.router.inputs import reject_unknown_query
-from service.router.middleware import RequestIdMiddleware
+from service.router.metrics_route import install_metrics
+from service.router.middleware import install_middleware
 from service.router.openapi import install_openapi
 from service.router.routes import install_routes
 from service.router.state import ServiceState
@@ -67,10 +63,44 @@ def create_app(
 ) -> FastAPI:
     """The FastAPI app. ``on_fatal`` is told when the queue can never become ready."""
     state = ServiceState(settings)
+    # FastAPIOffline: /docs (Swagger UI) and /redoc served from files installed with the package,
+    # not from a CDN, so the pages work on an offline host.
+    app = FastAPIOffline(
+        title="InstColor Service",
+        version=service_version(),
+        description="Instance-aware colorization of grayscale photos (Su, Chu, Huang, CVPR 2020) "
+        "with dynamic batching. Errors are application/problem+json.",
+        lifespan=_lifespan(state, queue_factory, on_fatal),
+        dependencies=[Depends(reject_unknown_query)],
+    )
+    app.state.service = state
+    install_metrics(app)
+    policy = AuthPolicy(
+        settings.api_key_table(),
+        open_probes=settings.auth_open_probes,
+        open_metrics=settings.auth_open_metrics,
+    )
+    install_middleware(app, settings, policy)
+    install_error_handlers(app, state)
+    install_routes(app, state)
+    install_openapi(app)
+    install_web_page(app)
+    return app
+
+
+def app_from_env() -> FastAPI:
+    """For ``uvicorn --factory service.app:app_from_env``: settings from COLORIZE_* variables."""
+    return create_app(ServiceSettings())
+
+
+def _lifespan(
+    state: ServiceState, queue_factory: QueueFactory, on_fatal: Callable[[str], None] | None
+) -> Callable[[FastAPI], AbstractAsyncContextManager[None]]:
+    """Start the queue (``MissingWeightsError`` refuses the start); on shutdown drain it."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        queue = queue_factory(settings)  # MissingWeightsError here refuses the start
+        queue = queue_factory(state.settings)
         state.queue = queue
         await queue.start()
         watcher = asyncio.create_task(_watch_failure(queue, on_fatal))
@@ -83,59 +113,7 @@ def create_app(
             await queue.close()
             log.info("drained and closed")
 
-    # FastAPIOffline: /docs (Swagger UI) and /redoc served from files installed with the package,
-    # not from a CDN, so the pages work on an offline host.
-    app = FastAPIOffline(
-        title="InstColor Service",
-        version=service_version(),
-        description="Instance-aware colorization of grayscale photos (Su, Chu, Huang, CVPR 2020) "
-        "with dynamic batching. Errors are application/problem+json.",
-        lifespan=lifespan,
-        dependencies=[Depends(reject_unknown_query)],
-    )
-    app.state.service = state
-    # Generic HTTP metrics in a registry of this app's own (the instrumentator silently skips a
-    # second app on a shared registry); /metrics serves it together with the colorize_* metrics.
-    http_registry = CollectorRegistry(auto_describe=True)
-    Instrumentator(
-        should_group_status_codes=False,
-        excluded_handlers=["/metrics"],
-        registry=http_registry,
-    ).instrument(app)
-
-    @app.get("/metrics", tags=["operations"], response_class=Response)
-    async def metrics() -> Response:
-        """Prometheus exposition: colorize_* metrics, process metrics and http_* metrics."""
-        body = generate_latest(REGISTRY) + generate_latest(http_registry)
-        return Response(body, media_type=CONTENT_TYPE_LATEST)
-
-    policy = AuthPolicy(
-        load_api_keys(settings.api_keys, settings.api_key_file),
-        open_probes=settings.auth_open_probes,
-        open_metrics=settings.auth_open_metrics,
-    )
-    app.add_middleware(ApiKeyMiddleware, policy=policy)
-    app.add_middleware(RequestIdMiddleware)  # outside the key check: a 401 has its request ID
-    origins = settings.cors_origin_list()
-    if origins:  # outermost: preflights are answered before the key check
-        app.add_middleware(
-            CORSMiddleware,
-            allow_origins=origins,
-            allow_methods=["GET", "POST"],
-            allow_headers=["Authorization", "X-API-Key", "X-Request-ID", "Content-Type"],
-            expose_headers=["X-Request-ID", "X-Instances", "X-Model-Version", "Server-Timing",
-                            "Retry-After"],
-        )  # fmt: skip
-    install_error_handlers(app, state)
-    install_routes(app, state)
-    install_openapi(app)
-    install_web_page(app)
-    return app
-
-
-def app_from_env() -> FastAPI:
-    """For ``uvicorn --factory service.app:app_from_env``: settings from COLORIZE_* variables."""
-    return create_app(ServiceSettings())
+    return lifespan
 
 
 async def _watch_failure(queue: JobQueue, on_fatal: Callable[[str], None] | None) -> None:

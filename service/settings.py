@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, model_validator
+from pydantic import Field, PrivateAttr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 DEFAULT_WEIGHTS_DIR = Path("weights")
@@ -296,6 +296,8 @@ class ServiceSettings(ModelSettings):
         "none alive /readyz is 503 and requests get 503 no-workers at once.",
     )  # fmt: skip
 
+    _api_key_table: dict[str, str] = PrivateAttr(default_factory=dict)
+
     @model_validator(mode="after")
     def _check_edge(self) -> ServiceSettings:
         if self.worker_alive_s <= self.worker_heartbeat_s:
@@ -311,7 +313,8 @@ class ServiceSettings(ModelSettings):
             )
         from service.core.api_keys import load_api_keys  # no torch, no app: just the key format
 
-        load_api_keys(self.api_keys, self.api_key_file)  # a malformed entry refuses the start
+        # parsed once, here: a malformed entry refuses the start; the app uses the table
+        self._api_key_table = load_api_keys(self.api_keys, self.api_key_file)
         return self
 
     @model_validator(mode="after")
@@ -358,6 +361,10 @@ class ServiceSettings(ModelSettings):
                 "after their clients gave up; lower COLORIZE_CLAIM_IDLE_MS"
             )
         return self
+
+    def api_key_table(self) -> dict[str, str]:
+        """Key name -> key from api_keys and api_key_file, as parsed at validation (empty: off)."""
+        return dict(self._api_key_table)
 
     def cors_origin_list(self) -> list[str]:
         return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]

@@ -19,6 +19,7 @@ from typing import Any
 import httpx
 import image_corpus as corpus
 import pytest
+from fastapi.responses import JSONResponse
 from PIL import Image
 from pydantic import ValidationError
 from service_helpers import (
@@ -35,7 +36,9 @@ from service_helpers import (
 )
 
 from models.pipeline import Colorizer
-from service.app import create_app
+from service.app import create_app, default_queue_factory
+from service.core.offload import OFFLOAD_BYTES
+from service.router.responses import BASE64_PIECE, json_pieces
 from service.settings import DEFAULT_DETECTOR_FILENAME, ServiceSettings, describe_validation_error
 
 PROBLEM = "application/problem+json"
@@ -181,6 +184,33 @@ async def test_json_answer_with_supplied_boxes(tiny_checkpoints: Path) -> None:
             headers={"content-type": "image/png", "accept": "application/json"},
         )
         assert scored.json()["boxes"] == [boxes[1]]  # the higher score wins the one slot
+
+
+async def test_a_large_json_answer_carries_the_same_image(tiny_checkpoints: Path) -> None:
+    """Over OFFLOAD_BYTES the JSON is encoded on a worker thread: the same bytes as the image."""
+    async with running_app(service_settings(tiny_checkpoints)) as (_, client):
+        photo, png = corpus.png(480, 360, seed=3), {"content-type": "image/png"}
+        image = await client.post("/colorize", content=photo, headers=png)
+        assert image.status_code == 200
+        assert len(image.content) > OFFLOAD_BYTES  # the threaded path
+        answer = await client.post(
+            "/colorize", content=photo, headers={**png, "accept": "application/json"}
+        )
+        assert answer.status_code == 200, answer.text
+        body = answer.json()
+        assert base64.b64decode(body["image_base64"]) == image.content
+        assert body["request_id"] == answer.headers["x-request-id"]
+        assert answer.headers["x-instances"] == "0"
+
+
+@pytest.mark.parametrize("size", [0, 1, BASE64_PIECE, 3 * BASE64_PIECE + 2])
+def test_json_pieces_join_to_the_json_response(size: int) -> None:
+    image = bytes(range(256)) * (size // 256) + bytes(size % 256)
+    answer = {"request_id": 'a"image_base64":""', "image_base64": "", "boxes": [[1, 2, 3, 4]]}
+    pieces = json_pieces(answer, image)
+    expected = {**answer, "image_base64": base64.b64encode(image).decode()}
+    assert b"".join(pieces) == JSONResponse(expected).body
+    assert max(len(piece) for piece in pieces) <= 4 * BASE64_PIECE // 3 + 64
 
 
 @pytest.mark.parametrize(
@@ -366,6 +396,46 @@ async def test_internal_error_is_500_with_request_id(
         assert "kernel failure" not in bad.text  # no internals leak
         assert good.status_code == 200
         assert faulty.calls[0] == 2  # they were batched together, and only the bad one failed
+
+
+class BuggyQueue:
+    """The real memory queue whose ``submit`` has a bug: an exception that is no ServiceError."""
+
+    def __init__(self, settings: ServiceSettings) -> None:
+        self.queue = default_queue_factory(settings)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.queue, name)
+
+    async def submit(self, job: Any) -> Any:
+        raise RuntimeError("queue bug (injected)")
+
+
+async def test_unexpected_exception_is_the_500_problem_with_request_id_and_counted(
+    tiny_checkpoints: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    async with running_app(service_settings(tiny_checkpoints), BuggyQueue) as (_, client):
+        before = sample("colorize_requests_total", outcome="error", status="500")
+        by_key = sample("colorize_requests_by_key_total", key="anonymous", outcome="error")
+        response = await client.post(
+            "/colorize",
+            content=corpus.png(20, 20),
+            headers={"content-type": "image/png", "x-request-id": "bug-1"},
+        )
+        assert response.status_code == 500
+        assert problem_type(response) == "internal"
+        assert response.headers["x-request-id"] == "bug-1"
+        assert response.json()["detail"] == (
+            "internal error; quote the request ID when reporting it"
+        )
+        assert "queue bug" not in response.text  # no internals leak
+        assert sample("colorize_requests_total", outcome="error", status="500") == before + 1
+        assert (
+            sample("colorize_requests_by_key_total", key="anonymous", outcome="error") == by_key + 1
+        )
+        assert sample("colorize_in_flight_requests") == 0
+        assert any("bug-1" in r.getMessage() and r.exc_info for r in caplog.records)
+        assert (await client.get("/healthz")).status_code == 200  # the app carries on
 
 
 async def test_client_disconnect_frees_its_slot(

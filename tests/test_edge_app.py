@@ -200,6 +200,23 @@ async def test_api_key_file_and_open_routes(tiny_checkpoints: Path, tmp_path: Pa
         assert info.json()["api_keys"] is True
 
 
+async def test_the_key_file_is_read_once_when_the_settings_are_validated(
+    tiny_checkpoints: Path, tmp_path: Path
+) -> None:
+    key_file = tmp_path / "keys"
+    key_file.write_text("web:web-key-01234567890\n")
+    settings = service_settings(tiny_checkpoints, api_key_file=key_file)
+    assert settings.api_key_table() == {"web": "web-key-01234567890"}
+    key_file.write_text("web:a-later-key-0123456789\n")  # the app uses the table, not the file
+    async with running_app(settings) as (_, client):
+        assert (await client.get("/info")).status_code == 401
+        info = await client.get("/info", headers={"x-api-key": "web-key-01234567890"})
+        assert info.status_code == 200
+        assert info.json()["api_keys"] is True
+        later = await client.get("/info", headers={"x-api-key": "a-later-key-0123456789"})
+        assert later.status_code == 401
+
+
 def test_malformed_keys_refuse_the_start_without_showing_a_key(tiny_checkpoints: Path) -> None:
     cases = {
         "justakey-0123456789": "not 'name:key'",

@@ -17,6 +17,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
+import image_corpus as corpus
 import pytest
 import redis.asyncio as aioredis
 from PIL import Image
@@ -33,6 +34,7 @@ from service.core.errors import (
 )
 from service.core.jobs import Job, JobOptions, JobResult
 from service.core.metrics import Metrics
+from service.core.offload import OFFLOAD_BYTES
 from service.engine.batch import BatchEngine
 from service.queues.redis.client import RedisJobQueue, RedisQueueConfig
 from service.queues.redis.protocol import (
@@ -386,6 +388,23 @@ async def test_cache_hit_skips_the_model(harness: Harness) -> None:
         f"{harness.layout.prefix}:cache:*")]  # fmt: skip
     assert len(ttls) == 2
     assert all(0 < t <= 3600 for t in ttls)
+
+
+async def test_cache_hit_for_a_large_upload(harness: Harness) -> None:
+    """Over OFFLOAD_BYTES the API hashes on a worker thread: its key still is the worker's."""
+    queue = harness.queue()
+    await queue.start()
+    engine = harness.engine()
+    harness.worker(engine)
+    await queue.submit(make_job(png((40, 30))))  # the worker publishes its model version
+    await wait_for(lambda: _has_model(harness))
+    image = corpus.png(720, 540, seed=5)
+    assert len(image) > OFFLOAD_BYTES
+    first = await queue.submit(make_job(image))
+    second = await queue.submit(make_job(image))
+    assert not first.cached and second.cached
+    assert second.body == first.body
+    assert engine.batches == [1, 1]  # the hit never touched the engine
 
 
 async def _has_model(h: Harness) -> bool:

@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING, Any
 from models.image_files import IMAGE_EXTENSIONS, scan_images
 from service.commands.arg_types import non_negative_int, positive_int, unit_float
 from service.commands.model_flags import add_model_arguments, model_overrides
+from service.core.boxes import BoxesError, validate_boxes
 from service.core.jobs import SATURATION_RANGE, OutputFormat
 
 if TYPE_CHECKING:  # the model stack (torch) is imported only when the command runs
@@ -248,18 +249,11 @@ def load_boxes(path: Path) -> dict[str, Detections]:
         unknown = sorted(set(entry) - {"boxes", "scores"})
         if unknown:
             raise UsageError(f"{where}: unknown fields {unknown} (allowed: boxes, scores)")
-        boxes, scores = entry["boxes"], entry.get("scores")
-        if not isinstance(boxes, list) or not all(isinstance(b, list) for b in boxes):
-            raise UsageError(f'{where}: "boxes" must be a list of [x1, y1, x2, y2] lists')
-        if scores is not None and not isinstance(scores, list):
-            raise UsageError(f'{where}: "scores" must be a list of numbers')
-        if any(isinstance(v, bool) or not isinstance(v, int | float)
-               for v in [*(v for b in boxes for v in b), *(scores or [])]):  # fmt: skip
-            raise UsageError(f"{where}: boxes and scores must be numbers")
         try:
-            parsed[name] = Detections.from_boxes(boxes, scores)
-        except ValueError as exc:
+            boxes, scores = validate_boxes(entry)
+        except BoxesError as exc:
             raise UsageError(f"{where}: {exc}") from exc
+        parsed[name] = Detections.from_boxes(boxes, scores)
     return parsed
 
 

@@ -22,6 +22,7 @@ import torch
 from models.boxes import Detections
 from models.image_input import UnsupportedImageError
 from models.pipeline import ColorizeOptions, Colorizer, OptionsError, Prediction, PreparedImage
+from service.core.boxes import BoxesError, validate_boxes
 from service.core.errors import (
     DeadlineExceededError,
     InternalError,
@@ -62,9 +63,10 @@ def colorize_options(options: JobOptions) -> ColorizeOptions:
     boxes = None
     if options.boxes is not None:
         try:
-            boxes = Detections.from_boxes(options.boxes, options.scores)
-        except (ValueError, TypeError) as exc:
+            checked, scores = validate_boxes({"boxes": options.boxes, "scores": options.scores})
+        except BoxesError as exc:
             raise InvalidParameterError(f"boxes: {exc}") from exc
+        boxes = Detections.from_boxes(checked, scores)
     return ColorizeOptions(
         resolution=options.resolution,
         max_instances=options.max_instances,

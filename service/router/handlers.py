@@ -2,24 +2,24 @@
 
 from __future__ import annotations
 
-import logging
-
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.core.errors import (
-    InternalError,
     InvalidParameterError,
     OverloadedError,
     ServiceError,
 )
 from service.router.middleware import request_id_of
-from service.router.responses import PROBLEM_JSON, count_outcome, problem_response
+from service.router.responses import (
+    PROBLEM_JSON,
+    count_outcome,
+    internal_error_response,
+    problem_response,
+)
 from service.router.state import ServiceState
-
-log = logging.getLogger(__name__)
 
 
 def install_error_handlers(app: FastAPI, state: ServiceState) -> None:
@@ -54,11 +54,8 @@ def install_error_handlers(app: FastAPI, state: ServiceState) -> None:
         )
 
     async def unhandled(request: Request, exc: Exception) -> Response:
-        log.error("request %s failed", request_id_of(request), exc_info=exc)
-        error = InternalError("internal error; quote the request ID when reporting it")
-        response = problem_response(error, request_id_of(request))
-        count_outcome(request, response.status_code)
-        return response
+        # the last resort (middleware.UnhandledErrorMiddleware answers first, inside the stack)
+        return internal_error_response(request, request_id_of(request), exc)
 
     app.add_exception_handler(ServiceError, service_error)
     app.add_exception_handler(RequestValidationError, validation_error)

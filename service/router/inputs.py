@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import AsyncGenerator
 
 from fastapi import Request
@@ -12,14 +11,15 @@ from starlette.datastructures import UploadFile
 from starlette.formparsers import MultiPartException, MultiPartParser
 from starlette.requests import ClientDisconnect
 
+from service.core.boxes import BoxesError, validate_boxes
 from service.core.errors import (
     InvalidParameterError,
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
 )
+from service.core.offload import off_loop_if_large
 
 ACCEPTED_CONTENT_TYPES = "image/* or application/octet-stream"
-MAX_COORDINATE = 1_000_000.0  # no side of an image within max_pixels is longer
 MAX_NUMBER_CHARS = 32  # digits a boxes number may have (a 4,000-digit integer is refused)
 
 
@@ -56,7 +56,8 @@ async def read_body(request: Request, limit: int) -> bytes:
             chunks.append(chunk)
     except ClientDisconnect:
         raise ClientGone from None
-    return b"".join(chunks)
+    # bytes.join of a large body releases the GIL for its copy: on a thread the loop runs on
+    return await off_loop_if_large(size, b"".join, chunks)
 
 
 async def image_from_request(request: Request, limit: int) -> bytes:
@@ -103,7 +104,11 @@ def _json_constant(name: str) -> float:
 def parse_boxes(
     text: str | None, max_boxes: int
 ) -> tuple[list[list[float]] | None, list[float] | None]:
-    """``[[x1,y1,x2,y2], ...]`` or ``{"boxes": [...], "scores": [...]}``, within limits."""
+    """``[[x1,y1,x2,y2], ...]`` or ``{"boxes": [...], "scores": [...]}``, within limits.
+
+    The text is parsed within its own limits (length, digits per number, no NaN or Infinity);
+    the structure is checked by ``service.core.boxes.validate_boxes``.
+    """
     if text is None:
         return None, None
     if len(text) > 64 * (max_boxes + 1):
@@ -120,37 +125,10 @@ def parse_boxes(
         ) from exc
     except RecursionError:
         raise InvalidParameterError("boxes is nested too deeply; see the expected shape") from None
-    scores = None
-    if isinstance(data, dict):
-        scores = data.get("scores")
-        data = data.get("boxes")
-    if not isinstance(data, list) or not all(
-        isinstance(box, list)
-        and len(box) == 4
-        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in box)
-        for box in data
-    ):
-        raise InvalidParameterError(
-            'boxes must be a JSON list of [x1, y1, x2, y2] number lists, or {"boxes": [...], '
-            '"scores": [...]}'
-        )
-    if scores is not None and (
-        not isinstance(scores, list)
-        or len(scores) != len(data)
-        or not all(isinstance(s, int | float) and not isinstance(s, bool) for s in scores)
-    ):
-        raise InvalidParameterError("scores must be a list of numbers, one per box")
-    if len(data) > max_boxes:
-        raise InvalidParameterError(f"boxes holds {len(data)} boxes; at most {max_boxes}")
-    boxes = [[float(v) for v in box] for box in data]
-    for i, (x1, y1, x2, y2) in enumerate(boxes):
-        if not all(math.isfinite(v) for v in (x1, y1, x2, y2)) or x2 <= x1 or y2 <= y1:
-            raise InvalidParameterError(f"box {i} must be finite with x2 > x1 and y2 > y1")
-        if not all(abs(v) <= MAX_COORDINATE for v in (x1, y1, x2, y2)):
-            raise InvalidParameterError(
-                f"box {i} has a coordinate beyond +-{MAX_COORDINATE:.0f} pixels"
-            )
-    return boxes, None if scores is None else [float(s) for s in scores]
+    try:
+        return validate_boxes(data, max_boxes)
+    except BoxesError as exc:
+        raise InvalidParameterError(str(exc)) from None
 
 
 def _query_names(dependant: Dependant) -> set[str]:

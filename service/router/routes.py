@@ -1,23 +1,24 @@
-"""The routes: POST /colorize, the probes, /info."""
+"""The routes: POST /colorize as the request's steps, the probes, /info.
+
+A colorize request is admitted (not draining, queue started), its options are parsed, its image
+is read within the body limit, the image header is probed and its shape checked, a job is built,
+submitted while the client is watched (a disconnect withdraws the job), and the answer goes back.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 from contextlib import suppress
+from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
-from fastapi import FastAPI, Query, Request
+from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from service.core.api_keys import load_api_keys
-from service.core.errors import (
-    InternalError,
-    InvalidParameterError,
-    ServiceError,
-    UnavailableError,
-)
+from service.core.errors import ServiceError, UnavailableError
 from service.core.image_header import check_shape, probe_size
 from service.core.jobs import SATURATION_RANGE, Job, JobOptions, JobResult, OutputFormat
 from service.core.metrics import METRICS
@@ -33,50 +34,45 @@ from service.router.schemas import (
     problem_responses,
 )
 from service.router.state import ServiceState
+from service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
-
-async def submit_watching(request: Request, queue: JobQueue, job: Job) -> JobResult:
-    """Submit; if the client disconnects first, withdraw the job (its queue slot is freed)."""
-    submit = asyncio.ensure_future(queue.submit(job))
-    watch = asyncio.ensure_future(until_disconnected(request))
-    try:
-        await asyncio.wait({submit, watch}, return_when=asyncio.FIRST_COMPLETED)
-    finally:
-        if not submit.done():
-            submit.cancel()
-        watch.cancel()
-    if submit.cancelled() or not submit.done():
-        with suppress(asyncio.CancelledError, ServiceError):
-            await submit
-        raise ClientGone
-    return submit.result()
+COLORIZE_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {
+        "description": "The colorized image (or JSON with Accept: application/json). "
+        "Headers: X-Request-ID, X-Instances, X-Model-Version, Server-Timing "
+        "(decode, queue, detect, instance, fusion, merge, encode, total in ms).",
+        "content": {**IMAGE_CONTENT, "application/json": {}},
+        "model": ColorizeJSON,
+    },
+    **problem_responses(400, 401, 413, 415, 422, 429, 500, 503, 504),
+}
 
 
-def install_routes(app: FastAPI, state: ServiceState) -> None:
-    settings = state.settings
-    policy_enabled = bool(load_api_keys(settings.api_keys, settings.api_key_file))
+# -- POST /colorize -----------------------------------------------------------------------------
 
-    @app.post(
-        "/colorize",
-        tags=["colorize"],
-        summary="Colorize one image",
-        response_class=Response,
-        openapi_extra={"requestBody": COLORIZE_BODY},
-        responses={
-            200: {
-                "description": "The colorized image (or JSON with Accept: application/json). "
-                "Headers: X-Request-ID, X-Instances, X-Model-Version, Server-Timing "
-                "(decode, queue, detect, instance, fusion, merge, encode, total in ms).",
-                "content": {**IMAGE_CONTENT, "application/json": {}},
-                "model": ColorizeJSON,
-            },
-            **problem_responses(400, 401, 413, 415, 422, 429, 500, 503, 504),
-        },
-    )
-    async def colorize(
-        request: Request,
+
+@dataclass(frozen=True)
+class ColorizeParams:
+    """The query parameters of POST /colorize, as declared by ``colorize_query``."""
+
+    format: OutputFormat | None
+    quality: int
+    resolution: Literal["original", "network"]
+    max_instances: int
+    score_threshold: float
+    boxes: str | None
+    saturation: float
+
+
+def colorize_query(instance_limit: int) -> Callable[..., ColorizeParams]:
+    """The dependency declaring the query (bounds, defaults, descriptions: the OpenAPI).
+
+    A function per app because ``max_instances`` is bounded by this app's ``instance_limit``.
+    """
+
+    def colorize_params(
         format: Annotated[
             OutputFormat | None,
             Query(description="Output format; default: jpeg for JPEG input, otherwise png."),
@@ -88,11 +84,11 @@ def install_routes(app: FastAPI, state: ServiceState) -> None:
         ] = "original",
         # a default-value Query (not Annotated): its bound and default are this app's limit
         max_instances: int = Query(
-            settings.instance_limit,
+            instance_limit,
             ge=0,
-            le=settings.instance_limit,
+            le=instance_limit,
             description="Most instance boxes to colorize separately (0: full image only); "
-            f"at most {settings.instance_limit} (COLORIZE_INSTANCE_LIMIT).",
+            f"at most {instance_limit} (COLORIZE_INSTANCE_LIMIT).",
         ),
         score_threshold: Annotated[
             float, Query(ge=0.0, le=1.0, description="Detector score a box needs to be used.")
@@ -114,73 +110,137 @@ def install_routes(app: FastAPI, state: ServiceState) -> None:
                 "model's own colours; 0: grayscale; 2: twice the chroma.",
             ),
         ] = 1.0,
+    ) -> ColorizeParams:
+        return ColorizeParams(
+            format, quality, resolution, max_instances, score_threshold, boxes, saturation
+        )
+
+    return colorize_params
+
+
+def admit(state: ServiceState) -> JobQueue:
+    """The queue to submit to; 503 while the service starts or drains."""
+    if state.draining:
+        raise UnavailableError("the service is shutting down", retry_after=1.0)
+    if state.queue is None:
+        raise UnavailableError("the service is starting", retry_after=1.0)
+    return state.queue
+
+
+def job_options(params: ColorizeParams, max_boxes: int) -> JobOptions:
+    """The query as job options; bad boxes are 422."""
+    boxes, scores = parse_boxes(params.boxes, max_boxes)
+    return JobOptions(
+        format=params.format,
+        quality=params.quality,
+        resolution=params.resolution,
+        max_instances=params.max_instances,
+        score_threshold=params.score_threshold,
+        boxes=boxes,
+        scores=scores,
+        saturation=params.saturation,
+    )
+
+
+def checked_pixels(image: bytes, settings: ServiceSettings) -> int:
+    """Width x height from the image header, refused (413/422) beyond the limits; 0 if unknown."""
+    size = probe_size(image)
+    if size is None:  # unreadable headers get their precise 400/415 from decoding
+        return 0
+    check_shape(*size, max_pixels=settings.max_pixels, max_aspect_ratio=settings.max_aspect_ratio)
+    return size[0] * size[1]
+
+
+def build_job(
+    request_id: str, image: bytes, options: JobOptions, pixels: int, timeout_s: float
+) -> Job:
+    now = time.time()
+    return Job(
+        request_id=request_id,
+        image=image,
+        options=options,
+        deadline=now + timeout_s,
+        enqueued_at=now,
+        pixels=pixels,
+    )
+
+
+async def submit_watching(request: Request, queue: JobQueue, job: Job) -> JobResult:
+    """Submit; if the client disconnects first, withdraw the job (its queue slot is freed)."""
+    submit = asyncio.ensure_future(queue.submit(job))
+    watch = asyncio.ensure_future(until_disconnected(request))
+    try:
+        await asyncio.wait({submit, watch}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        if not submit.done():
+            submit.cancel()
+        watch.cancel()
+    if submit.cancelled() or not submit.done():
+        with suppress(asyncio.CancelledError, ServiceError):
+            await submit
+        raise ClientGone
+    return submit.result()
+
+
+async def respond(
+    request: Request, request_id: str, result: JobResult, started: float, saturation: float
+) -> Response:
+    """The answer, with the total time in Server-Timing and the outcome counted."""
+    timings = {**result.timings, "total": time.perf_counter() - started}
+    METRICS.stage_duration.labels(stage="total").observe(timings["total"])
+    response = await result_response(request, request_id, result, timings, saturation)
+    count_outcome(request, response.status_code)
+    return response
+
+
+def client_closed(request: Request, request_id: str, when: str = "") -> Response:
+    """A client that went away: logged and counted as 499 (nobody reads the answer)."""
+    log.info("request %s: client disconnected%s", request_id, f" {when}" if when else "")
+    count_outcome(request, CLIENT_CLOSED)
+    return Response(status_code=CLIENT_CLOSED)
+
+
+def install_colorize(app: FastAPI, state: ServiceState) -> None:
+    settings = state.settings
+    query = Depends(colorize_query(settings.instance_limit))
+
+    @app.post(
+        "/colorize",
+        tags=["colorize"],
+        summary="Colorize one image",
+        response_class=Response,
+        openapi_extra={"requestBody": COLORIZE_BODY},
+        responses=COLORIZE_RESPONSES,
+    )
+    async def colorize(
+        request: Request,
+        params: ColorizeParams = query,  # not Annotated: the dependency is this app's own
     ) -> Response:
         started = time.perf_counter()
         request_id = request_id_of(request)
         METRICS.in_flight.inc()
         try:
-            if state.draining:
-                raise UnavailableError("the service is shutting down", retry_after=1.0)
-            queue = state.queue
-            if queue is None:
-                raise UnavailableError("the service is starting", retry_after=1.0)
-            if max_instances > settings.instance_limit:
-                raise InvalidParameterError(
-                    f"max_instances must be between 0 and {settings.instance_limit}, "
-                    f"got {max_instances}"
-                )
-            parsed_boxes, parsed_scores = parse_boxes(boxes, settings.max_boxes)
+            queue = admit(state)
+            options = job_options(params, settings.max_boxes)
             try:
                 image = await image_from_request(request, settings.max_body_bytes)
             except ClientGone:
-                log.info("request %s: client disconnected during the upload", request_id)
-                count_outcome(request, CLIENT_CLOSED)
-                return Response(status_code=CLIENT_CLOSED)
-            size = probe_size(image)
-            if size is not None:  # unreadable headers get their precise 400/415 from decoding
-                check_shape(
-                    *size,
-                    max_pixels=settings.max_pixels,
-                    max_aspect_ratio=settings.max_aspect_ratio,
-                )
-            pixels = size[0] * size[1] if size is not None else 0
-            now = time.time()
-            job = Job(
-                request_id=request_id,
-                image=image,
-                options=JobOptions(
-                    format=format,
-                    quality=quality,
-                    resolution=resolution,
-                    max_instances=max_instances,
-                    score_threshold=score_threshold,
-                    boxes=parsed_boxes,
-                    scores=parsed_scores,
-                    saturation=saturation,
-                ),
-                deadline=now + settings.request_timeout_s,
-                enqueued_at=now,
-                pixels=pixels,
-            )
+                return client_closed(request, request_id, "during the upload")
+            pixels = checked_pixels(image, settings)
+            job = build_job(request_id, image, options, pixels, settings.request_timeout_s)
             try:
                 result = await submit_watching(request, queue, job)
             except ClientGone:
-                log.info("request %s: client disconnected", request_id)
-                count_outcome(request, CLIENT_CLOSED)
-                return Response(status_code=CLIENT_CLOSED)
-            timings = {**result.timings, "total": time.perf_counter() - started}
-            METRICS.stage_duration.labels(stage="total").observe(timings["total"])
-            response = result_response(request, request_id, result, timings, saturation)
-            count_outcome(request, response.status_code)
-            return response
-        except ServiceError:
-            raise
-        except Exception as exc:
-            log.error("request %s failed", request_id, exc_info=exc)
-            raise InternalError("internal error; quote the request ID when reporting it") from exc
+                return client_closed(request, request_id)
+            return await respond(request, request_id, result, started, params.saturation)
         finally:
             METRICS.in_flight.dec()
 
+
+# -- probes and /info ---------------------------------------------------------------------------
+
+
+def install_probes(app: FastAPI, state: ServiceState) -> None:
     @app.get(
         "/healthz",
         tags=["operations"],
@@ -211,40 +271,51 @@ def install_routes(app: FastAPI, state: ServiceState) -> None:
         status = "failed" if reason else "loading"
         return JSONResponse({"status": status, "detail": reason}, status_code=503)
 
+
+def batching_info(settings: ServiceSettings) -> dict[str, Any]:
+    return {
+        # Redis mode: the workers batch (and the API process never loads torch)
+        "max_batch_size": (
+            settings.max_batch_size
+            if settings.queue == "redis"
+            else settings.resolved_max_batch_size()
+        ),
+        "max_batch_delay_ms": settings.max_batch_delay_ms,
+        "max_concurrent_batches": settings.max_concurrent_batches,
+        "queue_size": settings.queue_size,
+        "batch_buckets": settings.batch_buckets() if settings.queue == "memory" else None,
+    }
+
+
+def limits_info(settings: ServiceSettings) -> dict[str, Any]:
+    names = ("request_timeout_s", "max_body_bytes", "max_pixels", "max_aspect_ratio", "max_boxes",
+             "instance_limit", "max_header_bytes", "header_timeout_s", "keep_alive_timeout_s",
+             "max_connections")  # fmt: skip
+    return {name: getattr(settings, name) for name in names}
+
+
+def install_info(app: FastAPI, state: ServiceState) -> None:
+    settings = state.settings
+    api_keys = bool(settings.api_key_table())
+
     @app.get("/info", tags=["operations"])
     async def info() -> dict[str, Any]:
         """Model files and sha256, detector, device, precision, batching settings, version."""
-        model = state.queue.describe() if state.queue is not None else {}
+        queue = state.queue
         return {
             "service_version": app.version,
-            "model": model,
+            "model": queue.describe() if queue is not None else {},
             "queue": settings.queue,
-            "batching": {
-                # Redis mode: the workers batch (and the API process never loads torch)
-                "max_batch_size": (
-                    settings.max_batch_size
-                    if settings.queue == "redis"
-                    else settings.resolved_max_batch_size()
-                ),
-                "max_batch_delay_ms": settings.max_batch_delay_ms,
-                "max_concurrent_batches": settings.max_concurrent_batches,
-                "queue_size": settings.queue_size,
-                "batch_buckets": settings.batch_buckets() if settings.queue == "memory" else None,
-            },
-            "limits": {
-                "request_timeout_s": settings.request_timeout_s,
-                "max_body_bytes": settings.max_body_bytes,
-                "max_pixels": settings.max_pixels,
-                "max_aspect_ratio": settings.max_aspect_ratio,
-                "max_boxes": settings.max_boxes,
-                "instance_limit": settings.instance_limit,
-                "max_header_bytes": settings.max_header_bytes,
-                "header_timeout_s": settings.header_timeout_s,
-                "keep_alive_timeout_s": settings.keep_alive_timeout_s,
-                "max_connections": settings.max_connections,
-            },
+            "batching": batching_info(settings),
+            "limits": limits_info(settings),
             "worker_threads": settings.worker_threads,
             "overload_status": settings.overload_status,
-            "api_keys": policy_enabled,
-            "queue_depth": state.queue.depth() if state.queue is not None else 0,
+            "api_keys": api_keys,
+            "queue_depth": queue.depth() if queue is not None else 0,
         }
+
+
+def install_routes(app: FastAPI, state: ServiceState) -> None:
+    install_colorize(app, state)
+    install_probes(app, state)
+    install_info(app, state)

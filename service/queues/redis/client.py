@@ -23,6 +23,7 @@ from service.core.errors import (
 )
 from service.core.jobs import Job, JobResult
 from service.core.metrics import Metrics
+from service.core.offload import off_loop_if_large
 from service.queues.redis.protocol import (
     ADMIT_SCRIPT,
     LIVE_SCRIPT,
@@ -282,7 +283,11 @@ class RedisJobQueue:
         version = await self._current_model_version()
         if version is None:
             return None
-        return self.layout.cache(cache_digest(job.image, job.options, version))
+        # the sha256 of a large upload runs on a worker thread, not on the event loop
+        digest = await off_loop_if_large(
+            len(job.image), cache_digest, job.image, job.options, version
+        )
+        return self.layout.cache(digest)
 
     async def _current_model_version(self) -> str | None:
         """As the stats task last read it; asked of Redis only while no worker has published."""
