@@ -16,6 +16,7 @@ from models.checkpoints import (
     OFFICIAL_ZIP_DRIVE_ID,
 )
 from models.detector import DETECTOR_WEIGHTS
+from models.registry import MODELS
 
 log = logging.getLogger(__name__)
 
@@ -67,6 +68,22 @@ def remote_file(url: str) -> RemoteFile:
     return RemoteFile(url, filename, _name_hash(filename))
 
 
+def model_files() -> dict[str, tuple[RemoteFile, ...]]:
+    """Each registry model's directly downloadable files, checked against their full sha256.
+
+    InstColorization is left out: its files come in the official zip (``official_zip``).
+    """
+    return {
+        spec.name: tuple(
+            RemoteFile(w.url, w.filename, w.sha256_prefix)
+            for w in spec.weights
+            if w.packed_in is None
+        )
+        for spec in MODELS.values()
+        if all(w.packed_in is None for w in spec.weights)
+    }
+
+
 @dataclass(frozen=True)
 class WeightSources:
     """Where each weight file is downloaded from (replace it for mirrors and tests)."""
@@ -75,6 +92,9 @@ class WeightSources:
     mmagic: RemoteFile
     detectors: Mapping[str, RemoteFile] = field(default_factory=dict)
     lpips_vgg16: RemoteFile | None = None
+    # The other models' files by model name (models/registry.py), for ``fetch-weights --model``;
+    # listed here only: fetch-weights does not download them yet.
+    models: Mapping[str, tuple[RemoteFile, ...]] = field(default_factory=dict)
 
     @classmethod
     def default(cls) -> WeightSources:
@@ -88,6 +108,7 @@ class WeightSources:
                 for v, w in DETECTOR_WEIGHTS.items()
             },
             lpips_vgg16=remote_file(VGG16_Weights.IMAGENET1K_V1.url),
+            models=model_files(),
         )
 
     @classmethod
@@ -104,6 +125,7 @@ class WeightSources:
             mmagic=moved(default.mmagic),
             detectors={v: moved(f) for v, f in default.detectors.items()},
             lpips_vgg16=moved(default.lpips_vgg16) if default.lpips_vgg16 else None,
+            models={m: tuple(moved(f) for f in files) for m, files in default.models.items()},
         )
 
     @classmethod
