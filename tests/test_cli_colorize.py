@@ -240,7 +240,9 @@ def test_files_are_encoded_by_the_http_encoder_at_quality_95(tmp_path: Path, fmt
     assert (tmp_path / f"out.{fmt}").read_bytes() == encode_image(image, fmt, 95)[0]  # type: ignore[arg-type]
     if fmt == "jpeg":
         with Image.open(tmp_path / "out.jpeg") as written:
-            assert JpegImagePlugin.get_sampling(written) == 2  # 4:2:0, as the HTTP API has always sent
+            assert (
+                JpegImagePlugin.get_sampling(written) == 2
+            )  # 4:2:0, as the HTTP API has always sent
 
 
 def test_same_stems_are_kept_apart(
