@@ -38,7 +38,7 @@ from models.merge import (
     merge_original,
     scale_saturation,
 )
-from models.precision import DTYPES, Precision, probe_cpu
+from models.precision import DTYPES, Precision, PrecisionSetting, probe_cpu, resolve_precision
 from models.preprocess import (
     crop_l,
     detector_lightness,
@@ -109,16 +109,19 @@ class Colorizer:
         networks: ColorizationNetworks,
         detector: BoxDetector | None = None,
         device: torch.device | str = "cpu",
-        precision: Precision = "fp32",
+        precision: PrecisionSetting = "fp32",
         instance_limit: int = DEFAULT_MAX_INSTANCES,
         crop_threads: int = 4,
         channels_last: bool = True,
     ) -> None:
         self.device = torch.device(device)
+        # ``auto`` follows the command line's rule; an unknown value is a ValueError naming the
+        # valid ones (before any thread or weight is touched).
+        resolved = resolve_precision(precision, self.device)
         # Cutting and resizing crops is PIL work that releases the GIL: spread it over threads.
         self._crop_pool = ThreadPoolExecutor(max(1, crop_threads), thread_name_prefix="crops")
-        self.precision: Precision = precision
-        self.dtype = DTYPES[precision]
+        self.precision: Precision = resolved
+        self.dtype = DTYPES[resolved]
         self.instance_limit = instance_limit
         self.networks = networks
         self.detector = detector
@@ -135,11 +138,11 @@ class Colorizer:
             detector.model.to(memory_format=self.memory_format)
             # Boxes only feed crop selection: the detector runs under autocast (bf16 anywhere,
             # fp16 on CUDA) rather than with cast weights.
-            mixed = precision == "bf16" or (precision == "fp16" and self.device.type == "cuda")
+            mixed = resolved == "bf16" or (resolved == "fp16" and self.device.type == "cuda")
             detector.autocast_dtype = self.dtype if mixed else None
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-            if precision == "fp32":  # parity: no TF32 (spec §8)
+            if resolved == "fp32":  # parity: no TF32 (spec §8)
                 torch.backends.cudnn.allow_tf32 = False
                 torch.backends.cuda.matmul.allow_tf32 = False
 
@@ -152,10 +155,13 @@ class Colorizer:
         detector_version: DetectorVersion = "v1",
         detector_size: tuple[int, int] = (DEFAULT_MIN_SIZE, DEFAULT_MAX_SIZE),
         device: torch.device | str = "cpu",
-        precision: Precision = "fp32",
+        precision: PrecisionSetting = "fp32",
         instance_limit: int = DEFAULT_MAX_INSTANCES,
         channels_last: bool = True,
     ) -> Colorizer:
+        """``precision``: fp32, fp16, bf16 or ``auto`` (the command line's rule, see
+        ``models.precision.resolve_precision``); anything else is a ``ValueError``."""
+        resolve_precision(precision, device)  # refuse a bad value before reading any weights
         networks = load_networks(checkpoints)
         detector = None
         if detector_weights is not None:
