@@ -104,7 +104,7 @@ def resolve_precision(setting: PrecisionSetting | str, device: torch.device | st
         valid = ", ".join(repr(name) for name in SETTINGS)
         raise ValueError(f"precision must be one of {valid}, got {setting!r}")
     if setting != "auto":
-        return setting  # type: ignore[return-value]  # one of DTYPES' keys, checked above
+        return setting  # one of DTYPES' keys, checked above
     kind = torch.device(device).type
     if kind == "cuda":
         return "fp16"

@@ -124,7 +124,7 @@ def create_app(
             allow_methods=["GET", "POST"],
             allow_headers=["Authorization", "X-API-Key", "X-Request-ID", "Content-Type"],
             expose_headers=["X-Request-ID", "X-Instances", "X-Model-Version", "Server-Timing",
-                            "Retry-After"],
+                            "Retry-After", "X-Image-Truncated"],
         )  # fmt: skip
     install_error_handlers(app, state)
     install_routes(app, state)

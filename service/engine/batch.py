@@ -33,7 +33,7 @@ from service.core.errors import (
 )
 from service.core.jobs import Job, JobOptions, JobResult, OutputFormat
 from service.core.metrics import METRICS, Metrics
-from service.engine.decode import configure_pil, decode_image
+from service.engine.decode import configure_pil, decode
 from service.engine.encode import choose_format, encode_image
 from service.engine.loading import build_colorizer
 from service.settings import ServiceSettings
@@ -55,6 +55,7 @@ class _Ready:
     prepared: PreparedImage
     fmt: OutputFormat
     timings: dict[str, float]
+    truncated: bool = False  # decoded as far as its data went (allow_truncated)
 
 
 def colorize_options(options: JobOptions) -> ColorizeOptions:
@@ -84,11 +85,13 @@ class BatchEngine:
         metrics: Metrics = METRICS,
         *,
         max_pixels: int,
+        allow_truncated: bool = False,
     ) -> None:
         self.colorizer = colorizer
         self.pool = pool
         self.metrics = metrics
         self.max_pixels = max_pixels
+        self.allow_truncated = allow_truncated
         # One thread owns the device: predicts never interleave and keep one CUDA stream busy.
         self.device_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
         self.owns_pool = False  # start() hands the engine its own pool, shut down by close()
@@ -122,7 +125,13 @@ class BatchEngine:
         """
         colorizer = await asyncio.to_thread(build_colorizer, settings)
         pool = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="cpu")
-        engine = cls(colorizer, pool, metrics, max_pixels=settings.max_pixels)
+        engine = cls(
+            colorizer,
+            pool,
+            metrics,
+            max_pixels=settings.max_pixels,
+            allow_truncated=settings.allow_truncated_images,
+        )
         engine.owns_pool = True
         try:
             if settings.warmup:
@@ -202,9 +211,11 @@ class BatchEngine:
         start = time.perf_counter()
         try:
             options = colorize_options(job.options)
-            image = decode_image(job.image, max_pixels=self.max_pixels)
-            fmt = choose_format(job.options.format, image.format)
-            prepared = self.colorizer.prepare(image, options)
+            decoded = decode(
+                job.image, max_pixels=self.max_pixels, allow_truncated=self.allow_truncated
+            )
+            fmt = choose_format(job.options.format, decoded.image.format)
+            prepared = self.colorizer.prepare(decoded.image, options)
         except ServiceError as exc:
             return exc
         except OptionsError as exc:
@@ -217,7 +228,9 @@ class BatchEngine:
         except Exception:
             log.exception("request %s: prepare failed", job.request_id)
             return InternalError("preparing the image failed")
-        return _Ready(prepared, fmt, {"decode": time.perf_counter() - start})
+        return _Ready(
+            prepared, fmt, {"decode": time.perf_counter() - start}, truncated=decoded.truncated
+        )
 
     def _finish(self, job: Job, ready: _Ready, prediction: Prediction | ServiceError) -> Outcome:
         if isinstance(prediction, ServiceError):
@@ -250,6 +263,7 @@ class BatchEngine:
             timings=timings,
             model_version=self.colorizer.version,
             input_size=list(ready.prepared.source.size),
+            truncated=ready.truncated,
         )
 
     # -- device stage (device thread) -----------------------------------------------------------

@@ -97,6 +97,8 @@ def result_response(
     }
     if result.cached:
         headers["X-Cache"] = "hit"
+    if result.truncated:  # COLORIZE_ALLOW_TRUNCATED_IMAGES: decoded as far as the data went
+        headers["X-Image-Truncated"] = "true"
     if wants_json(request.headers.get("accept", ""), result.media_type):
         body = ColorizeJSON(
             request_id=request_id,
@@ -110,6 +112,7 @@ def result_response(
             saturation=saturation,
             timings_ms={k: round(v * 1000, 3) for k, v in timings.items()},
             cached=result.cached,
+            truncated=result.truncated,
         )
         return JSONResponse(body.model_dump(), headers=headers)
     return Response(result.body, media_type=result.media_type, headers=headers)

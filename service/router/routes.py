@@ -68,7 +68,9 @@ def install_routes(app: FastAPI, state: ServiceState) -> None:
             200: {
                 "description": "The colorized image (or JSON with Accept: application/json). "
                 "Headers: X-Request-ID, X-Instances, X-Model-Version, Server-Timing "
-                "(decode, queue, detect, instance, fusion, merge, encode, total in ms).",
+                "(decode, queue, detect, instance, fusion, merge, encode, total in ms); "
+                "X-Image-Truncated: true when COLORIZE_ALLOW_TRUNCATED_IMAGES let a cut-short "
+                "image through.",
                 "content": {**IMAGE_CONTENT, "application/json": {}},
                 "model": ColorizeJSON,
             },
