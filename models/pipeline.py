@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import torch
 from PIL import Image
@@ -91,6 +91,11 @@ class Prediction:
     boxes: list[IntBox]
     scores: list[float]
     timings: dict[str, float]
+
+
+StopCheck = Callable[[PreparedImage], bool]
+"""``predict``'s per-stage check: True once an image's result is no longer wanted (a server's
+deadline passed, its client left). Checked before the detector and before each network."""
 
 
 @dataclass(frozen=True)
@@ -274,22 +279,44 @@ class Colorizer:
         x = network_input(l_norm.to(self.device, self.dtype, non_blocking=True))
         return x.contiguous(memory_format=self.memory_format)
 
+    @overload
+    def predict(
+        self, batch: Sequence[PreparedImage], should_stop: None = None
+    ) -> list[Prediction]: ...
+
+    @overload
+    def predict(
+        self, batch: Sequence[PreparedImage], should_stop: StopCheck
+    ) -> list[Prediction | None]: ...
+
     @torch.inference_mode()
-    def predict(self, batch: Sequence[PreparedImage]) -> list[Prediction]:
-        """Boxes, instance net, fusion net (or full-image net) for a batch; ab at 256x256."""
+    def predict(
+        self, batch: Sequence[PreparedImage], should_stop: StopCheck | None = None
+    ) -> list[Prediction] | list[Prediction | None]:
+        """Boxes, instance net, fusion net (or full-image net) for a batch; ab at 256x256.
+
+        ``should_stop`` is asked about each image still in the batch before the detector and
+        before each network; an image it stops is left out of every later stage and gets None.
+        """
         if not batch:
             return []
+
+        def wanted(indices: Sequence[int]) -> list[int]:
+            if should_stop is None:
+                return list(indices)
+            return [i for i in indices if not should_stop(batch[i])]
+
         t0 = time.perf_counter()
-        detections = self._detect(batch)
-        chosen = [
-            choose_boxes(d, *p.source.size, p.options.max_instances)
-            for d, p in zip(detections, batch, strict=True)
-        ]
+        alive = wanted(range(len(batch)))
+        found = self._detect([batch[i] for i in alive])
+        chosen: dict[int, tuple[list[IntBox], list[float]]] = {
+            i: choose_boxes(d, *batch[i].source.size, batch[i].options.max_instances)
+            for i, d in zip(alive, found, strict=True)
+        }
         t1 = time.perf_counter()
 
-        with_boxes = [i for i, (boxes, _) in enumerate(chosen) if boxes]
-        without = [i for i, (boxes, _) in enumerate(chosen) if not boxes]
         ab: list[torch.Tensor | None] = [None] * len(batch)
+        with_boxes = wanted([i for i in chosen if chosen[i][0]])
         features: dict[str, torch.Tensor] = {}
         if with_boxes:
             crops = torch.cat(
@@ -303,6 +330,12 @@ class Colorizer:
         self._sync()
         t2 = time.perf_counter()
 
+        still = wanted(with_boxes)
+        if still != with_boxes:  # leave the crops of stopped images out of the fusion
+            kept = [i in still for i in with_boxes for _ in chosen[i][0]]
+            index = torch.tensor(kept, device=self.device).nonzero().flatten()
+            features = {name: value.index_select(0, index) for name, value in features.items()}
+            with_boxes = still
         if with_boxes:
             infos = [
                 [
@@ -317,6 +350,7 @@ class Colorizer:
             for i, out in zip(with_boxes, fused.float().cpu(), strict=True):
                 ab[i] = out
         del features
+        without = wanted([i for i in chosen if not chosen[i][0]])
         if without:
             full = torch.stack([batch[i].l_norm for i in without])
             plain = self.full_image_net(self._network_input(full))
@@ -326,17 +360,27 @@ class Colorizer:
         t3 = time.perf_counter()
 
         stage = {"detect": t1 - t0, "instance": t2 - t1, "fusion": t3 - t2}
-        predictions = []
+        predictions: list[Prediction | None] = []
         for i, p in enumerate(batch):
             result = ab[i]
-            assert result is not None
+            if result is None:
+                assert should_stop is not None  # only a stopped image has no result
+                predictions.append(None)
+                continue
             boxes, scores = chosen[i]
             predictions.append(Prediction(result, boxes, scores, {**p.timings, **stage}))
         return predictions
 
     # -- stage 3: CPU ---------------------------------------------------------------------------
 
-    def merge(self, prepared: PreparedImage, prediction: Prediction) -> ColorizedImage:
+    def merge(
+        self,
+        prepared: PreparedImage,
+        prediction: Prediction,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> ColorizedImage:
+        """``should_stop``: asked between the chunks of a full-resolution merge; True raises
+        ``models.merge.Stopped`` (the result is no longer wanted)."""
         start = time.perf_counter()
         alpha = prepared.source.alpha
         ab = scale_saturation(prediction.ab, prepared.options.saturation)
@@ -344,7 +388,7 @@ class Colorizer:
             image = merge_network(prepared.l_norm, ab, alpha)
         else:
             assert prepared.lightness is not None  # computed by prepare() for this resolution
-            image = merge_original(prepared.lightness, ab, alpha)
+            image = merge_original(prepared.lightness, ab, alpha, should_stop)
         timings = {**prediction.timings, "merge": time.perf_counter() - start}
         return ColorizedImage(image, prediction.boxes, prediction.scores, timings)
 

@@ -227,3 +227,21 @@ def test_best_effort_decodes_what_there_is_and_says_so(data: bytes, filled: int 
     assert whole.truncated is False
     with pytest.raises(TruncatedImageError):  # a cut WebP cannot be decoded in part
         decode(corpus.cut_webp(), max_pixels=LIMIT, allow_truncated=True)
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg"])
+def test_an_unwanted_encode_stops_at_its_next_write(fmt: str) -> None:
+    from service.engine.encode import EncodeStopped
+
+    image = corpus.gray(2000, 1500, 4).convert("RGB")
+    asked: list[int] = []
+
+    def stop_after_the_first_write() -> bool:
+        asked.append(1)
+        return len(asked) > 1
+
+    with pytest.raises(EncodeStopped):
+        encode_image(image, fmt, 90, stop_after_the_first_write)  # type: ignore[arg-type]
+    assert len(asked) == 2  # one block written, then stopped
+    body, _ = encode_image(image, fmt, 90, lambda: False)  # type: ignore[arg-type]
+    assert body == encode_image(image, fmt, 90)[0]  # asking changes nothing else
