@@ -22,7 +22,13 @@ from service.core.image_header import check_shape, probe_size
 from service.core.jobs import SATURATION_RANGE, Job, JobOptions, JobResult, OutputFormat
 from service.core.metrics import METRICS
 from service.core.queue import JobQueue
-from service.router.inputs import ClientGone, image_from_request, parse_boxes, until_disconnected
+from service.router.inputs import (
+    BodyTimedOut,
+    ClientGone,
+    image_from_request,
+    parse_boxes,
+    until_disconnected,
+)
 from service.router.middleware import request_id_of
 from service.router.responses import CLIENT_CLOSED, count_outcome, result_response
 from service.router.schemas import (
@@ -134,7 +140,11 @@ def install_routes(app: FastAPI, state: ServiceState) -> None:
             parsed_boxes, parsed_scores = parse_boxes(boxes, settings.max_boxes)
             try:
                 image = await image_from_request(request, settings.max_body_bytes)
-            except ClientGone:
+            except ClientGone as gone:
+                if isinstance(gone, BodyTimedOut):  # the server answered 408 and closed
+                    log.info("request %s: body not received in time (408)", request_id)
+                    count_outcome(request, 408, "body-timeout")
+                    return Response(status_code=408)
                 log.info("request %s: client disconnected during the upload", request_id)
                 count_outcome(request, CLIENT_CLOSED)
                 return Response(status_code=CLIENT_CLOSED)
