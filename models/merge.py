@@ -11,6 +11,7 @@ either merge; at 1.0 it returns the prediction untouched, so the default output 
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Literal
 
 import torch
@@ -23,6 +24,10 @@ Resolution = Literal["original", "network"]
 _ROWS_PER_CHUNK_PIXELS = 1 << 21  # bounds the float temporaries of a full-resolution merge
 SATURATION_RANGE = (0.0, 2.0)
 """Allowed colour strengths: 0 gives the grayscale L, 1 the model's colours, 2 twice their chroma."""
+
+
+class Stopped(RuntimeError):
+    """A merge given ``should_stop`` was told to stop between two chunks (result not wanted)."""
 
 
 def scale_saturation(ab_norm: torch.Tensor, saturation: float) -> torch.Tensor:
@@ -73,14 +78,22 @@ def upsample_ab(ab_norm: torch.Tensor, height: int, width: int) -> torch.Tensor:
 
 
 def merge_original(
-    lightness: torch.Tensor, ab_norm: torch.Tensor, alpha: Image.Image | None
+    lightness: torch.Tensor,
+    ab_norm: torch.Tensor,
+    alpha: Image.Image | None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> Image.Image:
-    """Full-resolution output from the input's L (1, H, W, Lab units) and the predicted ab."""
+    """Full-resolution output from the input's L (1, H, W, Lab units) and the predicted ab.
+
+    ``should_stop`` is asked before each chunk of rows; True raises ``Stopped``.
+    """
     height, width = lightness.shape[-2:]
     ab = upsample_ab(ab_norm, height, width)
     rgb8 = torch.empty(3, height, width, dtype=torch.uint8)
     rows = max(1, _ROWS_PER_CHUNK_PIXELS // max(width, 1))
     for top in range(0, height, rows):
+        if should_stop is not None and should_stop():
+            raise Stopped(f"merge stopped at row {top} of {height}")
         part = slice(top, top + rows)
         lab = torch.cat((lightness[:, part].float(), ab[:, part] * AB_NORM), dim=0)
         rgb8[:, part] = to_uint8(lab_to_rgb(lab).clamp(0.0, 1.0))

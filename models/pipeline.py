@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, overload
 
 import torch
 from PIL import Image
@@ -38,7 +38,7 @@ from models.merge import (
     merge_original,
     scale_saturation,
 )
-from models.precision import DTYPES, Precision, probe_cpu
+from models.precision import DTYPES, Precision, PrecisionSetting, probe_cpu, resolve_precision
 from models.preprocess import (
     crop_l,
     detector_lightness,
@@ -93,6 +93,11 @@ class Prediction:
     timings: dict[str, float]
 
 
+StopCheck = Callable[[PreparedImage], bool]
+"""``predict``'s per-stage check: True once an image's result is no longer wanted (a server's
+deadline passed, its client left). Checked before the detector and before each network."""
+
+
 @dataclass(frozen=True)
 class ColorizedImage:
     image: Image.Image
@@ -109,16 +114,19 @@ class Colorizer:
         networks: ColorizationNetworks,
         detector: BoxDetector | None = None,
         device: torch.device | str = "cpu",
-        precision: Precision = "fp32",
+        precision: PrecisionSetting = "fp32",
         instance_limit: int = DEFAULT_MAX_INSTANCES,
         crop_threads: int = 4,
         channels_last: bool = True,
     ) -> None:
         self.device = torch.device(device)
+        # ``auto`` follows the command line's rule; an unknown value is a ValueError naming the
+        # valid ones (before any thread or weight is touched).
+        resolved = resolve_precision(precision, self.device)
         # Cutting and resizing crops is PIL work that releases the GIL: spread it over threads.
         self._crop_pool = ThreadPoolExecutor(max(1, crop_threads), thread_name_prefix="crops")
-        self.precision: Precision = precision
-        self.dtype = DTYPES[precision]
+        self.precision: Precision = resolved
+        self.dtype = DTYPES[resolved]
         self.instance_limit = instance_limit
         self.networks = networks
         self.detector = detector
@@ -135,11 +143,11 @@ class Colorizer:
             detector.model.to(memory_format=self.memory_format)
             # Boxes only feed crop selection: the detector runs under autocast (bf16 anywhere,
             # fp16 on CUDA) rather than with cast weights.
-            mixed = precision == "bf16" or (precision == "fp16" and self.device.type == "cuda")
+            mixed = resolved == "bf16" or (resolved == "fp16" and self.device.type == "cuda")
             detector.autocast_dtype = self.dtype if mixed else None
         if self.device.type == "cuda":
             torch.backends.cudnn.benchmark = True
-            if precision == "fp32":  # parity: no TF32 (spec §8)
+            if resolved == "fp32":  # parity: no TF32 (spec §8)
                 torch.backends.cudnn.allow_tf32 = False
                 torch.backends.cuda.matmul.allow_tf32 = False
 
@@ -152,10 +160,13 @@ class Colorizer:
         detector_version: DetectorVersion = "v1",
         detector_size: tuple[int, int] = (DEFAULT_MIN_SIZE, DEFAULT_MAX_SIZE),
         device: torch.device | str = "cpu",
-        precision: Precision = "fp32",
+        precision: PrecisionSetting = "fp32",
         instance_limit: int = DEFAULT_MAX_INSTANCES,
         channels_last: bool = True,
     ) -> Colorizer:
+        """``precision``: fp32, fp16, bf16 or ``auto`` (the command line's rule, see
+        ``models.precision.resolve_precision``); anything else is a ``ValueError``."""
+        resolve_precision(precision, device)  # refuse a bad value before reading any weights
         networks = load_networks(checkpoints)
         detector = None
         if detector_weights is not None:
@@ -268,22 +279,44 @@ class Colorizer:
         x = network_input(l_norm.to(self.device, self.dtype, non_blocking=True))
         return x.contiguous(memory_format=self.memory_format)
 
+    @overload
+    def predict(
+        self, batch: Sequence[PreparedImage], should_stop: None = None
+    ) -> list[Prediction]: ...
+
+    @overload
+    def predict(
+        self, batch: Sequence[PreparedImage], should_stop: StopCheck
+    ) -> list[Prediction | None]: ...
+
     @torch.inference_mode()
-    def predict(self, batch: Sequence[PreparedImage]) -> list[Prediction]:
-        """Boxes, instance net, fusion net (or full-image net) for a batch; ab at 256x256."""
+    def predict(
+        self, batch: Sequence[PreparedImage], should_stop: StopCheck | None = None
+    ) -> list[Prediction] | list[Prediction | None]:
+        """Boxes, instance net, fusion net (or full-image net) for a batch; ab at 256x256.
+
+        ``should_stop`` is asked about each image still in the batch before the detector and
+        before each network; an image it stops is left out of every later stage and gets None.
+        """
         if not batch:
             return []
+
+        def wanted(indices: Sequence[int]) -> list[int]:
+            if should_stop is None:
+                return list(indices)
+            return [i for i in indices if not should_stop(batch[i])]
+
         t0 = time.perf_counter()
-        detections = self._detect(batch)
-        chosen = [
-            choose_boxes(d, *p.source.size, p.options.max_instances)
-            for d, p in zip(detections, batch, strict=True)
-        ]
+        alive = wanted(range(len(batch)))
+        found = self._detect([batch[i] for i in alive])
+        chosen: dict[int, tuple[list[IntBox], list[float]]] = {
+            i: choose_boxes(d, *batch[i].source.size, batch[i].options.max_instances)
+            for i, d in zip(alive, found, strict=True)
+        }
         t1 = time.perf_counter()
 
-        with_boxes = [i for i, (boxes, _) in enumerate(chosen) if boxes]
-        without = [i for i, (boxes, _) in enumerate(chosen) if not boxes]
         ab: list[torch.Tensor | None] = [None] * len(batch)
+        with_boxes = wanted([i for i in chosen if chosen[i][0]])
         features: dict[str, torch.Tensor] = {}
         if with_boxes:
             crops = torch.cat(
@@ -297,6 +330,12 @@ class Colorizer:
         self._sync()
         t2 = time.perf_counter()
 
+        still = wanted(with_boxes)
+        if still != with_boxes:  # leave the crops of stopped images out of the fusion
+            kept = [i in still for i in with_boxes for _ in chosen[i][0]]
+            index = torch.tensor(kept, device=self.device).nonzero().flatten()
+            features = {name: value.index_select(0, index) for name, value in features.items()}
+            with_boxes = still
         if with_boxes:
             infos = [
                 [
@@ -311,6 +350,7 @@ class Colorizer:
             for i, out in zip(with_boxes, fused.float().cpu(), strict=True):
                 ab[i] = out
         del features
+        without = wanted([i for i in chosen if not chosen[i][0]])
         if without:
             full = torch.stack([batch[i].l_norm for i in without])
             plain = self.full_image_net(self._network_input(full))
@@ -320,17 +360,27 @@ class Colorizer:
         t3 = time.perf_counter()
 
         stage = {"detect": t1 - t0, "instance": t2 - t1, "fusion": t3 - t2}
-        predictions = []
+        predictions: list[Prediction | None] = []
         for i, p in enumerate(batch):
             result = ab[i]
-            assert result is not None
+            if result is None:
+                assert should_stop is not None  # only a stopped image has no result
+                predictions.append(None)
+                continue
             boxes, scores = chosen[i]
             predictions.append(Prediction(result, boxes, scores, {**p.timings, **stage}))
         return predictions
 
     # -- stage 3: CPU ---------------------------------------------------------------------------
 
-    def merge(self, prepared: PreparedImage, prediction: Prediction) -> ColorizedImage:
+    def merge(
+        self,
+        prepared: PreparedImage,
+        prediction: Prediction,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> ColorizedImage:
+        """``should_stop``: asked between the chunks of a full-resolution merge; True raises
+        ``models.merge.Stopped`` (the result is no longer wanted)."""
         start = time.perf_counter()
         alpha = prepared.source.alpha
         ab = scale_saturation(prediction.ab, prepared.options.saturation)
@@ -338,7 +388,7 @@ class Colorizer:
             image = merge_network(prepared.l_norm, ab, alpha)
         else:
             assert prepared.lightness is not None  # computed by prepare() for this resolution
-            image = merge_original(prepared.lightness, ab, alpha)
+            image = merge_original(prepared.lightness, ab, alpha, should_stop)
         timings = {**prediction.timings, "merge": time.perf_counter() - start}
         return ColorizedImage(image, prediction.boxes, prediction.scores, timings)
 

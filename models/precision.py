@@ -92,10 +92,19 @@ def probe_cpu() -> CpuFeatures:
     )
 
 
-def resolve_precision(setting: PrecisionSetting, device: torch.device | str) -> Precision:
-    """``auto``: fp16 on CUDA, bf16 on a CPU with native bf16, else fp32; others unchanged."""
+SETTINGS: tuple[PrecisionSetting, ...] = ("auto", "fp32", "fp16", "bf16")
+
+
+def resolve_precision(setting: PrecisionSetting | str, device: torch.device | str) -> Precision:
+    """``auto``: fp16 on CUDA, bf16 on a CPU with native bf16, else fp32; others unchanged.
+
+    Anything else is a ``ValueError`` naming the valid values.
+    """
+    if setting not in SETTINGS:
+        valid = ", ".join(repr(name) for name in SETTINGS)
+        raise ValueError(f"precision must be one of {valid}, got {setting!r}")
     if setting != "auto":
-        return setting
+        return setting  # one of DTYPES' keys, checked above
     kind = torch.device(device).type
     if kind == "cuda":
         return "fp16"

@@ -145,6 +145,13 @@ class ServiceSettings(ModelSettings):
         description="Largest image (width x height); larger images get 413 from their header, "
         "before decoding (decompression-bomb guard). Full-resolution merge memory grows with it.",
     )  # fmt: skip
+    allow_truncated_images: bool = Field(
+        default=False,
+        description="Decode truncated image data as far as it goes (the missing part grey for "
+        "JPEG, black otherwise) instead of refusing it with 400 truncated-image; the answer then "
+        "says so (X-Image-Truncated: true, \"truncated\": true). For archives that want best "
+        "effort; off, no missing data is ever filled in.",
+    )  # fmt: skip
     worker_threads: int = Field(
         default=4, ge=1, le=256,
         description="Threads for CPU work (decode, preprocess, full-resolution merge, encode) "
@@ -246,6 +253,12 @@ class ServiceSettings(ModelSettings):
         description="Time (s) a client has to send the request line and headers, counted from the "
         "connection's opening or the end of its previous response; then 408 and close "
         "(slowloris guard).",
+    )  # fmt: skip
+    body_timeout_s: float = Field(
+        default=60.0, gt=0.0, le=3600.0,
+        description="Time (s) a client has to send the whole request body, counted from the end "
+        "of its headers; then 408 and close, and the bytes buffered so far are released (slow "
+        "upload guard). Allow for the largest body (max_body_bytes) at the slowest client link.",
     )  # fmt: skip
     keep_alive_timeout_s: float = Field(
         default=5.0, gt=0.0, le=600.0,

@@ -16,6 +16,7 @@ from weight_files import (
 )
 
 from models.pipeline import Colorizer
+from models.precision import probe_cpu
 
 TINY_WIDTH = 8  # structurally identical to the official nets (same keys), 1/64 of the compute
 
@@ -25,12 +26,19 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    if torch.cuda.is_available():
-        return
-    skip = pytest.mark.skip(reason="needs a CUDA device")
+    skips: dict[str, pytest.MarkDecorator] = {}
+    if not torch.cuda.is_available():
+        skips["cuda"] = pytest.mark.skip(reason="needs a CUDA device")
+    cpu = probe_cpu()  # the probe behind precision=auto (models/precision.py)
+    if not cpu.native_bf16:
+        skips["native_bf16"] = pytest.mark.skip(
+            reason=f"this CPU ({cpu.capability}) has neither AMX nor AVX512-BF16, so "
+            "precision=auto resolves to fp32 here: the bf16 path auto picks is not taken"
+        )
     for item in items:
-        if "cuda" in item.keywords:
-            item.add_marker(skip)
+        for marker, skip in skips.items():
+            if marker in item.keywords:
+                item.add_marker(skip)
 
 
 @pytest.fixture(scope="session")
@@ -66,8 +74,11 @@ def fid_inception_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def tiny_colorizer(tiny_checkpoints: Path) -> Colorizer:
-    """A CPU colorizer on the tiny checkpoints, without detector."""
-    return Colorizer.load(tiny_checkpoints)
+    """A CPU fp32 colorizer on the tiny checkpoints, without detector.
+
+    fp32 pinned: tests compare it with command-line runs, which pass ``--precision fp32`` too
+    (the command line's default ``auto`` is bf16 on a CPU with AMX or AVX512-BF16)."""
+    return Colorizer.load(tiny_checkpoints, precision="fp32")
 
 
 @pytest.fixture

@@ -85,6 +85,35 @@ def ico() -> bytes:
     return encode(gray(32, 32).convert("RGB"), "ICO")
 
 
+JPEG_EOI = b"\xff\xd9"
+
+
+def cut_jpeg_with_eoi(progressive: bool = False) -> bytes:
+    """A JPEG cut in the middle of its scan data with an end-of-image marker appended: libjpeg
+    would fill the missing half with grey and only warn."""
+    data = encode(gray(160, 120, 5).convert("RGB"), "JPEG", quality=90, progressive=progressive)
+    return data[: len(data) // 2] + JPEG_EOI
+
+
+def png_without_iend() -> bytes:
+    data = png(160, 120)
+    assert data[-8:-4] == b"IEND"
+    return data[:-12]
+
+
+def cut_webp() -> bytes:
+    data = encode(gray(160, 120).convert("RGB"), "WEBP", quality=80)
+    return data[: len(data) * 3 // 4]
+
+
+def corrupt_jpeg() -> bytes:
+    """Whole, but its first Huffman table's code counts are garbage: libjpeg refuses it."""
+    data = bytearray(jpeg())
+    table = data.index(b"\xff\xc4")  # DHT: marker, length, class/id, then 16 code counts
+    data[table + 5 : table + 21] = b"\xff" * 16
+    return bytes(data)
+
+
 @dataclass(frozen=True)
 class BadInput:
     name: str
@@ -102,9 +131,16 @@ def corpus() -> list[BadInput]:
     return [
         BadInput("zero-bytes", b"", "image/jpeg", 400, "invalid-image"),
         BadInput("truncated-jpeg", good_jpeg[: len(good_jpeg) // 2], "image/jpeg", 400,
-                 "invalid-image"),
+                 "truncated-image"),
         BadInput("truncated-png", good_png[: len(good_png) // 2], "image/png", 400,
-                 "invalid-image"),
+                 "truncated-image"),
+        BadInput("truncated-jpeg-with-eoi", cut_jpeg_with_eoi(), "image/jpeg", 400,
+                 "truncated-image"),
+        BadInput("truncated-progressive-jpeg-with-eoi", cut_jpeg_with_eoi(progressive=True),
+                 "image/jpeg", 400, "truncated-image"),
+        BadInput("png-without-iend", png_without_iend(), "image/png", 400, "truncated-image"),
+        BadInput("truncated-webp", cut_webp(), "image/webp", 400, "truncated-image"),
+        BadInput("corrupt-jpeg-huffman-table", corrupt_jpeg(), "image/jpeg", 400, "invalid-image"),
         BadInput("wrong-content-type", good_jpeg, "text/plain", 415, "unsupported-media-type"),
         BadInput("text-posing-as-image", b"hello, I am definitely a JPEG\n" * 20, "image/jpeg",
                  400, "invalid-image"),

@@ -22,7 +22,7 @@ from fastapi import FastAPI
 from PIL import Image
 from prometheus_client import REGISTRY
 
-from models.pipeline import Colorizer, Prediction, PreparedImage
+from models.pipeline import Colorizer, Prediction, PreparedImage, StopCheck
 from service.app import create_app, default_queue_factory
 from service.core.errors import ServiceError
 from service.core.jobs import Job, JobOptions, JobResult
@@ -63,13 +63,15 @@ class FaultyColorizer(Colorizer):
         self.poison_size = poison_size
         self.calls: list[int] = []
 
-    def predict(self, batch: Sequence[PreparedImage]) -> list[Prediction]:
+    def predict(
+        self, batch: Sequence[PreparedImage], should_stop: StopCheck | None = None
+    ) -> list[Prediction | None]:
         self.calls.append(len(batch))
         if self.oom_above and len(batch) > self.oom_above:
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
         if self.poison_size is not None and any(p.source.size == self.poison_size for p in batch):
             raise RuntimeError("kernel failure (injected)")
-        return super().predict(batch)
+        return super().predict(batch, should_stop)
 
 
 class GatedEngine:

@@ -15,7 +15,9 @@ from typing import Any
 
 import httpx
 import image_corpus as corpus
+import pytest
 from PIL import Image
+from prometheus_client import CollectorRegistry
 from service_helpers import (
     GatedEngine,
     gated_factory,
@@ -25,10 +27,12 @@ from service_helpers import (
     service_settings,
 )
 
-from models.pipeline import ColorizeOptions, Colorizer, Prediction, PreparedImage
+from models.checkpoints import load_networks
+from models.pipeline import ColorizeOptions, Colorizer, Prediction, PreparedImage, StopCheck
 from service.core.admission import CostModel, refusal
 from service.core.errors import DeadlineExceededError
 from service.core.jobs import JobResult
+from service.core.metrics import Metrics
 from service.engine.batch import BatchEngine
 from service.queues.memory import InProcessQueue
 
@@ -47,9 +51,11 @@ class CountingColorizer(Colorizer):
         self.prepared += 1
         return super().prepare(image, options)
 
-    def predict(self, batch: Sequence[PreparedImage]) -> list[Prediction]:
+    def predict(
+        self, batch: Sequence[PreparedImage], should_stop: StopCheck | None = None
+    ) -> list[Prediction | None]:
         self.predicted += len(batch)
-        return super().predict(batch)
+        return super().predict(batch, should_stop)
 
 
 async def test_expired_and_abandoned_jobs_skip_cpu_and_device(tiny_colorizer: Colorizer) -> None:
@@ -145,3 +151,116 @@ async def test_over_cost_request_is_refused_at_once_with_retry_after_from_backlo
             done, _ = await task
             assert done.status_code in (200, 504)
         assert queue.backlog_seconds() < 1e-6  # every admitted entry was settled
+
+
+class StageCounting(CountingColorizer):
+    """Also counts merges, and records the batch each network saw (hooks on its own nets)."""
+
+    def __init__(self, base: Colorizer) -> None:
+        super().__init__(base)
+        self.merged = 0
+        self.network_batches: dict[str, list[int]] = {"instance": [], "fusion": [], "full": []}
+        for name, net in (("instance", self.instance_net), ("fusion", self.fusion_net),
+                          ("full", self.full_image_net)):  # fmt: skip
+            net.register_forward_pre_hook(self._recorder(name))
+
+    def _recorder(self, name: str) -> Any:
+        def record(module: Any, args: tuple[Any, ...]) -> None:
+            self.network_batches[name].append(int(args[0].shape[0]))
+
+        return record
+
+    def merge(self, prepared: PreparedImage, prediction: Prediction, *args: Any) -> Any:
+        self.merged += 1
+        return super().merge(prepared, prediction, *args)
+
+
+def own_colorizer(checkpoints: Path) -> StageCounting:
+    """Networks of this test's own (hooks are attached to them)."""
+    return StageCounting(Colorizer(load_networks(checkpoints), precision="fp32"))
+
+
+async def test_a_job_expiring_during_predict_skips_the_later_networks_merge_and_encode(
+    tiny_checkpoints: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from service.engine import batch as batch_module
+
+    colorizer = own_colorizer(tiny_checkpoints)
+    encoded: list[str] = []
+    real_encode = batch_module.encode_image
+
+    def counting_encode(*args: Any, **kwargs: Any) -> Any:
+        encoded.append("encode")
+        return real_encode(*args, **kwargs)
+
+    monkeypatch.setattr(batch_module, "encode_image", counting_encode)
+    metrics = Metrics(CollectorRegistry())
+    engine = BatchEngine(colorizer, ThreadPoolExecutor(2), metrics, max_pixels=10**7)
+    boxes = [[2, 2, 30, 30], [20, 10, 60, 40]]
+    live = make_job(corpus.png(), "live", boxes=boxes)
+    expiring = make_job(corpus.png(), "expiring", timeout=60.0, boxes=boxes)
+
+    def expire_during_the_instance_net(module: Any, args: tuple[Any, ...]) -> None:
+        object.__setattr__(expiring, "deadline", time.time() - 0.001)  # passes mid-predict
+
+    colorizer.instance_net.register_forward_pre_hook(expire_during_the_instance_net)
+    try:
+        outcomes = await engine.run_batch([live, expiring])
+    finally:
+        engine.close()
+    assert isinstance(outcomes[0], JobResult)
+    assert isinstance(outcomes[1], DeadlineExceededError)
+    assert colorizer.prepared == 2 and colorizer.predicted == 2  # both were in the batch
+    assert colorizer.network_batches["instance"] == [4]  # both images' crops
+    assert colorizer.network_batches["fusion"] == [1]  # only the live image
+    assert colorizer.merged == 1 and encoded == ["encode"]  # the expired one never merged
+    assert sample_of(metrics, "deadline") == 1  # counted once, however many stages asked
+
+
+async def test_a_job_expiring_after_its_last_network_is_not_merged(
+    tiny_checkpoints: Path,
+) -> None:
+    colorizer = own_colorizer(tiny_checkpoints)
+    metrics = Metrics(CollectorRegistry())
+    engine = BatchEngine(colorizer, ThreadPoolExecutor(2), metrics, max_pixels=10**7)
+    job = make_job(corpus.png(), "late", timeout=60.0, max_instances=0)
+
+    def expire_in_the_full_image_net(module: Any, args: tuple[Any, ...], output: Any) -> None:
+        object.__setattr__(job, "deadline", time.time() - 0.001)
+
+    colorizer.full_image_net.register_forward_hook(expire_in_the_full_image_net)
+    try:
+        [outcome] = await engine.run_batch([job])
+    finally:
+        engine.close()
+    assert isinstance(outcome, DeadlineExceededError)
+    assert colorizer.network_batches["full"] == [1]
+    assert colorizer.merged == 0
+    assert sample_of(metrics, "deadline") == 1
+
+
+async def test_a_job_expired_before_predict_runs_no_network(tiny_checkpoints: Path) -> None:
+    colorizer = own_colorizer(tiny_checkpoints)
+    metrics = Metrics(CollectorRegistry())
+    engine = BatchEngine(colorizer, ThreadPoolExecutor(2), metrics, max_pixels=10**7)
+    live, doomed = make_job(corpus.png(), "live"), make_job(corpus.png(), "doomed", timeout=60.0)
+    real_prepare = colorizer.prepare
+
+    def prepare_then_expire(image: Any, options: ColorizeOptions | None = None) -> Any:
+        prepared = real_prepare(image, options)
+        object.__setattr__(doomed, "deadline", time.time() - 0.001)
+        return prepared
+
+    colorizer.prepare = prepare_then_expire  # type: ignore[method-assign]
+    try:
+        outcomes = await engine.run_batch([live, doomed])
+    finally:
+        engine.close()
+    # both decoded and prepared; the doomed one is dropped before the device
+    assert isinstance(outcomes[0], JobResult)
+    assert isinstance(outcomes[1], DeadlineExceededError)
+    assert colorizer.network_batches["full"] == [1] and colorizer.merged == 1
+
+
+def sample_of(metrics: Metrics, reason: str) -> float:
+    return metrics.dropped.labels(reason=reason)._value.get()

@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from models.boxes import Detections
@@ -134,6 +135,8 @@ def test_boxes_file_matches_the_library(
         out,
         "--boxes",
         tmp_path / "boxes.json",
+        "--precision",  # what tiny_colorizer runs: the default `auto` is bf16 on some CPUs
+        "fp32",
         checkpoints=tiny_checkpoints,
     )
     assert code == 0
@@ -444,3 +447,37 @@ def test_real_subprocess(tmp_path: Path, tiny_checkpoints: Path) -> None:
     assert "bad.png" in result.stderr
     assert "%|" in result.stderr  # tqdm's bar
     assert Image.open(tmp_path / "out" / "a.jpeg").format == "JPEG"
+
+
+def _auto_against_the_library(tmp_path: Path, checkpoints: Path) -> tuple[np.ndarray, Colorizer]:
+    """The command line's default precision (``auto``) and the library's ``precision="auto"``
+    follow one rule, so on any CPU they give the same pixels."""
+    photo = gray(96, 72, 11)
+    photo.save(tmp_path / "a.png")
+    assert colorize(tmp_path / "a.png", "-o", tmp_path / "out", checkpoints=checkpoints) == 0
+    saved = np.asarray(Image.open(tmp_path / "out" / "a.png"))
+    library = Colorizer.load(checkpoints, precision="auto")
+    np.testing.assert_array_equal(saved, np.asarray(library.colorize([photo])[0].image))
+    return saved, library
+
+
+def test_default_precision_is_the_librarys_auto(tmp_path: Path, tiny_checkpoints: Path) -> None:
+    _auto_against_the_library(tmp_path, tiny_checkpoints)
+
+
+@pytest.mark.native_bf16
+def test_auto_runs_bf16_on_a_cpu_with_native_bf16(
+    tmp_path: Path, tiny_checkpoints: Path, tiny_colorizer: Colorizer
+) -> None:
+    saved, library = _auto_against_the_library(tmp_path, tiny_checkpoints)
+    assert library.precision == "bf16"
+    assert library.full_image_net.model1[0].weight.dtype == torch.bfloat16
+    fp32 = np.asarray(tiny_colorizer.colorize([gray(96, 72, 11)])[0].image, dtype=int)
+    difference = np.abs(saved.astype(int) - fp32)
+    # docs/performance.md's bf16 tolerance on the networks' ab: mean 0.01, max 0.1 (normalised,
+    # ab / 110), i.e. about 1.1 and 11 Lab ab units; near grey at mid lightness (these tiny
+    # networks' colours) one ab unit moves an sRGB channel by about 2 of 255 steps: a mean of 2
+    # and a maximum of 25 steps (this AVX512-BF16 CPU measured 0.3 and 2)
+    assert difference.max() > 0  # bf16 really ran
+    assert difference.mean() <= 2
+    assert difference.max() <= 25

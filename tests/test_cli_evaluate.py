@@ -92,14 +92,17 @@ def test_folder_gives_the_report_and_its_scores_recompute_from_the_saved_images(
     photos: Path, tmp_path: Path, tiny_checkpoints: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     report = tmp_path / "report"
-    assert evaluate(photos, "-o", report, checkpoints=tiny_checkpoints) == 1  # broken.jpg
+    # fp32 pinned: the saved images are compared with an fp32 library call below (the default
+    # `auto` is bf16 on a CPU with AMX or AVX512-BF16)
+    code = evaluate(photos, "-o", report, "--precision", "fp32", checkpoints=tiny_checkpoints)
+    assert code == 1  # broken.jpg
     err = capsys.readouterr().err
     assert "broken.jpg" in err
     assert "no LPIPS" in err
     rows = read_csv(report / "metrics.csv")
     assert list(rows[0]) == ["path", "psnr", "ssim", "lpips", "colorfulness", "instances"]
     assert [r["path"] for r in rows] == ["a.png", "val/b.jpg", "val/c.png"]
-    colorizer = Colorizer.load(tiny_checkpoints)
+    colorizer = Colorizer.load(tiny_checkpoints, precision="fp32")
     for row in rows:
         saved = np.asarray(Image.open(report / "images" / Path(row["path"]).with_suffix(".png")))
         assert saved.shape == (256, 256, 3)  # network resolution by default

@@ -9,15 +9,16 @@ import image_corpus as corpus
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from PIL import Image
+from PIL import Image, ImageFile
 
 from service.core.errors import (
     ImageTooLargeError,
     InvalidImageError,
     InvalidParameterError,
+    TruncatedImageError,
     UnsupportedMediaTypeError,
 )
-from service.engine.decode import configure_pil, decode_image
+from service.engine.decode import configure_pil, decode, decode_image
 from service.engine.encode import choose_format, encode_image, flatten_alpha
 from service.router.inputs import check_content_type
 
@@ -136,3 +137,111 @@ def test_any_size_and_mode_round_trips_its_size(
             decoded.convert("RGBA" if "A" in decoded.getbands() else "RGB"), out_fmt
         )
         assert Image.open(io.BytesIO(body)).size == (width, height)
+
+
+def _photo_bytes(fmt: str, **params: object) -> bytes:
+    return corpus.encode(corpus.gray(160, 120, 3).convert("RGB"), fmt, **params)
+
+
+CUT_WITH_ENDINGS = {
+    "jpeg+eoi": lambda d: d[: len(d) // 2] + b"\xff\xd9",
+    "jpeg+comment+eoi": lambda d: d[: len(d) // 2] + b"\xff\xfe\x00\x04hi\xff\xd9",
+    "jpeg+fill+eoi": lambda d: d[: len(d) // 2] + b"\xff\xff\xff\xd9",
+    "jpeg+soi+eoi": lambda d: d[: len(d) // 2] + b"\xff\xd8\xff\xd9",
+    "jpeg-no-marker": lambda d: d[: len(d) // 2],
+    "jpeg-last-tenth+eoi": lambda d: d[: len(d) * 9 // 10] + b"\xff\xd9",
+}
+
+
+@pytest.mark.parametrize("ending", list(CUT_WITH_ENDINGS))
+@pytest.mark.parametrize(
+    "params",
+    [{"quality": 90}, {"quality": 90, "progressive": True}, {"quality": 75, "optimize": True},
+     {"quality": 90, "restart_marker_blocks": 4}, {"quality": 90, "subsampling": 0}],
+    ids=["baseline", "progressive", "optimized", "restart-markers", "4:4:4"],
+)  # fmt: skip
+def test_a_cut_jpeg_is_truncated_whatever_it_ends_with(
+    ending: str, params: dict[str, object]
+) -> None:
+    whole = _photo_bytes("JPEG", **params)
+    assert decode_image(whole, max_pixels=LIMIT).size == (160, 120)
+    with pytest.raises(TruncatedImageError) as refused:
+        decode_image(CUT_WITH_ENDINGS[ending](whole), max_pixels=LIMIT)
+    assert refused.value.status == 400 and refused.value.kind == "truncated-image"
+
+
+def test_strict_jpeg_decoding_gives_the_same_pixels() -> None:
+    for params in ({"quality": 90}, {"quality": 90, "progressive": True}):
+        data = _photo_bytes("JPEG", **params)
+        with Image.open(io.BytesIO(data)) as plain:
+            expected = plain.convert("RGB").tobytes()
+        assert decode_image(data, max_pixels=LIMIT).convert("RGB").tobytes() == expected
+    # a grey JPEG, one with bytes after its end (a Multi-Picture file's next image), and one
+    # without its end marker still decode: no pixel is missing
+    grey = corpus.encode(corpus.gray(160, 120), "JPEG")
+    assert decode_image(grey, max_pixels=LIMIT).mode == "L"
+    whole = _photo_bytes("JPEG", quality=90)
+    assert decode_image(whole + whole, max_pixels=LIMIT).size == (160, 120)
+    assert decode_image(whole[:-2], max_pixels=LIMIT).size == (160, 120)
+
+
+@pytest.mark.parametrize(
+    "data",
+    [corpus.png_without_iend(), corpus.png()[: len(corpus.png()) // 2] + corpus.png()[-12:],
+     corpus.cut_webp(), _photo_bytes("GIF")[:-200] + b";", _photo_bytes("BMP")[:-300],
+     _photo_bytes("TIFF")[:-300]],
+    ids=["png-without-iend", "png-cut+iend", "webp", "gif+trailer", "bmp", "tiff"],
+)  # fmt: skip
+def test_other_formats_cut_short_are_truncated(data: bytes) -> None:
+    with pytest.raises(TruncatedImageError):
+        decode_image(data, max_pixels=LIMIT)
+
+
+def test_corrupt_data_is_invalid_not_truncated() -> None:
+    with pytest.raises(InvalidImageError) as refused:
+        decode_image(corpus.corrupt_jpeg(), max_pixels=LIMIT)
+    assert not isinstance(refused.value, TruncatedImageError)
+    assert refused.value.kind == "invalid-image"
+
+
+def test_pillow_never_fills_missing_data_process_wide() -> None:
+    configure_pil(LIMIT)
+    assert ImageFile.LOAD_TRUNCATED_IMAGES is False
+
+
+@pytest.mark.parametrize(
+    ("data", "filled"),
+    [(corpus.cut_jpeg_with_eoi(), 128), (corpus.cut_jpeg_with_eoi(progressive=True), None),
+     (corpus.png()[: len(corpus.png()) * 2 // 3], 0), (corpus.png_without_iend(), None)],
+    ids=["jpeg+eoi", "progressive-jpeg+eoi", "png-cut", "png-without-iend"],
+)  # fmt: skip
+def test_best_effort_decodes_what_there_is_and_says_so(data: bytes, filled: int | None) -> None:
+    decoded = decode(data, max_pixels=LIMIT, allow_truncated=True)
+    assert decoded.truncated is True
+    pixels = decoded.image.convert("L")
+    assert pixels.size in ((160, 120), (64, 48))
+    if filled is not None:  # the last row is the filler: grey for JPEG, black for PNG
+        bottom = pixels.crop((0, pixels.height - 1, pixels.width, pixels.height))
+        assert bottom.getextrema() == (filled, filled)
+    whole = decode(corpus.png(), max_pixels=LIMIT, allow_truncated=True)
+    assert whole.truncated is False
+    with pytest.raises(TruncatedImageError):  # a cut WebP cannot be decoded in part
+        decode(corpus.cut_webp(), max_pixels=LIMIT, allow_truncated=True)
+
+
+@pytest.mark.parametrize("fmt", ["png", "jpeg"])
+def test_an_unwanted_encode_stops_at_its_next_write(fmt: str) -> None:
+    from service.engine.encode import EncodeStopped
+
+    image = corpus.gray(2000, 1500, 4).convert("RGB")
+    asked: list[int] = []
+
+    def stop_after_the_first_write() -> bool:
+        asked.append(1)
+        return len(asked) > 1
+
+    with pytest.raises(EncodeStopped):
+        encode_image(image, fmt, 90, stop_after_the_first_write)  # type: ignore[arg-type]
+    assert len(asked) == 2  # one block written, then stopped
+    body, _ = encode_image(image, fmt, 90, lambda: False)  # type: ignore[arg-type]
+    assert body == encode_image(image, fmt, 90)[0]  # asking changes nothing else

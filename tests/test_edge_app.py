@@ -235,3 +235,43 @@ def test_malformed_keys_refuse_the_start_without_showing_a_key(tiny_checkpoints:
     assert policy.key_name("0123456789abcdefgi") == "b"
     assert policy.key_name("0123456789abcdefgX") is None
     assert policy.key_name("") is None
+
+
+async def test_truncated_images_get_400_truncated_image_unless_allowed(
+    tiny_checkpoints: Path,
+) -> None:
+    cut = corpus.cut_jpeg_with_eoi()  # libjpeg alone would answer a half-grey picture
+    jpeg_type = {"content-type": "image/jpeg"}
+    async with running_app(service_settings(tiny_checkpoints)) as (_, client):
+        refused = await client.post("/colorize", content=cut, headers=jpeg_type)
+        assert refused.status_code == 400
+        assert refused.headers["content-type"] == PROBLEM
+        problem = refused.json()
+        assert problem["type"] == "https://instcolor.dev/problems/truncated-image"
+        assert problem["title"] == "Image data is truncated"
+        whole = await client.post("/colorize", content=corpus.png(), headers=PNG)
+        assert whole.status_code == 200 and "x-image-truncated" not in whole.headers
+    allowed = service_settings(tiny_checkpoints, allow_truncated_images=True)
+    async with running_app(allowed) as (_, client):
+        image = await client.post("/colorize", content=cut, headers=jpeg_type)
+        assert image.status_code == 200
+        assert image.headers["x-image-truncated"] == "true"
+        assert Image.open(io.BytesIO(image.content)).size == (160, 120)
+        answer = await client.post(
+            "/colorize",
+            content=corpus.png_without_iend(),
+            headers={**PNG, "accept": "application/json"},
+        )
+        assert answer.status_code == 200
+        assert answer.headers["x-image-truncated"] == "true"
+        assert answer.json()["truncated"] is True
+        whole = await client.post(
+            "/colorize", content=corpus.png(), headers={**PNG, "accept": "application/json"}
+        )
+        assert "x-image-truncated" not in whole.headers
+        assert whole.json()["truncated"] is False
+        webp = await client.post(
+            "/colorize", content=corpus.cut_webp(), headers={"content-type": "image/webp"}
+        )
+        assert webp.status_code == 400  # no best effort for a cut WebP
+        assert webp.json()["type"].endswith("/truncated-image")

@@ -8,6 +8,7 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -21,6 +22,7 @@ pytestmark = pytest.mark.slow
 
 KEY = "alice-0123456789abcdef"
 HEADER_TIMEOUT_S = 1.5
+BODY_TIMEOUT_S = 2.5
 KEEP_ALIVE_S = 1.0
 MAX_CONNECTIONS = 12
 
@@ -47,6 +49,7 @@ def server(tiny_checkpoints: Path, tmp_path_factory: pytest.TempPathFactory) -> 
         "COLORIZE_WARMUP": "false",
         "COLORIZE_MAX_HEADER_BYTES": "8192",
         "COLORIZE_HEADER_TIMEOUT_S": str(HEADER_TIMEOUT_S),
+        "COLORIZE_BODY_TIMEOUT_S": str(BODY_TIMEOUT_S),
         "COLORIZE_KEEP_ALIVE_TIMEOUT_S": str(KEEP_ALIVE_S),
         "COLORIZE_MAX_CONNECTIONS": str(MAX_CONNECTIONS),
         "COLORIZE_API_KEYS": f"alice:{KEY},bob:bob-0123456789abcdef",
@@ -152,6 +155,55 @@ def test_api_keys_on_a_real_server(server: Server) -> None:
     assert 'colorize_requests_by_key_total{key="alice",outcome="ok"} 2.0' in metrics
     assert "colorize_unauthorized_requests_total 3.0" in metrics  # no key, wrong key, /info
     assert KEY not in metrics
+
+
+def test_a_body_sent_too_slowly_gets_408_and_close(server: Server) -> None:
+    """A few bytes per second: the body deadline ends it, counted as a 408 of /colorize."""
+
+    def count() -> float:
+        text = httpx.get(server.base + "/metrics").text
+        for line in text.splitlines():
+            if line.startswith('colorize_requests_total{outcome="client_error",status="408"}'):
+                return float(line.rsplit(" ", 1)[1])
+        return 0.0
+
+    before = count()
+    with server.connect() as sock:
+        started = time.monotonic()
+        sock.sendall(
+            b"POST /colorize HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+            b"X-API-Key: " + KEY.encode() + b"\r\nContent-Length: 100000\r\n\r\n\x89PNG"
+        )
+        stop = threading.Event()
+
+        def trickle() -> None:  # 4 bytes a second, well within the header limits' patience
+            while not stop.wait(0.25):
+                try:
+                    sock.sendall(b"\x00")
+                except OSError:
+                    return
+
+        sender = threading.Thread(target=trickle, daemon=True)
+        sender.start()
+        try:
+            reply = read_all(sock, BODY_TIMEOUT_S + 10)
+        finally:
+            stop.set()
+            sender.join(5)
+        waited = time.monotonic() - started
+    assert reply.startswith(b"HTTP/1.1 408 "), reply
+    assert b"request body too slow" in reply
+    assert BODY_TIMEOUT_S * 0.8 <= waited < BODY_TIMEOUT_S + 10  # and the socket was closed
+    deadline = time.monotonic() + 10
+    while count() < before + 1 and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert count() == before + 1
+    assert "body_timeout_s" in server.log.read_text()
+    assert server.healthy()
+    # a body that arrives in time is unaffected
+    ok = httpx.post(server.base + "/colorize", content=corpus.png(),
+                    headers={"content-type": "image/png", "x-api-key": KEY})  # fmt: skip
+    assert ok.status_code == 200
 
 
 def test_client_abort_during_upload_is_a_499_without_traceback(server: Server) -> None:

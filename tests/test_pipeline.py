@@ -189,3 +189,24 @@ def test_warmup_runs_the_networks_a_batch_will_use(tiny_checkpoints, batch_size,
         net.register_forward_hook(lambda *_args, name=name: called.add(name))
     colorizer.warmup(batch_size)
     assert called == expected
+
+
+def test_an_unwanted_full_resolution_merge_stops_between_chunks(
+    tiny_colorizer: Colorizer,
+) -> None:
+    from models.merge import Stopped
+
+    image = noisy(2000, 1600, 9)  # 3.2 MP: two chunks of rows
+    prepared = tiny_colorizer.prepare(image, ColorizeOptions())
+    prediction = tiny_colorizer.predict([prepared])[0]
+    asked: list[int] = []
+
+    def stop_after_the_first_chunk() -> bool:
+        asked.append(1)
+        return len(asked) > 1
+
+    with pytest.raises(Stopped):
+        tiny_colorizer.merge(prepared, prediction, stop_after_the_first_chunk)
+    assert len(asked) == 2
+    whole = tiny_colorizer.merge(prepared, prediction, lambda: False).image
+    assert whole.tobytes() == tiny_colorizer.merge(prepared, prediction).image.tobytes()

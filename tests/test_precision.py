@@ -221,3 +221,29 @@ def test_max_batch_size_defaults_per_device() -> None:
     assert ServiceSettings(device="cuda").resolved_max_batch_size() == 8
     assert ServiceSettings(device="cuda:1").batch_buckets() == [1, 2, 4, 8]
     assert ServiceSettings(device="cpu", max_batch_size=4).resolved_max_batch_size() == 4
+
+
+def test_the_python_api_accepts_auto_with_the_command_lines_rule(tiny_checkpoints: Path) -> None:
+    colorizer = Colorizer.load(tiny_checkpoints, precision="auto")
+    assert colorizer.precision == resolve_precision("auto", "cpu")
+    assert colorizer.precision == ModelSettings(device="cpu").resolved_precision()
+    assert colorizer.dtype == precision.DTYPES[colorizer.precision]
+    assert colorizer.describe()["precision"] == colorizer.precision
+    direct = Colorizer(load_networks(tiny_checkpoints), precision="auto")
+    assert direct.precision == colorizer.precision
+
+
+@pytest.mark.parametrize("bad", ["fp64", "AUTO", "", "float32"])
+def test_an_unknown_precision_is_a_value_error_naming_the_valid_ones(
+    tiny_checkpoints: Path, tmp_path: Path, bad: str
+) -> None:
+    valid = "'auto', 'fp32', 'fp16', 'bf16'"
+    with pytest.raises(ValueError, match=f"precision must be one of {valid}, got {bad!r}"):
+        Colorizer.load(tiny_checkpoints, precision=bad)  # type: ignore[arg-type]
+    # refused before any weight is read: a missing folder is not what is reported
+    with pytest.raises(ValueError, match="precision must be one of"):
+        Colorizer.load(tmp_path / "missing", precision=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="precision must be one of"):
+        Colorizer(load_networks(tiny_checkpoints), precision=bad)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="precision must be one of"):
+        resolve_precision(bad, "cpu")

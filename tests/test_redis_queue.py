@@ -487,3 +487,13 @@ def test_settings_refuse_a_claim_timeout_that_would_steal_filling_batches() -> N
         ServiceSettings(queue="redis", claim_idle_ms=40_000, request_timeout_s=30)
     # A Redis-only knob does not constrain the memory mode.
     assert ServiceSettings(claim_idle_ms=500, max_batch_delay_ms=800).queue == "memory"
+
+
+def test_answer_frames_carry_truncated_only_when_true() -> None:
+    whole = JobResult(body=b"img", media_type="image/png", boxes=[], scores=[], timings={},
+                      model_version="v", input_size=[4, 3])  # fmt: skip
+    frame = encode_answer(whole)
+    assert b"truncated" not in frame.partition(b"\n")[0]  # the frame of whole images unchanged
+    assert decode_answer(frame) == whole
+    cut = replace(whole, truncated=True)
+    assert decode_answer(encode_answer(cut)) == cut

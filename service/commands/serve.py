@@ -80,6 +80,7 @@ def run(args: argparse.Namespace) -> int:
         max_header_bytes=settings.max_header_bytes,
         header_timeout_s=settings.header_timeout_s,
         max_connections=settings.max_connections,
+        body_timeout_s=settings.body_timeout_s,
     )
     config = uvicorn.Config(
         app,
@@ -88,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
         lifespan="on",
         timeout_graceful_shutdown=math.ceil(settings.request_timeout_s) + 5,
         log_config=None,  # the root logger set up by the CLI
-        # header size (431), header deadline (408), idle timeout, connection cap: docs/security.md
+        # header size (431), header and body deadlines (408), idle timeout, connection cap:
+        # docs/security.md
         **uvicorn_limit_options(limits, settings.keep_alive_timeout_s),
     )
     server = DrainingServer(config, app.state.service)

@@ -51,6 +51,12 @@ class InvalidImageError(ServiceError):
     status, kind, title = 400, "invalid-image", "Image could not be decoded"
 
 
+class TruncatedImageError(InvalidImageError):
+    """The data ends before the image its header declares (cut short), whatever it ends with."""
+
+    status, kind, title = 400, "truncated-image", "Image data is truncated"
+
+
 class PayloadTooLargeError(ServiceError):
     status, kind, title = 413, "payload-too-large", "Request body too large"
 
@@ -98,7 +104,7 @@ class InternalError(ServiceError):
 ERROR_KINDS: dict[str, type[ServiceError]] = {
     cls.kind: cls
     for cls in (
-        InvalidImageError, PayloadTooLargeError, ImageTooLargeError, UnsupportedMediaTypeError,
+        InvalidImageError, TruncatedImageError, PayloadTooLargeError, ImageTooLargeError, UnsupportedMediaTypeError,
         InvalidParameterError, OverloadedError, DeadlineExceededError, UnavailableError, NoWorkersError,
         ProcessingFailedError, InternalError,
     )

@@ -45,3 +45,4 @@ class JobResult:
     model_version: str
     cached: bool = False
     input_size: list[int] | None = None  # [width, height] of the upright input: the boxes' frame
+    truncated: bool = False  # the input was cut short and decoded as far as it went (opt-in)

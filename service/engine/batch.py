@@ -21,7 +21,15 @@ import torch
 
 from models.boxes import Detections
 from models.image_input import UnsupportedImageError
-from models.pipeline import ColorizeOptions, Colorizer, OptionsError, Prediction, PreparedImage
+from models.merge import Stopped
+from models.pipeline import (
+    ColorizeOptions,
+    Colorizer,
+    OptionsError,
+    Prediction,
+    PreparedImage,
+    StopCheck,
+)
 from service.core.boxes import BoxesError, validate_boxes
 from service.core.errors import (
     DeadlineExceededError,
@@ -34,8 +42,8 @@ from service.core.errors import (
 )
 from service.core.jobs import Job, JobOptions, JobResult, OutputFormat
 from service.core.metrics import METRICS, Metrics
-from service.engine.decode import configure_pil, decode_image
-from service.engine.encode import choose_format, encode_image
+from service.engine.decode import configure_pil, decode
+from service.engine.encode import EncodeStopped, choose_format, encode_image
 from service.engine.loading import build_colorizer
 from service.settings import ServiceSettings
 
@@ -49,6 +57,27 @@ def _never(job: Job) -> bool:
     return False
 
 
+class _Drops:
+    """The jobs of one batch dropped so far, each counted once, with the error its caller gets.
+
+    Asked at every stage boundary, from the CPU pool and the device thread (one job is only ever
+    in one stage at a time).
+    """
+
+    def __init__(self, engine: BatchEngine, abandoned: Abandoned) -> None:
+        self.engine = engine
+        self.abandoned = abandoned
+        self.errors: dict[int, ServiceError] = {}
+
+    def check(self, job: Job) -> ServiceError | None:
+        error = self.errors.get(id(job))
+        if error is None:
+            error = self.engine._unwanted(job, self.abandoned)
+            if error is not None:
+                self.errors[id(job)] = error
+        return error
+
+
 @dataclass
 class _Ready:
     """A job after the CPU stage: what predict needs and what encode will need."""
@@ -56,6 +85,7 @@ class _Ready:
     prepared: PreparedImage
     fmt: OutputFormat
     timings: dict[str, float]
+    truncated: bool = False  # decoded as far as its data went (allow_truncated)
 
 
 def colorize_options(options: JobOptions) -> ColorizeOptions:
@@ -86,11 +116,13 @@ class BatchEngine:
         metrics: Metrics = METRICS,
         *,
         max_pixels: int,
+        allow_truncated: bool = False,
     ) -> None:
         self.colorizer = colorizer
         self.pool = pool
         self.metrics = metrics
         self.max_pixels = max_pixels
+        self.allow_truncated = allow_truncated
         # One thread owns the device: predicts never interleave and keep one CUDA stream busy.
         self.device_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
         self.owns_pool = False  # start() hands the engine its own pool, shut down by close()
@@ -124,7 +156,13 @@ class BatchEngine:
         """
         colorizer = await asyncio.to_thread(build_colorizer, settings)
         pool = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="cpu")
-        engine = cls(colorizer, pool, metrics, max_pixels=settings.max_pixels)
+        engine = cls(
+            colorizer,
+            pool,
+            metrics,
+            max_pixels=settings.max_pixels,
+            allow_truncated=settings.allow_truncated_images,
+        )
         engine.owns_pool = True
         try:
             if settings.warmup:
@@ -144,16 +182,18 @@ class BatchEngine:
     ) -> list[Outcome]:
         """A result or an error per job, in order; never raises for one job's fault.
 
-        A job past its deadline, or ``abandoned`` (its client left), is dropped before its CPU
-        stage and again before the device: nobody would read its answer.
+        A job past its deadline, or ``abandoned`` (its client left), is dropped at the next stage
+        boundary: before decode, before prepare, before the detector and each network (through
+        ``Colorizer.predict``'s ``should_stop``), before merge and before encode. Nobody would
+        read its answer, so no core keeps working for it.
         """
         if not jobs:
             return []
-        gone = abandoned or _never
+        drops = _Drops(self, abandoned or _never)
         loop = asyncio.get_running_loop()
         self.metrics.batch_size.observe(len(jobs))
         ready = await asyncio.gather(
-            *(loop.run_in_executor(self.pool, self._prepare_if_wanted, j, gone) for j in jobs)
+            *(loop.run_in_executor(self.pool, self._prepare_if_wanted, j, drops) for j in jobs)
         )
         outcomes: list[Outcome] = []
         todo: list[tuple[int, _Ready]] = []
@@ -161,14 +201,22 @@ class BatchEngine:
             if isinstance(item, ServiceError):  # a bad image, or dropped before decoding
                 outcomes.append(item)
                 continue
-            dropped = self._unwanted(job, gone)  # expired or withdrawn while decoding
+            dropped = drops.check(job)  # expired or withdrawn while decoding
             outcomes.append(dropped or InternalError("not processed"))  # replaced below
             if dropped is None:
                 todo.append((i, item))
         if not todo:
             return outcomes
+        owner = {id(item.prepared): jobs[i] for i, item in todo}
+
+        def should_stop(prepared: PreparedImage) -> bool:
+            return drops.check(owner[id(prepared)]) is not None
+
         device_start, predictions = await loop.run_in_executor(
-            self.device_thread, self._timed_predict, [item.prepared for _, item in todo]
+            self.device_thread,
+            self._timed_predict,
+            [item.prepared for _, item in todo],
+            should_stop,
         )
         self._record_gpu_memory()
         for i, item in todo:  # waiting for admission, a batch and the device, less its own decode
@@ -176,7 +224,7 @@ class BatchEngine:
             item.timings["queue"] = max(0.0, waited)
         finished = await asyncio.gather(
             *(
-                loop.run_in_executor(self.pool, self._finish, jobs[i], item, p)
+                loop.run_in_executor(self.pool, self._finish, jobs[i], item, p, drops)
                 for (i, item), p in zip(todo, predictions, strict=True)
             )
         )
@@ -196,17 +244,22 @@ class BatchEngine:
 
     # -- CPU stages (worker pool) ---------------------------------------------------------------
 
-    def _prepare_if_wanted(self, job: Job, abandoned: Abandoned) -> _Ready | ServiceError:
-        dropped = self._unwanted(job, abandoned)
-        return dropped if dropped is not None else self._prepare(job)
+    def _prepare_if_wanted(self, job: Job, drops: _Drops) -> _Ready | ServiceError:
+        dropped = drops.check(job)
+        return dropped if dropped is not None else self._prepare(job, drops)
 
-    def _prepare(self, job: Job) -> _Ready | ServiceError:
+    def _prepare(self, job: Job, drops: _Drops) -> _Ready | ServiceError:
         start = time.perf_counter()
         try:
             options = colorize_options(job.options)
-            image = decode_image(job.image, max_pixels=self.max_pixels)
-            fmt = choose_format(job.options.format, image.format)
-            prepared = self.colorizer.prepare(image, options)
+            decoded = decode(
+                job.image, max_pixels=self.max_pixels, allow_truncated=self.allow_truncated
+            )
+            dropped = drops.check(job)
+            if dropped is not None:  # expired while decoding: skip the full-resolution L
+                return dropped
+            fmt = choose_format(job.options.format, decoded.image.format)
+            prepared = self.colorizer.prepare(decoded.image, options)
         except ServiceError as exc:
             return exc
         except OptionsError as exc:
@@ -219,16 +272,38 @@ class BatchEngine:
         except Exception:
             log.exception("request %s: prepare failed", job.request_id)
             return InternalError("preparing the image failed")
-        return _Ready(prepared, fmt, {"decode": time.perf_counter() - start})
+        return _Ready(
+            prepared, fmt, {"decode": time.perf_counter() - start}, truncated=decoded.truncated
+        )
 
-    def _finish(self, job: Job, ready: _Ready, prediction: Prediction | ServiceError) -> Outcome:
+    def _finish(
+        self,
+        job: Job,
+        ready: _Ready,
+        prediction: Prediction | ServiceError | None,
+        drops: _Drops,
+    ) -> Outcome:
         if isinstance(prediction, ServiceError):
             return prediction
+        dropped = drops.check(job)  # stopped in predict (None), or expired since: no merge
+        if dropped is not None or prediction is None:
+            return dropped or InternalError("the image was stopped in predict")
+
+        def should_stop() -> bool:  # asked between merge chunks and encoder writes
+            return drops.check(job) is not None
+
         try:
-            colorized = self.colorizer.merge(ready.prepared, prediction)
+            colorized = self.colorizer.merge(ready.prepared, prediction, should_stop)
+            dropped = drops.check(job)  # expired during the merge: no encode
+            if dropped is not None:
+                return dropped
             start = time.perf_counter()
-            body, media_type = encode_image(colorized.image, ready.fmt, job.options.quality)
+            body, media_type = encode_image(
+                colorized.image, ready.fmt, job.options.quality, should_stop
+            )
             encode_s = time.perf_counter() - start
+        except (Stopped, EncodeStopped):
+            return drops.check(job) or InternalError("stopped without a reason")
         except ServiceError as exc:
             return exc
         except Exception:
@@ -252,20 +327,24 @@ class BatchEngine:
             timings=timings,
             model_version=self.colorizer.version,
             input_size=list(ready.prepared.source.size),
+            truncated=ready.truncated,
         )
 
     # -- device stage (device thread) -----------------------------------------------------------
 
     def _timed_predict(
-        self, batch: list[PreparedImage]
-    ) -> tuple[float, list[Prediction | ServiceError]]:
+        self, batch: list[PreparedImage], should_stop: StopCheck
+    ) -> tuple[float, list[Prediction | ServiceError | None]]:
         start = time.time()
-        return start, self._predict_safely(batch)
+        return start, self._predict_safely(batch, should_stop)
 
-    def _predict_safely(self, batch: list[PreparedImage]) -> list[Prediction | ServiceError]:
+    def _predict_safely(
+        self, batch: list[PreparedImage], should_stop: StopCheck
+    ) -> list[Prediction | ServiceError | None]:
+        """``predict``; None for an image ``should_stop`` stopped."""
         out_of_memory = False
         try:
-            return list(self.colorizer.predict(batch))
+            return list(self.colorizer.predict(batch, should_stop))
         except torch.cuda.OutOfMemoryError:
             out_of_memory = True  # handled below, once the exception's frames are released
         except Exception:
@@ -273,7 +352,7 @@ class BatchEngine:
                 log.exception("predict failed for one image")
                 return [InternalError("inference failed for this image")]
             log.warning("predict failed for a batch of %d; retrying each image alone", len(batch))
-            return [result for p in batch for result in self._predict_safely([p])]
+            return [result for p in batch for result in self._predict_safely([p], should_stop)]
         assert out_of_memory
         if self.colorizer.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -282,7 +361,9 @@ class BatchEngine:
             return [InternalError("the device ran out of memory for this image")]
         half = len(batch) // 2
         log.warning("out of device memory for a batch of %d; splitting it", len(batch))
-        return self._predict_safely(batch[:half]) + self._predict_safely(batch[half:])
+        return self._predict_safely(batch[:half], should_stop) + self._predict_safely(
+            batch[half:], should_stop
+        )
 
     def _record_gpu_memory(self) -> None:
         device = self.colorizer.device

@@ -15,6 +15,7 @@ quality give the same bytes.
 from __future__ import annotations
 
 import io
+from collections.abc import Callable
 
 from PIL import Image
 
@@ -42,8 +43,32 @@ def flatten_alpha(
     return base
 
 
-def encode_image(image: Image.Image, fmt: OutputFormat, quality: int = 90) -> tuple[bytes, str]:
-    """Encoded bytes and their media type."""
+class EncodeStopped(RuntimeError):
+    """``encode_image``'s ``should_stop`` said the result is no longer wanted."""
+
+
+class _StoppableBuffer(io.BytesIO):
+    """Pillow writes an encoding as it goes (PNG per IDAT chunk, JPEG per 64 KiB block): each
+    write asks ``should_stop`` first, so an unwanted encode ends within one block's work."""
+
+    def __init__(self, should_stop: Callable[[], bool]) -> None:
+        super().__init__()
+        self.should_stop = should_stop
+
+    def write(self, data: object) -> int:
+        if self.should_stop():
+            raise EncodeStopped("encoding stopped: the result is no longer wanted")
+        return super().write(data)  # type: ignore[arg-type]
+
+
+def encode_image(
+    image: Image.Image,
+    fmt: OutputFormat,
+    quality: int = 90,
+    should_stop: Callable[[], bool] | None = None,
+) -> tuple[bytes, str]:
+    """Encoded bytes and their media type; ``should_stop`` (asked as the bytes are written) raises
+    ``EncodeStopped`` once it says True. WebP is encoded in one call and not stopped midway."""
     if fmt not in MEDIA_TYPES:
         raise InvalidParameterError(f"format must be one of {', '.join(MEDIA_TYPES)}, got {fmt!r}")
     if not 1 <= quality <= 100:
@@ -53,7 +78,7 @@ def encode_image(image: Image.Image, fmt: OutputFormat, quality: int = 90) -> tu
             f"{fmt} output is limited to {MAX_SIDE[fmt]} pixels per side and the image is "
             f"{image.width}x{image.height}; ask for format=png or resolution=network"
         )
-    out = io.BytesIO()
+    out = io.BytesIO() if should_stop is None else _StoppableBuffer(should_stop)
     if fmt == "jpeg":
         rgb = flatten_alpha(image) if "A" in image.getbands() else image.convert("RGB")
         rgb.save(out, format="JPEG", quality=quality)

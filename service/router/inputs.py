@@ -35,8 +35,17 @@ def check_content_type(content_type: str | None) -> None:
     )
 
 
+BODY_TIMED_OUT = "instcolor.body_timed_out"
+"""Scope key the server's protocol sets to True when it answered 408 and closed the connection
+because the body did not arrive within ``body_timeout_s`` (``service.router.server``)."""
+
+
 class ClientGone(Exception):
     """The client disconnected before its answer was sent."""
+
+
+class BodyTimedOut(ClientGone):
+    """The body came too slowly: the protocol has answered 408 and closed the connection."""
 
 
 async def read_body(request: Request, limit: int) -> bytes:
@@ -55,6 +64,9 @@ async def read_body(request: Request, limit: int) -> bytes:
                 raise too_large
             chunks.append(chunk)
     except ClientDisconnect:
+        chunks.clear()  # release what was buffered at once
+        if request.scope.get(BODY_TIMED_OUT):
+            raise BodyTimedOut from None
         raise ClientGone from None
     # bytes.join of a large body releases the GIL for its copy: on a thread the loop runs on
     return await off_loop_if_large(size, b"".join, chunks)

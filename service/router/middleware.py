@@ -83,7 +83,10 @@ class UnhandledErrorMiddleware:
 
 
 CORS_HEADERS = ["Authorization", "X-API-Key", "X-Request-ID", "Content-Type"]
-CORS_EXPOSED = ["X-Request-ID", "X-Instances", "X-Model-Version", "Server-Timing", "Retry-After"]
+CORS_EXPOSED = [
+    "X-Request-ID", "X-Instances", "X-Model-Version", "Server-Timing", "Retry-After",
+    "X-Image-Truncated",
+]  # fmt: skip
 
 
 def install_middleware(app: FastAPI, settings: ServiceSettings, policy: AuthPolicy) -> None:

@@ -112,6 +112,8 @@ async def result_response(
     }
     if result.cached:
         headers["X-Cache"] = "hit"
+    if result.truncated:  # COLORIZE_ALLOW_TRUNCATED_IMAGES: decoded as far as the data went
+        headers["X-Image-Truncated"] = "true"
     if not wants_json(request.headers.get("accept", ""), result.media_type):
         return Response(result.body, media_type=result.media_type, headers=headers)
     answer = json_answer(request_id, result, timings, saturation, image_base64="")
@@ -142,6 +144,7 @@ def json_answer(
         saturation=saturation,
         timings_ms={k: round(v * 1000, 3) for k, v in timings.items()},
         cached=result.cached,
+        truncated=result.truncated,
     ).model_dump()
 
 

@@ -23,7 +23,13 @@ from service.core.image_header import check_shape, probe_size
 from service.core.jobs import SATURATION_RANGE, Job, JobOptions, JobResult, OutputFormat
 from service.core.metrics import METRICS
 from service.core.queue import JobQueue
-from service.router.inputs import ClientGone, image_from_request, parse_boxes, until_disconnected
+from service.router.inputs import (
+    BodyTimedOut,
+    ClientGone,
+    image_from_request,
+    parse_boxes,
+    until_disconnected,
+)
 from service.router.middleware import request_id_of
 from service.router.responses import CLIENT_CLOSED, count_outcome, result_response
 from service.router.schemas import (
@@ -42,7 +48,8 @@ COLORIZE_RESPONSES: dict[int | str, dict[str, Any]] = {
     200: {
         "description": "The colorized image (or JSON with Accept: application/json). "
         "Headers: X-Request-ID, X-Instances, X-Model-Version, Server-Timing "
-        "(decode, queue, detect, instance, fusion, merge, encode, total in ms).",
+        "(decode, queue, detect, instance, fusion, merge, encode, total in ms); "
+        "X-Image-Truncated: true when COLORIZE_ALLOW_TRUNCATED_IMAGES let a cut-short image through.",
         "content": {**IMAGE_CONTENT, "application/json": {}},
         "model": ColorizeJSON,
     },
@@ -224,6 +231,10 @@ def install_colorize(app: FastAPI, state: ServiceState) -> None:
             options = job_options(params, settings.max_boxes)
             try:
                 image = await image_from_request(request, settings.max_body_bytes)
+            except BodyTimedOut:  # the server answered 408 and closed the connection
+                log.info("request %s: body not received in time (408)", request_id)
+                count_outcome(request, 408, "body-timeout")
+                return Response(status_code=408)
             except ClientGone:
                 return client_closed(request, request_id, "during the upload")
             pixels = checked_pixels(image, settings)

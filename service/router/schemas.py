@@ -39,6 +39,11 @@ class ColorizeJSON(BaseModel):
     saturation: float = Field(description="The colour strength applied.")
     timings_ms: dict[str, float] = Field(description="Milliseconds per stage, and total.")
     cached: bool = False
+    truncated: bool = Field(
+        default=False,
+        description="The input was cut short and decoded as far as its data went (only with "
+        "COLORIZE_ALLOW_TRUNCATED_IMAGES; otherwise truncated data gets 400 truncated-image).",
+    )
 
 
 class Status(BaseModel):
@@ -48,7 +53,8 @@ class Status(BaseModel):
 
 def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     when = {
-        400: "The image could not be decoded (corrupt, truncated, not an image).",
+        400: "The image could not be decoded (corrupt, not an image: invalid-image) or its data "
+        "is cut short (truncated-image).",
         401: "API keys are on (COLORIZE_API_KEYS) and the request has no valid key; see "
         "WWW-Authenticate.",
         413: "Body over max_body_bytes, or image over max_pixels (checked before decoding).",

@@ -10,7 +10,10 @@ protocol, a small subclass of uvicorn's own h11 protocol, adds exactly those thr
 - oversized request line plus headers: 431 and close (h11 flags this case with status hint 431);
 - headers not complete within ``header_timeout_s`` of the connection's opening (or of the end of
   the previous response): 408 if the client had started a request, then close;
-- more than ``max_connections`` open connections: the new one gets 503 and is closed at once.
+- more than ``max_connections`` open connections: the new one gets 503 and is closed at once;
+- a request body not complete within ``body_timeout_s`` of the end of its headers (a slow
+  upload): 408 and close, like the header deadline; the app's handler sees the request end
+  (``BODY_TIMED_OUT`` in its scope says why) and drops what it had buffered.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import h11
 import uvicorn
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+from service.router.inputs import BODY_TIMED_OUT
 from service.router.state import ServiceState
 
 log = logging.getLogger(__name__)
@@ -41,6 +45,7 @@ class ConnectionLimits:
     max_header_bytes: int
     header_timeout_s: float
     max_connections: int
+    body_timeout_s: float = 60.0
 
 
 def _plain_response(status: int, reason: str, text: str) -> bytes:
@@ -59,6 +64,7 @@ class LimitedH11Protocol(H11Protocol):
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self._header_timer: asyncio.TimerHandle | None = None
+        self._body_timer: asyncio.TimerHandle | None = None
         self._head = bytearray()  # bytes of the request line and headers being received
         self._lingering = False  # a refusal was sent: drop what still arrives, then close
 
@@ -78,6 +84,7 @@ class LimitedH11Protocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_header_timer()
+        self._disarm_body_timer()
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
@@ -95,8 +102,16 @@ class LimitedH11Protocol(H11Protocol):
         super().handle_events()
         if self.conn.their_state is not h11.IDLE:  # the headers are in: the app has the request
             self._disarm_header_timer()
+        if self.conn.their_state is h11.SEND_BODY:  # the body is on its way: it has a deadline
+            if self._body_timer is None and not self._lingering:
+                self._body_timer = self.loop.call_later(
+                    self.limits.body_timeout_s, self._body_timeout
+                )
+        else:
+            self._disarm_body_timer()
 
     def on_response_complete(self) -> None:
+        self._disarm_body_timer()
         super().on_response_complete()
         if not self.transport.is_closing():
             self._head.clear()
@@ -134,6 +149,34 @@ class LimitedH11Protocol(H11Protocol):
             self.transport.close()
             return
         super().eof_received()
+
+    def _disarm_body_timer(self) -> None:
+        if self._body_timer is not None:
+            self._body_timer.cancel()
+            self._body_timer = None
+
+    def _body_timeout(self) -> None:
+        self._body_timer = None
+        cycle = self.cycle
+        if self.transport.is_closing() or self.conn.their_state is not h11.SEND_BODY:
+            return
+        log.warning(
+            "closed a connection from %s: request body not complete within %.1f s "
+            "(body_timeout_s)",
+            self.client, self.limits.body_timeout_s,
+        )  # fmt: skip
+        if cycle is not None:
+            cycle.scope[BODY_TIMED_OUT] = True  # type: ignore[literal-required]
+            started = cycle.response_started
+            # The handler's next receive() ends the request; its own answer is not sent.
+            cycle.disconnected = True
+            cycle.body = bytearray()  # release what was buffered for the app
+            cycle.message_event.set()
+            if started:  # the app already answered: nothing more can be said on this socket
+                self.transport.close()
+                return
+        self.flow.resume_reading()  # keep reading (and dropping) while lingering
+        self._refuse(_plain_response(408, "Request Timeout", "request body too slow\n"))
 
     def _arm_header_timer(self) -> None:
         self._disarm_header_timer()
@@ -177,6 +220,7 @@ def uvicorn_limit_options(limits: ConnectionLimits, keep_alive_timeout_s: float)
 
 
 __all__ = [
+    "BODY_TIMED_OUT",
     "ConnectionLimits",
     "LimitedH11Protocol",
     "protocol_with_limits",

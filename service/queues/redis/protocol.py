@@ -125,6 +125,8 @@ def encode_answer(answer: JobResult | ServiceError) -> bytes:
         return json.dumps({"error": answer.to_dict()}).encode() + b"\n"
     header = asdict(answer)
     del header["body"]
+    if not header["truncated"]:  # only ever sent when true: the frames of whole images unchanged
+        del header["truncated"]
     return json.dumps({"result": header}).encode() + b"\n" + answer.body
 
 
