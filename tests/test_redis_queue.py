@@ -75,11 +75,19 @@ class RecordingEngine:
         self.delay_s = delay_s
         self.batches: list[int] = []
 
-    async def run_batch(self, jobs: Sequence[Job]) -> list[JobResult | ServiceError]:
+    async def run_batch(
+        self, jobs: Sequence[Job], abandoned: Callable[[Job], bool] | None = None
+    ) -> list[JobResult | ServiceError]:
         self.batches.append(len(jobs))
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
-        return await self.engine.run_batch(jobs)
+        return await self.engine.run_batch(jobs, abandoned)
+
+    def describe(self) -> dict[str, Any]:
+        return self.engine.describe()
+
+    def close(self) -> None:
+        self.engine.close()
 
 
 class Harness:
@@ -98,7 +106,7 @@ class Harness:
         # Liveness is tested in test_redis_edge.py; here jobs may be submitted before a worker
         # task has sent its first heartbeat.
         base = RedisQueueConfig(
-            url=self.url, layout=self.layout, stats_interval_s=0.1, require_live_worker=False
+            redis_url=self.url, layout=self.layout, stats_interval_s=0.1, require_live_worker=False
         )
         queue = RedisJobQueue(replace(base, **config), self.metrics)
         self.queues.append(queue)
@@ -110,8 +118,8 @@ class Harness:
         return RecordingEngine(engine, delay_s)
 
     def worker(self, engine: RecordingEngine | None = None, **config: Any) -> RedisWorker:
-        base = WorkerConfig(layout=self.layout, batch_delay_ms=50, poll_ms=100,
-                            claim_idle_ms=5000, stats_interval_s=0.1)  # fmt: skip
+        base = WorkerConfig(layout=self.layout, max_batch_delay_ms=50, poll_ms=100,
+                            claim_idle_ms=5000, worker_heartbeat_s=0.1)  # fmt: skip
         client = connect(config.pop("url", self.url), socket_timeout_s=10.0)
         worker = RedisWorker(
             client, engine or self.engine(), replace(base, **config),
@@ -176,7 +184,7 @@ async def test_jobs_are_batched_and_each_gets_its_own_answer(harness: Harness) -
     queue = harness.queue()
     await queue.start()
     engine = harness.engine()
-    harness.worker(engine, batch_delay_ms=300, max_batch_size=8)
+    harness.worker(engine, max_batch_delay_ms=300, max_batch_size=8)
     sizes = [(40 + 8 * i, 30 + 4 * i) for i in range(6)]
     results = await asyncio.gather(*(queue.submit(make_job(png(s))) for s in sizes))
     for size, result in zip(sizes, results, strict=True):
@@ -195,7 +203,7 @@ async def test_jobs_are_batched_and_each_gets_its_own_answer(harness: Harness) -
 async def test_a_bad_image_fails_only_its_own_job(harness: Harness) -> None:
     queue = harness.queue()
     await queue.start()
-    harness.worker(batch_delay_ms=300)
+    harness.worker(max_batch_delay_ms=300)
     good, bad = make_job(png((32, 32))), make_job(b"\x89PNG\r\n\x1a\n truncated")
     outcomes = await asyncio.gather(queue.submit(good), queue.submit(bad), return_exceptions=True)
     assert isinstance(outcomes[0], JobResult)
@@ -204,7 +212,7 @@ async def test_a_bad_image_fails_only_its_own_job(harness: Harness) -> None:
 
 
 async def test_full_stream_refuses_admission_with_retry_after(harness: Harness) -> None:
-    queue = harness.queue(max_queue=2)
+    queue = harness.queue(queue_size=2)
     await queue.start()
     waiting = [asyncio.create_task(queue.submit(make_job(png((16, 16))))) for _ in range(2)]
     await wait_for(lambda: _xlen_is(harness, 2))
@@ -236,7 +244,9 @@ async def test_withdrawn_job_held_by_a_worker_never_reaches_the_model(harness: H
     queue = harness.queue()
     await queue.start()
     engine = harness.engine()
-    harness.worker(engine, batch_delay_ms=1500)  # the worker holds the job while its batch fills
+    harness.worker(
+        engine, max_batch_delay_ms=1500
+    )  # the worker holds the job while its batch fills
     task = asyncio.create_task(queue.submit(make_job(png((16, 16)))))
 
     async def held() -> bool:
@@ -405,7 +415,7 @@ async def test_cache_off(harness: Harness) -> None:
 
 
 async def test_unreachable_redis_is_unavailable_not_a_crash(harness: Harness) -> None:
-    queue = harness.queue(url=f"redis://127.0.0.1:{free_port()}/0")
+    queue = harness.queue(redis_url=f"redis://127.0.0.1:{free_port()}/0")
     await queue.start()  # does not raise
     assert not await queue.ready()
     start = time.monotonic()
@@ -422,7 +432,7 @@ async def test_queue_and_worker_recover_when_redis_returns(
     server = OwnRedis(tmp_path)
     server.start()
     try:
-        queue = harness.queue(url=server.url)
+        queue = harness.queue(redis_url=server.url)
         await queue.start()
         harness.worker(url=server.url)
         assert isinstance(await queue.submit(make_job(png((16, 16)))), JobResult)
@@ -447,7 +457,7 @@ async def test_sigterm_finishes_the_batch_being_filled(harness: Harness) -> None
     queue = harness.queue()
     await queue.start()
     engine = harness.engine()
-    worker = harness.worker(engine, batch_delay_ms=800)
+    worker = harness.worker(engine, max_batch_delay_ms=800)
     task = asyncio.create_task(queue.submit(make_job(png((24, 24)))))
     await wait_for(lambda: _pending_is(harness, 1))
     await harness.stop_worker(worker)
