@@ -32,7 +32,6 @@ from service.engine.batch import BatchEngine
 from service.queues.memory import InProcessQueue
 from service.settings import ServiceSettings
 
-
 # The in-process tests run queues and engines without building an app (which registers the
 # process's role): show every metric on the default registry, as the memory-mode server does.
 METRICS.register("memory")

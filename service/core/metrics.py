@@ -62,7 +62,7 @@ class Metrics:
         self, registry: CollectorRegistry | None = REGISTRY, role: Role = "memory"
     ) -> None:
         self._registered: set[str] = set()
-        self._registry: CollectorRegistry | None = None
+        self._on: list[CollectorRegistry] = []  # (a list: vars() holds metric objects only)
         self._create()
         if registry is not None:
             self.register(role, registry)
@@ -70,9 +70,9 @@ class Metrics:
     def register(self, role: Role, registry: CollectorRegistry = REGISTRY) -> None:
         """Show the metrics of ``role`` on ``registry`` (again for another role: the union;
         one registry per ``Metrics``)."""
-        if self._registry is not None and registry is not self._registry:
+        if self._on and registry is not self._on[0]:
             raise ValueError("these metrics are already registered on another registry")
-        self._registry = registry
+        self._on[:] = [registry]
         for name in ROLE_METRICS[role]:
             if name not in self._registered:
                 collector: Collector = getattr(self, name)
