@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -37,6 +38,7 @@ from service.engine.batch import BatchEngine
 from service.queues.redis.client import RedisJobQueue, RedisQueueConfig
 from service.queues.redis.protocol import (
     FINISH_SCRIPT,
+    RedisClock,
     RedisLayout,
     connect,
     decode_answer,
@@ -112,18 +114,29 @@ class Harness:
         self.queues.append(queue)
         return queue
 
-    def engine(self, delay_s: float = 0.0) -> RecordingEngine:
-        engine = BatchEngine(self.colorizer, self.pool, self.metrics, max_pixels=40_000_000)
+    def engine(
+        self, delay_s: float = 0.0, clock: Callable[[], float] = time.time
+    ) -> RecordingEngine:
+        engine = BatchEngine(
+            self.colorizer, self.pool, self.metrics, max_pixels=40_000_000, clock=clock
+        )
         self.engines.append(engine)
         return RecordingEngine(engine, delay_s)
 
-    def worker(self, engine: RecordingEngine | None = None, **config: Any) -> RedisWorker:
+    def worker(
+        self,
+        engine: RecordingEngine | None = None,
+        *,
+        wall_clock: Callable[[], float] = time.time,
+        **config: Any,
+    ) -> RedisWorker:
         base = WorkerConfig(layout=self.layout, max_batch_delay_ms=50, poll_ms=100,
                             claim_idle_ms=5000, worker_heartbeat_s=0.1)  # fmt: skip
         client = connect(config.pop("url", self.url), socket_timeout_s=10.0)
         worker = RedisWorker(
             client, engine or self.engine(), replace(base, **config),
             model_info=self.colorizer.describe(), metrics=self.metrics,
+            clock=RedisClock(local=wall_clock), wall_clock=wall_clock,
         )  # fmt: skip
         task = asyncio.create_task(worker.run())
         self.workers.append((worker, task, client))
@@ -280,6 +293,65 @@ async def test_expired_job_is_answered_504_without_the_model(harness: Harness) -
     answer = decode_answer(popped[1])
     assert isinstance(answer, DeadlineExceededError)
     assert engine.batches == []
+    assert harness.dropped("deadline") == 1
+
+
+async def redis_time(client: aioredis.Redis) -> float:
+    seconds, micros = await client.time()
+    return int(seconds) + int(micros) / 1e6
+
+
+async def test_the_api_stamps_deadlines_on_redis_time(harness: Harness) -> None:
+    """The API replica's wall clock runs 10 minutes late; the job in the stream is on Redis time."""
+    queue = harness.queue()
+    queue.wall_clock = lambda: time.time() - 600  # what the router stamped the job with
+    await queue.start()
+    late = make_job(png((16, 16)), timeout=5.0)
+    task = asyncio.create_task(
+        queue.submit(
+            replace(late, enqueued_at=late.enqueued_at - 600, deadline=late.deadline - 600)
+        )
+    )  # stamped by a host whose wall clock is 600 s behind: ...
+    await wait_for(lambda: _xlen_is(harness, 1))
+    ((_, fields),) = await harness.client.xrange(harness.layout.stream)
+    meta = json.loads(fields[b"meta"])
+    now = await redis_time(harness.client)
+    assert set(meta) == {"request_id", "options", "deadline", "enqueued_at", "pixels"}
+    assert abs(meta["enqueued_at"] - now) < 2.0  # ... but the stream holds Redis time
+    assert meta["deadline"] - meta["enqueued_at"] == pytest.approx(5.0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+@pytest.mark.parametrize("skew_s", [600.0, -600.0])
+async def test_a_worker_with_a_skewed_clock_drops_expired_jobs_and_serves_live_ones(
+    harness: Harness, skew_s: float
+) -> None:
+    """The worker host's clock is 10 minutes off: deadlines are still judged on Redis time.
+
+    Ahead, its own clock would call every live job expired; behind, it would run expired ones.
+    """
+
+    def skewed() -> float:
+        return time.time() + skew_s
+
+    queue = harness.queue()
+    await queue.start()
+    expired = replace(make_job(png((16, 16))), deadline=await redis_time(harness.client) - 1)
+    token = uuid.uuid4().hex
+    await harness.client.xadd(harness.layout.stream, job_fields(expired, token))  # type: ignore[arg-type]
+    engine = harness.engine(clock=skewed)  # the engine measures on the host's clock too
+    harness.worker(engine, wall_clock=skewed)
+    popped = await harness.client.blpop([harness.layout.reply(token)], timeout=10)
+    assert popped is not None
+    assert isinstance(decode_answer(popped[1]), DeadlineExceededError)
+    assert engine.batches == []
+    assert harness.dropped("deadline") == 1
+    result = await asyncio.wait_for(queue.submit(make_job(png((20, 20)), timeout=10.0)), 15)
+    assert isinstance(result, JobResult)
+    assert engine.batches == [1]
+    assert 0.0 <= result.timings["queue"] < 5.0  # measured on one clock, not 600 s off
     assert harness.dropped("deadline") == 1
 
 

@@ -84,8 +84,11 @@ class BatchEngine:
         metrics: Metrics = METRICS,
         *,
         max_pixels: int,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """``clock``: what the jobs' ``deadline`` and ``enqueued_at`` are measured on."""
         self.colorizer = colorizer
+        self.clock = clock
         self.pool = pool
         self.metrics = metrics
         self.max_pixels = max_pixels
@@ -184,7 +187,7 @@ class BatchEngine:
 
     def _unwanted(self, job: Job, abandoned: Abandoned) -> ServiceError | None:
         """Why ``job`` should not run any further (counted as dropped), or None."""
-        if time.time() > job.deadline:
+        if self.clock() > job.deadline:
             self.metrics.dropped.labels(reason="deadline").inc()
             return DeadlineExceededError("the request's deadline passed before it was processed")
         if abandoned(job):
@@ -257,7 +260,7 @@ class BatchEngine:
     def _timed_predict(
         self, batch: list[PreparedImage]
     ) -> tuple[float, list[Prediction | ServiceError]]:
-        start = time.time()
+        start = self.clock()
         return start, self._predict_safely(batch)
 
     def _predict_safely(self, batch: list[PreparedImage]) -> list[Prediction | ServiceError]:

@@ -8,7 +8,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -90,8 +92,17 @@ class RedisJobQueue:
     ``UnavailableError`` when Redis cannot be reached. Nothing here loads the model or torch.
     """
 
-    def __init__(self, config: RedisQueueConfig, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        config: RedisQueueConfig,
+        metrics: Metrics | None = None,
+        *,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        """``wall_clock``: what submitted jobs were stamped with (the router uses time.time());
+        they are moved onto Redis server time (``self.clock``) before anything is compared."""
         self.config = config
+        self.wall_clock = wall_clock
         self.layout = config.layout
         self.metrics = metrics
         self._client = connect(config.redis_url, config.connect_timeout_s)
@@ -178,7 +189,9 @@ class RedisJobQueue:
                 self._idle.set()
 
     async def _submit(self, job: Job) -> JobResult:
-        job = self.clock.to_redis(job)  # from here on, deadlines are on Redis server time
+        job = self.clock.to_redis(
+            job, self.wall_clock
+        )  # from here on, deadlines are on Redis server time
         cache_key = await self._cached_key(job)
         if cache_key is not None:
             frame = await self._cache.get(cache_key)
