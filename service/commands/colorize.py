@@ -66,7 +66,7 @@ class UsageError(Exception):
 
 
 @dataclass(frozen=True)
-class Job:
+class InputFile:
     """One input file: where it is, how it is named in reports and ``--boxes``, where it goes."""
 
     source: Path
@@ -171,7 +171,7 @@ def add_parser(subparsers: Any) -> None:
 # -- planning -----------------------------------------------------------------------------------
 
 
-def collect_jobs(inputs: Sequence[Path], output_dir: Path, extension: str) -> list[Job]:
+def collect_jobs(inputs: Sequence[Path], output_dir: Path, extension: str) -> list[InputFile]:
     """Expand files and folders into jobs with unique output paths (see the module docstring)."""
     out_root = output_dir.resolve()
     found: list[tuple[Path, str, Path]] = []  # source, key, output folder
@@ -214,7 +214,7 @@ def collect_jobs(inputs: Sequence[Path], output_dir: Path, extension: str) -> li
             "several inputs would be written to the same output file:\n" + "\n".join(lines)
             + "\npass their common folder instead (sub-folders are mirrored) or rename them"
         )  # fmt: skip
-    jobs = [Job(src, key, out) for (src, key, _), out in zip(found, outputs, strict=True)]
+    jobs = [InputFile(src, key, out) for (src, key, _), out in zip(found, outputs, strict=True)]
     overwriting = [job.source for job in jobs if job.output.resolve() == job.source.resolve()]
     if overwriting:
         raise UsageError(
@@ -262,13 +262,15 @@ def load_boxes(path: Path) -> dict[str, Detections]:
     return parsed
 
 
-def match_boxes(jobs: Sequence[Job], boxes: dict[str, Detections]) -> dict[Job, Detections]:
+def match_boxes(
+    jobs: Sequence[InputFile], boxes: dict[str, Detections]
+) -> dict[InputFile, Detections]:
     """Attach ``--boxes`` entries to jobs: by relative path first, else by file name if unique."""
     by_key = {job.key: job for job in jobs}
-    by_name: dict[str, list[Job]] = defaultdict(list)
+    by_name: dict[str, list[InputFile]] = defaultdict(list)
     for job in jobs:
         by_name[job.source.name].append(job)
-    matched: dict[Job, Detections] = {}
+    matched: dict[InputFile, Detections] = {}
     unused = []
     for name, detections in boxes.items():
         if name in by_key:
@@ -320,23 +322,23 @@ data (OSError, EOFError, SyntaxError from old plugins), UnsupportedImageError / 
 
 
 @dataclass
-class Outcome:
+class RunSummary:
     written: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)  # (input, reason)
 
-    def fail(self, job: Job, exc: BaseException) -> None:
+    def fail(self, job: InputFile, exc: BaseException) -> None:
         message = str(exc) or type(exc).__name__
         self.failures.append((str(job.source), f"{type(exc).__name__}: {message}"))
         log.debug("%s failed", job.source, exc_info=exc)
 
 
 def _prepare_batch(
-    colorizer: Colorizer, jobs: Sequence[Job], options: Callable[[Job], ColorizeOptions],
+    colorizer: Colorizer, jobs: Sequence[InputFile], options: Callable[[InputFile], ColorizeOptions],
     errors: tuple[type[BaseException], ...],
-) -> list[tuple[Job, PreparedImage | BaseException]]:  # fmt: skip
+) -> list[tuple[InputFile, PreparedImage | BaseException]]:  # fmt: skip
     from PIL import Image
 
-    prepared: list[tuple[Job, PreparedImage | BaseException]] = []
+    prepared: list[tuple[InputFile, PreparedImage | BaseException]] = []
     for job in jobs:
         try:
             with Image.open(job.source) as image:
@@ -352,8 +354,8 @@ PREDICT_ERRORS: tuple[type[BaseException], ...] = (RuntimeError, ValueError)
 
 
 def _predict_each(
-    colorizer: Colorizer, ready: Sequence[tuple[Job, PreparedImage]], outcome: Outcome,
-) -> list[tuple[Job, PreparedImage, Prediction]]:  # fmt: skip
+    colorizer: Colorizer, ready: Sequence[tuple[InputFile, PreparedImage]], outcome: RunSummary,
+) -> list[tuple[InputFile, PreparedImage, Prediction]]:  # fmt: skip
     """One call for the batch; if it fails, one call per image so one bad input fails alone."""
     try:
         predictions = colorizer.predict([p for _, p in ready])
@@ -373,11 +375,11 @@ def _predict_each(
 
 
 def _finish_batch(
-    colorizer: Colorizer, loaded: Sequence[tuple[Job, PreparedImage | BaseException]],
-    outcome: Outcome, image_format: str,
+    colorizer: Colorizer, loaded: Sequence[tuple[InputFile, PreparedImage | BaseException]],
+    outcome: RunSummary, image_format: str,
 ) -> None:  # fmt: skip
     """Predict the prepared images of one batch, then merge and write each; record failures."""
-    ready: list[tuple[Job, PreparedImage]] = []
+    ready: list[tuple[InputFile, PreparedImage]] = []
     for job, item in loaded:
         if isinstance(item, BaseException):
             outcome.fail(job, item)
@@ -397,19 +399,19 @@ def _finish_batch(
 
 def process(
     colorizer: Colorizer,
-    jobs: Sequence[Job],
-    options: Callable[[Job], ColorizeOptions],
+    jobs: Sequence[InputFile],
+    options: Callable[[InputFile], ColorizeOptions],
     *,
     batch_size: int,
     image_format: str,
     progress: bool,
-) -> Outcome:
+) -> RunSummary:
     """Colorize ``jobs`` in batches with a read-ahead of one batch; never stops on a bad input."""
     from PIL import Image
     from tqdm import tqdm
 
     errors = (*DECODE_ERRORS, Image.DecompressionBombError)
-    outcome = Outcome()
+    outcome = RunSummary()
     batches = [jobs[i : i + batch_size] for i in range(0, len(jobs), batch_size)]
     with (
         ThreadPoolExecutor(1, thread_name_prefix="colorize-read") as reader,
@@ -417,7 +419,9 @@ def process(
              dynamic_ncols=True) as bar,
     ):  # fmt: skip
 
-        def read(batch: Sequence[Job]) -> Future[list[tuple[Job, PreparedImage | BaseException]]]:
+        def read(
+            batch: Sequence[InputFile],
+        ) -> Future[list[tuple[InputFile, PreparedImage | BaseException]]]:
             return reader.submit(_prepare_batch, colorizer, batch, options, errors)
 
         upcoming = read(batches[0]) if batches else None
@@ -464,7 +468,7 @@ def run(args: argparse.Namespace) -> int:
         todo = [job for job in jobs if not job.output.exists()]
         skipped = len(jobs) - len(todo)
         jobs = todo
-    outcome = Outcome()
+    outcome = RunSummary()
     load_seconds = 0.0
     work_started = time.perf_counter()
     if jobs:

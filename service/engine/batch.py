@@ -40,7 +40,7 @@ from service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
-Outcome = JobResult | ServiceError
+Answer = JobResult | ServiceError  # what the engine gives back per job (the Redis frame's "answer")
 Abandoned = Callable[[Job], bool]  # True once nobody waits for the job's answer
 
 
@@ -142,7 +142,7 @@ class BatchEngine:
 
     async def run_batch(
         self, jobs: Sequence[Job], abandoned: Abandoned | None = None
-    ) -> list[Outcome]:
+    ) -> list[Answer]:
         """A result or an error per job, in order; never raises for one job's fault.
 
         A job past its deadline, or ``abandoned`` (its client left), is dropped before its CPU
@@ -156,7 +156,7 @@ class BatchEngine:
         ready = await asyncio.gather(
             *(loop.run_in_executor(self.pool, self._prepare_if_wanted, j, gone) for j in jobs)
         )
-        outcomes: list[Outcome] = []
+        outcomes: list[Answer] = []
         todo: list[tuple[int, _Ready]] = []
         for i, (job, item) in enumerate(zip(jobs, ready, strict=True)):
             if isinstance(item, ServiceError):  # a bad image, or dropped before decoding
@@ -222,7 +222,7 @@ class BatchEngine:
             return InternalError("preparing the image failed")
         return _Ready(prepared, fmt, {"decode": time.perf_counter() - start})
 
-    def _finish(self, job: Job, ready: _Ready, prediction: Prediction | ServiceError) -> Outcome:
+    def _finish(self, job: Job, ready: _Ready, prediction: Prediction | ServiceError) -> Answer:
         if isinstance(prediction, ServiceError):
             return prediction
         try:
