@@ -355,6 +355,25 @@ async def test_a_worker_with_a_skewed_clock_drops_expired_jobs_and_serves_live_o
     assert harness.dropped("deadline") == 1
 
 
+async def test_the_batch_delay_counts_from_the_oldest_admission(harness: Harness) -> None:
+    """A job that already waited in the stream longer than the batch delay is not held again
+    (memory mode's rule); before, the worker started the delay at its first read."""
+    queue = harness.queue()
+    await queue.start()  # creates the group
+    admitted = await redis_time(harness.client) - 10.0  # waited 10 s for a worker
+    job = replace(make_job(png((16, 16)), timeout=60.0), enqueued_at=admitted)
+    token = uuid.uuid4().hex
+    await harness.client.xadd(harness.layout.stream, job_fields(job, token))  # type: ignore[arg-type]
+    engine = harness.engine()
+    harness.worker(engine, max_batch_delay_ms=8000, max_batch_size=8)
+    started = time.monotonic()
+    popped = await harness.client.blpop([harness.layout.reply(token)], timeout=20)
+    assert popped is not None
+    assert isinstance(decode_answer(popped[1]), JobResult)
+    assert time.monotonic() - started < 6.0  # not the 8 s a delay from the read would hold it
+    assert engine.batches == [1]
+
+
 async def test_jobs_of_a_dead_worker_are_reclaimed_and_answered(harness: Harness) -> None:
     queue = harness.queue()
     await queue.start()
