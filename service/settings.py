@@ -15,6 +15,7 @@ classes (``default_of``) instead of restating them.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 from typing import Any, Literal
 
@@ -43,6 +44,15 @@ def auto_batch_size(device_type: str) -> int:
 def default_of(settings: type[BaseSettings], name: str) -> Any:
     """The default of one settings field: what configs built from the settings default to."""
     return settings.model_fields[name].default
+
+
+def values_for(config: type[Any], settings: BaseSettings) -> dict[str, Any]:
+    """The values of ``settings`` for the dataclass ``config``: each of its fields that has a
+    settings field of the same name (configs never rename a setting)."""
+    names = type(settings).model_fields
+    return {
+        f.name: getattr(settings, f.name) for f in dataclasses.fields(config) if f.name in names
+    }
 
 
 _CONFIG = SettingsConfigDict(env_prefix="COLORIZE_", extra="ignore")

@@ -42,7 +42,7 @@ from service.queues.redis.protocol import (
     read_stats,
     wait_or_timeout,
 )
-from service.settings import BatchingSettings, RedisSettings, default_of
+from service.settings import BatchingSettings, RedisSettings, default_of, values_for
 
 if TYPE_CHECKING:
     from service.settings import ServiceSettings
@@ -71,17 +71,8 @@ class RedisQueueConfig:
 
     @staticmethod
     def from_settings(settings: ServiceSettings) -> RedisQueueConfig:
-        return RedisQueueConfig(
-            redis_url=settings.redis_url,
-            layout=RedisLayout.from_settings(settings),
-            queue_size=settings.queue_size,
-            result_ttl_s=settings.result_ttl_s,
-            cache_enabled=settings.cache_enabled,
-            cache_ttl_s=settings.cache_ttl_s,
-            cache_redis_url=settings.cache_redis_url,
-            retry_after_s=settings.retry_after_s,
-            worker_alive_s=settings.worker_alive_s,
-        )
+        values = values_for(RedisQueueConfig, settings)  # every field named as its setting
+        return RedisQueueConfig(layout=RedisLayout.from_settings(settings), **values)
 
 
 class RedisJobQueue:

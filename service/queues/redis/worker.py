@@ -56,7 +56,13 @@ from service.queues.redis.protocol import (
     read_stats,
     wait_or_timeout,
 )
-from service.settings import BatchingSettings, RedisSettings, auto_batch_size, default_of
+from service.settings import (
+    BatchingSettings,
+    RedisSettings,
+    auto_batch_size,
+    default_of,
+    values_for,
+)
 
 if TYPE_CHECKING:
     from service.settings import ServiceSettings
@@ -93,19 +99,9 @@ class WorkerConfig:
 
     @staticmethod
     def from_settings(settings: ServiceSettings) -> WorkerConfig:
-        return WorkerConfig(
-            layout=RedisLayout.from_settings(settings),
-            max_batch_size=settings.resolved_max_batch_size(),
-            max_batch_delay_ms=settings.max_batch_delay_ms,
-            max_concurrent_batches=settings.max_concurrent_batches,
-            claim_idle_ms=settings.claim_idle_ms,
-            max_deliveries=settings.max_deliveries,
-            result_ttl_s=settings.result_ttl_s,
-            cache_enabled=settings.cache_enabled,
-            cache_ttl_s=settings.cache_ttl_s,
-            dead_letter_maxlen=settings.dead_letter_maxlen,
-            worker_heartbeat_s=settings.worker_heartbeat_s,
-        )
+        values = values_for(WorkerConfig, settings)  # every field named as its setting
+        values["max_batch_size"] = settings.resolved_max_batch_size()  # unset: per device
+        return WorkerConfig(layout=RedisLayout.from_settings(settings), **values)
 
 
 def consumer_name() -> str:
