@@ -33,7 +33,7 @@ from training.loop import TrainOptions, train
 from training.prepare import prepare_data
 from training.run_files import read_metrics
 
-STAGES = ("full", "instance", "fusion")
+TRAINING_STAGES = ("full", "instance", "fusion")
 
 
 def photo(index: int, width: int = 640, height: int = 480) -> Image.Image:
@@ -67,7 +67,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--width", type=int, default=64, help="network width (64: official)")
     parser.add_argument("--batch-size", type=int, default=2, help="images per step")
     parser.add_argument("--steps", type=int, default=3, help="steps per stage (first is warm-up)")
-    parser.add_argument("--stages", default=",".join(STAGES))
+    parser.add_argument("--stages", default=",".join(TRAINING_STAGES))
     parser.add_argument("--precisions", default="fp32", help="comma list of fp32, bf16, fp16")
     parser.add_argument("--device", default="auto")
     parser.add_argument("--workers", type=int, default=2)

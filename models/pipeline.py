@@ -50,7 +50,7 @@ from models.preprocess import (
 
 log = logging.getLogger(__name__)
 
-STAGES: tuple[str, ...] = ("preprocess", "detect", "instance", "fusion", "merge")
+PIPELINE_STAGES: tuple[str, ...] = ("preprocess", "detect", "instance", "fusion", "merge")
 DEFAULT_SCORE_THRESHOLD = 0.7
 
 
@@ -103,7 +103,7 @@ class ColorizedImage:
     image: Image.Image
     boxes: list[IntBox]
     scores: list[float]
-    timings: dict[str, float]  # seconds per stage in STAGES
+    timings: dict[str, float]  # seconds per stage in PIPELINE_STAGES
 
 
 class Colorizer:

@@ -16,7 +16,7 @@ from fastapi import Depends, FastAPI
 from fastapi_offline import FastAPIOffline
 
 from service.core.metrics import METRICS
-from service.core.queue import JobQueue
+from service.core.queue import BatchRunner, JobQueue
 from service.router.auth import AuthPolicy
 from service.router.handlers import install_error_handlers
 from service.router.inputs import reject_unknown_query
@@ -50,9 +50,24 @@ def default_queue_factory(settings: ServiceSettings) -> JobQueue:
         from service.queues.redis.client import RedisJobQueue, RedisQueueConfig
 
         return RedisJobQueue(RedisQueueConfig.from_settings(settings), METRICS)
-    from service.queues.memory import build_memory_queue
-
     return build_memory_queue(settings)
+
+
+def build_memory_queue(settings: ServiceSettings) -> JobQueue:
+    """The memory-mode queue: loads the weights, warms up each batch-size bucket, then serves.
+
+    Missing weight files raise ``MissingWeightsError`` here, before the server starts.
+    """
+    from service.engine.batch import BatchEngine  # imports torch: memory mode only
+    from service.engine.loading import check_weight_files
+    from service.queues.memory import InProcessQueue
+
+    check_weight_files(settings)
+
+    async def load() -> BatchRunner:
+        return await BatchEngine.start(settings)
+
+    return InProcessQueue.from_settings(load, settings)
 
 
 def create_app(
@@ -62,6 +77,7 @@ def create_app(
     on_fatal: Callable[[str], None] | None = None,
 ) -> FastAPI:
     """The FastAPI app. ``on_fatal`` is told when the queue can never become ready."""
+    METRICS.register("api" if settings.queue == "redis" else "memory")
     state = ServiceState(settings)
     # FastAPIOffline: /docs (Swagger UI) and /redoc served from files installed with the package,
     # not from a CDN, so the pages work on an offline host.

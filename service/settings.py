@@ -1,13 +1,23 @@
 """Typed settings, read from ``COLORIZE_*`` environment variables and validated at start-up.
 
-``ModelSettings`` is what any process that loads the model needs (the ``colorize`` command, the
-server, a GPU worker). Command-line flags override the environment (see ``commands/model_flags``).
+One class per process role, each the one source of its defaults:
+
+- ``ModelSettings``: what any process that loads the model needs (``colorize``, the server, a GPU
+  worker). Command-line flags override the environment (see ``commands/model_flags``).
+- ``BatchingSettings``: how jobs are batched, timed out and drained (memory queue, Redis worker).
+- ``EdgeSettings``: the public HTTP edge: address, limits, API keys, CORS.
+- ``RedisSettings``: Redis mode: the shared Redis, delivery, result cache, worker liveness.
+- ``ServiceSettings`` composes them (and the queue choice); every ``COLORIZE_*`` name is unchanged.
+
+The queue and worker configs (``service.queues``) take their field names and defaults from these
+classes (``default_of``) instead of restating them.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import Field, PrivateAttr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -18,15 +28,40 @@ DEFAULT_WEIGHTS_DIR = Path("weights")
 DEFAULT_DETECTOR_FILENAME = "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth"
 
 
-AUTO_MAX_BATCH_SIZE = {"cpu": 1, "cuda": 8}
-"""``max_batch_size`` where it is unset. On a CPU one image's convolutions already keep every core
-busy, and batching 8-instance images made each image 13% slower (docs/performance.md)."""
+AUTO_BATCH_SIZE = {"cpu": 1, "cuda": 8}
+"""Images per device batch where none is given, per device type: ``max_batch_size`` unset (serve,
+worker), ``colorize --batch-size auto`` and ``evaluate --batch-size auto``. On a CPU one image's
+convolutions already keep every core busy, and batching 8-instance images made each image 13%
+slower (docs/performance.md); on CUDA a batch of 8 keeps the device fed."""
+
+
+def auto_batch_size(device_type: str) -> int:
+    """The batch size where none is given, for a ``cpu`` or ``cuda`` device (``cuda:N`` counts
+    as ``cuda``; any other type as ``cpu``)."""
+    return AUTO_BATCH_SIZE["cuda" if device_type.startswith("cuda") else "cpu"]
+
+
+def default_of(settings: type[BaseSettings], name: str) -> Any:
+    """The default of one settings field: what configs built from the settings default to."""
+    return settings.model_fields[name].default
+
+
+def values_for(config: type[Any], settings: BaseSettings) -> dict[str, Any]:
+    """The values of ``settings`` for the dataclass ``config``: each of its fields that has a
+    settings field of the same name (configs never rename a setting)."""
+    names = type(settings).model_fields
+    return {
+        f.name: getattr(settings, f.name) for f in dataclasses.fields(config) if f.name in names
+    }
+
+
+_CONFIG = SettingsConfigDict(env_prefix="COLORIZE_", extra="ignore")
 
 
 class ModelSettings(BaseSettings):
     """Where the weights are and how to run them."""
 
-    model_config = SettingsConfigDict(env_prefix="COLORIZE_", extra="ignore")
+    model_config = _CONFIG
 
     checkpoints: Path = Field(
         default=DEFAULT_WEIGHTS_DIR / "checkpoints",
@@ -101,14 +136,11 @@ class ModelSettings(BaseSettings):
         return missing
 
 
-class ServiceSettings(ModelSettings):
-    """The HTTP service: model settings plus batching, limits and the server address."""
+class BatchingSettings(BaseSettings):
+    """How jobs are batched, timed out and drained: the memory queue and the Redis worker."""
 
-    host: str = Field(
-        default="0.0.0.0",  # noqa: S104 - a service on a GPU host is reached from other machines
-        description="Address to bind. 0.0.0.0: every interface; 127.0.0.1: this machine only.",
-    )
-    port: int = Field(default=8000, ge=1, le=65535, description="TCP port to listen on.")
+    model_config = _CONFIG
+
     max_batch_size: int | None = Field(
         default=None, ge=1, le=256,
         description="Most images per device batch. Larger: more throughput on a GPU, more latency "
@@ -136,30 +168,6 @@ class ServiceSettings(ModelSettings):
         description="Deadline (s) from admission; a request not served by then gets 504 and is "
         "dropped before it reaches the device.",
     )  # fmt: skip
-    max_body_bytes: int = Field(
-        default=20 * 1024 * 1024, ge=1024,
-        description="Largest request body (bytes); larger bodies get 413 before they are read.",
-    )  # fmt: skip
-    max_pixels: int = Field(
-        default=40_000_000, ge=1,
-        description="Largest image (width x height); larger images get 413 from their header, "
-        "before decoding (decompression-bomb guard). Full-resolution merge memory grows with it.",
-    )  # fmt: skip
-    allow_truncated_images: bool = Field(
-        default=False,
-        description="Decode truncated image data as far as it goes (the missing part grey for "
-        "JPEG, black otherwise) instead of refusing it with 400 truncated-image; the answer then "
-        "says so (X-Image-Truncated: true, \"truncated\": true). For archives that want best "
-        "effort; off, no missing data is ever filled in.",
-    )  # fmt: skip
-    worker_threads: int = Field(
-        default=4, ge=1, le=256,
-        description="Threads for CPU work (decode, preprocess, full-resolution merge, encode) "
-        "that run beside the device thread.",
-    )  # fmt: skip
-    overload_status: Literal[503, 429] = Field(
-        default=503, description="Status for a full queue: 503 or 429 (both carry Retry-After)."
-    )
     retry_after_s: float = Field(
         default=1.0, gt=0.0, le=3600.0,
         description="Smallest Retry-After (s) sent with 503/429; in memory mode it grows with the "
@@ -182,11 +190,155 @@ class ServiceSettings(ModelSettings):
         "CUDA, minimal on CPU, where there is nothing to autotune and a full warm-up at full "
         "width takes minutes.",
     )
-    queue: Literal["memory", "redis"] = Field(
-        default="memory",
-        description="memory: batch in this process; redis: submit jobs to Redis for GPU workers.",
+    worker_threads: int = Field(
+        default=4, ge=1, le=256,
+        description="Threads for CPU work (decode, preprocess, full-resolution merge, encode) "
+        "that run beside the device thread.",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _check_batching(self) -> BatchingSettings:
+        largest_batch = self.max_batch_size or AUTO_BATCH_SIZE["cuda"]
+        if self.queue_size < largest_batch:
+            raise ValueError(
+                f"queue_size ({self.queue_size}) is smaller than max_batch_size "
+                f"({largest_batch}), so batches could never fill: raise COLORIZE_QUEUE_SIZE "
+                "or lower COLORIZE_MAX_BATCH_SIZE"
+            )
+        if self.max_batch_delay_ms / 1000.0 >= self.request_timeout_s:
+            raise ValueError(
+                f"max_batch_delay_ms ({self.max_batch_delay_ms}) is not shorter than "
+                f"request_timeout_s ({self.request_timeout_s} s): requests would time out waiting "
+                "for a batch; lower COLORIZE_MAX_BATCH_DELAY_MS or raise COLORIZE_REQUEST_TIMEOUT_S"
+            )
+        return self
+
+    def max_batch_size_for(self, device_type: str) -> int:
+        """``max_batch_size``, or where unset the automatic size for ``device_type``."""
+        if self.max_batch_size is not None:
+            return self.max_batch_size
+        return auto_batch_size(device_type)
+
+
+class EdgeSettings(BaseSettings):
+    """The public HTTP edge (docs/security.md): address, HTTP limits the server enforces, the
+    image limits checked before decoding, API keys and CORS."""
+
+    model_config = _CONFIG
+
+    host: str = Field(
+        default="0.0.0.0",  # noqa: S104 - a service on a GPU host is reached from other machines
+        description="Address to bind. 0.0.0.0: every interface; 127.0.0.1: this machine only.",
     )
-    # Redis mode (queue=redis): API replicas and GPU workers share one Redis (service/queues/redis).
+    port: int = Field(default=8000, ge=1, le=65535, description="TCP port to listen on.")
+    max_body_bytes: int = Field(
+        default=20 * 1024 * 1024, ge=1024,
+        description="Largest request body (bytes); larger bodies get 413 before they are read.",
+    )  # fmt: skip
+    max_pixels: int = Field(
+        default=40_000_000, ge=1,
+        description="Largest image (width x height); larger images get 413 from their header, "
+        "before decoding (decompression-bomb guard). Full-resolution merge memory grows with it.",
+    )  # fmt: skip
+    allow_truncated_images: bool = Field(
+        default=False,
+        description="Decode truncated image data as far as it goes (the missing part grey for "
+        "JPEG, black otherwise) instead of refusing it with 400 truncated-image; the answer then "
+        "says so (X-Image-Truncated: true, \"truncated\": true). For archives that want best "
+        "effort; off, no missing data is ever filled in.",
+    )  # fmt: skip
+    overload_status: Literal[503, 429] = Field(
+        default=503, description="Status for a full queue: 503 or 429 (both carry Retry-After)."
+    )
+    max_header_bytes: int = Field(
+        default=16_384, ge=1024, le=1_048_576,
+        description="Largest request line plus headers (bytes); larger gets 431 and the "
+        "connection is closed.",
+    )  # fmt: skip
+    header_timeout_s: float = Field(
+        default=10.0, gt=0.0, le=600.0,
+        description="Time (s) a client has to send the request line and headers, counted from the "
+        "connection's opening or the end of its previous response; then 408 and close "
+        "(slowloris guard).",
+    )  # fmt: skip
+    body_timeout_s: float = Field(
+        default=60.0, gt=0.0, le=3600.0,
+        description="Time (s) a client has to send the whole request body, counted from the end "
+        "of its headers; then 408 and close, and the bytes buffered so far are released (slow "
+        "upload guard). Allow for the largest body (max_body_bytes) at the slowest client link.",
+    )  # fmt: skip
+    keep_alive_timeout_s: float = Field(
+        default=5.0, gt=0.0, le=600.0,
+        description="An idle keep-alive connection is closed after this long (s).",
+    )  # fmt: skip
+    max_connections: int = Field(
+        default=1000, ge=1, le=1_000_000,
+        description="Open client connections at once; a connection beyond it gets 503 and is "
+        "closed. Keep it below the process's file-descriptor limit (ulimit -n).",
+    )  # fmt: skip
+    max_aspect_ratio: float = Field(
+        default=1000.0, ge=1.0,
+        description="Longest side over shortest side an image may have; beyond it 422.",
+    )  # fmt: skip
+    max_boxes: int = Field(
+        default=64, ge=1, le=4096, description="Most caller boxes one request may send."
+    )
+    api_keys: str | None = Field(
+        default=None,
+        description="API keys, 'name:key,name2:key2'. Set (or api_key_file): requests need "
+        "'Authorization: Bearer KEY' or 'X-API-Key: KEY'. Metrics show the name, never the key.",
+    )
+    api_key_file: Path | None = Field(
+        default=None,
+        description="File of API keys, one 'name:key' per line ('#' comments); with api_keys, "
+        "both sets count.",
+    )
+    auth_open_probes: bool = Field(
+        default=True, description="With keys: /healthz and /readyz stay open (for orchestrators)."
+    )
+    auth_open_metrics: bool = Field(
+        default=True, description="With keys: /metrics stays open (for Prometheus)."
+    )
+    cors_origins: str = Field(
+        default="",
+        description="Browser origins allowed by CORS, comma-separated ('*' for any); empty: no "
+        "CORS headers (same-origin only).",
+    )
+
+    _api_key_table: dict[str, str] = PrivateAttr(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _check_edge(self) -> EdgeSettings:
+        if self.api_key_file is not None and not self.api_key_file.is_file():
+            raise ValueError(
+                f"api_key_file {str(self.api_key_file)!r} is not a file: create it or unset "
+                "COLORIZE_API_KEY_FILE"
+            )
+        from service.core.api_keys import load_api_keys  # no torch, no app: just the key format
+
+        # parsed once, here: a malformed entry refuses the start; the app uses the table
+        self._api_key_table = load_api_keys(self.api_keys, self.api_key_file)
+        if self.max_body_bytes > 1024**3:
+            raise ValueError(
+                f"max_body_bytes ({self.max_body_bytes}) is over 1 GiB: bodies are held in memory; "
+                "set COLORIZE_MAX_BODY_BYTES to at most 1073741824"
+            )
+        return self
+
+    def api_key_table(self) -> dict[str, str]:
+        """Key name -> key from api_keys and api_key_file, as parsed at validation (empty: off)."""
+        return dict(self._api_key_table)
+
+    def cors_origin_list(self) -> list[str]:
+        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
+
+
+class RedisSettings(BaseSettings):
+    """Redis mode (queue=redis): API replicas and GPU workers share one Redis
+    (service/queues/redis): delivery, the result cache and worker liveness."""
+
+    model_config = _CONFIG
+
     redis_url: str = Field(
         default="redis://127.0.0.1:6379/0", description="Redis server for queue=redis."
     )
@@ -242,63 +394,6 @@ class ServiceSettings(ModelSettings):
         description="Port of a Redis worker's own /metrics (0: none).",
     )
 
-    # The public edge (docs/security.md): HTTP limits enforced by the server `serve` starts.
-    max_header_bytes: int = Field(
-        default=16_384, ge=1024, le=1_048_576,
-        description="Largest request line plus headers (bytes); larger gets 431 and the "
-        "connection is closed.",
-    )  # fmt: skip
-    header_timeout_s: float = Field(
-        default=10.0, gt=0.0, le=600.0,
-        description="Time (s) a client has to send the request line and headers, counted from the "
-        "connection's opening or the end of its previous response; then 408 and close "
-        "(slowloris guard).",
-    )  # fmt: skip
-    body_timeout_s: float = Field(
-        default=60.0, gt=0.0, le=3600.0,
-        description="Time (s) a client has to send the whole request body, counted from the end "
-        "of its headers; then 408 and close, and the bytes buffered so far are released (slow "
-        "upload guard). Allow for the largest body (max_body_bytes) at the slowest client link.",
-    )  # fmt: skip
-    keep_alive_timeout_s: float = Field(
-        default=5.0, gt=0.0, le=600.0,
-        description="An idle keep-alive connection is closed after this long (s).",
-    )  # fmt: skip
-    max_connections: int = Field(
-        default=1000, ge=1, le=1_000_000,
-        description="Open client connections at once; a connection beyond it gets 503 and is "
-        "closed. Keep it below the process's file-descriptor limit (ulimit -n).",
-    )  # fmt: skip
-    max_aspect_ratio: float = Field(
-        default=1000.0, ge=1.0,
-        description="Longest side over shortest side an image may have; beyond it 422.",
-    )  # fmt: skip
-    max_boxes: int = Field(
-        default=64, ge=1, le=4096, description="Most caller boxes one request may send."
-    )
-    # Authentication and browsers (docs/security.md).
-    api_keys: str | None = Field(
-        default=None,
-        description="API keys, 'name:key,name2:key2'. Set (or api_key_file): requests need "
-        "'Authorization: Bearer KEY' or 'X-API-Key: KEY'. Metrics show the name, never the key.",
-    )
-    api_key_file: Path | None = Field(
-        default=None,
-        description="File of API keys, one 'name:key' per line ('#' comments); with api_keys, "
-        "both sets count.",
-    )
-    auth_open_probes: bool = Field(
-        default=True, description="With keys: /healthz and /readyz stay open (for orchestrators)."
-    )
-    auth_open_metrics: bool = Field(
-        default=True, description="With keys: /metrics stays open (for Prometheus)."
-    )
-    cors_origins: str = Field(
-        default="",
-        description="Browser origins allowed by CORS, comma-separated ('*' for any); empty: no "
-        "CORS headers (same-origin only).",
-    )
-    # Redis mode: worker liveness.
     worker_heartbeat_s: float = Field(
         default=1.0, gt=0.0, le=60.0,
         description="Redis mode: how often (s) each worker tells Redis it is alive.",
@@ -309,48 +404,27 @@ class ServiceSettings(ModelSettings):
         "none alive /readyz is 503 and requests get 503 no-workers at once.",
     )  # fmt: skip
 
-    _api_key_table: dict[str, str] = PrivateAttr(default_factory=dict)
-
     @model_validator(mode="after")
-    def _check_edge(self) -> ServiceSettings:
+    def _check_liveness(self) -> RedisSettings:
         if self.worker_alive_s <= self.worker_heartbeat_s:
             raise ValueError(
                 f"worker_alive_s ({self.worker_alive_s}) is not longer than worker_heartbeat_s "
                 f"({self.worker_heartbeat_s}): live workers would count as gone; raise "
                 "COLORIZE_WORKER_ALIVE_S"
             )
-        if self.api_key_file is not None and not self.api_key_file.is_file():
-            raise ValueError(
-                f"api_key_file {str(self.api_key_file)!r} is not a file: create it or unset "
-                "COLORIZE_API_KEY_FILE"
-            )
-        from service.core.api_keys import load_api_keys  # no torch, no app: just the key format
-
-        # parsed once, here: a malformed entry refuses the start; the app uses the table
-        self._api_key_table = load_api_keys(self.api_keys, self.api_key_file)
         return self
 
-    @model_validator(mode="after")
-    def _check_service(self) -> ServiceSettings:
-        largest_batch = self.max_batch_size or AUTO_MAX_BATCH_SIZE["cuda"]
-        if self.queue_size < largest_batch:
-            raise ValueError(
-                f"queue_size ({self.queue_size}) is smaller than max_batch_size "
-                f"({largest_batch}), so batches could never fill: raise COLORIZE_QUEUE_SIZE "
-                "or lower COLORIZE_MAX_BATCH_SIZE"
-            )
-        if self.max_batch_delay_ms / 1000.0 >= self.request_timeout_s:
-            raise ValueError(
-                f"max_batch_delay_ms ({self.max_batch_delay_ms}) is not shorter than "
-                f"request_timeout_s ({self.request_timeout_s} s): requests would time out waiting "
-                "for a batch; lower COLORIZE_MAX_BATCH_DELAY_MS or raise COLORIZE_REQUEST_TIMEOUT_S"
-            )
-        if self.max_body_bytes > 1024**3:
-            raise ValueError(
-                f"max_body_bytes ({self.max_body_bytes}) is over 1 GiB: bodies are held in memory; "
-                "set COLORIZE_MAX_BODY_BYTES to at most 1073741824"
-            )
-        return self
+
+class ServiceSettings(RedisSettings, BatchingSettings, EdgeSettings, ModelSettings):
+    """The HTTP service and its workers: every role's settings plus the queue choice.
+
+    The bases' validators run model, edge, batching, Redis, then the checks across roles here.
+    """
+
+    queue: Literal["memory", "redis"] = Field(
+        default="memory",
+        description="memory: batch in this process; redis: submit jobs to Redis for GPU workers.",
+    )
 
     @model_validator(mode="after")
     def _check_redis(self) -> ServiceSettings:
@@ -375,13 +449,6 @@ class ServiceSettings(ModelSettings):
             )
         return self
 
-    def api_key_table(self) -> dict[str, str]:
-        """Key name -> key from api_keys and api_key_file, as parsed at validation (empty: off)."""
-        return dict(self._api_key_table)
-
-    def cors_origin_list(self) -> list[str]:
-        return [origin.strip() for origin in self.cors_origins.split(",") if origin.strip()]
-
     def warmup_plan(self, device_type: str) -> tuple[list[int], int]:
         """Batch sizes to warm up and instances per image, on a ``cpu`` or ``cuda`` device."""
         if self.warmup_scope == "minimal" or (
@@ -391,10 +458,8 @@ class ServiceSettings(ModelSettings):
         return self.batch_buckets(), self.instance_limit
 
     def resolved_max_batch_size(self) -> int:
-        """``max_batch_size``, or where unset the measured default for this machine's device."""
-        if self.max_batch_size is not None:
-            return self.max_batch_size
-        return AUTO_MAX_BATCH_SIZE["cuda" if self.resolved_device().startswith("cuda") else "cpu"]
+        """``max_batch_size``, or where unset the automatic size for this machine's device."""
+        return self.max_batch_size_for(self.resolved_device())
 
     def batch_buckets(self) -> list[int]:
         """Batch sizes warmed up at start: powers of two below max_batch_size, and it."""

@@ -26,10 +26,15 @@ from models.pipeline import Colorizer, Prediction, PreparedImage, StopCheck
 from service.app import create_app, default_queue_factory
 from service.core.errors import ServiceError
 from service.core.jobs import Job, JobOptions, JobResult
+from service.core.metrics import METRICS
 from service.core.queue import JobQueue
 from service.engine.batch import BatchEngine
 from service.queues.memory import InProcessQueue
 from service.settings import ServiceSettings
+
+# The in-process tests run queues and engines without building an app (which registers the
+# process's role): show every metric on the default registry, as the memory-mode server does.
+METRICS.register("memory")
 
 
 def make_job(image: bytes, request_id: str = "r", timeout: float = 30.0, **options: Any) -> Job:

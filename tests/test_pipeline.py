@@ -13,7 +13,7 @@ from PIL import Image
 
 from models.boxes import Detections
 from models.lab import rgb_to_lab
-from models.pipeline import STAGES, ColorizeOptions, Colorizer, OptionsError
+from models.pipeline import PIPELINE_STAGES, ColorizeOptions, Colorizer, OptionsError
 from models.preprocess import to_tensor
 
 
@@ -82,7 +82,7 @@ def test_network_resolution_is_256(tiny_colorizer: Colorizer) -> None:
 
 def test_timings_cover_every_stage(tiny_colorizer: Colorizer) -> None:
     result = tiny_colorizer.colorize([noisy(64, 64, 8)])[0]
-    assert set(result.timings) == set(STAGES)
+    assert set(result.timings) == set(PIPELINE_STAGES)
     assert all(v >= 0 for v in result.timings.values())
 
 

@@ -17,7 +17,7 @@ from models.boxes import Detections
 from models.checkpoints import load_networks
 from models.pipeline import ColorizeOptions, Colorizer, Prediction
 from models.precision import CpuFeatures, Precision, probe_cpu, resolve_precision
-from service.settings import ModelSettings, ServiceSettings
+from service.settings import AUTO_BATCH_SIZE, ModelSettings, ServiceSettings
 
 BF16_MEAN_AB = 0.01  # normalised ab (range [-1, 1]), mean absolute difference to fp32
 BF16_MAX_AB = 0.1  # normalised ab, largest difference at any pixel
@@ -211,7 +211,7 @@ def test_colorize_batch_size_is_auto_unless_given(
     argv = ["colorize", str(source), "-o", str(tmp_path / "out"), "--no-progress",
             "--no-detector", "--checkpoints", str(tiny_checkpoints)]  # fmt: skip
     assert main(argv) == 0
-    assert seen == [colorize.AUTO_BATCH_SIZE["cpu"]] == [1]
+    assert seen == [AUTO_BATCH_SIZE["cpu"]] == [1]
 
 
 def test_max_batch_size_defaults_per_device() -> None:

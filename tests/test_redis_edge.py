@@ -88,7 +88,7 @@ async def test_a_silent_worker_counts_as_gone(harness: Harness) -> None:
 async def test_over_cost_refused_at_once_with_retry_after_from_the_backlog(
     harness: Harness,
 ) -> None:
-    queue = live_queue(harness, max_queue=5)
+    queue = live_queue(harness, queue_size=5)
     await queue.start()
     cost = {"seconds_per_megapixel": 1.0, "seconds_per_pass": 0.0, "seconds_per_job": 2.0,
             "instances_per_image": 0.0, "batches_seen": 3.0}  # fmt: skip

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import json
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -39,6 +40,7 @@ from service.engine.batch import BatchEngine
 from service.queues.redis.client import RedisJobQueue, RedisQueueConfig
 from service.queues.redis.protocol import (
     FINISH_SCRIPT,
+    RedisClock,
     RedisLayout,
     connect,
     decode_answer,
@@ -77,11 +79,19 @@ class RecordingEngine:
         self.delay_s = delay_s
         self.batches: list[int] = []
 
-    async def run_batch(self, jobs: Sequence[Job]) -> list[JobResult | ServiceError]:
+    async def run_batch(
+        self, jobs: Sequence[Job], abandoned: Callable[[Job], bool] | None = None
+    ) -> list[JobResult | ServiceError]:
         self.batches.append(len(jobs))
         if self.delay_s:
             await asyncio.sleep(self.delay_s)
-        return await self.engine.run_batch(jobs)
+        return await self.engine.run_batch(jobs, abandoned)
+
+    def describe(self) -> dict[str, Any]:
+        return self.engine.describe()
+
+    def close(self) -> None:
+        self.engine.close()
 
 
 class Harness:
@@ -100,24 +110,35 @@ class Harness:
         # Liveness is tested in test_redis_edge.py; here jobs may be submitted before a worker
         # task has sent its first heartbeat.
         base = RedisQueueConfig(
-            url=self.url, layout=self.layout, stats_interval_s=0.1, require_live_worker=False
+            redis_url=self.url, layout=self.layout, stats_interval_s=0.1, require_live_worker=False
         )
         queue = RedisJobQueue(replace(base, **config), self.metrics)
         self.queues.append(queue)
         return queue
 
-    def engine(self, delay_s: float = 0.0) -> RecordingEngine:
-        engine = BatchEngine(self.colorizer, self.pool, self.metrics, max_pixels=40_000_000)
+    def engine(
+        self, delay_s: float = 0.0, clock: Callable[[], float] = time.time
+    ) -> RecordingEngine:
+        engine = BatchEngine(
+            self.colorizer, self.pool, self.metrics, max_pixels=40_000_000, clock=clock
+        )
         self.engines.append(engine)
         return RecordingEngine(engine, delay_s)
 
-    def worker(self, engine: RecordingEngine | None = None, **config: Any) -> RedisWorker:
-        base = WorkerConfig(layout=self.layout, batch_delay_ms=50, poll_ms=100,
-                            claim_idle_ms=5000, stats_interval_s=0.1)  # fmt: skip
+    def worker(
+        self,
+        engine: RecordingEngine | None = None,
+        *,
+        wall_clock: Callable[[], float] = time.time,
+        **config: Any,
+    ) -> RedisWorker:
+        base = WorkerConfig(layout=self.layout, max_batch_delay_ms=50, poll_ms=100,
+                            claim_idle_ms=5000, worker_heartbeat_s=0.1)  # fmt: skip
         client = connect(config.pop("url", self.url), socket_timeout_s=10.0)
         worker = RedisWorker(
             client, engine or self.engine(), replace(base, **config),
             model_info=self.colorizer.describe(), metrics=self.metrics,
+            clock=RedisClock(local=wall_clock), wall_clock=wall_clock,
         )  # fmt: skip
         task = asyncio.create_task(worker.run())
         self.workers.append((worker, task, client))
@@ -178,7 +199,7 @@ async def test_jobs_are_batched_and_each_gets_its_own_answer(harness: Harness) -
     queue = harness.queue()
     await queue.start()
     engine = harness.engine()
-    harness.worker(engine, batch_delay_ms=300, max_batch_size=8)
+    harness.worker(engine, max_batch_delay_ms=300, max_batch_size=8)
     sizes = [(40 + 8 * i, 30 + 4 * i) for i in range(6)]
     results = await asyncio.gather(*(queue.submit(make_job(png(s))) for s in sizes))
     for size, result in zip(sizes, results, strict=True):
@@ -197,7 +218,7 @@ async def test_jobs_are_batched_and_each_gets_its_own_answer(harness: Harness) -
 async def test_a_bad_image_fails_only_its_own_job(harness: Harness) -> None:
     queue = harness.queue()
     await queue.start()
-    harness.worker(batch_delay_ms=300)
+    harness.worker(max_batch_delay_ms=300)
     good, bad = make_job(png((32, 32))), make_job(b"\x89PNG\r\n\x1a\n truncated")
     outcomes = await asyncio.gather(queue.submit(good), queue.submit(bad), return_exceptions=True)
     assert isinstance(outcomes[0], JobResult)
@@ -206,7 +227,7 @@ async def test_a_bad_image_fails_only_its_own_job(harness: Harness) -> None:
 
 
 async def test_full_stream_refuses_admission_with_retry_after(harness: Harness) -> None:
-    queue = harness.queue(max_queue=2)
+    queue = harness.queue(queue_size=2)
     await queue.start()
     waiting = [asyncio.create_task(queue.submit(make_job(png((16, 16))))) for _ in range(2)]
     await wait_for(lambda: _xlen_is(harness, 2))
@@ -238,7 +259,9 @@ async def test_withdrawn_job_held_by_a_worker_never_reaches_the_model(harness: H
     queue = harness.queue()
     await queue.start()
     engine = harness.engine()
-    harness.worker(engine, batch_delay_ms=1500)  # the worker holds the job while its batch fills
+    harness.worker(
+        engine, max_batch_delay_ms=1500
+    )  # the worker holds the job while its batch fills
     task = asyncio.create_task(queue.submit(make_job(png((16, 16)))))
 
     async def held() -> bool:
@@ -273,6 +296,84 @@ async def test_expired_job_is_answered_504_without_the_model(harness: Harness) -
     assert isinstance(answer, DeadlineExceededError)
     assert engine.batches == []
     assert harness.dropped("deadline") == 1
+
+
+async def redis_time(client: aioredis.Redis) -> float:
+    seconds, micros = await client.time()
+    return int(seconds) + int(micros) / 1e6
+
+
+async def test_the_api_stamps_deadlines_on_redis_time(harness: Harness) -> None:
+    """The API replica's wall clock runs 10 minutes late; the job in the stream is on Redis time."""
+    queue = harness.queue()
+    queue.wall_clock = lambda: time.time() - 600  # what the router stamped the job with
+    await queue.start()
+    late = make_job(png((16, 16)), timeout=5.0)
+    task = asyncio.create_task(
+        queue.submit(
+            replace(late, enqueued_at=late.enqueued_at - 600, deadline=late.deadline - 600)
+        )
+    )  # stamped by a host whose wall clock is 600 s behind: ...
+    await wait_for(lambda: _xlen_is(harness, 1))
+    ((_, fields),) = await harness.client.xrange(harness.layout.stream)
+    meta = json.loads(fields[b"meta"])
+    now = await redis_time(harness.client)
+    assert set(meta) == {"request_id", "options", "deadline", "enqueued_at", "pixels"}
+    assert abs(meta["enqueued_at"] - now) < 2.0  # ... but the stream holds Redis time
+    assert meta["deadline"] - meta["enqueued_at"] == pytest.approx(5.0)
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+@pytest.mark.parametrize("skew_s", [600.0, -600.0])
+async def test_a_worker_with_a_skewed_clock_drops_expired_jobs_and_serves_live_ones(
+    harness: Harness, skew_s: float
+) -> None:
+    """The worker host's clock is 10 minutes off: deadlines are still judged on Redis time.
+
+    Ahead, its own clock would call every live job expired; behind, it would run expired ones.
+    """
+
+    def skewed() -> float:
+        return time.time() + skew_s
+
+    queue = harness.queue()
+    await queue.start()
+    expired = replace(make_job(png((16, 16))), deadline=await redis_time(harness.client) - 1)
+    token = uuid.uuid4().hex
+    await harness.client.xadd(harness.layout.stream, job_fields(expired, token))  # type: ignore[arg-type]
+    engine = harness.engine(clock=skewed)  # the engine measures on the host's clock too
+    harness.worker(engine, wall_clock=skewed)
+    popped = await harness.client.blpop([harness.layout.reply(token)], timeout=10)
+    assert popped is not None
+    assert isinstance(decode_answer(popped[1]), DeadlineExceededError)
+    assert engine.batches == []
+    assert harness.dropped("deadline") == 1
+    result = await asyncio.wait_for(queue.submit(make_job(png((20, 20)), timeout=10.0)), 15)
+    assert isinstance(result, JobResult)
+    assert engine.batches == [1]
+    assert 0.0 <= result.timings["queue"] < 5.0  # measured on one clock, not 600 s off
+    assert harness.dropped("deadline") == 1
+
+
+async def test_the_batch_delay_counts_from_the_oldest_admission(harness: Harness) -> None:
+    """A job that already waited in the stream longer than the batch delay is not held again
+    (memory mode's rule); before, the worker started the delay at its first read."""
+    queue = harness.queue()
+    await queue.start()  # creates the group
+    admitted = await redis_time(harness.client) - 10.0  # waited 10 s for a worker
+    job = replace(make_job(png((16, 16)), timeout=60.0), enqueued_at=admitted)
+    token = uuid.uuid4().hex
+    await harness.client.xadd(harness.layout.stream, job_fields(job, token))  # type: ignore[arg-type]
+    engine = harness.engine()
+    harness.worker(engine, max_batch_delay_ms=8000, max_batch_size=8)
+    started = time.monotonic()
+    popped = await harness.client.blpop([harness.layout.reply(token)], timeout=20)
+    assert popped is not None
+    assert isinstance(decode_answer(popped[1]), JobResult)
+    assert time.monotonic() - started < 6.0  # not the 8 s a delay from the read would hold it
+    assert engine.batches == [1]
 
 
 async def test_jobs_of_a_dead_worker_are_reclaimed_and_answered(harness: Harness) -> None:
@@ -424,7 +525,7 @@ async def test_cache_off(harness: Harness) -> None:
 
 
 async def test_unreachable_redis_is_unavailable_not_a_crash(harness: Harness) -> None:
-    queue = harness.queue(url=f"redis://127.0.0.1:{free_port()}/0")
+    queue = harness.queue(redis_url=f"redis://127.0.0.1:{free_port()}/0")
     await queue.start()  # does not raise
     assert not await queue.ready()
     start = time.monotonic()
@@ -441,7 +542,7 @@ async def test_queue_and_worker_recover_when_redis_returns(
     server = OwnRedis(tmp_path)
     server.start()
     try:
-        queue = harness.queue(url=server.url)
+        queue = harness.queue(redis_url=server.url)
         await queue.start()
         harness.worker(url=server.url)
         assert isinstance(await queue.submit(make_job(png((16, 16)))), JobResult)
@@ -466,7 +567,7 @@ async def test_sigterm_finishes_the_batch_being_filled(harness: Harness) -> None
     queue = harness.queue()
     await queue.start()
     engine = harness.engine()
-    worker = harness.worker(engine, batch_delay_ms=800)
+    worker = harness.worker(engine, max_batch_delay_ms=800)
     task = asyncio.create_task(queue.submit(make_job(png((24, 24)))))
     await wait_for(lambda: _pending_is(harness, 1))
     await harness.stop_worker(worker)

@@ -12,6 +12,12 @@ def positive_int(text: str) -> int:
     return value
 
 
+def batch_size(text: str) -> int | None:
+    """``auto`` (None: ``service.settings.auto_batch_size`` of the device, once the model is
+    loaded) or a positive integer."""
+    return None if text == "auto" else positive_int(text)
+
+
 def non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:

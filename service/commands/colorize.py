@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from models.image_files import IMAGE_EXTENSIONS, scan_images
-from service.commands.arg_types import non_negative_int, positive_int, unit_float
+from service.commands.arg_types import batch_size, non_negative_int, unit_float
 from service.commands.model_flags import add_model_arguments, model_overrides
 from service.core.boxes import BoxesError, validate_boxes
 from service.core.jobs import SATURATION_RANGE, OutputFormat
@@ -59,7 +59,7 @@ class UsageError(Exception):
 
 
 @dataclass(frozen=True)
-class Job:
+class InputFile:
     """One input file: where it is, how it is named in reports and ``--boxes``, where it goes."""
 
     source: Path
@@ -68,17 +68,6 @@ class Job:
 
 
 # -- arguments ----------------------------------------------------------------------------------
-
-
-AUTO_BATCH_SIZE = {"cpu": 1, "cuda": 4}
-"""``--batch-size auto`` per device type. On a CPU one image at a time is the fastest: one image's
-convolutions already keep every core busy, and a batch of 8-instance images only adds memory
-traffic (0.06 images/s at 4 against 0.10 at 1 on 4 photos; see docs/performance.md)."""
-
-
-def _batch_size(text: str) -> int | None:
-    """``auto`` (None: chosen per device once the model is loaded) or a positive integer."""
-    return None if text == "auto" else positive_int(text)
 
 
 def _saturation(text: str) -> float:
@@ -154,11 +143,11 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--batch-size",
-        type=_batch_size,
+        type=batch_size,
         default=None,
         metavar="B",
-        help="images per network call, or auto (default): 1 on a CPU, 4 on a GPU, the faster "
-        "choice measured on each",
+        help="images per network call, or auto (default): 1 on a CPU (measured fastest there), "
+        "8 on a GPU, as for serve",
     )
     parser.add_argument(
         "--skip-existing",
@@ -173,7 +162,7 @@ def add_parser(subparsers: Any) -> None:
 # -- planning -----------------------------------------------------------------------------------
 
 
-def collect_jobs(inputs: Sequence[Path], output_dir: Path, extension: str) -> list[Job]:
+def collect_jobs(inputs: Sequence[Path], output_dir: Path, extension: str) -> list[InputFile]:
     """Expand files and folders into jobs with unique output paths (see the module docstring)."""
     out_root = output_dir.resolve()
     found: list[tuple[Path, str, Path]] = []  # source, key, output folder
@@ -216,7 +205,7 @@ def collect_jobs(inputs: Sequence[Path], output_dir: Path, extension: str) -> li
             "several inputs would be written to the same output file:\n" + "\n".join(lines)
             + "\npass their common folder instead (sub-folders are mirrored) or rename them"
         )  # fmt: skip
-    jobs = [Job(src, key, out) for (src, key, _), out in zip(found, outputs, strict=True)]
+    jobs = [InputFile(src, key, out) for (src, key, _), out in zip(found, outputs, strict=True)]
     overwriting = [job.source for job in jobs if job.output.resolve() == job.source.resolve()]
     if overwriting:
         raise UsageError(
@@ -257,13 +246,15 @@ def load_boxes(path: Path) -> dict[str, Detections]:
     return parsed
 
 
-def match_boxes(jobs: Sequence[Job], boxes: dict[str, Detections]) -> dict[Job, Detections]:
+def match_boxes(
+    jobs: Sequence[InputFile], boxes: dict[str, Detections]
+) -> dict[InputFile, Detections]:
     """Attach ``--boxes`` entries to jobs: by relative path first, else by file name if unique."""
     by_key = {job.key: job for job in jobs}
-    by_name: dict[str, list[Job]] = defaultdict(list)
+    by_name: dict[str, list[InputFile]] = defaultdict(list)
     for job in jobs:
         by_name[job.source.name].append(job)
-    matched: dict[Job, Detections] = {}
+    matched: dict[InputFile, Detections] = {}
     unused = []
     for name, detections in boxes.items():
         if name in by_key:
@@ -297,20 +288,20 @@ def write_image(image: Image.Image, output: Path, image_format: OutputFormat) ->
 
 
 @dataclass
-class Outcome:
+class RunSummary:
     written: int = 0
     failures: list[tuple[str, str]] = field(default_factory=list)  # (input, reason)
 
 
 def process(
     colorizer: Colorizer,
-    jobs: Sequence[Job],
-    options: Callable[[Job], ColorizeOptions],
+    jobs: Sequence[InputFile],
+    options: Callable[[InputFile], ColorizeOptions],
     *,
     batch_size: int,
     image_format: OutputFormat,
     progress: bool,
-) -> Outcome:
+) -> RunSummary:
     """Colorize ``jobs`` in batches with a read-ahead of one batch; never stops on a bad input."""
     from PIL import Image
     from tqdm import tqdm
@@ -318,12 +309,12 @@ def process(
     from models.offline import FINISH_ERRORS, describe_failure, run_batches
     from service.core.errors import InvalidParameterError
 
-    def load(job: Job) -> PreparedImage:
+    def load(job: InputFile) -> PreparedImage:
         with Image.open(job.source) as image:
             image.load()
             return colorizer.prepare(image, options(job))
 
-    def finish(job: Job, prepared: PreparedImage, prediction: Prediction) -> None:
+    def finish(job: InputFile, prepared: PreparedImage, prediction: Prediction) -> None:
         write_image(colorizer.merge(prepared, prediction).image, job.output, image_format)
 
     with tqdm(total=len(jobs), unit="img", file=sys.stderr, disable=not progress,
@@ -332,7 +323,7 @@ def process(
             colorizer, jobs, load, finish, batch_size=batch_size, progress=bar.update,
             finish_errors=(*FINISH_ERRORS, InvalidParameterError),  # a size JPEG cannot hold
         )  # fmt: skip
-    return Outcome(
+    return RunSummary(
         written=len(jobs) - len(failures),
         failures=[(str(job.source), describe_failure(exc)) for job, exc in failures],
     )
@@ -349,7 +340,7 @@ def run(args: argparse.Namespace) -> int:
     from models.checkpoints import CheckpointError
     from models.pipeline import ColorizeOptions
     from service.engine.loading import MissingWeightsError, build_colorizer
-    from service.settings import ModelSettings, describe_validation_error
+    from service.settings import ModelSettings, auto_batch_size, describe_validation_error
 
     started = time.perf_counter()
     extension = f".{args.image_format}"
@@ -371,7 +362,7 @@ def run(args: argparse.Namespace) -> int:
         todo = [job for job in jobs if not job.output.exists()]
         skipped = len(jobs) - len(todo)
         jobs = todo
-    outcome = Outcome()
+    outcome = RunSummary()
     load_seconds = 0.0
     work_started = time.perf_counter()
     if jobs:
@@ -392,7 +383,7 @@ def run(args: argparse.Namespace) -> int:
             colorizer,
             jobs,
             lambda job: per_job.get(job, base),
-            batch_size=args.batch_size or AUTO_BATCH_SIZE.get(colorizer.device.type, 1),
+            batch_size=args.batch_size or auto_batch_size(colorizer.device.type),
             image_format=args.image_format,
             progress=not args.no_progress,
         )

@@ -20,9 +20,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from service.commands.arg_types import non_negative_int, positive_int, unit_float
+from service.commands.arg_types import batch_size, non_negative_int, positive_int, unit_float
 from service.commands.model_flags import add_model_arguments, model_overrides
-from service.settings import DEFAULT_WEIGHTS_DIR
+from service.settings import DEFAULT_WEIGHTS_DIR, auto_batch_size
 
 if TYPE_CHECKING:
     from evaluation.metrics import LpipsMetric
@@ -95,8 +95,9 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--limit", type=positive_int, metavar="N",
                         help="score only the first N photos (in sorted order)")  # fmt: skip
-    parser.add_argument("--batch-size", type=positive_int, default=8, metavar="B",
-                        help="images per network call (default 8)")  # fmt: skip
+    parser.add_argument("--batch-size", type=batch_size, default=None, metavar="B",
+                        help="images per network call, or auto (default): 1 on a CPU, 8 on a "
+                        "GPU, as for colorize and serve")  # fmt: skip
     parser.add_argument("--compare", nargs="+", metavar="NAME=FLAGS",
                         help="run several configurations on the same images, e.g. "
                         "'base=' nodet=--no-detector 'fp16=--precision fp16'; FLAGS are model "
@@ -159,7 +160,7 @@ def _config(
         "resolution": args.resolution,
         "max_instances": args.max_instances,
         "score_threshold": args.score_threshold,
-        "batch_size": args.batch_size,
+        "batch_size": args.batch_size or "auto",
         "model_flags": {k: str(v) for k, v in model_overrides(args).items()},
         "lpips_weights": None if lpips_weights is None else str(lpips_weights),
         "fid_weights": None if fid_weights is None else str(fid_weights),
@@ -295,7 +296,10 @@ def _evaluate_all(
         )
         evaluator = Evaluator(colorizer, options, lpips, instances, fid)
         result = evaluator.run(
-            items, report_dir, batch_size=args.batch_size, progress=not args.no_progress
+            items,
+            report_dir,
+            batch_size=args.batch_size or auto_batch_size(colorizer.device.type),
+            progress=not args.no_progress,
         )
         summary = write_report(
             report_dir,

@@ -9,10 +9,17 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import logging
+import signal
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from service.commands.model_flags import add_model_arguments, settings_from_args
+
+if TYPE_CHECKING:
+    from service.settings import ServiceSettings
+
+log = logging.getLogger(__name__)
 
 HELP_TEXT = """\
 Run a GPU worker of Redis mode (one per GPU). It loads the model like `serve` does (same flags),
@@ -41,7 +48,6 @@ def add_parser(subparsers: Any) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from service.engine.loading import MissingWeightsError
-    from service.queues.redis.worker import run_worker
 
     settings = settings_from_args(args, ("redis_url", "worker_metrics_port"), queue="redis")
     if settings is None:
@@ -51,3 +57,43 @@ def run(args: argparse.Namespace) -> int:
     except MissingWeightsError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
+
+
+async def run_worker(settings: ServiceSettings, *, consumer: str | None = None) -> int:
+    """The worker process's composition: load the model, warm up, serve /metrics (the worker
+    role's metrics only), consume until SIGTERM/SIGINT; the exit status."""
+    from prometheus_client import start_http_server
+
+    from service.core.metrics import METRICS
+    from service.engine.batch import BatchEngine  # imports torch: only the worker process needs it
+    from service.queues.redis.protocol import connect
+    from service.queues.redis.worker import RedisWorker, WorkerConfig
+
+    METRICS.register("worker")
+    engine = await BatchEngine.start(settings, METRICS)
+    if settings.worker_metrics_port:
+        start_http_server(settings.worker_metrics_port)
+        log.info("worker metrics on :%d/metrics", settings.worker_metrics_port)
+    config = WorkerConfig.from_settings(settings)
+    read_timeout_s = max(config.poll_ms, config.max_batch_delay_ms) / 1000 + 10.0
+    client = connect(settings.redis_url, socket_timeout_s=read_timeout_s)
+    cache_client = (
+        connect(settings.cache_redis_url, socket_timeout_s=10.0)
+        if settings.cache_redis_url
+        else None
+    )
+    worker = RedisWorker(
+        client, engine, config, model_info=engine.describe(),
+        metrics=METRICS, cache_client=cache_client, consumer=consumer,
+    )  # fmt: skip
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, worker.stop)
+    try:
+        await worker.run()
+    finally:
+        engine.close()
+        if cache_client is not None:
+            await cache_client.aclose()
+        await client.aclose()
+    return 0

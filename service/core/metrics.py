@@ -1,16 +1,30 @@
 """Every ``colorize_*`` Prometheus metric, defined once (the dashboard's contract).
 
-The objects live in prometheus-client's default registry, so ``/metrics`` (and a Redis worker's
-own exposition) shows them beside the generic ``http_*`` metrics of
-prometheus-fastapi-instrumentator. Import ``METRICS``; do not create metrics elsewhere.
+Each process registers the metrics of its role, so that its ``/metrics`` shows only series that
+can move there (names and labels are the same in every role):
+
+- ``memory``: the memory-mode server (HTTP edge, queue and engine in one process): all of them;
+- ``api``: a Redis-mode API replica: requests, admission, the result cache, the Redis stream;
+  no engine metrics (batch size, instances, model info, GPU memory, drops: the workers have them);
+- ``worker``: a Redis worker: the engine's metrics, drops and the Redis stream; no request
+  counters (it never sees an HTTP request).
+
+``METRICS`` is created unregistered (its objects work, unseen); the composition root registers
+its role in prometheus-client's default registry (``METRICS.register(role)``: ``service.app``
+for the server, ``service.commands.worker`` for a worker), beside the generic ``http_*`` metrics
+of prometheus-fastapi-instrumentator. Import ``METRICS``; do not create metrics elsewhere.
 This module must not import torch: the HTTP process in Redis mode has no model.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Literal
 
 from prometheus_client import REGISTRY, CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.registry import Collector
+
+Role = Literal["memory", "api", "worker"]
 
 STAGES: tuple[str, ...] = (
     "decode", "queue", "detect", "instance", "fusion", "merge", "encode", "total",
@@ -28,10 +42,45 @@ BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)
 INSTANCE_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
 
 
-class Metrics:
-    """The service's metric objects on one registry."""
+# Which metrics each role registers (attribute names of ``Metrics``).
+_EDGE = ("requests", "requests_by_key", "unauthorized", "in_flight", "refused_by_cost")
+_ENGINE = ("batch_size", "instances_per_image", "model_info", "gpu_memory", "dropped")
+_REDIS = ("redis_pending", "redis_stream_length", "redis_consumers")
+_SHARED = ("stage_duration", "queue_depth")  # the API observes the total, the engine the stages
+ROLE_METRICS: dict[str, tuple[str, ...]] = {
+    "memory": (*_SHARED, *_EDGE, *_ENGINE, *_REDIS, "cache_requests"),
+    "api": (*_SHARED, *_EDGE, *_REDIS, "cache_requests"),
+    "worker": (*_SHARED, *_ENGINE, *_REDIS),
+}
 
-    def __init__(self, registry: CollectorRegistry = REGISTRY) -> None:
+
+class Metrics:
+    """The service's metric objects; those of ``role`` registered on ``registry`` (None: none
+    yet, see ``register``). Every attribute exists in every role."""
+
+    def __init__(
+        self, registry: CollectorRegistry | None = REGISTRY, role: Role = "memory"
+    ) -> None:
+        self._registered: set[str] = set()
+        self._on: list[CollectorRegistry] = []  # (a list: vars() holds metric objects only)
+        self._create()
+        if registry is not None:
+            self.register(role, registry)
+
+    def register(self, role: Role, registry: CollectorRegistry = REGISTRY) -> None:
+        """Show the metrics of ``role`` on ``registry`` (again for another role: the union;
+        one registry per ``Metrics``)."""
+        if self._on and registry is not self._on[0]:
+            raise ValueError("these metrics are already registered on another registry")
+        self._on[:] = [registry]
+        for name in ROLE_METRICS[role]:
+            if name not in self._registered:
+                collector: Collector = getattr(self, name)
+                registry.register(collector)
+                self._registered.add(name)
+
+    def _create(self) -> None:
+        registry = None  # registered per role by register()
         self.stage_duration = Histogram(
             "colorize_stage_duration_seconds",
             "Time spent per request in each stage (detect/instance/fusion are per batch).",
@@ -153,4 +202,4 @@ def outcome_for(status: int, kind: str | None = None) -> str:
     return "error"
 
 
-METRICS = Metrics()
+METRICS = Metrics(registry=None)  # the process registers its role: METRICS.register(role)

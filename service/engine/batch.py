@@ -49,7 +49,7 @@ from service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
-Outcome = JobResult | ServiceError
+Answer = JobResult | ServiceError  # what the engine gives back per job (the Redis frame's "answer")
 Abandoned = Callable[[Job], bool]  # True once nobody waits for the job's answer
 
 
@@ -117,8 +117,11 @@ class BatchEngine:
         *,
         max_pixels: int,
         allow_truncated: bool = False,
+        clock: Callable[[], float] = time.time,
     ) -> None:
+        """``clock``: what the jobs' ``deadline`` and ``enqueued_at`` are measured on."""
         self.colorizer = colorizer
+        self.clock = clock
         self.pool = pool
         self.metrics = metrics
         self.max_pixels = max_pixels
@@ -179,7 +182,7 @@ class BatchEngine:
 
     async def run_batch(
         self, jobs: Sequence[Job], abandoned: Abandoned | None = None
-    ) -> list[Outcome]:
+    ) -> list[Answer]:
         """A result or an error per job, in order; never raises for one job's fault.
 
         A job past its deadline, or ``abandoned`` (its client left), is dropped at the next stage
@@ -195,7 +198,7 @@ class BatchEngine:
         ready = await asyncio.gather(
             *(loop.run_in_executor(self.pool, self._prepare_if_wanted, j, drops) for j in jobs)
         )
-        outcomes: list[Outcome] = []
+        outcomes: list[Answer] = []
         todo: list[tuple[int, _Ready]] = []
         for i, (job, item) in enumerate(zip(jobs, ready, strict=True)):
             if isinstance(item, ServiceError):  # a bad image, or dropped before decoding
@@ -234,7 +237,7 @@ class BatchEngine:
 
     def _unwanted(self, job: Job, abandoned: Abandoned) -> ServiceError | None:
         """Why ``job`` should not run any further (counted as dropped), or None."""
-        if time.time() > job.deadline:
+        if self.clock() > job.deadline:
             self.metrics.dropped.labels(reason="deadline").inc()
             return DeadlineExceededError("the request's deadline passed before it was processed")
         if abandoned(job):
@@ -282,7 +285,7 @@ class BatchEngine:
         ready: _Ready,
         prediction: Prediction | ServiceError | None,
         drops: _Drops,
-    ) -> Outcome:
+    ) -> Answer:
         if isinstance(prediction, ServiceError):
             return prediction
         dropped = drops.check(job)  # stopped in predict (None), or expired since: no merge
@@ -335,7 +338,7 @@ class BatchEngine:
     def _timed_predict(
         self, batch: list[PreparedImage], should_stop: StopCheck
     ) -> tuple[float, list[Prediction | ServiceError | None]]:
-        start = time.time()
+        start = self.clock()
         return start, self._predict_safely(batch, should_stop)
 
     def _predict_safely(

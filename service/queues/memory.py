@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 from service.core.admission import CostModel, refusal
+from service.core.batching import fill_wait
 from service.core.errors import (
     DeadlineExceededError,
     InternalError,
@@ -32,6 +33,7 @@ from service.core.errors import (
 from service.core.jobs import Job, JobResult
 from service.core.metrics import METRICS, Metrics
 from service.core.queue import BatchRunner
+from service.settings import BatchingSettings, default_of
 
 if TYPE_CHECKING:
     from service.settings import ServiceSettings
@@ -58,9 +60,9 @@ class InProcessQueue:
         max_batch_size: int,
         max_batch_delay_ms: float,
         queue_size: int,
-        max_concurrent_batches: int = 2,
-        retry_after_s: float = 1.0,
-        drain_timeout_s: float = 60.0,
+        max_concurrent_batches: int = default_of(BatchingSettings, "max_concurrent_batches"),
+        retry_after_s: float = default_of(BatchingSettings, "retry_after_s"),
+        drain_timeout_s: float = default_of(BatchingSettings, "drain_timeout_s"),
         metrics: Metrics = METRICS,
     ) -> None:
         self._load = load
@@ -273,13 +275,12 @@ class InProcessQueue:
                 await self._wakeup.wait()
                 continue
             batch.append(first)
-        fill_until = batch[0].admitted + self.max_batch_delay_s
         while len(batch) < self.max_batch_size:
             entry = self._take()
             if entry is not None:
                 batch.append(entry)
                 continue
-            remaining = fill_until - time.monotonic()
+            remaining = fill_wait(batch[0].admitted, self.max_batch_delay_s, time.monotonic())
             if remaining <= 0:
                 break
             self._wakeup.clear()
@@ -343,19 +344,3 @@ class InProcessQueue:
         self._batch_seconds = (
             elapsed if not self._batch_seconds else 0.8 * self._batch_seconds + 0.2 * elapsed
         )
-
-
-def build_memory_queue(settings: ServiceSettings) -> InProcessQueue:
-    """The memory-mode queue: loads the weights, warms up each batch-size bucket, then serves.
-
-    Missing weight files raise ``MissingWeightsError`` here, before the server starts.
-    """
-    from service.engine.batch import BatchEngine  # imports torch: memory mode only
-    from service.engine.loading import check_weight_files
-
-    check_weight_files(settings)
-
-    async def load() -> BatchRunner:
-        return await BatchEngine.start(settings)
-
-    return InProcessQueue.from_settings(load, settings)

@@ -10,6 +10,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,7 @@ from service.queues.redis.protocol import (
     LIVE_SCRIPT,
     REDIS_ERRORS,
     QueueStats,
+    RedisClock,
     RedisLayout,
     cache_digest,
     connect,
@@ -41,6 +43,7 @@ from service.queues.redis.protocol import (
     read_stats,
     wait_or_timeout,
 )
+from service.settings import BatchingSettings, RedisSettings, default_of, values_for
 
 if TYPE_CHECKING:
     from service.settings import ServiceSettings
@@ -50,32 +53,27 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class RedisQueueConfig:
-    url: str = "redis://127.0.0.1:6379/0"
-    layout: RedisLayout = field(default_factory=RedisLayout)
-    max_queue: int = 256  # stream length at which admission refuses (503 overloaded)
-    result_ttl_s: float = 60.0
-    cache_enabled: bool = True
-    cache_ttl_s: int = 3600
-    cache_url: str | None = None  # None: the queue's Redis
-    retry_after_s: float = 1.0
+    """The API side's knobs: named and defaulted as in ``service.settings`` (``from_settings``)."""
+
+    redis_url: str = default_of(RedisSettings, "redis_url")
+    layout: RedisLayout = field(default_factory=RedisLayout)  # redis_prefix, redis_group
+    queue_size: int = default_of(BatchingSettings, "queue_size")  # stream length refused at
+    result_ttl_s: float = default_of(RedisSettings, "result_ttl_s")
+    cache_enabled: bool = default_of(RedisSettings, "cache_enabled")
+    cache_ttl_s: int = default_of(RedisSettings, "cache_ttl_s")
+    cache_redis_url: str | None = default_of(RedisSettings, "cache_redis_url")  # None: the queue's
+    retry_after_s: float = default_of(BatchingSettings, "retry_after_s")
+    worker_alive_s: float = default_of(RedisSettings, "worker_alive_s")
+    # Not settings: how often the stats (and the Redis clock) are refreshed, Redis connect
+    # timeout, and whether admission needs a live worker (tests of the protocol alone: no).
     stats_interval_s: float = 1.0
     connect_timeout_s: float = 2.0
-    worker_alive_s: float = 5.0  # a heartbeat older than this: the worker is gone
     require_live_worker: bool = True  # no live worker: not ready, and 503 no-workers at once
 
     @staticmethod
     def from_settings(settings: ServiceSettings) -> RedisQueueConfig:
-        return RedisQueueConfig(
-            url=settings.redis_url,
-            layout=RedisLayout(settings.redis_prefix, settings.redis_group),
-            max_queue=settings.queue_size,
-            result_ttl_s=settings.result_ttl_s,
-            cache_enabled=settings.cache_enabled,
-            cache_ttl_s=settings.cache_ttl_s,
-            cache_url=settings.cache_redis_url,
-            retry_after_s=settings.retry_after_s,
-            worker_alive_s=settings.worker_alive_s,
-        )
+        values = values_for(RedisQueueConfig, settings)  # every field named as its setting
+        return RedisQueueConfig(layout=RedisLayout.from_settings(settings), **values)
 
 
 class RedisJobQueue:
@@ -86,16 +84,26 @@ class RedisJobQueue:
     ``UnavailableError`` when Redis cannot be reached. Nothing here loads the model or torch.
     """
 
-    def __init__(self, config: RedisQueueConfig, metrics: Metrics | None = None) -> None:
+    def __init__(
+        self,
+        config: RedisQueueConfig,
+        metrics: Metrics | None = None,
+        *,
+        wall_clock: Callable[[], float] = time.time,
+    ) -> None:
+        """``wall_clock``: what submitted jobs were stamped with (the router uses time.time());
+        they are moved onto Redis server time (``self.clock``) before anything is compared."""
         self.config = config
+        self.wall_clock = wall_clock
         self.layout = config.layout
         self.metrics = metrics
-        self._client = connect(config.url, config.connect_timeout_s)
+        self._client = connect(config.redis_url, config.connect_timeout_s)
         self._cache = (
-            connect(config.cache_url, config.connect_timeout_s)
-            if config.cache_url
+            connect(config.cache_redis_url, config.connect_timeout_s)
+            if config.cache_redis_url
             else self._client
         )
+        self.clock = RedisClock()  # deadlines travel on Redis server time
         self._admit = self._client.register_script(ADMIT_SCRIPT)
         self._live_script = self._client.register_script(LIVE_SCRIPT)
         self._workers: list[CostModel] = []  # live workers' cost models, refreshed with the stats
@@ -111,6 +119,7 @@ class RedisJobQueue:
     async def start(self) -> None:
         """Never fails on an unreachable Redis: readiness stays false until it answers."""
         with contextlib.suppress(*REDIS_ERRORS):
+            await self.clock.sync(self._client)
             await ensure_group(self._client, self.layout)
         self._stats_task = asyncio.create_task(self._refresh_stats(), name="redis-queue-stats")
 
@@ -144,7 +153,7 @@ class RedisJobQueue:
                 "pending": s.pending,
                 "consumers": s.consumers,
                 "live_workers": len(self._workers),
-                "max_queue": self.config.max_queue,
+                "max_queue": self.config.queue_size,
                 "cache": self.config.cache_enabled,
             },
         }
@@ -172,6 +181,9 @@ class RedisJobQueue:
                 self._idle.set()
 
     async def _submit(self, job: Job) -> JobResult:
+        job = self.clock.to_redis(
+            job, self.wall_clock
+        )  # from here on, deadlines are on Redis server time
         cache_key = await self._cached_key(job)
         if cache_key is not None:
             frame = await self._cache.get(cache_key)
@@ -182,25 +194,25 @@ class RedisJobQueue:
                 answer = decode_answer(frame)
                 if isinstance(answer, JobResult):
                     return replace(answer, timings={}, cached=True)
-        if job.deadline <= time.time():
+        if job.deadline <= self.clock.now():
             raise DeadlineExceededError("the request deadline passed before it was queued")
         backlog_s = await self._admit_by_cost(job)
         token = uuid.uuid4().hex
         fields = job_fields(job, token)
-        args: list[Any] = [self.config.max_queue]
+        args: list[Any] = [self.config.queue_size]
         for name, value in fields.items():
             args += [name, value]
         admitted, value = await self._admit(keys=[self.layout.stream], args=args)
         if not admitted:
             raise OverloadedError(
-                f"the job queue is full ({int(value)} jobs, limit {self.config.max_queue}); "
+                f"the job queue is full ({int(value)} jobs, limit {self.config.queue_size}); "
                 "retry later",
                 retry_after=max(self.config.retry_after_s, backlog_s),
             )
         entry_id = value
         reply = self.layout.reply(token)
         try:
-            remaining = job.deadline - time.time()
+            remaining = job.deadline - self.clock.now()
             popped = None
             if remaining > 0:
                 # BLPOP's timeout is in seconds (fractions allowed); 0 would mean forever. The
@@ -252,7 +264,7 @@ class RedisJobQueue:
         backlog_s = self._stats.stream_length * cost.seconds_per_job / len(self._workers)
         own_s = cost.estimate(job)
         retry_after = refusal(
-            backlog_s, own_s, job.deadline - time.time(), self.config.retry_after_s
+            backlog_s, own_s, job.deadline - self.clock.now(), self.config.retry_after_s
         )
         if retry_after is not None:
             if self.metrics is not None:
@@ -267,7 +279,7 @@ class RedisJobQueue:
 
     async def _withdraw(self, entry_id: bytes, token: str, job: Job) -> None:
         """Remove a job nobody waits for: unread entries go away, held ones are skipped."""
-        ttl_ms = max(1000, int((job.deadline - time.time()) * 1000) + 60_000)
+        ttl_ms = max(1000, int((job.deadline - self.clock.now()) * 1000) + 60_000)
         try:
             pipe = self._client.pipeline(transaction=False)
             pipe.xdel(self.layout.stream, entry_id)
@@ -298,6 +310,7 @@ class RedisJobQueue:
     async def _refresh_stats(self) -> None:
         while not self._stop.is_set():
             try:
+                await self.clock.sync(self._client)
                 self._stats = await read_stats(self._client, self.layout)
                 self._model_info = await read_model_info(self._client, self.layout)
                 if self.config.require_live_worker:

@@ -37,8 +37,10 @@ import contextlib
 import hashlib
 import json
 import logging
-from dataclasses import asdict, dataclass
-from typing import TYPE_CHECKING, Any
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
+from typing import Any
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -51,9 +53,7 @@ from service.core.errors import (
 )
 from service.core.jobs import Job, JobOptions, JobResult
 from service.core.metrics import Metrics
-
-if TYPE_CHECKING:
-    pass
+from service.settings import RedisSettings, default_of
 
 log = logging.getLogger(__name__)
 
@@ -65,8 +65,12 @@ REDIS_ERRORS: tuple[type[Exception], ...] = (RedisError, OSError)
 class RedisLayout:
     """Key names for one deployment (a prefix) and the consumer group name."""
 
-    prefix: str = "colorize"
-    group: str = "workers"
+    prefix: str = default_of(RedisSettings, "redis_prefix")
+    group: str = default_of(RedisSettings, "redis_group")
+
+    @staticmethod
+    def from_settings(settings: RedisSettings) -> RedisLayout:
+        return RedisLayout(settings.redis_prefix, settings.redis_group)
 
     @property
     def stream(self) -> str:
@@ -96,6 +100,48 @@ class RedisLayout:
     @property
     def worker_costs(self) -> str:
         return f"{self.prefix}:worker-costs"
+
+
+class RedisClock:
+    """Redis server time (TIME), kept as an offset to a local clock and refreshed by ``sync``.
+
+    Deadlines in Redis mode are on this clock: the API replica stamps ``enqueued_at`` and
+    ``deadline`` with it and the workers compare against it, so the hosts' own clocks never
+    matter. ``local`` is the clock the offset is kept to (monotonic: steps of the wall clock do not
+    move it). Until the first ``sync`` succeeds it reads this host's wall clock.
+    """
+
+    def __init__(self, local: Callable[[], float] = time.monotonic) -> None:
+        self._local = local
+        self._offset: float | None = None
+
+    @property
+    def synced(self) -> bool:
+        return self._offset is not None
+
+    async def sync(self, client: aioredis.Redis) -> None:
+        """Read TIME once; the offset is taken at the middle of the round trip."""
+        before = self._local()
+        seconds, micros = await client.time()
+        after = self._local()
+        self._offset = int(seconds) + int(micros) / 1e6 - (before + after) / 2
+
+    def now(self) -> float:
+        """Seconds since the epoch on the Redis server's clock."""
+        if self._offset is None:
+            return time.time()
+        return self._local() + self._offset
+
+    def to_redis(self, job: Job, wall: Callable[[], float] = time.time) -> Job:
+        """``job``, stamped on this host's wall clock ``wall``, moved onto the Redis clock."""
+        delta = self.now() - wall()
+        return replace(job, enqueued_at=job.enqueued_at + delta, deadline=job.deadline + delta)
+
+    def from_redis(self, job: Job, wall: Callable[[], float] = time.time) -> Job:
+        """``job``, stamped on the Redis clock, moved onto this host's wall clock ``wall`` (what
+        the engine compares deadlines and measures queue time with)."""
+        delta = wall() - self.now()
+        return replace(job, enqueued_at=job.enqueued_at + delta, deadline=job.deadline + delta)
 
 
 def job_fields(job: Job, token: str) -> dict[str, bytes | str]:

@@ -3,10 +3,14 @@
 One worker process per GPU. Each loop turn: reclaim jobs that a dead worker left pending for longer
 than ``claim_idle_ms`` (XAUTOCLAIM; a job handed out more than ``max_deliveries`` times goes to the
 dead-letter stream instead), read up to ``max_batch_size`` new jobs (XREADGROUP, blocking at most
-the batch delay once the first job is in), skip withdrawn and expired jobs (504), run the rest
+until the oldest job in hand has waited the batch delay since its admission: the rule of
+``service.core.batching``, on Redis server time), skip withdrawn and expired jobs (504), run the rest
 through the same ``BatchEngine`` as the in-process mode, and answer each job with XACK + XDEL +
 RPUSH in one script. While a batch runs, a heartbeat keeps its entries' idle time low so that live
 workers never reclaim each other's jobs, whatever the batch takes.
+
+Deadlines are on Redis server time (``RedisClock``, refreshed by the stats loop): the API replica
+stamped them so, and this host's own clock never decides whether a job expired.
 
 Delivery is at least once (a job whose worker died is run again); answers are exactly once (only
 the XACK that acknowledged the entry pushes one).
@@ -19,42 +23,45 @@ import contextlib
 import json
 import logging
 import os
-import signal
 import socket
 import time
 import uuid
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Any
 
 import redis.asyncio as aioredis
-from prometheus_client import start_http_server
 from redis.exceptions import ResponseError
 
 from service.core.admission import CostModel
-from service.core.errors import (
-    DeadlineExceededError,
-    ProcessingFailedError,
-    ServiceError,
-)
+from service.core.batching import fill_wait
+from service.core.errors import DeadlineExceededError, ProcessingFailedError
 from service.core.jobs import Job, JobResult
-from service.core.metrics import METRICS, Metrics
+from service.core.metrics import Metrics
+from service.core.queue import BatchRunner
 from service.queues.redis.protocol import (
     BEAT_SCRIPT,
     DEAD_LETTER_SCRIPT,
     FINISH_SCRIPT,
     REDIS_ERRORS,
     TOUCH_SCRIPT,
+    RedisClock,
     RedisLayout,
     as_text,
     cache_digest,
-    connect,
     encode_answer,
     ensure_group,
     job_from_fields,
     publish_stats,
     read_stats,
     wait_or_timeout,
+)
+from service.settings import (
+    BatchingSettings,
+    RedisSettings,
+    auto_batch_size,
+    default_of,
+    values_for,
 )
 
 if TYPE_CHECKING:
@@ -65,42 +72,36 @@ log = logging.getLogger(__name__)
 Entry = tuple[bytes, dict[bytes, bytes]]
 
 
-class Engine(Protocol):
-    """``service.engine.batch.BatchEngine``: one answer per job, in order."""
+def _redis(name: str) -> Any:
+    return default_of(RedisSettings, name)
 
-    async def run_batch(self, jobs: list[Job]) -> list[JobResult | ServiceError]: ...
+
+def _batching(name: str) -> Any:
+    return default_of(BatchingSettings, name)
 
 
 @dataclass(frozen=True)
 class WorkerConfig:
-    layout: RedisLayout = field(default_factory=RedisLayout)
-    max_batch_size: int = 8
-    batch_delay_ms: float = 5.0  # how long a batch may wait to fill once its first job is in
-    max_concurrent_batches: int = 2  # the next batch is read and decoded while one runs
-    claim_idle_ms: int = 5000
-    max_deliveries: int = 3
-    result_ttl_s: float = 60.0
-    cache_enabled: bool = True
-    cache_ttl_s: int = 3600
-    dead_letter_maxlen: int = 10_000
-    poll_ms: int = 1000  # longest idle block: how soon an idle worker notices SIGTERM
-    stats_interval_s: float = 1.0
+    """The worker's knobs: named and defaulted as in ``service.settings`` (``from_settings``)."""
+
+    layout: RedisLayout = field(default_factory=RedisLayout)  # redis_prefix, redis_group
+    max_batch_size: int = auto_batch_size("cuda")  # from_settings: resolved for the device
+    max_batch_delay_ms: float = _batching("max_batch_delay_ms")  # from the oldest job's admission
+    max_concurrent_batches: int = _batching("max_concurrent_batches")  # next batch read meanwhile
+    claim_idle_ms: int = _redis("claim_idle_ms")
+    max_deliveries: int = _redis("max_deliveries")
+    result_ttl_s: float = _redis("result_ttl_s")
+    cache_enabled: bool = _redis("cache_enabled")
+    cache_ttl_s: int = _redis("cache_ttl_s")
+    dead_letter_maxlen: int = _redis("dead_letter_maxlen")
+    worker_heartbeat_s: float = _redis("worker_heartbeat_s")  # also the stats and clock refresh
+    poll_ms: int = 1000  # not a setting: longest idle block, how soon an idle worker sees SIGTERM
 
     @staticmethod
     def from_settings(settings: ServiceSettings) -> WorkerConfig:
-        return WorkerConfig(
-            layout=RedisLayout(settings.redis_prefix, settings.redis_group),
-            max_batch_size=settings.resolved_max_batch_size(),
-            batch_delay_ms=settings.max_batch_delay_ms,
-            max_concurrent_batches=settings.max_concurrent_batches,
-            claim_idle_ms=settings.claim_idle_ms,
-            max_deliveries=settings.max_deliveries,
-            result_ttl_s=settings.result_ttl_s,
-            cache_enabled=settings.cache_enabled,
-            cache_ttl_s=settings.cache_ttl_s,
-            dead_letter_maxlen=settings.dead_letter_maxlen,
-            stats_interval_s=settings.worker_heartbeat_s,  # stats and heartbeat share the loop
-        )
+        values = values_for(WorkerConfig, settings)  # every field named as its setting
+        values["max_batch_size"] = settings.resolved_max_batch_size()  # unset: per device
+        return WorkerConfig(layout=RedisLayout.from_settings(settings), **values)
 
 
 def consumer_name() -> str:
@@ -119,14 +120,18 @@ class RedisWorker:
     def __init__(
         self,
         client: aioredis.Redis,
-        engine: Engine,
+        engine: BatchRunner,
         config: WorkerConfig,
         *,
         model_info: dict[str, Any],
         metrics: Metrics | None = None,
         cache_client: aioredis.Redis | None = None,
         consumer: str | None = None,
+        clock: RedisClock | None = None,
+        wall_clock: Callable[[], float] = time.time,
     ) -> None:
+        """``clock``: Redis server time, what deadlines are compared with; ``wall_clock``: this
+        host's clock, the one the engine measures with (jobs are moved onto it for the engine)."""
         self.client = client
         self.cache_client = cache_client or client
         self.engine = engine
@@ -136,6 +141,8 @@ class RedisWorker:
         self.model_info = model_info
         self.model_version = str(model_info["model_version"])
         self.consumer = consumer or consumer_name()
+        self.clock = clock or RedisClock()
+        self.wall_clock = wall_clock
         self._finish = client.register_script(FINISH_SCRIPT)
         self._dead_letter = client.register_script(DEAD_LETTER_SCRIPT)
         self._touch = client.register_script(TOUCH_SCRIPT)
@@ -192,6 +199,7 @@ class RedisWorker:
             log.info("worker %s stopped after %d batches", self.consumer, self.batches)
 
     async def _prepare(self) -> None:
+        await self.clock.sync(self.client)
         await ensure_group(self.client, self.layout)
         # Register at once (XREADGROUP only registers a consumer once it delivers something), so
         # the consumer count shows idle workers too.
@@ -234,14 +242,23 @@ class RedisWorker:
             entries += await self._read(cfg.max_batch_size - len(entries), wait)
         if not entries:
             return entries
-        # The first job is in: wait at most the batch delay for the batch to fill.
-        fill_until = time.monotonic() + cfg.batch_delay_ms / 1000
+        # A job is in: wait for more at most until the oldest has waited the batch delay.
+        delay_s = cfg.max_batch_delay_ms / 1000
+        oldest = min(self._admitted(fields) for _, fields in entries)
         while len(entries) < cfg.max_batch_size and not self._stopping.is_set():
-            remaining_ms = int((fill_until - time.monotonic()) * 1000)
+            remaining_ms = int(fill_wait(oldest, delay_s, self.clock.now()) * 1000)
             if remaining_ms < 1:  # BLOCK 0 would wait forever
                 break
             entries += await self._read(cfg.max_batch_size - len(entries), remaining_ms)
         return entries
+
+    def _admitted(self, fields: dict[bytes, bytes]) -> float:
+        """When the entry's job was admitted, on the Redis clock (now if it cannot be read:
+        such an entry goes to dead-letter once the batch is processed)."""
+        try:
+            return float(json.loads(fields[b"meta"])["enqueued_at"])
+        except (ValueError, KeyError, TypeError):
+            return self.clock.now()
 
     async def _read(self, count: int, block_ms: int | None) -> list[Entry]:
         response = await self.client.xreadgroup(
@@ -296,7 +313,7 @@ class RedisWorker:
         dead_fields: list[Any] = [
             "entry_id", entry_id, "request_id", request_id, "token", token,
             "deliveries", deliveries, "reason", reason, "consumer", self.consumer,
-            "failed_at", time.time(), "meta", fields.get(b"meta", b""),
+            "failed_at", self.clock.now(), "meta", fields.get(b"meta", b""),
             "image", fields.get(b"image", b""),
         ]  # fmt: skip
         layout = self.layout
@@ -340,7 +357,7 @@ class RedisWorker:
         for _, token, _ in parsed:
             pipe.exists(layout.cancel(token))
         cancelled = await pipe.execute()
-        now = time.time()
+        now = self.clock.now()
         live: list[tuple[bytes, str, Job]] = []
         skipped: list[tuple[bytes, str, bytes | None]] = []
         for (entry_id, token, job), withdrawn in zip(parsed, cancelled, strict=True):
@@ -359,7 +376,9 @@ class RedisWorker:
             return
         self.batches += 1
         async with self._heartbeat([entry_id for entry_id, _, _ in live]):
-            answers = await self.engine.run_batch([job for _, _, job in live])
+            answers = await self.engine.run_batch(
+                [self.clock.from_redis(job, self.wall_clock) for _, _, job in live]
+            )
         self.cost.observe_batch(
             [(job, answer) for (_, _, job), answer in zip(live, answers, strict=True)
              if isinstance(answer, JobResult)]
@@ -433,6 +452,7 @@ class RedisWorker:
         last_publish = last_cleanup = 0.0
         while not self._stopping.is_set():
             try:
+                await self.clock.sync(self.client)
                 stats = await read_stats(self.client, self.layout)
                 if self.metrics is not None:
                     publish_stats(self.metrics, stats)
@@ -447,7 +467,7 @@ class RedisWorker:
                     last_cleanup = now
             except REDIS_ERRORS as exc:
                 log.debug("redis stats unavailable: %s", exc)
-            await wait_or_timeout(self._stopping, self.config.stats_interval_s)
+            await wait_or_timeout(self._stopping, self.config.worker_heartbeat_s)
 
     async def _forget_dead_consumers(self) -> None:
         """Drop consumers that hold nothing and were not seen for a long time (dead workers)."""
@@ -460,40 +480,3 @@ class RedisWorker:
             name = as_text(consumer["name"])
             if name != self.consumer and consumer["pending"] == 0 and consumer["idle"] > idle_limit:
                 await self.client.xgroup_delconsumer(self.layout.stream, self.layout.group, name)
-
-
-# ---------------------------------------------------------------------------------------------
-# The worker process (``python -m service worker``)
-
-
-async def run_worker(settings: ServiceSettings, *, consumer: str | None = None) -> int:
-    """Load the model, warm up, serve /metrics, consume until SIGTERM/SIGINT; the exit status."""
-    from service.engine.batch import BatchEngine  # imports torch: only the worker process needs it
-
-    engine = await BatchEngine.start(settings, METRICS)
-    if settings.worker_metrics_port:
-        start_http_server(settings.worker_metrics_port)
-        log.info("worker metrics on :%d/metrics", settings.worker_metrics_port)
-    config = WorkerConfig.from_settings(settings)
-    read_timeout_s = max(config.poll_ms, config.batch_delay_ms) / 1000 + 10.0
-    client = connect(settings.redis_url, socket_timeout_s=read_timeout_s)
-    cache_client = (
-        connect(settings.cache_redis_url, socket_timeout_s=10.0)
-        if settings.cache_redis_url
-        else None
-    )
-    worker = RedisWorker(
-        client, engine, config, model_info=engine.describe(),
-        metrics=METRICS, cache_client=cache_client, consumer=consumer,
-    )  # fmt: skip
-    loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, worker.stop)
-    try:
-        await worker.run()
-    finally:
-        engine.close()
-        if cache_client is not None:
-            await cache_client.aclose()
-        await client.aclose()
-    return 0
