@@ -1,12 +1,13 @@
 """Run under torchrun by tests/test_training.py: ``python -m service train`` of each stage in turn,
-every rank recording its trained parameters after every optimiser step.
+every rank recording, at every optimiser step, its trained parameters before the step, their
+(all-reduced) gradients and the parameters after the step.
 
     python -m torch.distributed.run --nproc-per-node 2 tests/ddp_steps.py OUT full,fusion FLAGS...
 
 One gloo process group serves all the stages (``train`` uses a group it finds and leaves it
 running), so the test pays for one start of the processes. Writes ``OUT/STAGE.rankR.pt``:
-``{"code": exit code, "steps": [[parameter, ...] after step 1, ...]}``; rank 0 also writes the
-run directory ``OUT/STAGE``.
+``{"code": exit code, "steps": [{"before": [...], "grad": [...], "after": [...]}, ...]}`` in the
+order of ``StageModel.parameters``; rank 0 also writes the run directory ``OUT/STAGE``.
 """
 
 from __future__ import annotations
@@ -17,18 +18,31 @@ from typing import Any
 
 import torch
 import torch.distributed as dist
-from torch.optim.optimizer import Optimizer, register_optimizer_step_post_hook
+from torch.optim.optimizer import (
+    Optimizer,
+    register_optimizer_step_post_hook,
+    register_optimizer_step_pre_hook,
+)
 
 from service.cli import main as cli
 
 
-def record_steps(steps: list[list[torch.Tensor]]) -> Any:
-    """A global optimiser hook appending a copy of the optimised parameters after each step."""
+def _params(optimizer: Optimizer) -> list[torch.Tensor]:
+    return [p for group in optimizer.param_groups for p in group["params"]]
 
-    def hook(optimizer: Optimizer, _args: Any, _kwargs: Any) -> None:
-        steps.append([p.detach().clone() for g in optimizer.param_groups for p in g["params"]])
 
-    return register_optimizer_step_post_hook(hook)
+def record_steps(steps: list[dict[str, list[torch.Tensor]]]) -> list[Any]:
+    """Global optimiser hooks appending copies of the parameters and gradients of each step."""
+
+    def before(optimizer: Optimizer, _args: Any, _kwargs: Any) -> None:
+        params = _params(optimizer)
+        steps.append({"before": [p.detach().clone() for p in params],
+                      "grad": [p.grad.detach().clone() for p in params]})  # fmt: skip
+
+    def after(optimizer: Optimizer, _args: Any, _kwargs: Any) -> None:
+        steps[-1]["after"] = [p.detach().clone() for p in _params(optimizer)]
+
+    return [register_optimizer_step_pre_hook(before), register_optimizer_step_post_hook(after)]
 
 
 def main(argv: list[str]) -> int:
@@ -36,12 +50,13 @@ def main(argv: list[str]) -> int:
     dist.init_process_group("gloo")
     rank = dist.get_rank()
     for stage in stages:
-        steps: list[list[torch.Tensor]] = []
-        handle = record_steps(steps)
+        steps: list[dict[str, list[torch.Tensor]]] = []
+        handles = record_steps(steps)
         try:
             code = cli(["train", "--stage", stage, *flags, "--output", str(out / stage)])
         finally:
-            handle.remove()
+            for handle in handles:
+                handle.remove()
         torch.save({"code": code, "steps": steps}, out / f"{stage}.rank{rank}.pt")
     dist.destroy_process_group()
     return 0
