@@ -8,8 +8,14 @@ the steps after the first (first-call allocations are left out). Validation and 
 are outside the measured steps. Figures go to stdout as a Markdown table, and are appended with the
 machine to ``BENCHMARKS.md`` (``--output`` to change, ``--no-write`` to skip).
 
+``--loader-workers 0,2,8`` also measures the data loading alone, per stage: the training loop's
+own DataLoader (``training.loop.make_loader``: workers, prefetching, persistent workers) iterated
+without any network, images/s after its first batch. That is the rate the loading can feed a GPU
+with; with ``--steps 0`` only the loading is measured.
+
     python loadtests/bench_training.py                       # CPU dev box: batch 2, 3 steps
     python loadtests/bench_training.py --batch-size 16 --steps 20 --precisions fp32,bf16,fp16  # GPU
+    python loadtests/bench_training.py --steps 0 --loader-workers 0,1,2 --batch-size 4  # loading
 """
 
 from __future__ import annotations
@@ -29,7 +35,9 @@ import torch
 from bench_pipeline import REPO, git_commit, machine, random_checkpoints
 from PIL import Image
 
-from training.loop import TrainOptions, train
+from training.data import StageDataset
+from training.loop import ResumableSampler, TrainOptions, make_loader, train
+from training.manifest import read_manifest
 from training.prepare import prepare_data
 from training.run_files import read_metrics
 
@@ -70,10 +78,33 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--stages", default=",".join(TRAINING_STAGES))
     parser.add_argument("--precisions", default="fp32", help="comma list of fp32, bf16, fp16")
     parser.add_argument("--device", default="auto")
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=None, help="default: the loop's default")
+    parser.add_argument("--channels-last", action=argparse.BooleanOptionalAction)
+    parser.add_argument("--loader-workers", default="", help="comma list: loading-only figures")
+    parser.add_argument("--loader-batches", type=int, default=8, help="batches per loading run")
     parser.add_argument("--output", type=Path, default=REPO / "BENCHMARKS.md")
     parser.add_argument("--no-write", action="store_true")
     return parser.parse_args(argv)
+
+
+def loader_rate(
+    data: Path, stage: str, workers: int, batch: int, batches: int, device: torch.device
+) -> float:
+    """images/s of the training DataLoader alone, after its first batch (workers started)."""
+    rows = [r for r in read_manifest(data) if r.split == "train"]
+    dataset = StageDataset(rows, stage)  # type: ignore[arg-type]
+    opts = TrainOptions(stage=stage, data=data, init=data, output=data, workers=workers)  # type: ignore[arg-type]
+    sampler = ResumableSampler(dataset, num_replicas=1, rank=0, shuffle=True, drop_last=True)
+    loader = make_loader(dataset, batch, opts, device, sampler)
+    iterator = iter(loader)
+    next(iterator)
+    t0 = time.perf_counter()
+    count = 0
+    for _ in range(batches - 1):
+        count += len(next(iterator)["l"])
+    rate = count / (time.perf_counter() - t0)
+    del iterator, loader
+    return rate
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -92,8 +123,19 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory(prefix="bench-training-") as scratch:
         root = Path(scratch)
         checkpoints = random_checkpoints(root / "checkpoints", args.width)
-        data = make_data(root, max(args.batch_size * args.steps, 4))
-        for precision in precisions:
+        loader_workers = [int(w) for w in args.loader_workers.split(",") if w]
+        data = make_data(
+            root, max(args.batch_size * args.steps, args.batch_size * args.loader_batches, 4)
+        )
+        loading = []
+        for stage in args.stages.split(","):
+            for workers in loader_workers:
+                rate = loader_rate(
+                    data, stage, workers, args.batch_size, args.loader_batches, device
+                )
+                loading.append((stage, workers, rate))
+                print(f"loading {stage}, {workers} workers: {rate:.1f} images/s")
+        for precision in precisions if args.steps else []:
             for stage in args.stages.split(","):
                 run = root / f"run-{stage}-{precision}"
                 t0 = time.perf_counter()
@@ -104,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
                         max_steps=args.steps, epochs=1000, decay_epochs=0, log_every=1,
                         precision=precision,  # type: ignore[arg-type]
                         device=str(device), workers=args.workers, progress=False,
+                        channels_last=args.channels_last,
                         val_every=10**9, save_every=10**9,
                     )
                 )  # fmt: skip
@@ -113,14 +156,28 @@ def main(argv: list[str] | None = None) -> int:
                 rate = statistics.mean(rates)
                 rows.append((stage, precision, args.batch_size, len(steps), rate, wall))
                 print(f"{stage} {precision}: {rate:.3f} images/s ({wall:.0f} s with set-up)")
-    table = [
-        "| stage | precision | batch | steps | images/s (steps 2+) | s/step | run wall s |",
-        "|---|---|---|---|---|---|---|",
-        *(
-            f"| {s} | {p} | {b} | {n} | {r:.3f} | {b / r:.2f} | {w:.0f} |"
-            for s, p, b, n, r, w in rows
-        ),
-    ]
+    table = (
+        [
+            "| stage | precision | batch | steps | images/s (steps 2+) | s/step | run wall s |",
+            "|---|---|---|---|---|---|---|",
+            *(
+                f"| {s} | {p} | {b} | {n} | {r:.3f} | {b / r:.2f} | {w:.0f} |"
+                for s, p, b, n, r, w in rows
+            ),
+        ]
+        if rows
+        else []
+    )
+    if loading:
+        table += [
+            "",
+            f"Data loading alone (batch {args.batch_size}, {args.loader_batches - 1} batches"
+            " after the first, 640x480 PNG photos):",
+            "",
+            "| stage | workers | images/s | ms per image per worker |",
+            "|---|---|---|---|",
+            *(f"| {s} | {w} | {r:.1f} | {1000 * max(w, 1) / r:.0f} |" for s, w, r in loading),
+        ]
     text = "\n".join(
         [
             "",

@@ -22,14 +22,16 @@ from models.checkpoints import load_networks
 from models.pipeline import ColorizeOptions, Colorizer
 from service.cli import main
 from training.data import StageDataset, collate
-from training.loop import TrainOptions, train
+from training.loop import ResumableSampler, TrainOptions, default_workers, train
 from training.losses import colorization_loss, is_near_grey
 from training.manifest import read_manifest, read_skipped
 from training.prepare import prepare_data
 from training.run_files import read_metrics
 from training.stages import ADAM_BETAS, build_stage
+from training.validation import interleave, shard
 
 REPO = Path(__file__).resolve().parents[1]
+STAGES = ("full", "instance", "fusion")
 FUSION_TRAINED = ("weight_layer.", "weight_layer2.", "weight_layer3.", "weight_layer4.",
                   "weight_layer5.", "weight_layer6.", "weight_layer7.", "weight_layer8_1.",
                   "weight_layer8_2.", "weight_layer9_1.", "weight_layer9_2.",
@@ -49,13 +51,16 @@ def photo(seed: int, size: tuple[int, int] = (40, 32)) -> Image.Image:
     return Image.fromarray(image)
 
 
-@pytest.fixture
-def photos(tmp_path: Path) -> Path:
-    folder = tmp_path / "photos"
+def write_photos(folder: Path) -> Path:
     (folder / "sub").mkdir(parents=True)
     for i in range(10):
         photo(i).save(folder / ("sub" if i % 2 else "") / f"p{i}.png")
     return folder
+
+
+@pytest.fixture
+def photos(tmp_path: Path) -> Path:
+    return write_photos(tmp_path / "photos")
 
 
 def make_data(tmp_path: Path, photos: Path, train: int, val: int) -> Path:
@@ -234,6 +239,76 @@ def test_overfitting_eight_images_halves_the_loss(
     assert (run / "curves.png").read_bytes()[:4] == b"\x89PNG"
 
 
+@pytest.mark.parametrize("stage", STAGES)
+def test_only_the_trained_parameters_require_gradients(stage: str, tiny_checkpoints: Path) -> None:
+    """What DDP reduces is exactly what the optimiser steps: the class head and every frozen
+    network excluded (a parameter the loss never reaches stalls DDP's reduction at step 2)."""
+    model = build_stage(stage, load_networks(tiny_checkpoints))  # type: ignore[arg-type]
+    wanted = {p for p in model.module.parameters() if p.requires_grad}
+    assert wanted == set(model.parameters) and len(wanted) == len(model.parameters)
+    for net in (model.networks.instance, model.networks.fusion, model.networks.full_image):
+        assert not any(p.requires_grad for n, p in net.named_parameters() if "model_class" in n)
+    model.set_mode(True)
+    batch = synthetic_batch(stage)
+    colorization_loss(model.module(batch), batch["ab"]).backward()
+    assert all(p.grad is not None for p in model.parameters)  # every trained one is reached
+
+
+def synthetic_batch(stage: str) -> dict[str, Any]:
+    """One synthetic sample of ``stage`` (no files): a 256x256 L, its ab, two boxes for fusion."""
+    torch.manual_seed(0)
+    batch: dict[str, Any] = {
+        "l": torch.rand(1, 1, 256, 256) - 0.5,
+        "ab": torch.rand(1, 2, 256, 256) * 0.2,
+    }
+    if stage == "fusion":
+        from models.boxes import FUSION_SCALES, box_info
+
+        boxes = [(2, 3, 20, 25), (12, 6, 38, 30)]
+        batch["crops"] = torch.rand(2, 1, 256, 256) - 0.5
+        batch["box_info"] = [[{s: box_info(b, 40, 32, s) for s in FUSION_SCALES} for b in boxes]]
+    return batch
+
+
+def test_the_sampler_carries_the_epoch_to_persistent_workers(small_data: Path) -> None:
+    """Workers keep their own dataset copy: the instance box of epoch e comes with the index."""
+    rows = [r for r in read_manifest(small_data) if r.split == "train"]
+    dataset = StageDataset(rows, "instance", seed=0)
+    sampler = ResumableSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=0)
+    sampler.set_epoch(3)
+    keys = list(sampler)
+    assert sorted(i for _, i in keys) == list(range(len(dataset))) and {e for e, _ in keys} == {3}
+    dataset.set_epoch(3)
+    epoch, index = keys[0]
+    assert torch.equal(
+        StageDataset(rows, "instance", seed=0)[epoch, index]["l"], dataset[index]["l"]
+    )
+    crops = {bytes(StageDataset(rows, "instance", seed=0)[e, 0]["l"].numpy()) for e in range(8)}
+    assert len(crops) == 2  # both boxes are chosen over the epochs
+
+
+def test_sharded_validation_puts_the_images_back_in_order() -> None:
+    shards = [list(shard(list(range(7)), 7, r, 3)) for r in range(3)]  # type: ignore[arg-type]
+    assert shards == [[0, 3, 6], [1, 4], [2, 5]]
+    rows = interleave([[{"i": float(i)} for i in s] for s in shards])
+    assert [r["i"] for r in rows] == list(range(7))
+    assert list(shard(list(range(3)), 3, 0, 1)) == [0, 1, 2]  # type: ignore[arg-type]
+
+
+def test_default_workers_share_the_cpus_between_local_ranks(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: set(range(32)), raising=False)
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "1")
+    assert default_workers() == 8
+    monkeypatch.setenv("LOCAL_WORLD_SIZE", "8")
+    assert default_workers() == 4
+    monkeypatch.setattr(os, "sched_getaffinity", lambda _pid: {0, 1}, raising=False)
+    assert default_workers() == 1
+    opts = TrainOptions(stage="full", data=Path(), init=Path(), output=Path()).resolved()
+    assert opts.workers == 1 and opts.prefetch_factor == 4 and opts.persistent_workers
+
+
 def test_fresh_fusion_starts_from_the_full_image_trunk(tiny_checkpoints: Path) -> None:
     init = load_networks(tiny_checkpoints)
     model = build_stage("fusion", init, fresh_fusion=True)
@@ -280,32 +355,142 @@ def test_resume_after_k_steps_equals_an_uninterrupted_run(
     assert steps_a == steps_b == [(1, 0, 1e-3), (2, 0, 1e-3), (3, 1, pytest.approx(1e-3 * 2 / 3))]
 
 
-def test_two_gloo_processes_equal_one_with_the_doubled_batch(
-    two_photos: Path, tiny_checkpoints: Path, tmp_path: Path
-) -> None:
-    """torchrun, 2 CPU processes x batch 1 vs one process x batch 2 (stage 3: BN frozen)."""
-    single, double = tmp_path / "single", tmp_path / "ddp"
-    flags = ["--stage", "fusion", "--data", str(two_photos), "--init", str(tiny_checkpoints),
-             "--lr", "1e-3", "--max-steps", "2", "--workers", "0", "--device", "cpu",
-             "--no-progress", "--log-every", "1"]  # fmt: skip
+DDP_FLAGS = ["--lr", "1e-3", "--max-steps", "3", "--epochs", "1", "--decay-epochs", "2",
+             "--device", "cpu", "--no-progress", "--log-every", "1"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(tmp_path_factory: pytest.TempPathFactory, tiny_checkpoints: Path) -> Path:
+    """One torchrun of 2 gloo processes x batch 1 training each stage in turn (tests/ddp_steps.py).
+
+    4 training photos (2 steps an epoch, so step 3 is in epoch 1 at a decayed lr and with the
+    instance stage's new box choice) and 2 validation photos (one per rank); one persistent
+    data-loading worker per process, as a GPU run has.
+    """
+    root = tmp_path_factory.mktemp("ddp")
+    data = make_data(root, write_photos(root / "photos"), 4, 2)
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    flags = ["--data", str(data), "--init", str(tiny_checkpoints), "--batch-size", "1",
+             "--workers", "1", *DDP_FLAGS]  # fmt: skip
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "service", "train", *flags, "--batch-size", "1", "--output", str(double)],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300,
+         str(REPO / "tests" / "ddp_steps.py"), str(root / "runs"), ",".join(STAGES), *flags],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
-    assert main(["train", *flags, "--batch-size", "2", "--output", str(single)]) == 0
-    a, b = state_of(single / "checkpoints"), state_of(double / "checkpoints")
-    for name in a:
-        for key in a[name]:
-            # 1% of an Adam step (lr 1e-3): its g / (|g| + eps) magnifies rounding where g ~ eps
-            torch.testing.assert_close(a[name][key], b[name][key], rtol=1e-4, atol=1e-5)
-    config = json.loads((double / "config.json").read_text())
+    (root / "data").symlink_to(data)
+    return root
+
+
+def per_process_batchnorm(world: int) -> Any:
+    """BatchNorm2d.forward as ``world`` DDP processes without SyncBatchNorm compute it.
+
+    In train mode the batch ``x`` of one process stepping on the combined batch is split as the
+    distributed sampler splits it (process r holds x[r::world]); each part is normalised with its
+    own statistics. Running statistics: rank 0's, which DDP broadcasts before every forward and
+    rank 0 saves: the last update kept is rank 0's part, from the statistics before the step.
+    """
+    original = torch.nn.BatchNorm2d.forward
+
+    def forward(self: torch.nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
+        if not self.training:
+            return original(self, x)
+        before = dict(self.named_buffers(recurse=False))
+        parts: dict[int, torch.Tensor] = {}
+        for rank in reversed(range(world)):  # fresh buffers each: backward keeps the ones it used
+            for name, value in before.items():
+                setattr(self, name, value.clone())
+            parts[rank] = original(self, x[rank::world])
+        return torch.stack([parts[r] for r in range(world)], 1).flatten(0, 1)
+
+    return forward
+
+
+GRADIENT_TOLERANCE = 1e-4
+"""Per tensor, |g_ddp - g_one| <= 1e-4 x max |g_one|, on the same weights.
+
+Both gradients are fp32 sums over the same n = 2 x 256 x 256 per-pixel terms (mean loss over the
+combined batch), taken in another order: each process sums its half, the all-reduce adds the two
+halves and halves the result, where one process sums the whole batch inside each kernel. A
+reordered fp32 sum of n terms differs by about sqrt(n) x u (u = 6e-8): 2e-5 of the summands'
+magnitude, which the tensor's largest gradient stands for; 1e-4 is about 4 times that (measured
+here: up to 2.3e-5 in the first layers, which sum the most terms, 1e-6 in the deep ones; one
+process with 1 against 2 threads differs as much). The weights are not compared over several
+steps: from step 2 Adam carries such rounding into per-element changes up to a whole step (it
+divides each gradient by its own magnitude, and one process with 1 or 2 threads diverges the same
+way), so every step is checked from the weights the processes actually held."""
+
+
+def combined_batch(data: Path, stage: str, epoch: int, position: int, size: int) -> dict[str, Any]:
+    """What one process with batch ``size`` steps on at (epoch, position): the ranks' batches."""
+    dataset = StageDataset([r for r in read_manifest(data) if r.split == "train"], stage, seed=0)  # type: ignore[arg-type]
+    sampler = DistributedSampler(dataset, num_replicas=1, rank=0, shuffle=True, seed=0)
+    sampler.set_epoch(epoch)
+    order = list(sampler)[position * size : (position + 1) * size]
+    return collate([dataset[epoch, i] for i in order])
+
+
+@pytest.mark.parametrize("stage", STAGES)
+def test_two_gloo_processes_equal_one_with_the_doubled_batch(
+    stage: str, ddp_runs: Path, tiny_checkpoints: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """torchrun, 2 CPU processes x batch 1 against one process x batch 2, 3 steps of each stage.
+
+    * Both ranks hold bit-identical trained parameters (and gradients) at every step: the same
+      all-reduced gradient applied to the same weights.
+    * At every step, the all-reduced gradient equals the gradient one process computes on the
+      combined batch at the weights the ranks held, within GRADIENT_TOLERANCE, and the logged
+      loss (mean over the ranks) its loss; the Adam update applied to it is the same code.
+    * BatchNorm: the width-8 networks have it where the official ones do. Stages full and
+      instance train with it in train mode, and on CPU (gloo, no SyncBatchNorm) each process
+      normalises with the statistics of its own half, so the single process is given the same
+      per-half statistics (``per_process_batchnorm``); it then computes the same function. Stage
+      fusion keeps BN in eval mode (frozen statistics) and needs no change.
+    * The run directory is rank 0's: its checkpoint holds the last step's weights, the networks
+      the stage does not train are unchanged, and every validation is over both photos (one
+      scored per rank).
+    """
+    ranks = [torch.load(ddp_runs / "runs" / f"{stage}.rank{r}.pt") for r in (0, 1)]
+    assert ranks[0]["code"] == ranks[1]["code"] == 0
+    steps = ranks[0]["steps"]
+    assert len(steps) == len(ranks[1]["steps"]) == 3
+    for step_a, step_b in zip(steps, ranks[1]["steps"], strict=True):
+        for key in ("before", "grad", "after"):
+            assert all(torch.equal(a, b) for a, b in zip(step_a[key], step_b[key], strict=True))
+
+    run = ddp_runs / "runs" / stage
+    monkeypatch.setattr(torch.nn.BatchNorm2d, "forward", per_process_batchnorm(2))
+    model = build_stage(stage, load_networks(tiny_checkpoints))  # type: ignore[arg-type]
+    model.set_mode(True)
+    losses = [r["loss"] for r in read_metrics(run) if r.get("split") != "val"]
+    for k, (epoch, position) in enumerate([(0, 0), (0, 1), (1, 0)]):
+        with torch.no_grad():
+            for p, value in zip(model.parameters, steps[k]["before"], strict=True):
+                p.copy_(value)
+        batch = combined_batch(ddp_runs / "data", stage, epoch, position, 2)
+        loss = colorization_loss(model.module(batch), batch["ab"])
+        grads = torch.autograd.grad(loss, model.parameters)
+        assert losses[k] == pytest.approx(float(loss.detach()), rel=1e-5)
+        for mine, theirs in zip(grads, steps[k]["grad"], strict=True):
+            scale = float(mine.abs().max())
+            torch.testing.assert_close(theirs, mine, rtol=0, atol=GRADIENT_TOLERANCE * scale)
+        assert any(float(g.abs().max()) > 0 for g in grads)
+
+    config = json.loads((run / "config.json").read_text())
     assert config["world_size"] == 2 and config["global_batch_size"] == 2
-    losses_a = [r["loss"] for r in read_metrics(single) if r.get("split") != "val"]
-    losses_b = [r["loss"] for r in read_metrics(double) if r.get("split") != "val"]
-    assert losses_a == pytest.approx(losses_b, rel=1e-4)
+    name = {"full": "latest_net_GComp.pth", "instance": "latest_net_G.pth",
+            "fusion": "latest_net_GF.pth"}[stage]  # fmt: skip
+    before, after = state_of(tiny_checkpoints), state_of(run / "checkpoints")
+    trained = getattr(model.networks, {"full": "full_image", "instance": "instance",
+                                       "fusion": "fusion"}[stage])  # fmt: skip
+    name_of = {id(p): n for n, p in trained.named_parameters()}
+    prefix = "module." if stage == "fusion" else ""
+    for p, value in zip(model.parameters, steps[-1]["after"], strict=True):
+        assert torch.equal(after[name][prefix + name_of[id(p)]], value)
+    for other in {"latest_net_G.pth", "latest_net_GF.pth", "latest_net_GComp.pth"} - {name}:
+        assert all(torch.equal(before[other][k], after[other][k]) for k in before[other])
+    vals = [r for r in read_metrics(run) if r.get("split") == "val"]
+    assert [r["step"] for r in vals] == [2, 3] and all(r["images"] == 2 for r in vals)
 
 
 def test_sigterm_saves_and_resume_finishes(

@@ -6,7 +6,8 @@ from the original-resolution images and squashed the same way as at inference (`
 
 * ``full``: the whole image.
 * ``instance``: one detected box per image, chosen at random per epoch (seeded by the run seed,
-  the epoch and the image, so every process and every resumed run picks the same box).
+  the epoch and the image, so every process and every resumed run picks the same box; the
+  training sampler passes the epoch with each index, so persistent workers see it too).
 * ``fusion``: the whole image plus all its boxes (at most 8) as crops, with their ``box_info``.
 
 Stages ``instance`` and ``fusion`` use only the images with at least one box.
@@ -81,13 +82,15 @@ class StageDataset(Dataset[dict[str, Any]]):
     def __len__(self) -> int:
         return len(self.rows)
 
-    def __getitem__(self, index: int) -> dict[str, Any]:
+    def __getitem__(self, key: int | tuple[int, int]) -> dict[str, Any]:
+        """``dataset[index]`` in the epoch of ``set_epoch``, or ``dataset[epoch, index]``."""
+        epoch, index = key if isinstance(key, tuple) else (self.epoch, key)
         row = self.rows[index]
         colour = load_photo(row)
         grey = training_grey(colour)
         if self.stage == "instance":
             boxes = row_boxes(row)
-            rng = random.Random(f"{self.seed}:{self.epoch}:{index}")  # noqa: S311 (not crypto)
+            rng = random.Random(f"{self.seed}:{epoch}:{index}")  # noqa: S311 (not crypto)
             box = boxes[rng.randrange(len(boxes))]
             colour, grey = colour.crop(box), grey.crop(box)
         ab, rgb = colour_target(colour)

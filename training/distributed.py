@@ -15,6 +15,7 @@ class DistContext:
     world_size: int
     local_rank: int
     device: torch.device
+    owns_group: bool = False  # this process started the process group, so it ends it
 
     @property
     def is_main(self) -> bool:
@@ -40,13 +41,15 @@ def init_distributed(device_name: str) -> DistContext:
     rank = int(os.environ.get("RANK", "0"))
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local_rank)
-    if world > 1 and not dist.is_initialized():
+    owns = world > 1 and not dist.is_initialized()  # a caller's group is used and left running
+    if device.type == "cuda" and world > 1:
+        torch.cuda.set_device(device)
+    if owns:
         if device.type == "cuda":
-            torch.cuda.set_device(device)
             dist.init_process_group("nccl", device_id=device)
         else:
             dist.init_process_group("gloo")
-    return DistContext(rank, world, local_rank, device)
+    return DistContext(rank, world, local_rank, device, owns)
 
 
 def all_reduce_max(flag: bool, context: DistContext) -> bool:
@@ -71,6 +74,27 @@ def barrier(context: DistContext) -> None:
         dist.barrier()
 
 
+def broadcast_buffers(module: torch.nn.Module, context: DistContext) -> None:
+    """Rank 0's buffers (BatchNorm running statistics) on every rank.
+
+    DistributedDataParallel does this at the start of every training forward; a forward outside
+    it (validation on each rank's share) needs it too, or each rank would normalise with the
+    statistics its own last batch left.
+    """
+    if context.distributed:
+        for buffer in module.buffers():
+            dist.broadcast(buffer, src=0)
+
+
+def all_gather_objects(value: object, context: DistContext) -> list[object]:
+    """Every rank's ``value``, in rank order (small Python objects: per-image scores)."""
+    if not context.distributed:
+        return [value]
+    gathered: list[object] = [None] * context.world_size
+    dist.all_gather_object(gathered, value)
+    return gathered
+
+
 def shutdown(context: DistContext) -> None:
-    if context.distributed and dist.is_initialized():
+    if context.owns_group and dist.is_initialized():
         dist.destroy_process_group()

@@ -4,7 +4,10 @@ One process per device under torchrun (``--batch-size`` is per process; the glob
 ``batch_size x world_size``); only rank 0 writes. Gradients are averaged by DistributedDataParallel
 so N processes with batch B step like one process with batch N x B (exactly where BatchNorm is
 frozen, as in stage 3; with BatchNorm in train mode on CUDA it is synchronised across processes,
-on CPU each process normalises with its own batch's statistics).
+on CPU each process normalises with its own batch's statistics). Only the parameters a stage
+trains require gradients (``training.stages``), so DDP runs with ``find_unused_parameters=False``.
+Validation is sharded over the ranks (``training.validation``) so no rank waits on a collective for
+the length of a whole validation.
 A SIGINT or SIGTERM finishes the current step, saves everything and exits (130 / 143).
 """
 
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import random
 import signal
 import time
@@ -25,7 +29,7 @@ from typing import Any
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler
 
 from models.precision import Precision
 from training import distributed
@@ -43,7 +47,7 @@ from training.run_files import (
     write_metrics,
 )
 from training.stages import ADAM_BETAS, STAGE_DEFAULTS, build_stage, lambda_lr
-from training.validation import validate
+from training.validation import interleave, score_images, shard, summarize_scores
 
 log = logging.getLogger(__name__)
 
@@ -71,7 +75,14 @@ class TrainOptions:
     device: str = "auto"
     resume: bool = False
     seed: int = 0
-    workers: int = 2
+    workers: int | None = (
+        None  # data-loading processes per training process; None: default_workers()
+    )
+    prefetch_factor: int = 4  # batches each worker loads ahead (with workers > 0)
+    persistent_workers: bool = True  # keep the workers between epochs (with workers > 0)
+    pin_memory: bool | None = None  # page-locked batches for asynchronous copies; None: on CUDA
+    channels_last: bool | None = None  # NHWC parameters and activations; None: on CUDA
+    cudnn_benchmark: bool | None = None  # tune convolutions for the fixed 256x256; None: on CUDA
     fresh_fusion: bool = False
     log_every: int = 10
     val_every: int = 0  # steps between validations; 0 = at the end of every epoch
@@ -88,7 +99,43 @@ class TrainOptions:
             "decay_epochs": defaults.decay_epochs if self.decay_epochs is None else self.decay_epochs,
             "lr": defaults.lr if self.lr is None else self.lr,
             "batch_size": defaults.batch_size if self.batch_size is None else self.batch_size,
+            "workers": default_workers() if self.workers is None else self.workers,
         })  # fmt: skip
+
+
+def default_workers() -> int:
+    """min(8, this process's share of the CPUs): the CPUs it may run on over the local ranks.
+
+    One 256x256 sample costs a worker a few ms (decode, squash, Lab; crops for stages 2 and 3),
+    so 8 workers keep a GPU step of batch 16 fed; more only compete with the other ranks.
+    """
+    try:
+        cpus = len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        cpus = os.cpu_count() or 1
+    local_ranks = max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    return min(8, max(1, cpus // local_ranks))
+
+
+def make_loader(
+    dataset: Dataset[dict[str, Any]],
+    batch_size: int,
+    opts: TrainOptions,
+    device: torch.device,
+    sampler: DistributedSampler[Any] | None = None,
+    *,
+    persistent: bool = True,
+) -> DataLoader[dict[str, Any]]:
+    """A DataLoader with the options' workers, prefetching, pinning (training and validation)."""
+    workers = default_workers() if opts.workers is None else opts.workers
+    pin = device.type == "cuda" if opts.pin_memory is None else opts.pin_memory
+    return DataLoader(
+        dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+        collate_fn=collate, drop_last=sampler is not None, pin_memory=pin,
+        worker_init_fn=_ignore_sigint if workers else None,
+        prefetch_factor=opts.prefetch_factor if workers else None,
+        persistent_workers=persistent and opts.persistent_workers and workers > 0,
+    )  # fmt: skip
 
 
 class StopRequest:
@@ -119,13 +166,18 @@ def _ignore_sigint(_worker_id: int) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)
 
 
-class ResumableSampler(DistributedSampler[int]):
-    """The distributed sampler's epoch permutation, minus the samples already consumed."""
+class ResumableSampler(DistributedSampler[Any]):
+    """The distributed sampler's epoch permutation, minus the samples already consumed.
+
+    It yields ``(epoch, index)``: the epoch travels with each index to the workers, which keep
+    their own copy of the dataset (persistent workers never see ``StageDataset.set_epoch``).
+    """
 
     skip = 0
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(list(super().__iter__())[self.skip :])
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        indices = list(super().__iter__())[self.skip :]
+        return iter([(self.epoch, index) for index in indices])
 
     def __len__(self) -> int:
         return max(0, super().__len__() - self.skip)
@@ -189,6 +241,11 @@ def _train(opts: TrainOptions, context: distributed.DistContext, stop: StopReque
     assert opts.batch_size is not None
     device = context.device
     autocast_dtype = _autocast_dtype(opts.precision, device)
+    channels_last = device.type == "cuda" if opts.channels_last is None else opts.channels_last
+    if device.type == "cuda":  # every training input is 256x256: one tuning run per shape
+        torch.backends.cudnn.benchmark = (
+            True if opts.cudnn_benchmark is None else opts.cudnn_benchmark
+        )
     run_dir = opts.output
     if not opts.resume and (run_dir / "state.pt").exists():
         raise TrainingError(f"{run_dir} already holds a run; pass --resume or another --output")
@@ -215,6 +272,8 @@ def _train(opts: TrainOptions, context: distributed.DistContext, stop: StopReque
     model.module.to(device)
     for net in (model.networks.instance, model.networks.fusion, model.networks.full_image):
         net.to(device)
+        if channels_last:
+            net.to(memory_format=torch.channels_last)
     optimizer = torch.optim.Adam(model.parameters, lr=opts.lr, betas=ADAM_BETAS)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda_lr(opts.epochs, opts.decay_epochs)
@@ -249,16 +308,11 @@ def _train(opts: TrainOptions, context: distributed.DistContext, stop: StopReque
         train_set, num_replicas=context.world_size, rank=context.rank, shuffle=True,
         seed=opts.seed, drop_last=True,
     )  # fmt: skip
-    loader = DataLoader(
-        train_set, batch_size=opts.batch_size, sampler=sampler, num_workers=opts.workers,
-        collate_fn=collate, drop_last=True, pin_memory=device.type == "cuda",
-        worker_init_fn=_ignore_sigint,
-    )  # fmt: skip
-    val_loader = DataLoader(
-        val_set, batch_size=opts.batch_size, num_workers=opts.workers, collate_fn=collate
-    )
+    loader = make_loader(train_set, opts.batch_size, opts, device, sampler)
+    val_shard = shard(val_set, len(val_set), context.rank, context.world_size)
+    val_loader = make_loader(val_shard, opts.batch_size, opts, device, persistent=False)
     lpips = None
-    if opts.lpips_weights is not None and context.is_main:
+    if opts.lpips_weights is not None:  # every rank scores its share of the validation set
         from evaluation.metrics import LpipsMetric
 
         lpips = LpipsMetric.from_vgg16_file(opts.lpips_weights, str(device))
@@ -288,12 +342,17 @@ def _train(opts: TrainOptions, context: distributed.DistContext, stop: StopReque
         distributed.barrier(context)
 
     def run_validation() -> None:
-        if context.is_main and len(val_set):
-            result = validate(model, val_loader, device, autocast_dtype, lpips)
-            result.update(step=progress.step, epoch=progress.epoch)
-            progress.metrics.append(result)
+        """Each rank scores its shard with rank 0's BN statistics; rank 0 records the whole."""
+        if not len(val_set):
+            return
+        distributed.broadcast_buffers(model.module, context)
+        mine = score_images(model, val_loader, device, autocast_dtype, lpips)
+        shards: Any = distributed.all_gather_objects(mine, context)
+        result = summarize_scores(interleave(shards))
+        result.update(step=progress.step, epoch=progress.epoch)
+        progress.metrics.append(result)
+        if context.is_main:
             log.info("val step %d: %s", progress.step, _brief(result))
-        distributed.barrier(context)
 
     bar = None
     if context.is_main and opts.progress:

@@ -1,7 +1,8 @@
 """What each stage trains, built from an init (spec §6 table).
 
 * ``full``: GComp (the full-image net) from the init's GComp; every parameter but the unused
-  classification head; BatchNorm in train mode.
+  classification head (the loss is on the regression output ``model_out``; ``model_class`` is not
+  even computed, spec §6 and §7 quirk 18); BatchNorm in train mode.
 * ``instance``: G (the instance net) from the init's GComp, the stage-1 weights as in the paper,
   or from the init's G when the init is a previous ``instance`` run (continuing it); BN in train mode.
 * ``fusion``: GF fine-tuned from the init's GF, weight generators included (the official files
@@ -10,6 +11,12 @@
   ``model_out`` train; G and GComp are frozen; every net stays in eval mode (BN statistics frozen).
 
 The other two networks are carried over from the init unchanged, so every run writes all three.
+
+Exactly the trained parameters have ``requires_grad``: every other one, the class head included,
+is frozen. DistributedDataParallel reduces the gradients of every parameter that requires one, so
+a parameter the loss never reaches would leave its bucket waiting ("Expected to have finished
+reduction in the prior iteration" at step 2, and no gradient averaged at step 1). Freezing them
+keeps DDP's default ``find_unused_parameters=False`` (no graph walk per step) correct.
 """
 
 from __future__ import annotations
@@ -127,14 +134,15 @@ def _trunk_parameters(net: nn.Module) -> list[nn.Parameter]:
 
 
 def _copy_of(cls: type[nn.Module], source: nn.Module, width: int) -> Any:
+    """A frozen copy: ``build_stage`` unfreezes what the stage trains."""
     net = cls(width)
     net.load_state_dict(source.state_dict(), strict=True)
-    return net
+    return net.requires_grad_(False)
 
 
 def fresh_fusion_net(full_image: FullImageGenerator, width: int, seed: int) -> FusionGenerator:
     """GF with the trunk of GComp (the stage-1 net) and freshly initialised weight generators."""
-    fusion = FusionGenerator(width)
+    fusion = FusionGenerator(width).requires_grad_(False)
     missing, unexpected = fusion.load_state_dict(full_image.state_dict(), strict=False)
     assert not unexpected
     assert all(k.startswith("weight_layer") for k in missing)
@@ -172,7 +180,6 @@ def build_stage(
             fusion = fresh_fusion_net(init.full_image, width, seed)
         else:
             fusion = _copy_of(FusionGenerator, init.fusion, width)
-        fusion.requires_grad_(False)
         module = FusionStage(instance, fusion)
         trained = [
             p
@@ -181,6 +188,8 @@ def build_stage(
         ]
     for p in trained:
         p.requires_grad_(True)
+    trained_ids = {id(p) for p in trained}
+    assert all((id(p) in trained_ids) == p.requires_grad for p in module.parameters())
     networks = ColorizationNetworks(
         instance, fusion, full_image, init.layout, init.files, init.width
     )

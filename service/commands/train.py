@@ -54,8 +54,21 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument(
         "--seed", type=int, default=0, help="seed of order, boxes, init (default 0)"
     )
-    parser.add_argument("--workers", type=non_negative_int, default=2,
-                        help="data-loading processes per training process (default 2)")  # fmt: skip
+    parser.add_argument("--workers", type=non_negative_int,
+                        help="data-loading processes per training process (default min(8, CPUs "
+                        "/ processes on this machine); 0 loads in the training process)")  # fmt: skip
+    parser.add_argument("--prefetch-factor", type=positive_int, default=4, metavar="N",
+                        help="batches each worker loads ahead (default 4)")  # fmt: skip
+    parser.add_argument("--no-persistent-workers", action="store_true",
+                        help="start the data-loading workers again every epoch")  # fmt: skip
+    on_cuda = argparse.BooleanOptionalAction
+    parser.add_argument("--pin-memory", action=on_cuda,
+                        help="page-locked batches for asynchronous copies (default: on CUDA)")  # fmt: skip
+    parser.add_argument("--channels-last", action=on_cuda,
+                        help="NHWC memory format for the networks (default: on CUDA)")  # fmt: skip
+    parser.add_argument("--cudnn-benchmark", action=on_cuda,
+                        help="let cuDNN tune each convolution for the fixed 256x256 inputs "
+                        "(default: on; CUDA only)")  # fmt: skip
     parser.add_argument("--fresh-fusion", action="store_true",
                         help="fusion stage: GF trunk from the init's GComp and new weight "
                         "generators (the paper) instead of fine-tuning the init's GF")  # fmt: skip
@@ -82,6 +95,9 @@ def run(args: argparse.Namespace) -> int:
         epochs=args.epochs, decay_epochs=args.decay_epochs, lr=args.lr,
         batch_size=args.batch_size, max_steps=args.max_steps, precision=args.precision,
         device=args.device, resume=args.resume, seed=args.seed, workers=args.workers,
+        prefetch_factor=args.prefetch_factor, persistent_workers=not args.no_persistent_workers,
+        pin_memory=args.pin_memory, channels_last=args.channels_last,
+        cudnn_benchmark=args.cudnn_benchmark,
         fresh_fusion=args.fresh_fusion, log_every=args.log_every, val_every=args.val_every,
         save_every=args.save_every, val_limit=args.val_limit,
         lpips_weights=args.lpips_weights, progress=not args.no_progress,
