@@ -278,11 +278,13 @@ class RedisJobQueue:
         return backlog_s
 
     async def _withdraw(self, entry_id: bytes, token: str, job: Job) -> None:
-        """Remove a job nobody waits for: unread entries go away, held ones are skipped."""
+        """Mark a job nobody waits for: the worker that reads it skips it (and removes it).
+
+        The entry itself stays: deleting an entry not yet delivered makes the group's lag unknown,
+        which KEDA reads as 0 (protocol.RELEASE_LUA)."""
         ttl_ms = max(1000, int((job.deadline - self.clock.now()) * 1000) + 60_000)
         try:
             pipe = self._client.pipeline(transaction=False)
-            pipe.xdel(self.layout.stream, entry_id)
             pipe.set(self.layout.cancel(token), b"1", px=ttl_ms)
             pipe.delete(self.layout.reply(token))
             await pipe.execute()

@@ -8,10 +8,13 @@ Layout, for a key prefix ``P`` (``COLORIZE_REDIS_PREFIX``, default ``colorize``)
 - ``P:jobs``: stream of waiting and in-process jobs. Fields: ``token`` (the reply token, unique per
   admitted job), ``meta`` (the job as JSON, without the image), ``image`` (raw bytes). Workers read
   it through group ``G`` (created at id 0 with MKSTREAM, by whichever process comes first) and
-  delete an entry once it is answered, so the stream length is the backlog: admission refuses a job
-  when it has reached ``max_queue`` (atomically, in a Lua script).
+  remove an entry once it is answered, so the stream length is the backlog: admission refuses a job
+  when it has reached ``max_queue`` (atomically, in a Lua script). An entry not yet delivered is
+  never deleted (a withdrawn job stays until a worker reads and skips it): the group's lag, which
+  KEDA scales the workers on, is exact only while no entry after the group's last-delivered id is
+  deleted (``RELEASE_LUA``; docs/kubernetes.md).
 - ``P:reply:<token>``: list holding the one answer for a job (a result or an error), pushed by the
-  worker together with XACK and XDEL in one Lua script, only if the XACK acknowledged the entry: a
+  worker together with XACK and the entry's removal in one Lua script, only if the XACK acknowledged the entry: a
   job that two workers both processed (after a reclaim) is still answered once. The API replica that
   admitted the job blocks on it with BLPOP (no polling); the list expires after ``result_ttl_s``.
 - ``P:cancel:<token>``: set by the API when its client went away or its deadline passed; workers
@@ -206,24 +209,72 @@ if limit > 0 and n >= limit then return {0, n} end
 return {1, redis.call('XADD', KEYS[1], '*', unpack(ARGV, 2))}
 """
 
+# release(stream, group, id): remove the acknowledged entry ``id`` and every answered entry before
+# the oldest one still needed, keeping XINFO GROUPS' ``lag`` exact (never nil, which KEDA reads as
+# 0). Redis 7 reports the lag as unknown once a deleted id (XDEL) is at or after the group's
+# last-delivered id while an older entry remains; trimming the head (XTRIM MINID) never does. So:
+# XDEL only ids below the last-delivered one; trim up to the oldest pending entry; with none
+# pending, everything up to the last-delivered entry is answered: trim, then XDEL that entry, which
+# is then the stream's first.
+RELEASE_LUA = """
+local function id_less(a, b)
+  local am, as = string.match(a, '^(%d+)-(%d+)$')
+  local bm, bs = string.match(b, '^(%d+)-(%d+)$')
+  am, as, bm, bs = tonumber(am), tonumber(as), tonumber(bm), tonumber(bs)
+  return am < bm or (am == bm and as < bs)
+end
+local function release(stream, group, id)
+  local last = nil
+  for _, g in ipairs(redis.call('XINFO', 'GROUPS', stream)) do
+    local info = {}
+    for i = 1, #g, 2 do info[g[i]] = g[i + 1] end
+    if info['name'] == group then last = info['last-delivered-id'] end
+  end
+  if last == nil then return end
+  if id_less(id, last) then redis.call('XDEL', stream, id) end
+  local pending = redis.call('XPENDING', stream, group)
+  if tonumber(pending[1]) > 0 then
+    redis.call('XTRIM', stream, 'MINID', pending[2])
+  else
+    redis.call('XTRIM', stream, 'MINID', last)
+    redis.call('XDEL', stream, last)
+  end
+end
+"""
+
+# KEYS[1] stream; ARGV[1] group, ARGV[2] entry id. Acknowledge without an answer (a withdrawn job).
+RELEASE_SCRIPT = (
+    RELEASE_LUA
+    + """
+local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
+release(KEYS[1], ARGV[1], ARGV[2])
+return acked
+"""
+)
+
 # KEYS[1] stream, KEYS[2] reply list, KEYS[3] cancel marker; ARGV[1] group, ARGV[2] entry id,
 # ARGV[3] frame, ARGV[4] reply ttl ms. Answers only if this call acknowledged the entry (exactly
 # one answer per job, even when two workers processed it) and nobody withdrew the job.
-FINISH_SCRIPT = """
+FINISH_SCRIPT = (
+    RELEASE_LUA
+    + """
 local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-redis.call('XDEL', KEYS[1], ARGV[2])
+release(KEYS[1], ARGV[1], ARGV[2])
 if acked == 1 and redis.call('EXISTS', KEYS[3]) == 0 then
   redis.call('RPUSH', KEYS[2], ARGV[3])
   redis.call('PEXPIRE', KEYS[2], ARGV[4])
 end
 return acked
 """
+)
 
 # KEYS[1] stream, KEYS[2] reply list, KEYS[3] dead-letter stream; ARGV[1] group, ARGV[2] entry id,
 # ARGV[3] error frame, ARGV[4] reply ttl ms, ARGV[5] dead-letter maxlen, ARGV[6..] dead fields.
-DEAD_LETTER_SCRIPT = """
+DEAD_LETTER_SCRIPT = (
+    RELEASE_LUA
+    + """
 local acked = redis.call('XACK', KEYS[1], ARGV[1], ARGV[2])
-redis.call('XDEL', KEYS[1], ARGV[2])
+release(KEYS[1], ARGV[1], ARGV[2])
 if acked == 1 then
   redis.call('XADD', KEYS[3], 'MAXLEN', '~', ARGV[5], '*', unpack(ARGV, 6))
   redis.call('RPUSH', KEYS[2], ARGV[3])
@@ -231,6 +282,7 @@ if acked == 1 then
 end
 return acked
 """
+)
 
 # KEYS[1] stream; ARGV[1] group, ARGV[2] consumer, ARGV[3..] entry ids.
 # Resets the idle time of the entries this consumer still owns (heartbeat while a batch runs),

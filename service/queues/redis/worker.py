@@ -5,8 +5,9 @@ than ``claim_idle_ms`` (XAUTOCLAIM; a job handed out more than ``max_deliveries`
 dead-letter stream instead), read up to ``max_batch_size`` new jobs (XREADGROUP, blocking at most
 until the oldest job in hand has waited the batch delay since its admission: the rule of
 ``service.core.batching``, on Redis server time), skip withdrawn and expired jobs (504), run the rest
-through the same ``BatchEngine`` as the in-process mode, and answer each job with XACK + XDEL +
-RPUSH in one script. While a batch runs, a heartbeat keeps its entries' idle time low so that live
+through the same ``BatchEngine`` as the in-process mode, and answer each job with XACK, the entry's
+removal and RPUSH in one script (``protocol.RELEASE_LUA``: never a removal that hides the lag).
+While a batch runs, a heartbeat keeps its entries' idle time low so that live
 workers never reclaim each other's jobs, whatever the batch takes.
 
 Deadlines are on Redis server time (``RedisClock``, refreshed by the stats loop): the API replica
@@ -44,6 +45,7 @@ from service.queues.redis.protocol import (
     DEAD_LETTER_SCRIPT,
     FINISH_SCRIPT,
     REDIS_ERRORS,
+    RELEASE_SCRIPT,
     TOUCH_SCRIPT,
     RedisClock,
     RedisLayout,
@@ -144,6 +146,7 @@ class RedisWorker:
         self.clock = clock or RedisClock()
         self.wall_clock = wall_clock
         self._finish = client.register_script(FINISH_SCRIPT)
+        self._release = client.register_script(RELEASE_SCRIPT)
         self._dead_letter = client.register_script(DEAD_LETTER_SCRIPT)
         self._touch = client.register_script(TOUCH_SCRIPT)
         self._beat = client.register_script(BEAT_SCRIPT)
@@ -410,8 +413,9 @@ class RedisWorker:
         pipe = self.client.pipeline(transaction=False)
         for entry_id, token, frame in answers:
             if frame is None:
-                pipe.xack(layout.stream, layout.group, entry_id)
-                pipe.xdel(layout.stream, entry_id)
+                await self._release(
+                    keys=[layout.stream], args=[layout.group, entry_id], client=pipe
+                )
             else:
                 await self._finish(
                     keys=[layout.stream, layout.reply(token), layout.cancel(token)],
