@@ -100,13 +100,18 @@ def _json_constant(name: str) -> float:
     raise InvalidParameterError(f"boxes holds {name}; coordinates and scores must be finite")
 
 
+def boxes_max_chars(max_boxes: int) -> int:
+    """The longest ``boxes`` text accepted (checked before parsing)."""
+    return 64 * (max_boxes + 1)
+
+
 def parse_boxes(
     text: str | None, max_boxes: int
 ) -> tuple[list[list[float]] | None, list[float] | None]:
     """``[[x1,y1,x2,y2], ...]`` or ``{"boxes": [...], "scores": [...]}``, within limits."""
     if text is None:
         return None, None
-    if len(text) > 64 * (max_boxes + 1):
+    if len(text) > boxes_max_chars(max_boxes):
         raise InvalidParameterError(
             f"boxes is {len(text)} characters long; at most {max_boxes} boxes are accepted"
         )
