@@ -38,6 +38,7 @@ import schemathesis
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
+from redis_fixtures import redis_url  # noqa: F401 (the fixture)
 from schemathesis import GenerationMode
 from schemathesis.config import SchemathesisConfig
 from schemathesis.config._checks import NEGATIVE_DATA_REJECTION_EXPECTED_STATUSES
@@ -218,12 +219,11 @@ def memory_service(
 
 @pytest.fixture(scope="module")
 def redis_service(
-    tiny_checkpoints: Path, tmp_path_factory: pytest.TempPathFactory, redis_url: str
+    tiny_checkpoints: Path, tmp_path_factory: pytest.TempPathFactory, request: pytest.FixtureRequest
 ) -> Iterator[str]:
+    url = str(request.getfixturevalue("redis_url"))  # the shared server, or our own
     prefix = f"test-contract-{os.getpid()}-{time.monotonic_ns()}"
-    env = env_for(
-        COLORIZE_QUEUE="redis", COLORIZE_REDIS_URL=redis_url, COLORIZE_REDIS_PREFIX=prefix
-    )
+    env = env_for(COLORIZE_QUEUE="redis", COLORIZE_REDIS_URL=url, COLORIZE_REDIS_PREFIX=prefix)
     folder = tmp_path_factory.mktemp("contract-redis")
     port = free_port()
     api = spawn(["serve", "--port", str(port)], env, folder / "serve.log")
@@ -238,7 +238,7 @@ def redis_service(
         yield base
     finally:
         stop([api, worker])
-        client = redis.Redis.from_url(redis_url)
+        client = redis.Redis.from_url(url)
         keys = list(client.scan_iter(match=f"{prefix}:*", count=1000))
         if keys:
             client.delete(*keys)

@@ -101,8 +101,11 @@ def _json_constant(name: str) -> float:
 
 
 def boxes_max_chars(max_boxes: int) -> int:
-    """The longest ``boxes`` text accepted (checked before parsing)."""
-    return 64 * (max_boxes + 1)
+    """The longest ``boxes`` text accepted (checked before parsing): room for ``max_boxes``
+    boxes and their scores with every number at its longest (MAX_NUMBER_CHARS) and ", " between
+    them, so any value of the documented schema written that way fits."""
+    per_box = 4 * (MAX_NUMBER_CHARS + 2) + 4 + (MAX_NUMBER_CHARS + 2)
+    return per_box * (max_boxes + 1)
 
 
 def parse_boxes(
@@ -142,9 +145,12 @@ def parse_boxes(
     if scores is not None and (
         not isinstance(scores, list)
         or len(scores) != len(data)
-        or not all(isinstance(s, int | float) and not isinstance(s, bool) for s in scores)
+        or not all(
+            isinstance(s, int | float) and not isinstance(s, bool) and math.isfinite(s)
+            for s in scores
+        )
     ):
-        raise InvalidParameterError("scores must be a list of numbers, one per box")
+        raise InvalidParameterError("scores must be a list of finite numbers, one per box")
     if len(data) > max_boxes:
         raise InvalidParameterError(f"boxes holds {len(data)} boxes; at most {max_boxes}")
     boxes = [[float(v) for v in box] for box in data]

@@ -78,7 +78,7 @@ def boxes_content_schema(max_boxes: int, max_coordinate: float) -> dict[str, Any
         "properties": {
             "boxes": box_list,
             "scores": {
-                "type": "array",
+                "type": ["array", "null"],  # null: as if left out
                 "maxItems": max_boxes,
                 "items": {"type": "number"},
                 "description": "One finite score per box (the order of use: highest first).",
