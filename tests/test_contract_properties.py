@@ -208,3 +208,37 @@ def test_random_query_values_are_answered_200_or_problem_422_never_500(
         assert problem["type"].endswith("/invalid-parameter") and problem["status"] == 422
     else:
         assert response.headers["content-type"].startswith("image/")
+
+
+# --- the document under other settings ------------------------------------------------------
+
+
+def test_the_document_follows_the_settings(tiny_checkpoints: Path) -> None:
+    """401 (and the security schemes) appear where API keys guard a route; limits follow."""
+    open_doc = create_app(service_settings(tiny_checkpoints)).openapi()
+    assert "401" not in open_doc["paths"]["/info"]["get"]["responses"]
+    assert "securitySchemes" not in open_doc["components"]
+    guarded = create_app(
+        service_settings(
+            tiny_checkpoints,
+            api_keys="ci:a-long-enough-test-key-0123456789",
+            auth_open_probes=False,
+            max_boxes=5,
+        )
+    ).openapi()
+    schemes = guarded["components"]["securitySchemes"]
+    assert schemes["apiKey"] == {"type": "apiKey", "in": "header", "name": "X-API-Key"}
+    for path in ("/colorize", "/info", "/healthz", "/readyz"):
+        operation = next(iter(guarded["paths"][path].values()))
+        assert PROBLEM_JSON in operation["responses"]["401"]["content"], path
+        assert operation["security"] == [{"bearer": []}, {"apiKey": []}]
+    assert "401" not in guarded["paths"]["/metrics"]["get"]["responses"]  # open by default
+    boxes = next(
+        p for p in guarded["paths"]["/colorize"]["post"]["parameters"] if p["name"] == "boxes"
+    )
+    assert boxes["schema"]["contentSchema"]["anyOf"][0]["maxItems"] == 5
+    assert boxes["schema"]["maxLength"] == boxes_max_chars(5)
+    for path, item in guarded["paths"].items():
+        for operation in item.values():
+            for status in ("408", "431", "422", "500"):
+                assert status in operation["responses"], (path, status)
