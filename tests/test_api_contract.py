@@ -148,20 +148,25 @@ def spawn(args: list[str], env: dict[str, str], log: Path) -> subprocess.Popen[b
     )  # fmt: skip
 
 
-def wait_ready(base: str, procs: list[subprocess.Popen[bytes]], log: Path) -> None:
+def wait_ready(
+    base: str,
+    procs: list[subprocess.Popen[bytes]],
+    log: Path,
+    headers: dict[str, str] | None = None,
+) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
         for proc in procs:
             assert proc.poll() is None, log.read_text(errors="replace")[-3000:]
         try:
-            ready = httpx.get(base + "/readyz", timeout=2).status_code == 200
+            ready = httpx.get(base + "/readyz", headers=headers, timeout=2).status_code == 200
             # Redis mode: ready once a worker's heartbeat is seen; one real request proves it
             if (
                 ready
                 and httpx.post(
                     base + "/colorize",
                     content=PNG,
-                    headers={"content-type": "image/png"},
+                    headers={**(headers or {}), "content-type": "image/png"},
                     timeout=30,
                 ).status_code
                 == 200
@@ -248,6 +253,32 @@ def redis_service(
         assert "Traceback" not in text, text[-3000:]
 
 
+KEY = "contract-test-key-0123456789abcdef"
+
+
+@pytest.fixture(scope="module")
+def keyed_service(
+    tiny_checkpoints: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
+    """API keys on, probes closed too: the document then declares 401 and its security schemes."""
+    port = free_port()
+    log = tmp_path_factory.mktemp("contract-keys") / "serve.log"
+    args = ["serve", "--checkpoints", str(tiny_checkpoints), "--no-detector", "--port", str(port)]
+    env = env_for(COLORIZE_API_KEYS=f"ci:{KEY}", COLORIZE_AUTH_OPEN_PROBES="false")
+    proc = spawn(args, env, log)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        wait_ready(base, [proc], log, headers={"Authorization": f"Bearer {KEY}"})
+        yield base
+    finally:
+        stop([proc])
+
+
+@pytest.fixture(scope="module")
+def keyed_schema(keyed_service: str) -> Any:
+    return loaded_schema(keyed_service)
+
+
 @pytest.fixture(scope="module")
 def memory_schema(memory_service: str) -> Any:
     return loaded_schema(memory_service)
@@ -279,7 +310,9 @@ def test_every_operation_is_fuzzed(memory_schema: Any) -> None:
         assert takes_input == (path == "/colorize"), path
 
 
-def fuzz(schema: Any, method: str, path: str, mode: GenerationMode) -> None:
+def fuzz(
+    schema: Any, method: str, path: str, mode: GenerationMode, headers: dict[str, str] | None = None
+) -> None:
     """Every check schemathesis has (its default set: all on), for one operation and mode."""
     strategy = schema[path][method].as_strategy(generation_mode=mode)
 
@@ -292,7 +325,7 @@ def fuzz(schema: Any, method: str, path: str, mode: GenerationMode) -> None:
     )
     @given(case=strategy)
     def run(case: Any) -> None:
-        case.call_and_validate(timeout=60)
+        case.call_and_validate(headers=headers, timeout=60)
 
     run()
 
@@ -313,3 +346,14 @@ def test_redis_mode_meets_its_openapi_contract(
     redis_schema: Any, method: str, path: str, mode: GenerationMode
 ) -> None:
     fuzz(redis_schema, method, path, mode)
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "mode"), CASES, ids=lambda v: str(getattr(v, "value", v))
+)
+def test_api_key_mode_meets_its_openapi_contract(
+    keyed_schema: Any, method: str, path: str, mode: GenerationMode
+) -> None:
+    """With the key every check holds; schemathesis' ignored_auth check also resends each
+    request without it and requires the documented 401."""
+    fuzz(keyed_schema, method, path, mode, headers={"Authorization": f"Bearer {KEY}"})
