@@ -113,6 +113,14 @@ def _json_constant(name: str) -> float:
     raise InvalidParameterError(f"boxes holds {name}; coordinates and scores must be finite")
 
 
+def boxes_max_chars(max_boxes: int) -> int:
+    """The longest ``boxes`` text accepted (checked before parsing): room for ``max_boxes``
+    boxes and their scores with every number at its longest (MAX_NUMBER_CHARS) and ", " between
+    them, so any value of the documented schema written that way fits."""
+    per_box = 4 * (MAX_NUMBER_CHARS + 2) + 4 + (MAX_NUMBER_CHARS + 2)
+    return per_box * (max_boxes + 1)
+
+
 def parse_boxes(
     text: str | None, max_boxes: int
 ) -> tuple[list[list[float]] | None, list[float] | None]:
@@ -123,7 +131,7 @@ def parse_boxes(
     """
     if text is None:
         return None, None
-    if len(text) > 64 * (max_boxes + 1):
+    if len(text) > boxes_max_chars(max_boxes):
         raise InvalidParameterError(
             f"boxes is {len(text)} characters long; at most {max_boxes} boxes are accepted"
         )

@@ -69,6 +69,31 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
     return {status: {"model": Problem, "description": when[status]} for status in statuses}
 
 
+def boxes_content_schema(max_boxes: int, max_coordinate: float) -> dict[str, Any]:
+    """The JSON a ``boxes`` parameter holds: a list of boxes, or boxes with their scores."""
+    number = {"type": "number", "minimum": -max_coordinate, "maximum": max_coordinate}
+    box_list = {
+        "type": "array",
+        "maxItems": max_boxes,
+        "items": {"type": "array", "minItems": 4, "maxItems": 4, "items": number},
+        "description": "[x1, y1, x2, y2] per box, x2 > x1 and y2 > y1; list order is priority.",
+    }
+    scored = {
+        "type": "object",
+        "required": ["boxes"],
+        "properties": {
+            "boxes": box_list,
+            "scores": {
+                "type": ["array", "null"],  # null: as if left out
+                "maxItems": max_boxes,
+                "items": {"type": "number"},
+                "description": "One finite score per box (the order of use: highest first).",
+            },
+        },
+    }
+    return {"anyOf": [box_list, scored]}
+
+
 COLORIZE_BODY = {
     "required": True,
     "content": {
@@ -77,7 +102,9 @@ COLORIZE_BODY = {
                 "type": "object",
                 "properties": {"image": {"type": "string", "format": "binary"}},
                 "required": ["image"],
-            }
+            },
+            # the part's own content type is checked as the raw body's is (else 415)
+            "encoding": {"image": {"contentType": "image/*, application/octet-stream"}},
         },
         "image/*": {"schema": {"type": "string", "format": "binary"}},
         "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
