@@ -20,8 +20,9 @@ from PIL import Image
 from service_helpers import service_settings
 
 from service.app import create_app
+from service.core.boxes import MAX_COORDINATE
 from service.core.errors import InvalidParameterError
-from service.router.inputs import MAX_COORDINATE, boxes_max_chars, parse_boxes
+from service.router.inputs import boxes_max_chars, parse_boxes
 from service.router.schemas import PROBLEM_JSON, boxes_content_schema
 
 MAX_BOXES = 16

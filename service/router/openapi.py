@@ -20,8 +20,9 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 
 from service.core.api_keys import load_api_keys
+from service.core.boxes import MAX_COORDINATE
 from service.core.image_header import ACCEPTED_FORMATS
-from service.router.inputs import MAX_COORDINATE, MAX_NUMBER_CHARS, boxes_max_chars
+from service.router.inputs import MAX_NUMBER_CHARS, boxes_max_chars
 from service.router.schemas import (
     PROBLEM_JSON,
     Problem,
