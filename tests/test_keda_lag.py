@@ -115,7 +115,7 @@ class Stack:
         self.layout = RedisLayout(prefix, "workers")
         self.client = connect(url)
         self.queue = RedisJobQueue(
-            RedisQueueConfig(url=url, layout=self.layout, stats_interval_s=0.1,
+            RedisQueueConfig(redis_url=url, layout=self.layout, stats_interval_s=0.1,
                              cache_enabled=False, require_live_worker=False),
             Metrics(CollectorRegistry()),
         )  # fmt: skip
@@ -153,8 +153,8 @@ class Stack:
 
     def worker(self, engine: GatedEngine, name: str, claim_idle_ms: int) -> RedisWorker:
         config = WorkerConfig(
-            layout=self.layout, max_batch_size=2, batch_delay_ms=20, max_concurrent_batches=1,
-            claim_idle_ms=claim_idle_ms, poll_ms=100, stats_interval_s=0.1, cache_enabled=False,
+            layout=self.layout, max_batch_size=2, max_batch_delay_ms=20, max_concurrent_batches=1,
+            claim_idle_ms=claim_idle_ms, poll_ms=100, worker_heartbeat_s=0.1, cache_enabled=False,
         )  # fmt: skip
         client = connect(self.url, socket_timeout_s=10.0)
         worker = RedisWorker(
