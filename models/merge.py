@@ -18,12 +18,11 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from models.constants import SATURATION_RANGE
 from models.lab import AB_NORM, lab_norm_to_rgb, lab_to_rgb, to_uint8
 
 Resolution = Literal["original", "network"]
 _ROWS_PER_CHUNK_PIXELS = 1 << 21  # bounds the float temporaries of a full-resolution merge
-SATURATION_RANGE = (0.0, 2.0)
-"""Allowed colour strengths: 0 gives the grayscale L, 1 the model's colours, 2 twice their chroma."""
 
 
 class Stopped(RuntimeError):

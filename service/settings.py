@@ -22,10 +22,10 @@ from typing import Any, Literal
 from pydantic import Field, PrivateAttr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from models.constants import DETECTOR_FILENAMES
+
 DEFAULT_WEIGHTS_DIR = Path("weights")
-# models.detector.DETECTOR_WEIGHTS["v1"].filename, spelled out so that importing the settings does
-# not import torch (the HTTP API process in Redis mode has no model); a test checks they agree.
-DEFAULT_DETECTOR_FILENAME = "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth"
+DEFAULT_DETECTOR_FILENAME = DETECTOR_FILENAMES["v1"]  # models.constants: importable without torch
 
 
 AUTO_BATCH_SIZE = {"cpu": 1, "cuda": 8}

@@ -589,3 +589,10 @@ def test_detector_default_file_name_matches_models() -> None:
     from models.detector import DETECTOR_WEIGHTS
 
     assert DETECTOR_WEIGHTS["v1"].filename == DEFAULT_DETECTOR_FILENAME
+
+
+def test_torch_free_detector_file_names_match_torchvision() -> None:
+    from models.constants import DETECTOR_FILENAMES
+    from models.detector import DETECTOR_WEIGHTS
+
+    assert {v: w.filename for v, w in DETECTOR_WEIGHTS.items()} == DETECTOR_FILENAMES

@@ -9,8 +9,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Literal
 
+from models.constants import SATURATION_RANGE
+
 OutputFormat = Literal["jpeg", "png", "webp"]
-SATURATION_RANGE = (0.0, 2.0)  # models.merge.SATURATION_RANGE; the API process never imports torch
 
 
 @dataclass(frozen=True)
@@ -46,3 +47,6 @@ class JobResult:
     cached: bool = False
     input_size: list[int] | None = None  # [width, height] of the upright input: the boxes' frame
     truncated: bool = False  # the input was cut short and decoded as far as it went (opt-in)
+
+
+__all__ = ["SATURATION_RANGE", "Job", "JobOptions", "JobResult", "OutputFormat"]

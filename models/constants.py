@@ -1,0 +1,17 @@
+"""Constants that processes without torch need too (the HTTP API in Redis mode, the settings).
+
+This module imports nothing: the API process reads the detector's file name and the saturation
+range from here instead of spelling them again.
+"""
+
+from __future__ import annotations
+
+SATURATION_RANGE = (0.0, 2.0)
+"""Allowed colour strengths: 0 gives the grayscale L, 1 the model's colours, 2 twice their chroma."""
+
+DETECTOR_FILENAMES = {
+    "v1": "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth",
+    "v2": "maskrcnn_resnet50_fpn_v2_coco-73cbd019.pth",
+}
+"""torchvision's COCO Mask R-CNN weight files (the names its URLs end in; tests/test_app.py checks
+that they agree with torchvision's own)."""
