@@ -73,7 +73,8 @@ def _zip_members(archive: zipfile.ZipFile, limits: ArchiveLimits) -> list[zipfil
     for info in infos:
         safe_name(info.filename)
         mode = info.external_attr >> 16
-        if mode and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
+        kind = stat.S_IFMT(mode)  # 0: no type recorded (a plain file)
+        if kind and not (stat.S_ISREG(mode) or stat.S_ISDIR(mode)):
             raise ArchiveError(f"member {info.filename!r}: links and special files are refused")
         if info.flag_bits & 0x1:
             raise ArchiveError(f"member {info.filename!r} is encrypted")
