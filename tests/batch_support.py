@@ -167,7 +167,7 @@ class WebhookReceiver:
         verifier = Webhook(secret)
 
         class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:  # noqa: N802 (http.server's name)
+            def do_POST(self) -> None:
                 body = self.rfile.read(int(self.headers.get("content-length", "0")))
                 receiver.requests += 1
                 if redirect:

@@ -27,8 +27,14 @@ pytestmark = pytest.mark.slow
 KEYS = "alice:key-alice-0001-0123456789,bob:key-bob-0002-0123456789"
 
 
-def submit(client, *, manifest: bytes | None = None, archive: bytes | None = None,
-           headers: dict[str, str] | None = None, **fields: str):  # type: ignore[no-untyped-def]
+def submit(
+    client,
+    *,
+    manifest: bytes | None = None,
+    archive: bytes | None = None,
+    headers: dict[str, str] | None = None,
+    **fields: str,
+):  # type: ignore[no-untyped-def]
     files = {}
     if manifest is not None:
         files["manifest"] = ("batch.jsonl", manifest, "application/jsonl")
@@ -48,7 +54,10 @@ def test_manifest_batch_results_errors_keys_and_webhook(
     lines.append({"custom_id": "missing", "source": "scans/nope.png"})
     with WebhookReceiver() as hooks, serve(tiny_checkpoints, tmp_path,
                                            COLORIZE_API_KEYS=KEYS) as server:  # fmt: skip
-        alice, bob = server.client("key-alice-0001-0123456789"), server.client("key-bob-0002-0123456789")
+        alice, bob = (
+            server.client("key-alice-0001-0123456789"),
+            server.client("key-bob-0002-0123456789"),
+        )
         response = submit(alice, manifest=manifest_bytes(lines), options='{"format": "png"}',
                           metadata='{"project": "scans"}', webhook_url=hooks.url,
                           webhook_events="batch.completed")  # fmt: skip
@@ -191,9 +200,10 @@ def test_archive_submit_refusals_and_idempotency(tiny_checkpoints: Path, tmp_pat
 def test_cancel_and_expiry(tiny_checkpoints: Path, tmp_path: Path) -> None:
     images = write_images(tmp_path / "inputs", 400)
     lines = [{"custom_id": p.name, "source": str(p)} for p in images]
-    with WebhookReceiver() as hooks, serve(
-        tiny_checkpoints, tmp_path, COLORIZE_BATCH_EXPIRY_S="4"
-    ) as server:
+    with (
+        WebhookReceiver() as hooks,
+        serve(tiny_checkpoints, tmp_path, COLORIZE_BATCH_EXPIRY_S="4") as server,
+    ):
         client = server.client()
         batch = submit(client, manifest=manifest_bytes(lines), webhook_url=hooks.url).json()
         queued = submit(client, manifest=manifest_bytes(lines[:5])).json()  # waits its turn

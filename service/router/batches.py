@@ -451,7 +451,9 @@ def install_batches(app: FastAPI, state: ServiceState) -> None:
         ] = None,
     ) -> dict[str, Any]:
         scheduler = scheduler_of(state)
-        records = await scheduler.db(scheduler.store.list_batches, owner_of(request), limit + 1, after)
+        records = await scheduler.db(
+            scheduler.store.list_batches, owner_of(request), limit + 1, after
+        )
         page = records[:limit]
         return {
             "object": "list",
