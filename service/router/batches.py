@@ -84,6 +84,7 @@ SUBMIT_BODY = {
         "multipart/form-data": {
             "schema": {
                 "type": "object",
+                "oneOf": [{"required": ["archive"]}, {"required": ["manifest"]}],
                 "properties": {
                     "archive": {
                         "type": "string",
