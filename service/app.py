@@ -17,6 +17,7 @@ from fastapi_offline import FastAPIOffline
 
 from service.core.metrics import METRICS
 from service.core.queue import BatchRunner, JobQueue
+from service.core.tracing import instrument_app
 from service.router.auth import AuthPolicy
 from service.router.handlers import install_error_handlers
 from service.router.inputs import reject_unknown_query
@@ -101,11 +102,20 @@ def create_app(
     install_routes(app, state)
     install_openapi(app)
     install_web_page(app)
+    instrument_app(app)  # a server span per request, when tracing is on (service.core.tracing)
     return app
 
 
 def app_from_env() -> FastAPI:
-    """For ``uvicorn --factory service.app:app_from_env``: settings from COLORIZE_* variables."""
+    """For ``uvicorn --factory service.app:app_from_env``: settings from COLORIZE_* variables,
+    tracing from the OTEL_* ones."""
+    import os
+
+    from service.core import tracing
+
+    tracing.setup(
+        tracing.TracingConfig.from_env(os.environ, default_service_name="instcolor-serve")
+    )
     return create_app(ServiceSettings())
 
 
