@@ -300,3 +300,52 @@ def test_one_trace_across_api_and_worker_processes(
         assert client.xlen(f"{redis_prefix}:jobs") == 0
     finally:
         client.close()
+
+
+# -- deployment: the Jaeger overlay and the image's extra ---------------------------------------
+
+
+def test_jaeger_overlay_sends_api_and_worker_traces_to_jaeger() -> None:
+    from deploy_support import compose_command
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("COLORIZE_", "OTEL_"))}
+    result = subprocess.run(
+        [*compose_command(), "-f", "docker-compose.yml", "-f", "docker-compose.tracing.yml",
+         "config", "--format", "json"],
+        cwd=ROOT, env=env, capture_output=True, text=True, check=False, timeout=60,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    services = json.loads(result.stdout)["services"]
+    jaeger = services["jaeger"]
+    assert jaeger["image"].startswith("jaegertracing/all-in-one:")
+    assert "4318" in jaeger["expose"]  # OTLP over HTTP
+    assert [p["target"] for p in jaeger["ports"]] == [16686]  # the UI, on the monitoring bind
+    names = {}
+    for role in ("api", "worker"):
+        environment = services[role]["environment"]
+        assert environment["OTEL_EXPORTER_OTLP_ENDPOINT"] == "http://jaeger:4318"
+        assert "jaeger" in services[role]["depends_on"]
+        names[role] = environment["OTEL_SERVICE_NAME"]
+        # what the processes will do with these variables
+        config = TracingConfig.from_env(environment, default_service_name="unset")
+        assert config is not None and config.exporters == ("otlp",)
+    assert names == {"api": "instcolor-api", "worker": "instcolor-worker"}
+
+
+def test_the_image_installs_the_tracing_extra(tmp_path: Path) -> None:
+    import tomllib
+
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    assert re.search(r"^ARG IMAGE_EXTRAS=tracing$", dockerfile, re.M)
+    assert '--extras "${IMAGE_EXTRAS}"' in dockerfile
+    subprocess.run(
+        [sys.executable, str(ROOT / "deploy" / "requirements_from_pyproject.py"),
+         str(ROOT / "pyproject.toml"), "--out", str(tmp_path), "--extras", "tracing"],
+        check=True, timeout=60,
+    )  # fmt: skip
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    requirements = [r for r in (tmp_path / "requirements.txt").read_text().split("\n") if r]
+    tracing_extra = project["optional-dependencies"]["tracing"]
+    assert requirements == project["dependencies"] + tracing_extra
+    assert any(r.startswith("opentelemetry-exporter-otlp") for r in tracing_extra)
+    assert "instcolor-service[train,eval,tracing]" in project["optional-dependencies"]["dev"]
