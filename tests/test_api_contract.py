@@ -291,7 +291,7 @@ def redis_schema(redis_service: str) -> Any:
 
 OPERATIONS = [
     ("POST", "/colorize"), ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/info"),
-    ("GET", "/metrics"),
+    ("GET", "/metrics"), ("GET", "/models"),
 ]  # fmt: skip
 # Negative data exists only where there is something to break: /colorize's query and body. The
 # other operations take no parameter and no body (asserted below), so only positive data applies.

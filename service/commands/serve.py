@@ -12,13 +12,18 @@ import math
 import sys
 from typing import Any
 
-from service.commands.model_flags import add_model_arguments, settings_from_args
+from service.commands.model_flags import (
+    add_model_arguments,
+    add_models_argument,
+    settings_from_args,
+)
 
 log = logging.getLogger(__name__)
 
 HELP_TEXT = """\
 Run the HTTP service: the API, the batcher and (COLORIZE_QUEUE=memory, the default) the model in
-this process. The socket opens at once; the weights load and one warm-up batch runs per batch-size
+this process. --models a,b loads several models (default: instcolor only), each batched on its
+own; POST /colorize?model=NAME chooses one and GET /models lists them. The socket opens at once; the weights load and one warm-up batch runs per batch-size
 bucket, then GET /readyz answers 200 (until then /colorize answers 503 with Retry-After).
 
 Equivalent uvicorn command (settings from COLORIZE_* variables only):
@@ -42,6 +47,7 @@ def add_parser(subparsers: Any) -> None:
         description=HELP_TEXT,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_models_argument(parser)
     add_model_arguments(parser)
     group = parser.add_argument_group("server (each overrides its COLORIZE_* variable)")
     group.add_argument("--host", help="address to bind [COLORIZE_HOST, default 0.0.0.0]")
@@ -60,11 +66,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if settings.queue == "memory":
         # imports torch (models.pipeline): only the memory mode, which loads the model, needs it
-        from service.engine.loading import MissingWeightsError, check_weight_files
+        from service.engine.loading import ModelSetupError, check_weight_files
 
         try:
             check_weight_files(settings)
-        except MissingWeightsError as exc:
+        except ModelSetupError as exc:
             sys.stderr.write(f"error: refusing to start: {exc}\n")
             return 2
 
