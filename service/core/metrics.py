@@ -47,19 +47,11 @@ INSTANCE_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
 _EDGE = ("requests", "requests_by_key", "unauthorized", "in_flight", "refused_by_cost")
 _ENGINE = ("batch_size", "instances_per_image", "model_info", "gpu_memory", "dropped")
 _REDIS = ("redis_pending", "redis_stream_length", "redis_consumers")
-<<<<<<< HEAD
-_SHARED = (
-    "stage_duration",
-    "model_stage_duration",
-    "model_batch_size",
-    "queue_depth",
-=======
-_SHARED = ("stage_duration", "queue_depth")
+_SHARED = ("stage_duration", "model_stage_duration", "model_batch_size", "queue_depth")
 _BATCH_API = (
     "batches_open",
     "batch_items",
     "batch_webhooks",
->>>>>>> main
 )  # the API observes the total, the engine the stages
 ROLE_METRICS: dict[str, tuple[str, ...]] = {
     "memory": (*_SHARED, *_EDGE, *_ENGINE, *_REDIS, *_BATCH_API, "cache_requests"),
