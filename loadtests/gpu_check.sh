@@ -42,7 +42,7 @@ trap 'rm -rf "$SCRATCH"' EXIT
 NGPU=$($PY -c "import torch; print(torch.cuda.device_count())")
 if [ "$QUICK" = 1 ] || [ "$NGPU" = 0 ]; then
   DEVICE=cpu; WIDTH=8; PRECISIONS=fp32,bf16; MODES=fp32-cl,bf16; BATCHES=1,2
-  PIPE_FLAGS="--quick"; USERS=2; DURATION=3; WARMUP=1; STEPS=2; TBATCH=1; PHOTOS=1
+  PIPE_FLAGS="--quick --modes full,boxes8"; USERS=2; DURATION=3; WARMUP=1; STEPS=2; TBATCH=1; PHOTOS=1
 else
   DEVICE=cuda; WIDTH=64; PRECISIONS=fp32,fp16,bf16; MODES=fp32,fp16,bf16; BATCHES=1,8,32
   PIPE_FLAGS="--images 64"; USERS=32; DURATION=30; WARMUP=10; STEPS=20; TBATCH=16; PHOTOS=0
