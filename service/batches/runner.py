@@ -263,10 +263,10 @@ class BatchScheduler:
     async def _colorize(self, record: BatchRecord, item: Item) -> JobResult:
         """One item through the queue, in a ``batch item`` span when tracing is on (the job's
         own spans, in this process or a worker's, are its children)."""
-        with stage_span(
-            "batch item",
-            **{"batch.id": record.id, "batch.custom_id": item.custom_id, "batch.seq": item.seq},
-        ):
+        attributes: dict[str, Any] = {
+            "batch.id": record.id, "batch.custom_id": item.custom_id, "batch.seq": item.seq,
+        }  # fmt: skip
+        with stage_span("batch item", **attributes):
             return await self._colorize_untraced(record, item)
 
     async def _colorize_untraced(self, record: BatchRecord, item: Item) -> JobResult:
