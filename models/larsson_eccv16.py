@@ -39,7 +39,7 @@ import hashlib
 import math
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -109,6 +109,10 @@ class LarssonECCV16(nn.Module):
         for k in (4, 8, 16):
             self.register_buffer(f"bilinear{k}", bilinear_kernel(k)[None, None], persistent=False)
 
+    def layer(self, name: str) -> nn.Conv2d:
+        """One learnt layer by its Caffe name."""
+        return cast(nn.Conv2d, self.get_submodule(name))
+
     def _up(self, x: torch.Tensor, k: int) -> torch.Tensor:
         """Per-channel fixed bilinear deconvolution: k4 s2 p1, k8 s4 p2 or k16 s8 p4."""
         weight = getattr(self, f"bilinear{k}").to(x.dtype).expand(x.shape[1], 1, k, k)
@@ -120,7 +124,7 @@ class LarssonECCV16(nn.Module):
         columns = [F.avg_pool2d(grey, 4)]
         for block, (_, _, convs) in enumerate(VGG_BLOCKS, start=1):
             for i in range(1, convs + 1):
-                x = F.relu(getattr(self, f"conv{block}_{i}")(x))
+                x = F.relu(self.layer(f"conv{block}_{i}")(x))
                 if block == 1:
                     columns.append(F.avg_pool2d(x, 4))
                 elif block == 2:
@@ -130,13 +134,13 @@ class LarssonECCV16(nn.Module):
                 else:
                     columns.append(self._up(x, 4 if block == 4 else 8))
             x = F.max_pool2d(x, 2)
-        x = F.relu(self.fc6(x))
+        x = F.relu(self.layer("fc6")(x))
         columns.append(self._up(x, 16))
-        x = F.relu(self.fc7(x))
+        x = F.relu(self.layer("fc7")(x))
         columns.append(self._up(x, 16))
-        h = F.relu(self.h_fc1(torch.cat(columns, dim=1)))
-        hist_h = self._up(torch.softmax(self.prediction_h(h), dim=1), 8)
-        hist_c = self._up(torch.softmax(self.prediction_c(h), dim=1), 8)
+        h = F.relu(self.layer("h_fc1")(torch.cat(columns, dim=1)))
+        hist_h = self._up(torch.softmax(self.layer("prediction_h")(h), dim=1), 8)
+        hist_c = self._up(torch.softmax(self.layer("prediction_c")(h), dim=1), 8)
         return hist_h, hist_c
 
     def predict_ab(self, lightness: torch.Tensor) -> torch.Tensor:
