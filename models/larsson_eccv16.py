@@ -144,7 +144,11 @@ class LarssonECCV16(nn.Module):
         return hist_h, hist_c
 
     def predict_ab(self, lightness: torch.Tensor) -> torch.Tensor:
-        """(N, 1, H, W) Lab L (0..100; ``input_size`` square as served) -> (N, 2, H, W) ab."""
+        """(N, 1, H, W) Lab L (0..100; ``input_size`` square as served) -> (N, 2, H, W) fp32 ab.
+
+        The network runs in the input's (and the model's) dtype and memory format; the decoding
+        always in fp32.
+        """
         if lightness.dim() != 4 or lightness.shape[1] != 1:
             raise ValueError(
                 f"LarssonECCV16: expected L as (N, 1, H, W), got {tuple(lightness.shape)}"
@@ -152,7 +156,7 @@ class LarssonECCV16(nn.Module):
         h, w = lightness.shape[-2:]
         s = self.network_size
         scale = resize_scale(h, w, s)
-        grey = lightness.float() / 100.0
+        grey = lightness / 100.0  # in the pipeline's dtype for the network; decoded in fp32
         nh, nw = round(h * scale), round(w * scale)
         if (nh, nw) != (h, w):
             grey = F.interpolate(grey, size=(nh, nw), mode="bilinear", align_corners=False)
@@ -160,7 +164,7 @@ class LarssonECCV16(nn.Module):
         padded = F.pad(grey, (left, s - nw - left, top, s - nh - top))
         hist_h, hist_c = self.histograms(padded)
         crop = (slice(None), slice(None), slice(top, top + nh), slice(left, left + nw))
-        rgb = decode_rgb(hist_h[crop], hist_c[crop], grey)
+        rgb = decode_rgb(hist_h[crop].float(), hist_c[crop].float(), grey.float())
         if (nh, nw) != (h, w):
             rgb = F.interpolate(rgb, size=(h, w), mode="bilinear", align_corners=False)
         return rgb_to_lab(rgb)[:, 1:]
