@@ -5,7 +5,7 @@ Each entry is a frozen :class:`ModelSpec`. A model's weights live at
 for InstColorization, whose files stay where ``fetch-weights`` has always put them). Adding a model
 is one module in ``models/`` (network, strict loader, ``predict_ab``) plus one entry in ``MODELS``.
 
-Models without the detector (the Zhang networks, later Larsson ECCV16) are
+Models without the detector (the Zhang networks and Larsson ECCV16) are
 :class:`AutomaticColorizer`: a batched ``predict_ab`` from Lab L at the network's input size to Lab
 ab at the same size; the product's own Lab merge takes it to the original resolution.
 InstColorization's loader returns its three networks (``ColorizationNetworks``), which the
@@ -34,6 +34,12 @@ from models.checkpoints import (
     load_networks,
     sha256_file,
 )
+from models.larsson_eccv16 import FILENAME as LARSSON_FILENAME
+from models.larsson_eccv16 import INPUT_SIZE as LARSSON_INPUT_SIZE
+from models.larsson_eccv16 import SOURCE_FILENAME as LARSSON_SOURCE_FILENAME
+from models.larsson_eccv16 import SOURCE_SIZE as LARSSON_SOURCE_SIZE
+from models.larsson_eccv16 import SOURCE_URL as LARSSON_SOURCE_URL
+from models.larsson_eccv16 import load_larsson_eccv16
 from models.zhang_eccv16 import FILENAME as ECCV16_FILENAME
 from models.zhang_eccv16 import INPUT_SIZE as ECCV16_INPUT_SIZE
 from models.zhang_eccv16 import load_zhang_eccv16
@@ -144,6 +150,10 @@ def _load_siggraph17(folder: Path, map_location: MapLocation) -> AutomaticColori
     return load_zhang_siggraph17(folder / SIGGRAPH17_FILENAME, map_location)
 
 
+def _load_larsson(folder: Path, map_location: MapLocation) -> AutomaticColorizer:
+    return load_larsson_eccv16(folder / LARSSON_FILENAME, map_location)
+
+
 _INSTCOLOR_ZIP = f"https://drive.google.com/uc?export=download&id={OFFICIAL_ZIP_DRIVE_ID}"
 
 INSTCOLOR = ModelSpec[ColorizationNetworks](
@@ -200,8 +210,31 @@ ZHANG_SIGGRAPH17 = ModelSpec[AutomaticColorizer](
     loader=_load_siggraph17,
 )
 
+LARSSON_ECCV16 = ModelSpec[AutomaticColorizer](
+    name="larsson-eccv16",
+    title="Larsson et al. ECCV 2016 (autocolorize release, converted from Caffe)",
+    paper="Larsson, Maire, Shakhnarovich, Learning Representations for Automatic Colorization, "
+    "ECCV 2016",
+    weights=(
+        WeightFile(
+            LARSSON_FILENAME,
+            LARSSON_SOURCE_URL,
+            # The converted file's sha256 is what convert_caffe_hdf5 returns; no official digest.
+            converted_from=WeightFile(
+                LARSSON_SOURCE_FILENAME, LARSSON_SOURCE_URL, size=LARSSON_SOURCE_SIZE
+            ),
+        ),
+    ),
+    input_size=LARSSON_INPUT_SIZE,
+    uses_detector=False,
+    preprocessing="grey = L/100 at 256x256, centre-padded with zeros into the 512x512 network",
+    decoding="median chroma, circular-mean hue with chromatic fading (0.03), HSV -> RGB, "
+    "lightness matched, RGB -> Lab ab",
+    loader=_load_larsson,
+)
+
 MODELS: Mapping[str, ModelSpec[Any]] = MappingProxyType(
-    {spec.name: spec for spec in (INSTCOLOR, ZHANG_ECCV16, ZHANG_SIGGRAPH17)}
+    {spec.name: spec for spec in (INSTCOLOR, ZHANG_ECCV16, ZHANG_SIGGRAPH17, LARSSON_ECCV16)}
 )
 
 

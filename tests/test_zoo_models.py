@@ -614,7 +614,7 @@ def test_loader_accepts_a_file_without_num_batches_tracked(
 
 def test_registry_describes_the_models() -> None:
     assert DEFAULT_MODEL == "instcolor"
-    assert set(MODELS) == {"instcolor", "zhang-eccv16", "zhang-siggraph17"}
+    assert set(MODELS) == {"instcolor", "zhang-eccv16", "zhang-siggraph17", "larsson-eccv16"}
     eccv16, siggraph17 = MODELS["zhang-eccv16"], MODELS["zhang-siggraph17"]
     assert [w.filename for w in eccv16.weights] == [ECCV16_FILE]
     assert eccv16.weights[0].url.endswith("/" + ECCV16_FILE)
@@ -628,6 +628,7 @@ def test_registry_describes_the_models() -> None:
             assert w.sha256_prefix is None or int(w.sha256_prefix, 16) >= 0
     assert MODELS["instcolor"].uses_detector
     assert not eccv16.uses_detector and not siggraph17.uses_detector
+    assert not MODELS["larsson-eccv16"].uses_detector
     assert eccv16.weight_paths("W") == (Path("W/zhang-eccv16") / ECCV16_FILE,)
     # InstColorization's files stay where fetch-weights has always put them.
     assert MODELS["instcolor"].weight_paths("W")[0] == Path(
@@ -636,8 +637,9 @@ def test_registry_describes_the_models() -> None:
 
 
 def test_unknown_model_names_the_known_ones() -> None:
-    with pytest.raises(UnknownModelError, match="known models: instcolor, zhang-eccv16"):
-        get_model("larsson-eccv16")
+    known = "known models: instcolor, zhang-eccv16, zhang-siggraph17, larsson-eccv16"
+    with pytest.raises(UnknownModelError, match=known):
+        get_model("larsson")
 
 
 def test_registry_loads_from_the_weights_dir(
@@ -676,7 +678,10 @@ def test_weight_sources_list_the_zoo_files() -> None:
     from service.weights.sources import WeightSources
 
     default = WeightSources.default().models
-    assert set(default) == {"zhang-eccv16", "zhang-siggraph17"}  # instcolor comes in its zip
+    # instcolor comes in its zip
+    assert set(default) == {"zhang-eccv16", "zhang-siggraph17", "larsson-eccv16"}
+    (larsson,) = default["larsson-eccv16"]  # the Caffe source, converted after download
+    assert larsson.filename == "autocolorize.caffemodel.h5"
     (eccv16,) = default["zhang-eccv16"]
     assert eccv16.filename == ECCV16_FILE
     assert eccv16.url == "https://colorizers.s3.us-east-2.amazonaws.com/" + ECCV16_FILE

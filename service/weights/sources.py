@@ -71,11 +71,14 @@ def remote_file(url: str) -> RemoteFile:
 def model_files() -> dict[str, tuple[RemoteFile, ...]]:
     """Each registry model's directly downloadable files, checked against their full sha256.
 
-    InstColorization is left out: its files come in the official zip (``official_zip``).
+    InstColorization is left out: its files come in the official zip (``official_zip``). A file
+    converted from another framework (Larsson ECCV16) is listed as its source, the file fetched.
     """
     return {
         spec.name: tuple(
             RemoteFile(w.url, w.filename, w.sha256_prefix)
+            if w.converted_from is None
+            else RemoteFile(w.converted_from.url, w.converted_from.filename, None)
             for w in spec.weights
             if w.packed_in is None
         )
