@@ -16,7 +16,13 @@ from models import precision
 from models.boxes import Detections
 from models.checkpoints import load_networks
 from models.pipeline import ColorizeOptions, Colorizer, Prediction
-from models.precision import CpuFeatures, Precision, probe_cpu, resolve_precision
+from models.precision import (
+    CpuFeatures,
+    Precision,
+    cuda_auto_precision,
+    probe_cpu,
+    resolve_precision,
+)
 from service.settings import AUTO_BATCH_SIZE, ModelSettings, ServiceSettings
 
 BF16_MEAN_AB = 0.01  # normalised ab (range [-1, 1]), mean absolute difference to fp32
@@ -107,8 +113,12 @@ def test_auto_picks_bf16_only_on_cpus_with_native_bf16(
     monkeypatch.setattr(precision, "probe_cpu", lambda: cpu)
     assert resolve_precision("auto", "cpu") == expected
     assert ModelSettings(device="cpu").resolved_precision() == expected
-    assert resolve_precision("auto", "cuda") == "fp16"
-    assert resolve_precision("auto", "cuda:1") == "fp16"
+    if not torch.cuda.is_available():  # capability unknown here: the Ampere+ choice
+        assert resolve_precision("auto", "cuda") == "bf16"
+        assert resolve_precision("auto", "cuda:1") == "bf16"
+    assert cuda_auto_precision((9, 0)) == "bf16"  # Hopper
+    assert cuda_auto_precision((8, 0)) == "bf16"  # Ampere
+    assert cuda_auto_precision((7, 5)) == "fp16"  # Turing: no bf16 tensor cores
     for explicit in ("fp32", "fp16", "bf16"):
         assert resolve_precision(explicit, "cpu") == explicit  # type: ignore[arg-type]
     reason = precision.precision_reason("auto", "cpu")
