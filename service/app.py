@@ -15,9 +15,13 @@ from importlib import metadata
 from fastapi import Depends, FastAPI
 from fastapi_offline import FastAPIOffline
 
+from service.batches.runner import BatchScheduler
+from service.batches.store import SQLiteStore
+from service.batches.webhooks import WebhookSender
 from service.core.metrics import METRICS
 from service.core.queue import BatchRunner, JobQueue
 from service.router.auth import AuthPolicy
+from service.router.batches import install_batches
 from service.router.handlers import install_error_handlers
 from service.router.inputs import reject_unknown_query
 from service.router.metrics_route import install_metrics
@@ -99,6 +103,7 @@ def create_app(
     install_middleware(app, settings, policy)
     install_error_handlers(app, state)
     install_routes(app, state)
+    install_batches(app, state)
     install_openapi(app)
     install_web_page(app)
     return app
@@ -120,16 +125,34 @@ def _lifespan(
         state.queue = queue
         await queue.start()
         watcher = asyncio.create_task(_watch_failure(queue, on_fatal))
+        state.batches = await start_batches(state)
         try:
             yield
         finally:
             state.begin_drain()
             watcher.cancel()
+            await state.batches.stop()  # unfinished items stay pending: resumed on the next start
             await queue.drain()
             await queue.close()
             log.info("drained and closed")
 
     return lifespan
+
+
+async def start_batches(state: ServiceState) -> BatchScheduler:
+    """The batch API's store and scheduler; open batches resume here."""
+    settings = state.settings
+    store = SQLiteStore(settings.state_dir / "batches.sqlite3")
+    sender = WebhookSender(
+        settings.webhook_secret,
+        settings.webhook_hosts(),
+        max_attempts=settings.webhook_max_attempts,
+        backoff_base_s=settings.webhook_backoff_s,
+        timeout_s=settings.webhook_timeout_s,
+    )
+    scheduler = BatchScheduler(store, settings, lambda: state.queue, sender)
+    await scheduler.start()
+    return scheduler
 
 
 async def _watch_failure(queue: JobQueue, on_fatal: Callable[[str], None] | None) -> None:

@@ -291,7 +291,9 @@ def redis_schema(redis_service: str) -> Any:
 
 OPERATIONS = [
     ("POST", "/colorize"), ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/info"),
-    ("GET", "/metrics"),
+    ("GET", "/metrics"), ("POST", "/batches"), ("GET", "/batches"), ("GET", "/batches/{batch_id}"),
+    ("GET", "/batches/{batch_id}/output"), ("GET", "/batches/{batch_id}/errors"),
+    ("GET", "/batches/{batch_id}/archive"), ("POST", "/batches/{batch_id}/cancel"),
 ]  # fmt: skip
 # Negative data exists only where there is something to break: /colorize's query and body. The
 # other operations take no parameter and no body (asserted below), so only positive data applies.
@@ -307,7 +309,7 @@ def test_every_operation_is_fuzzed(memory_schema: Any) -> None:
     for method, path in OPERATIONS:
         operation = memory_schema.raw_schema["paths"][path][method.lower()]
         takes_input = bool(operation.get("parameters")) or "requestBody" in operation
-        assert takes_input == (path == "/colorize"), path
+        assert takes_input == (path == "/colorize" or path.startswith("/batches")), path
 
 
 def fuzz(

@@ -46,10 +46,15 @@ INSTANCE_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
 _EDGE = ("requests", "requests_by_key", "unauthorized", "in_flight", "refused_by_cost")
 _ENGINE = ("batch_size", "instances_per_image", "model_info", "gpu_memory", "dropped")
 _REDIS = ("redis_pending", "redis_stream_length", "redis_consumers")
-_SHARED = ("stage_duration", "queue_depth")  # the API observes the total, the engine the stages
+_SHARED = ("stage_duration", "queue_depth")
+_BATCH_API = (
+    "batches_open",
+    "batch_items",
+    "batch_webhooks",
+)  # the API observes the total, the engine the stages
 ROLE_METRICS: dict[str, tuple[str, ...]] = {
-    "memory": (*_SHARED, *_EDGE, *_ENGINE, *_REDIS, "cache_requests"),
-    "api": (*_SHARED, *_EDGE, *_REDIS, "cache_requests"),
+    "memory": (*_SHARED, *_EDGE, *_ENGINE, *_REDIS, *_BATCH_API, "cache_requests"),
+    "api": (*_SHARED, *_EDGE, *_REDIS, *_BATCH_API, "cache_requests"),
     "worker": (*_SHARED, *_ENGINE, *_REDIS),
 }
 
@@ -156,6 +161,22 @@ class Metrics:
         self.redis_consumers = Gauge(
             "colorize_redis_consumers", "Workers in the Redis consumer group.", registry=registry
         )
+        self.batches_open = Gauge(
+            "colorize_batches_open", "Batches not yet ended (validating, in progress, "
+            "finalizing, cancelling).", registry=registry,
+        )  # fmt: skip
+        self.batch_items = Counter(
+            "colorize_batch_items", "Batch items finished, by result (completed, failed); "
+            "its rate is the batch throughput.", ["result"], registry=registry,
+        )  # fmt: skip
+        self.batch_webhooks = Counter(
+            "colorize_batch_webhook_deliveries", "Webhook delivery attempts, by result "
+            "(delivered, failed).", ["result"], registry=registry,
+        )  # fmt: skip
+        for result in ("completed", "failed"):
+            self.batch_items.labels(result=result)
+        for result in ("delivered", "failed"):
+            self.batch_webhooks.labels(result=result)
         # Label sets exist from the start, so every series shows in /metrics before traffic.
         for stage in STAGES:
             self.stage_duration.labels(stage=stage)
