@@ -20,6 +20,7 @@ from service.batches.store import SQLiteStore
 from service.batches.webhooks import WebhookSender
 from service.core.metrics import METRICS
 from service.core.queue import BatchRunner, JobQueue
+from service.core.tracing import instrument_app
 from service.router.auth import AuthPolicy
 from service.router.batches import install_batches
 from service.router.handlers import install_error_handlers
@@ -106,11 +107,20 @@ def create_app(
     install_batches(app, state)
     install_openapi(app)
     install_web_page(app)
+    instrument_app(app)  # a server span per request, when tracing is on (service.core.tracing)
     return app
 
 
 def app_from_env() -> FastAPI:
-    """For ``uvicorn --factory service.app:app_from_env``: settings from COLORIZE_* variables."""
+    """For ``uvicorn --factory service.app:app_from_env``: settings from COLORIZE_* variables,
+    tracing from the OTEL_* ones."""
+    import os
+
+    from service.core import tracing
+
+    tracing.setup(
+        tracing.TracingConfig.from_env(os.environ, default_service_name="instcolor-serve")
+    )
     return create_app(ServiceSettings())
 
 

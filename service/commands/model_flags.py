@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 from pydantic import ValidationError
 
 if TYPE_CHECKING:
+    from service.core.tracing import TracingConfig
     from service.settings import ServiceSettings
 
 
@@ -30,6 +31,33 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        "AVX512-BF16, else fp32 (docs/performance.md)")  # fmt: skip
     group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                        help="NHWC memory format [COLORIZE_CHANNELS_LAST, default on]")  # fmt: skip
+
+
+def add_tracing_arguments(parser: argparse.ArgumentParser, default_service_name: str) -> None:
+    """``--otlp-endpoint`` and ``--otlp-service-name``, as text-embeddings-inference has them."""
+    group = parser.add_argument_group("tracing (off unless configured; docs/tracing.md)")
+    group.add_argument("--otlp-endpoint", metavar="URL",
+                       help="OpenTelemetry collector to send traces to over OTLP, e.g. "
+                       "http://localhost:4318 [OTEL_EXPORTER_OTLP_ENDPOINT; "
+                       "OTEL_TRACES_EXPORTER=console prints spans on stdout]")  # fmt: skip
+    group.add_argument("--otlp-service-name", metavar="NAME",
+                       help=f"service.name of the spans [OTEL_SERVICE_NAME, default "
+                       f"{default_service_name}]")  # fmt: skip
+
+
+def tracing_config(args: argparse.Namespace, default_service_name: str) -> TracingConfig | None:
+    """The ``TracingConfig`` of the environment and the tracing flags (None: tracing off);
+    raises ``TracingConfigError`` on a bad value."""
+    import os
+
+    from service.core.tracing import TracingConfig
+
+    return TracingConfig.from_env(
+        os.environ,
+        default_service_name=default_service_name,
+        otlp_endpoint=getattr(args, "otlp_endpoint", None),
+        service_name=getattr(args, "otlp_service_name", None),
+    )
 
 
 def model_overrides(args: argparse.Namespace) -> dict[str, Any]:

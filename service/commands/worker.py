@@ -14,12 +14,19 @@ import signal
 import sys
 from typing import TYPE_CHECKING, Any
 
-from service.commands.model_flags import add_model_arguments, settings_from_args
+from service.commands.model_flags import (
+    add_model_arguments,
+    add_tracing_arguments,
+    settings_from_args,
+    tracing_config,
+)
 
 if TYPE_CHECKING:
     from service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
+
+SERVICE_NAME = "instcolor-worker"  # the spans' service.name unless OTEL_SERVICE_NAME says otherwise
 
 HELP_TEXT = """\
 Run a GPU worker of Redis mode (one per GPU). It loads the model like `serve` does (same flags),
@@ -43,6 +50,7 @@ def add_parser(subparsers: Any) -> None:
                        "[COLORIZE_WORKER_METRICS_PORT, default 9100]")  # fmt: skip
     group.add_argument("--consumer", help="consumer name in the group "
                        "(default: host-pid-random, unique per process)")  # fmt: skip
+    add_tracing_arguments(parser, SERVICE_NAME)
     parser.set_defaults(func=run)
 
 
@@ -52,11 +60,21 @@ def run(args: argparse.Namespace) -> int:
     settings = settings_from_args(args, ("redis_url", "worker_metrics_port"), queue="redis")
     if settings is None:
         return 2
+    from service.core import tracing
+
+    try:
+        traced = tracing.setup(tracing_config(args, SERVICE_NAME))
+    except tracing.TracingConfigError as exc:
+        sys.stderr.write(f"error: refusing to start: {exc}\n")
+        return 2
     try:
         return asyncio.run(run_worker(settings, consumer=args.consumer))
     except MissingWeightsError as exc:
         sys.stderr.write(f"error: {exc}\n")
         return 2
+    finally:
+        if traced:
+            tracing.shutdown()  # export the spans still buffered
 
 
 async def run_worker(settings: ServiceSettings, *, consumer: str | None = None) -> int:

@@ -6,7 +6,7 @@ pool, so the in-process batcher and the Redis worker run the same code (``BatchE
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from models.constants import SATURATION_RANGE
@@ -34,6 +34,9 @@ class Job:
     deadline: float  # time.time() after which the result is useless (504)
     enqueued_at: float  # time.time() when admitted
     pixels: int = 0  # width x height from the image header (0: unknown), for cost admission
+    # W3C trace context (traceparent) of the request, set by the queue that admitted the job when
+    # tracing is on (service.core.tracing): the engine's spans join the request's trace
+    trace_context: dict[str, str] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from service.core.errors import (
 )
 from service.core.jobs import Job, JobOptions, JobResult, OutputFormat
 from service.core.metrics import METRICS, Metrics
+from service.core.tracing import JobTrace, job_trace
 from service.engine.decode import configure_pil, decode
 from service.engine.encode import EncodeStopped, choose_format, encode_image
 from service.engine.loading import build_colorizer
@@ -192,11 +193,28 @@ class BatchEngine:
         """
         if not jobs:
             return []
+        traces = [job_trace(j, model=self.colorizer.version, batch_size=len(jobs)) for j in jobs]
+        try:
+            outcomes = await self._run_batch(jobs, abandoned, traces)
+        except BaseException as exc:
+            for trace in traces:
+                trace.end(exc)
+            raise
+        for trace, outcome in zip(traces, outcomes, strict=True):
+            trace.end(outcome)
+        return outcomes
+
+    async def _run_batch(
+        self, jobs: Sequence[Job], abandoned: Abandoned | None, traces: Sequence[JobTrace]
+    ) -> list[Answer]:
         drops = _Drops(self, abandoned or _never)
         loop = asyncio.get_running_loop()
         self.metrics.batch_size.observe(len(jobs))
         ready = await asyncio.gather(
-            *(loop.run_in_executor(self.pool, self._prepare_if_wanted, j, drops) for j in jobs)
+            *(
+                loop.run_in_executor(self.pool, self._prepare_if_wanted, j, drops, t)
+                for j, t in zip(jobs, traces, strict=True)
+            )
         )
         outcomes: list[Answer] = []
         todo: list[tuple[int, _Ready]] = []
@@ -225,9 +243,12 @@ class BatchEngine:
         for i, item in todo:  # waiting for admission, a batch and the device, less its own decode
             waited = device_start - jobs[i].enqueued_at - item.timings["decode"]
             item.timings["queue"] = max(0.0, waited)
+        for (i, _), p in zip(todo, predictions, strict=True):
+            if isinstance(p, Prediction):
+                traces[i].predicted(device_start, p.timings, len(p.boxes))
         finished = await asyncio.gather(
             *(
-                loop.run_in_executor(self.pool, self._finish, jobs[i], item, p, drops)
+                loop.run_in_executor(self.pool, self._finish, jobs[i], item, p, drops, traces[i])
                 for (i, item), p in zip(todo, predictions, strict=True)
             )
         )
@@ -247,11 +268,11 @@ class BatchEngine:
 
     # -- CPU stages (worker pool) ---------------------------------------------------------------
 
-    def _prepare_if_wanted(self, job: Job, drops: _Drops) -> _Ready | ServiceError:
+    def _prepare_if_wanted(self, job: Job, drops: _Drops, trace: JobTrace) -> _Ready | ServiceError:
         dropped = drops.check(job)
-        return dropped if dropped is not None else self._prepare(job, drops)
+        return dropped if dropped is not None else self._prepare(job, drops, trace)
 
-    def _prepare(self, job: Job, drops: _Drops) -> _Ready | ServiceError:
+    def _prepare(self, job: Job, drops: _Drops, trace: JobTrace) -> _Ready | ServiceError:
         start = time.perf_counter()
         try:
             options = colorize_options(job.options)
@@ -275,9 +296,9 @@ class BatchEngine:
         except Exception:
             log.exception("request %s: prepare failed", job.request_id)
             return InternalError("preparing the image failed")
-        return _Ready(
-            prepared, fmt, {"decode": time.perf_counter() - start}, truncated=decoded.truncated
-        )
+        decode_s = time.perf_counter() - start
+        trace.decoded(decode_s)
+        return _Ready(prepared, fmt, {"decode": decode_s}, truncated=decoded.truncated)
 
     def _finish(
         self,
@@ -285,6 +306,7 @@ class BatchEngine:
         ready: _Ready,
         prediction: Prediction | ServiceError | None,
         drops: _Drops,
+        trace: JobTrace,
     ) -> Answer:
         if isinstance(prediction, ServiceError):
             return prediction
@@ -320,6 +342,7 @@ class BatchEngine:
             "merge": colorized.timings.get("merge", 0.0),
             "encode": encode_s,
         }
+        trace.finished(timings)
         self.metrics.observe_stages(timings)
         self.metrics.instances_per_image.observe(len(colorized.boxes))
         return JobResult(

@@ -114,7 +114,11 @@ SUBMIT_BODY = {
                         "COLORIZE_BATCH_OUTPUT_DIR (default: the batch id).",
                     },
                 },
-            }
+            },
+            "encoding": {
+                "archive": {"contentType": "application/zip, application/x-tar"},
+                "manifest": {"contentType": "application/jsonl"},
+            },
         }
     },
 }

@@ -25,6 +25,7 @@ from service.core.errors import (
 from service.core.jobs import Job, JobResult
 from service.core.metrics import Metrics
 from service.core.offload import off_loop_if_large
+from service.core.tracing import carried, stage_span
 from service.queues.redis.protocol import (
     ADMIT_SCRIPT,
     LIVE_SCRIPT,
@@ -168,7 +169,11 @@ class RedisJobQueue:
         self._in_flight += 1
         self._idle.clear()
         try:
-            return await self._submit(job)
+            # the job carries this span's context (traceparent in its stream entry's meta): the
+            # worker's spans join the request's trace
+            with stage_span("redis submit", kind="producer", **{"messaging.system": "redis",
+                            "messaging.destination.name": self.layout.stream}):  # fmt: skip
+                return await self._submit(carried(job))
         except REDIS_ERRORS as exc:
             log.warning("redis unavailable for %s: %s", job.request_id, exc)
             raise UnavailableError(

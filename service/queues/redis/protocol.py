@@ -150,6 +150,8 @@ class RedisClock:
 def job_fields(job: Job, token: str) -> dict[str, bytes | str]:
     meta = asdict(job)
     del meta["image"]
+    if not meta["trace_context"]:  # only sent when tracing is on: other entries unchanged
+        del meta["trace_context"]
     return {"token": token, "meta": json.dumps(meta), "image": job.image}
 
 
@@ -164,6 +166,7 @@ def job_from_fields(fields: dict[bytes, bytes]) -> tuple[str, Job]:
         deadline=float(meta["deadline"]),
         enqueued_at=float(meta["enqueued_at"]),
         pixels=int(meta.get("pixels", 0)),
+        trace_context={str(k): str(v) for k, v in meta.get("trace_context", {}).items()},
     )
     return token, job
 
