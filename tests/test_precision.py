@@ -6,6 +6,7 @@ small inputs. The tolerances are the ones docs/performance.md states.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from PIL import Image
 
 from models import precision
 from models.boxes import Detections
-from models.checkpoints import load_networks
+from models.checkpoints import ColorizationNetworks, load_networks
 from models.pipeline import ColorizeOptions, Colorizer, Prediction
 from models.precision import (
     CpuFeatures,
@@ -257,3 +258,76 @@ def test_an_unknown_precision_is_a_value_error_naming_the_valid_ones(
         Colorizer(load_networks(tiny_checkpoints), precision=bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="precision must be one of"):
         resolve_precision(bad, "cpu")
+
+
+OVERFLOW_SCALE = 1e5
+"""Times the full-image net's first convolution: its outputs pass fp16's 65504 (inf, then NaN
+further on) while float32 holds them."""
+
+
+def _overflowing_networks(checkpoints: Path) -> ColorizationNetworks:
+    networks = load_networks(checkpoints)
+    with torch.no_grad():
+        networks.full_image.model1[0].weight.mul_(OVERFLOW_SCALE)
+    return networks
+
+
+def test_fp16_overflow_is_rerun_in_fp32_per_image(
+    tiny_checkpoints: Path, gray_photo: Image.Image
+) -> None:
+    boxed = ColorizeOptions(resolution="network", boxes=_boxes())
+    plain = ColorizeOptions(resolution="network", max_instances=0)
+
+    def run(colorizer: Colorizer) -> list[Prediction]:
+        return colorizer.predict([colorizer.prepare(gray_photo, o) for o in (boxed, plain)])
+
+    networks = _overflowing_networks
+    unguarded = run(
+        Colorizer(networks(tiny_checkpoints), precision="fp16", precision_fallback=False)
+    )
+    # the overflow is real: the full-image image's fp16 output is not finite, nothing re-ran it
+    assert unguarded[1].nonfinite > 0 and not unguarded[1].fallback
+    assert not torch.isfinite(unguarded[1].ab).all()
+
+    reference = run(Colorizer(networks(tiny_checkpoints), precision="fp32"))
+    assert all(torch.isfinite(p.ab).all() and p.nonfinite == 0 for p in reference)
+
+    guarded = run(Colorizer(networks(tiny_checkpoints), precision="fp16"))
+    overflowed, kept = guarded[1], guarded[0]
+    assert overflowed.fallback and overflowed.nonfinite == unguarded[1].nonfinite
+    assert torch.isfinite(overflowed.ab).all()
+    # the re-run is the fp32 networks' own result (same boxes, same weights)
+    torch.testing.assert_close(overflowed.ab, reference[1].ab, rtol=0, atol=1e-5)
+    # the image with boxes (fusion net, untouched weights) stayed fp16: no re-run, fp16's result
+    assert kept.nonfinite == 0 and not kept.fallback
+    torch.testing.assert_close(kept.ab, unguarded[0].ab, rtol=0, atol=0)
+    assert (kept.ab - reference[0].ab).abs().max().item() > 0  # it really is fp16's
+
+
+def test_fp32_keeps_no_fallback_copy(tiny_checkpoints: Path) -> None:
+    assert Colorizer(load_networks(tiny_checkpoints))._fp32 is None
+    guarded = Colorizer(load_networks(tiny_checkpoints), precision="bf16")
+    assert guarded._fp32 is not None
+    assert guarded._fp32.full_image.model1[0].weight.dtype == torch.float32
+
+
+async def test_the_engine_counts_precision_fallbacks(tiny_checkpoints: Path) -> None:
+    import image_corpus as corpus
+    from prometheus_client import CollectorRegistry
+    from service_helpers import make_job
+
+    from service.core.jobs import JobResult
+    from service.core.metrics import Metrics
+    from service.engine.batch import BatchEngine
+
+    colorizer = Colorizer(_overflowing_networks(tiny_checkpoints), precision="fp16")
+    registry = CollectorRegistry()
+    engine = BatchEngine(colorizer, ThreadPoolExecutor(2), Metrics(registry), max_pixels=10**7)
+    try:  # no detector, no boxes: both go through the overflowing full-image net
+        outcomes = await engine.run_batch(
+            [make_job(corpus.png(), "a"), make_job(corpus.png(), "b")]
+        )
+    finally:
+        engine.close()
+    assert all(isinstance(o, JobResult) for o in outcomes)
+    assert registry.get_sample_value("colorize_precision_fallbacks_total") == 2
