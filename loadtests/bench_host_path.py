@@ -50,7 +50,10 @@ def eight_boxes(seed: int) -> Detections:
     g = torch.Generator().manual_seed(seed)
     boxes = []
     for _ in range(8):
-        x, y = int(torch.randint(0, 440, (1,), generator=g)), int(torch.randint(0, 280, (1,), generator=g))
+        x, y = (
+            int(torch.randint(0, 440, (1,), generator=g)),
+            int(torch.randint(0, 280, (1,), generator=g)),
+        )
         boxes.append([x, y, x + 60 + int(torch.randint(0, 140, (1,), generator=g)), y + 200])
     return Detections.from_boxes(boxes)
 
@@ -62,54 +65,59 @@ def timed(fn: Callable[[], object], sync: Callable[[], None]) -> float:
     return time.perf_counter() - start
 
 
+def one_run(colorizer: Colorizer, batch: list[PreparedImage], whole: bool) -> dict[str, float]:
+    """Seconds of each step for one pass of the whole batch."""
+    sync = colorizer._sync
+    dtype = colorizer.dtype
+    seconds: dict[str, float] = {}
+    chosen = {}
+
+    def boxes() -> None:
+        for i, p in enumerate(batch):
+            assert p.options.boxes is not None
+            chosen[i] = choose_boxes(p.options.boxes, *p.source.size, p.options.max_instances)
+
+    seconds["boxes"] = timed(boxes, sync)
+    crops: list[torch.Tensor] = []
+
+    def cut() -> None:
+        rgb = [p.source.rgb for p in batch]
+        parts = colorizer._crop_pool.map(lambda i: crop_l(rgb[i], chosen[i][0]), chosen)
+        crops.append(torch.cat(list(parts)))
+
+    seconds["crops"] = timed(cut, sync)
+
+    def inputs() -> None:
+        colorizer._network_input(crops[0], dtype)
+        colorizer._network_input(torch.stack([p.l_norm for p in batch]), dtype)
+
+    seconds["inputs"] = timed(inputs, sync)
+
+    def layout() -> None:
+        infos = [
+            [{s: box_info(b, *p.source.size, s) for s in FUSION_SCALES} for b in chosen[i][0]]
+            for i, p in enumerate(batch)
+        ]
+        build_layout(infos, colorizer.device)
+
+    seconds["layout"] = timed(layout, sync)
+    out = torch.zeros(len(batch), 2, 256, 256, device=colorizer.device, dtype=dtype)
+    ab: list[torch.Tensor | None] = [None] * len(batch)
+    counts = [0] * len(batch)
+    seconds["copy_out"] = timed(
+        lambda: colorizer._collect(out, range(len(batch)), ab, counts), sync
+    )
+    if whole:
+        seconds["predict"] = timed(lambda: colorizer.predict(batch), sync)
+    return seconds
+
+
 def measure(
     colorizer: Colorizer, batch: list[PreparedImage], repeats: int, whole: bool
 ) -> dict[str, float]:
     """Median seconds per image of each step over ``repeats`` runs of the whole batch."""
-    sync = colorizer._sync
-    dtype = colorizer.dtype
-    samples: dict[str, list[float]] = {name: [] for name in (*STEPS, "predict")}
-    for _ in range(repeats):
-        chosen = {}
-
-        def boxes() -> None:
-            for i, p in enumerate(batch):
-                assert p.options.boxes is not None
-                chosen[i] = choose_boxes(p.options.boxes, *p.source.size, p.options.max_instances)
-
-        samples["boxes"].append(timed(boxes, sync))
-        crops: list[torch.Tensor] = []
-
-        def cut() -> None:
-            rgb = [p.source.rgb for p in batch]
-            parts = colorizer._crop_pool.map(lambda i: crop_l(rgb[i], chosen[i][0]), chosen)
-            crops.append(torch.cat(list(parts)))
-
-        samples["crops"].append(timed(cut, sync))
-
-        def inputs() -> None:
-            colorizer._network_input(crops[0], dtype)
-            colorizer._network_input(torch.stack([p.l_norm for p in batch]), dtype)
-
-        samples["inputs"].append(timed(inputs, sync))
-
-        def layout() -> None:
-            infos = [
-                [{s: box_info(b, *p.source.size, s) for s in FUSION_SCALES} for b in chosen[i][0]]
-                for i, p in enumerate(batch)
-            ]
-            build_layout(infos, colorizer.device)
-
-        samples["layout"].append(timed(layout, sync))
-        out = torch.zeros(len(batch), 2, 256, 256, device=colorizer.device, dtype=dtype)
-        ab: list[torch.Tensor | None] = [None] * len(batch)
-        counts = [0] * len(batch)
-        samples["copy_out"].append(
-            timed(lambda: colorizer._collect(out, range(len(batch)), ab, counts), sync)
-        )
-        if whole:
-            samples["predict"].append(timed(lambda: colorizer.predict(batch), sync))
-    return {name: statistics.median(v) / len(batch) for name, v in samples.items() if v}
+    runs = [one_run(colorizer, batch, whole) for _ in range(repeats)]
+    return {k: statistics.median(r[k] for r in runs) / len(batch) for k in runs[0]}
 
 
 def main() -> None:
@@ -139,9 +147,7 @@ def main() -> None:
     print("|---" * (len(STEPS) + 3) + "|")
     for size in BATCHES:
         batch = [
-            colorizer.prepare(
-                photo(i), ColorizeOptions(resolution="network", boxes=eight_boxes(i))
-            )
+            colorizer.prepare(photo(i), ColorizeOptions(resolution="network", boxes=eight_boxes(i)))
             for i in range(size)
         ]
         ms = {
