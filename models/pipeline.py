@@ -43,6 +43,7 @@ from models.networks import FullImageGenerator, FusionGenerator, InstanceGenerat
 from models.precision import DTYPES, Precision, PrecisionSetting, probe_cpu, resolve_precision
 from models.preprocess import (
     crop_l,
+    crop_l_on_device,
     detector_lightness,
     lightness,
     network_input,
@@ -133,8 +134,11 @@ class Colorizer:
         crop_threads: int = 4,
         channels_last: bool = True,
         precision_fallback: bool = True,
+        device_crops: bool = False,
     ) -> None:
-        """``precision_fallback``: at fp16/bf16 keep an fp32 copy of the networks on the device
+        """``device_crops``: cut, resize and convert instance crops on the device
+        (``crop_l_on_device``) instead of with PIL on the crop pool; not bit-equal to PIL.
+        ``precision_fallback``: at fp16/bf16 keep an fp32 copy of the networks on the device
         and re-run in fp32 any image whose reduced-precision ab has a non-finite value."""
         self.device = torch.device(device)
         # ``auto`` follows the command line's rule; an unknown value is a ValueError naming the
@@ -145,6 +149,7 @@ class Colorizer:
         self.precision: Precision = resolved
         self.dtype = DTYPES[resolved]
         self.instance_limit = instance_limit
+        self.device_crops = device_crops
         self.networks = networks
         self.detector = detector
         # NHWC: what oneDNN and tensor-core convolutions prefer; at fp32 the same results as NCHW
@@ -403,7 +408,14 @@ class Colorizer:
         todo = set(chosen if only is None else only)
         with_boxes = wanted([i for i in chosen if i in todo and chosen[i][0]])
         features: dict[str, torch.Tensor] = {}
-        if with_boxes:
+        if with_boxes and self.device_crops:
+            crops = torch.cat(
+                [
+                    crop_l_on_device(batch[i].source.rgb, chosen[i][0], self.device)
+                    for i in with_boxes
+                ]
+            )
+        elif with_boxes:
             crops = torch.cat(
                 list(
                     self._crop_pool.map(
@@ -411,6 +423,7 @@ class Colorizer:
                     )
                 )
             )
+        if with_boxes:
             _, features = nets.instance(self._network_input(crops, nets.dtype))
         self._sync()
         t2 = time.perf_counter()

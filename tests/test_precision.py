@@ -331,3 +331,34 @@ async def test_the_engine_counts_precision_fallbacks(tiny_checkpoints: Path) -> 
         engine.close()
     assert all(isinstance(o, JobResult) for o in outcomes)
     assert registry.get_sample_value("colorize_precision_fallbacks_total") == 2
+
+
+# Device crops (torch antialiased bilinear, no 8-bit rounding) against PIL's, measured on this
+# photo: L_norm max 0.0042 / mean 0.00057; ab (tiny width-8 random nets, fp32) max 0.0012 / mean
+# 0.000045. Bounds about 2x that. Trained full-width nets may amplify it more: unmeasured.
+DEVICE_CROP_MAX_L = 0.01  # normalised L (range about [-1, 1])
+DEVICE_CROP_MEAN_L = 0.002
+DEVICE_CROP_MAX_AB = 0.005  # normalised ab (range [-1, 1])
+DEVICE_CROP_MEAN_AB = 0.0005
+
+
+def test_device_crops_deviate_from_pil_within_the_stated_bound(
+    tiny_checkpoints: Path, gray_photo: Image.Image
+) -> None:
+    from models.preprocess import crop_l, crop_l_on_device
+
+    rgb = gray_photo.convert("RGB")
+    boxes = [(20, 30, 140, 200), (150, 50, 300, 180), (5, 5, 60, 60)]
+    pil = crop_l(rgb, boxes)
+    device = crop_l_on_device(rgb, boxes, torch.device("cpu"))
+    l_diff = (device - pil).abs()
+    print(f"device crops vs PIL, L_norm: max {l_diff.max():.5f} mean {l_diff.mean():.6f}")
+    assert 0 < l_diff.mean().item() <= DEVICE_CROP_MEAN_L
+    assert l_diff.max().item() <= DEVICE_CROP_MAX_L
+
+    reference = _ab(_predict(Colorizer(load_networks(tiny_checkpoints)), [gray_photo], True))
+    on_device = Colorizer(load_networks(tiny_checkpoints), device_crops=True)
+    ab_diff = (_ab(_predict(on_device, [gray_photo], True)) - reference).abs()
+    print(f"device crops vs PIL, ab: max {ab_diff.max():.5f} mean {ab_diff.mean():.6f}")
+    assert 0 < ab_diff.mean().item() <= DEVICE_CROP_MEAN_AB
+    assert ab_diff.max().item() <= DEVICE_CROP_MAX_AB
