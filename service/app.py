@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from importlib import metadata
 
@@ -50,29 +50,59 @@ def service_version() -> str:
 
 
 def default_queue_factory(settings: ServiceSettings) -> JobQueue:
-    """memory: the in-process batcher (loads the model); redis: jobs go to GPU workers."""
+    """memory: the in-process batcher (loads the models); redis: jobs go to GPU workers.
+
+    One queue per model of ``settings.models`` (``ModelQueues``): batches never mix models.
+    """
+    from service.queues.models import ModelQueues
+
     if settings.queue == "redis":
         from service.queues.redis.client import RedisJobQueue, RedisQueueConfig
 
-        return RedisJobQueue(RedisQueueConfig.from_settings(settings), METRICS)
+        return ModelQueues(
+            {
+                name: RedisJobQueue(RedisQueueConfig.from_settings(settings, name), METRICS)
+                for name in settings.model_list()
+            }
+        )
     return build_memory_queue(settings)
 
 
 def build_memory_queue(settings: ServiceSettings) -> JobQueue:
-    """The memory-mode queue: loads the weights, warms up each batch-size bucket, then serves.
+    """The memory-mode queue: loads each model's weights, warms up each batch-size bucket, then
+    serves; one batcher per model, all models' predicts on one device thread.
 
-    Missing weight files raise ``MissingWeightsError`` here, before the server starts.
+    Missing weight files or an unknown model raise ``ModelSetupError`` here, before the server
+    starts.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from service.engine.batch import BatchEngine  # imports torch: memory mode only
     from service.engine.loading import check_weight_files
     from service.queues.memory import InProcessQueue
+    from service.queues.models import ModelQueues
 
     check_weight_files(settings)
+    names = settings.model_list()
+    shared = (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="device") if len(names) > 1 else None
+    )
 
-    async def load() -> BatchRunner:
-        return await BatchEngine.start(settings)
+    def loader(name: str) -> Callable[[], Awaitable[BatchRunner]]:
+        async def load() -> BatchRunner:
+            return await BatchEngine.start(settings, model=name, device_thread=shared)
 
-    return InProcessQueue.from_settings(load, settings)
+        return load
+
+    queues: dict[str, JobQueue] = {
+        name: InProcessQueue.from_settings(loader(name), settings) for name in names
+    }
+
+    def close_device_thread() -> None:
+        if shared is not None:
+            shared.shutdown(wait=True, cancel_futures=True)
+
+    return ModelQueues(queues, on_close=close_device_thread)
 
 
 def create_app(

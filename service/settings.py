@@ -16,6 +16,7 @@ classes (``default_of``) instead of restating them.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,8 +24,10 @@ from pydantic import Field, PrivateAttr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.constants import DETECTOR_FILENAMES
+from service.core.jobs import DEFAULT_MODEL
 
 DEFAULT_WEIGHTS_DIR = Path("weights")
+MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 DEFAULT_DETECTOR_FILENAME = DETECTOR_FILENAMES["v1"]  # models.constants: importable without torch
 
 
@@ -63,10 +66,22 @@ class ModelSettings(BaseSettings):
 
     model_config = _CONFIG
 
+    weights_dir: Path = Field(
+        default=DEFAULT_WEIGHTS_DIR,
+        description="Folder of every model's weights: <weights_dir>/<model name>/<official file "
+        "name> (InstColorization: checkpoints/ and the detector file, as fetch-weights puts them).",
+    )
+    models: str = Field(
+        default=DEFAULT_MODEL,
+        description="Models to load, comma-separated (instcolor, zhang-eccv16, zhang-siggraph17, "
+        "...; docs/models.md); the first is the default of POST /colorize. Each one loaded costs "
+        "its weights' memory.",
+    )
     checkpoints: Path = Field(
         default=DEFAULT_WEIGHTS_DIR / "checkpoints",
-        description="Folder with latest_net_{G,GF,GComp}.pth (or the unzipped official "
-        "checkpoints/ folder above it), or one MMagic .pth file.",
+        description="InstColorization: folder with latest_net_{G,GF,GComp}.pth (or the unzipped "
+        "official checkpoints/ folder above it), or one MMagic .pth file. Default: "
+        "<weights_dir>/checkpoints.",
     )
     detector: bool = Field(
         default=True,
@@ -75,7 +90,8 @@ class ModelSettings(BaseSettings):
     )
     detector_weights: Path = Field(
         default=DEFAULT_WEIGHTS_DIR / DEFAULT_DETECTOR_FILENAME,
-        description="torchvision COCO Mask R-CNN state dict (read from disk, never downloaded).",
+        description="torchvision COCO Mask R-CNN state dict (read from disk, never downloaded). "
+        f"Default: <weights_dir>/{DEFAULT_DETECTOR_FILENAME}.",
     )
     detector_version: Literal["v1", "v2"] = Field(
         default="v1", description="maskrcnn_resnet50_fpn (v1) or maskrcnn_resnet50_fpn_v2 (v2)."
@@ -111,7 +127,28 @@ class ModelSettings(BaseSettings):
     def _check(self) -> ModelSettings:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        # InstColorization's files default under the weights dir unless given themselves
+        if "checkpoints" not in self.model_fields_set:
+            self.checkpoints = self.weights_dir / "checkpoints"
+        if "detector_weights" not in self.model_fields_set:
+            self.detector_weights = self.weights_dir / DEFAULT_DETECTOR_FILENAME
+        names = self.model_list()
+        if not names:
+            raise ValueError("models is empty: name at least one model, e.g. instcolor")
+        bad = [n for n in names if not MODEL_NAME.match(n)]
+        if bad:
+            raise ValueError(f"models: {', '.join(map(repr, bad))} is not a model name")
+        if len(set(names)) != len(names):
+            raise ValueError(f"models: a model is named twice in {self.models!r}")
         return self
+
+    def model_list(self) -> list[str]:
+        """``models`` as names, in order (the first is the default model)."""
+        return [name.strip() for name in self.models.split(",") if name.strip()]
+
+    @property
+    def default_model(self) -> str:
+        return self.model_list()[0]
 
     def resolved_device(self) -> str:
         if self.device != "auto":
@@ -126,13 +163,21 @@ class ModelSettings(BaseSettings):
 
         return resolve_precision(self.precision, self.resolved_device())
 
-    def missing_weight_files(self) -> list[Path]:
-        """Files that must exist before the model can load; empty when all are there."""
+    def missing_weight_files(self, models: list[str] | None = None) -> list[Path]:
+        """Files that must exist before ``models`` (default: ``model_list()``) can load; empty
+        when all are there. An unknown name raises ``models.registry.UnknownModelError``."""
         from models.checkpoints import missing_files  # imports torch: model processes only
+        from models.registry import get_model
 
-        missing = missing_files(self.checkpoints)
-        if self.detector and not self.detector_weights.is_file():
-            missing.append(self.detector_weights)
+        missing: list[Path] = []
+        for name in models or self.model_list():
+            spec = get_model(name)
+            if spec.uses_detector:
+                missing += missing_files(self.checkpoints)
+                if self.detector and not self.detector_weights.is_file():
+                    missing.append(self.detector_weights)
+            else:
+                missing += spec.missing_files(self.weights_dir)
         return missing
 
 

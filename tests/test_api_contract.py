@@ -329,9 +329,10 @@ def redis_schema(redis_service: str) -> Any:
 
 OPERATIONS = [
     ("POST", "/colorize"), ("GET", "/healthz"), ("GET", "/readyz"), ("GET", "/info"),
-    ("GET", "/metrics"), ("POST", "/batches"), ("GET", "/batches"), ("GET", "/batches/{batch_id}"),
-    ("GET", "/batches/{batch_id}/output"), ("GET", "/batches/{batch_id}/errors"),
-    ("GET", "/batches/{batch_id}/archive"), ("POST", "/batches/{batch_id}/cancel"),
+    ("GET", "/metrics"), ("GET", "/models"), ("POST", "/batches"), ("GET", "/batches"),
+    ("GET", "/batches/{batch_id}"), ("GET", "/batches/{batch_id}/output"),
+    ("GET", "/batches/{batch_id}/errors"), ("GET", "/batches/{batch_id}/archive"),
+    ("POST", "/batches/{batch_id}/cancel"),
 ]  # fmt: skip
 # Negative data exists only where there is something to break: /colorize's query and body. The
 # other operations take no parameter and no body (asserted below), so only positive data applies.

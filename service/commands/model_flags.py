@@ -16,11 +16,15 @@ if TYPE_CHECKING:
 
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model (each overrides its COLORIZE_* variable)")
-    group.add_argument("--checkpoints", type=Path, help="official folder or MMagic file "
-                       "[COLORIZE_CHECKPOINTS, default weights/checkpoints]")  # fmt: skip
+    group.add_argument("--weights-dir", type=Path, metavar="DIR",
+                       help="every model's weights: DIR/<model name>/<official file> "
+                       "[COLORIZE_WEIGHTS_DIR, default weights]")  # fmt: skip
+    group.add_argument("--checkpoints", type=Path, help="instcolor: official folder or MMagic "
+                       "file [COLORIZE_CHECKPOINTS, default <weights dir>/checkpoints]")  # fmt: skip
     detector = group.add_mutually_exclusive_group()
     detector.add_argument("--detector-weights", type=Path,
-                          help="torchvision Mask R-CNN weights [COLORIZE_DETECTOR_WEIGHTS]")  # fmt: skip
+                          help="instcolor: torchvision Mask R-CNN weights "
+                          "[COLORIZE_DETECTOR_WEIGHTS, default under the weights dir]")  # fmt: skip
     detector.add_argument("--no-detector", action="store_true",
                           help="full-image colorization only (unless boxes are supplied)")  # fmt: skip
     group.add_argument("--detector-version", choices=["v1", "v2"],
@@ -60,12 +64,26 @@ def tracing_config(args: argparse.Namespace, default_service_name: str) -> Traci
     )
 
 
+def add_models_argument(parser: argparse.ArgumentParser) -> None:
+    """``--models a,b`` of serve and worker (the first is the default model)."""
+    parser.add_argument("--models", metavar="A,B",
+                        help="models to load, comma-separated, the first the default of POST "
+                        "/colorize (names: docs/models.md) [COLORIZE_MODELS, default instcolor]")  # fmt: skip
+
+
+def add_model_choice(parser: argparse.ArgumentParser) -> None:
+    """``--model NAME`` of colorize and evaluate."""
+    parser.add_argument("--model", dest="models", metavar="NAME",
+                        help="the model to run: instcolor (default), zhang-eccv16, "
+                        "zhang-siggraph17, ... (docs/models.md) [COLORIZE_MODELS]")  # fmt: skip
+
+
 def model_overrides(args: argparse.Namespace) -> dict[str, Any]:
     """Settings fields given on the command line (absent flags leave the environment's value)."""
     overrides: dict[str, Any] = {}
     for name in (
-        "checkpoints", "detector_weights", "detector_version", "device", "precision",
-        "channels_last",
+        "weights_dir", "models", "checkpoints", "detector_weights", "detector_version", "device",
+        "precision", "channels_last",
     ):  # fmt: skip
         value = getattr(args, name, None)
         if value is not None:

@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from service.commands.model_flags import (
     add_model_arguments,
+    add_models_argument,
     add_tracing_arguments,
     settings_from_args,
     tracing_config,
@@ -28,7 +29,8 @@ SERVICE_NAME = "instcolor-serve"  # the spans' service.name unless OTEL_SERVICE_
 
 HELP_TEXT = """\
 Run the HTTP service: the API, the batcher and (COLORIZE_QUEUE=memory, the default) the model in
-this process. The socket opens at once; the weights load and one warm-up batch runs per batch-size
+this process. --models a,b loads several models (default: instcolor only), each batched on its
+own; POST /colorize?model=NAME chooses one and GET /models lists them. The socket opens at once; the weights load and one warm-up batch runs per batch-size
 bucket, then GET /readyz answers 200 (until then /colorize answers 503 with Retry-After).
 
 Equivalent uvicorn command (settings from COLORIZE_* variables only):
@@ -52,6 +54,7 @@ def add_parser(subparsers: Any) -> None:
         description=HELP_TEXT,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_models_argument(parser)
     add_model_arguments(parser)
     group = parser.add_argument_group("server (each overrides its COLORIZE_* variable)")
     group.add_argument("--host", help="address to bind [COLORIZE_HOST, default 0.0.0.0]")
@@ -66,11 +69,11 @@ def run(args: argparse.Namespace) -> int:
         return 2
     if settings.queue == "memory":
         # imports torch (models.pipeline): only the memory mode, which loads the model, needs it
-        from service.engine.loading import MissingWeightsError, check_weight_files
+        from service.engine.loading import ModelSetupError, check_weight_files
 
         try:
             check_weight_files(settings)
-        except MissingWeightsError as exc:
+        except ModelSetupError as exc:
             sys.stderr.write(f"error: refusing to start: {exc}\n")
             return 2
 

@@ -12,6 +12,15 @@ from typing import Literal
 from models.constants import SATURATION_RANGE
 
 OutputFormat = Literal["jpeg", "png", "webp"]
+DEFAULT_MODEL = "instcolor"  # models.registry.DEFAULT_MODEL, without importing torch
+
+
+def unknown_model_message(name: str, loaded: list[str]) -> str:
+    """The 422 detail for a model that is not loaded (or not a model at all)."""
+    return (
+        f"model {name!r} is not loaded here; loaded models: {', '.join(loaded)} "
+        "(GET /models lists them; the server loads those named by --models / COLORIZE_MODELS)"
+    )
 
 
 @dataclass(frozen=True)
@@ -37,6 +46,7 @@ class Job:
     # W3C trace context (traceparent) of the request, set by the queue that admitted the job when
     # tracing is on (service.core.tracing): the engine's spans join the request's trace
     trace_context: dict[str, str] = field(default_factory=dict)
+    model: str = DEFAULT_MODEL  # the registry name of the model that must run it
 
 
 @dataclass(frozen=True)
@@ -50,6 +60,7 @@ class JobResult:
     cached: bool = False
     input_size: list[int] | None = None  # [width, height] of the upright input: the boxes' frame
     truncated: bool = False  # the input was cut short and decoded as far as it went (opt-in)
+    model: str = DEFAULT_MODEL  # the model that produced it
 
 
-__all__ = ["SATURATION_RANGE", "Job", "JobOptions", "JobResult", "OutputFormat"]
+__all__ = ["DEFAULT_MODEL", "SATURATION_RANGE", "Job", "JobOptions", "JobResult", "OutputFormat"]

@@ -18,6 +18,7 @@ This module must not import torch: the HTTP process in Redis mode has no model.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Literal
 
@@ -53,7 +54,7 @@ _ENGINE = (
     "precision_fallbacks",
 )
 _REDIS = ("redis_pending", "redis_stream_length", "redis_consumers")
-_SHARED = ("stage_duration", "queue_depth")
+_SHARED = ("stage_duration", "model_stage_duration", "model_batch_size", "queue_depth")
 _BATCH_API = (
     "batches_open",
     "batch_items",
@@ -97,6 +98,16 @@ class Metrics:
             "colorize_stage_duration_seconds",
             "Time spent per request in each stage (detect/instance/fusion are per batch).",
             ["stage"], buckets=DURATION_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.model_stage_duration = Histogram(
+            "colorize_model_stage_duration_seconds",
+            "colorize_stage_duration_seconds per model (POST /colorize?model=...): the same "
+            "observations, labelled by the model that ran them.",
+            ["model", "stage"], buckets=DURATION_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.model_batch_size = Histogram(
+            "colorize_model_batch_size", "Requests per batch handed to each model's engine.",
+            ["model"], buckets=BATCH_BUCKETS, registry=registry,
         )  # fmt: skip
         self.batch_size = Histogram(
             "colorize_batch_size", "Requests per batch handed to the engine.",
@@ -152,9 +163,10 @@ class Metrics:
         self.model_info = Gauge(
             "colorize_model_info",
             "The loaded model (value 1).",
-            ["model_version", "device", "precision", "detector"],
+            ["model_version", "device", "precision", "detector", "model"],
             registry=registry,
         )
+        self._model_info_labels: dict[str, tuple[str, ...]] = {}
         self.gpu_memory = Gauge(
             "colorize_gpu_memory_allocated_bytes",
             "CUDA memory allocated by the engine (set only where CUDA is present).",
@@ -198,19 +210,27 @@ class Metrics:
         for result in ("hit", "miss"):
             self.cache_requests.labels(result=result)
 
-    def observe_stages(self, timings: Mapping[str, float]) -> None:
-        """Record the stages of ``STAGES`` found in ``timings`` (seconds)."""
+    def observe_stages(self, timings: Mapping[str, float], model: str | None = None) -> None:
+        """Record the stages of ``STAGES`` found in ``timings`` (seconds), also per ``model``."""
         for stage, seconds in timings.items():
             if stage in STAGES:
                 self.stage_duration.labels(stage=stage).observe(max(0.0, seconds))
+                if model is not None:
+                    self.model_stage_duration.labels(model=model, stage=stage).observe(
+                        max(0.0, seconds)
+                    )
 
     def set_model_info(
-        self, model_version: str, device: str, precision: str, detector: str
+        self, model_version: str, device: str, precision: str, detector: str, model: str = ""
     ) -> None:
-        self.model_info.clear()
-        self.model_info.labels(
-            model_version=model_version, device=device, precision=precision, detector=detector
-        ).set(1)
+        """One series per loaded model (a model loaded again replaces its own series)."""
+        previous = self._model_info_labels.pop(model, None)
+        if previous is not None:
+            with contextlib.suppress(KeyError):
+                self.model_info.remove(*previous)
+        labels = (model_version, device, precision, detector, model)
+        self.model_info.labels(*labels).set(1)
+        self._model_info_labels[model] = labels
 
 
 def outcome_for(status: int, kind: str | None = None) -> str:

@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,7 +24,6 @@ from models.image_input import UnsupportedImageError
 from models.merge import Stopped
 from models.pipeline import (
     ColorizeOptions,
-    Colorizer,
     OptionsError,
     Prediction,
     PreparedImage,
@@ -46,7 +45,10 @@ from service.core.tracing import JobTrace, job_trace
 from service.engine.decode import configure_pil, decode
 from service.engine.encode import EncodeStopped, choose_format, encode_image
 from service.engine.loading import build_colorizer
-from service.settings import ServiceSettings
+
+if TYPE_CHECKING:
+    from models.zoo import ModelColorizer
+from service.settings import DEFAULT_MODEL, ServiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -108,27 +110,36 @@ def colorize_options(options: JobOptions) -> ColorizeOptions:
 
 
 class BatchEngine:
-    """Runs batches of jobs on one ``Colorizer``; ``close()`` stops its device thread."""
+    """Runs batches of jobs on one model's colorizer (``models.zoo.ModelColorizer``: any
+    registered model); ``close()`` stops its device thread."""
 
     def __init__(
         self,
-        colorizer: Colorizer,
+        colorizer: ModelColorizer,
         pool: ThreadPoolExecutor,
         metrics: Metrics = METRICS,
         *,
         max_pixels: int,
         allow_truncated: bool = False,
         clock: Callable[[], float] = time.time,
+        model: str = DEFAULT_MODEL,
+        device_thread: ThreadPoolExecutor | None = None,
     ) -> None:
-        """``clock``: what the jobs' ``deadline`` and ``enqueued_at`` are measured on."""
+        """``clock``: what the jobs' ``deadline`` and ``enqueued_at`` are measured on.
+        ``device_thread``: shared by the engines of several models on one device (so their
+        predicts never interleave); default: the engine's own."""
         self.colorizer = colorizer
+        self.model = model
         self.clock = clock
         self.pool = pool
         self.metrics = metrics
         self.max_pixels = max_pixels
         self.allow_truncated = allow_truncated
         # One thread owns the device: predicts never interleave and keep one CUDA stream busy.
-        self.device_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
+        self.owns_device_thread = device_thread is None
+        self.device_thread = device_thread or ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="device"
+        )
         self.owns_pool = False  # start() hands the engine its own pool, shut down by close()
         configure_pil(max_pixels)
         description = colorizer.describe()
@@ -137,10 +148,18 @@ class BatchEngine:
             device=str(description["device"]),
             precision=str(description["precision"]),
             detector=str(description["detector"] or "none"),
+            model=model,
         )
 
     def describe(self) -> dict[str, Any]:
-        return self.colorizer.describe()
+        """The colorizer's description with the registry's facts (``models.zoo.model_card``)."""
+        from models.registry import MODELS
+        from models.zoo import model_card
+
+        description = self.colorizer.describe()
+        spec = MODELS.get(self.model)
+        card = model_card(spec, description) if spec is not None else {}
+        return {**description, "model": self.model, "card": card}
 
     async def warmup(self, batch_sizes: Sequence[int], instances: int | None = None) -> None:
         """One batch per size on the device thread (kernels, allocator, cudnn autotuning)."""
@@ -153,12 +172,21 @@ class BatchEngine:
         self._record_gpu_memory()
 
     @classmethod
-    async def start(cls, settings: ServiceSettings, metrics: Metrics = METRICS) -> BatchEngine:
-        """Load the weights named by ``settings``, give the engine its own CPU pool, warm up.
+    async def start(
+        cls,
+        settings: ServiceSettings,
+        metrics: Metrics = METRICS,
+        *,
+        model: str | None = None,
+        device_thread: ThreadPoolExecutor | None = None,
+    ) -> BatchEngine:
+        """Load ``model``'s weights (default: the settings' default model) as ``settings`` say,
+        give the engine its own CPU pool, warm up.
 
         The one way a serving process (memory-mode server, Redis worker) builds its engine.
         """
-        colorizer = await asyncio.to_thread(build_colorizer, settings)
+        name = model or settings.default_model
+        colorizer = await asyncio.to_thread(build_colorizer, settings, name)
         pool = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="cpu")
         engine = cls(
             colorizer,
@@ -166,6 +194,8 @@ class BatchEngine:
             metrics,
             max_pixels=settings.max_pixels,
             allow_truncated=settings.allow_truncated_images,
+            model=name,
+            device_thread=device_thread,
         )
         engine.owns_pool = True
         try:
@@ -177,7 +207,8 @@ class BatchEngine:
         return engine
 
     def close(self) -> None:
-        self.device_thread.shutdown(wait=True, cancel_futures=True)
+        if self.owns_device_thread:
+            self.device_thread.shutdown(wait=True, cancel_futures=True)
         if self.owns_pool:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
@@ -210,6 +241,7 @@ class BatchEngine:
         drops = _Drops(self, abandoned or _never)
         loop = asyncio.get_running_loop()
         self.metrics.batch_size.observe(len(jobs))
+        self.metrics.model_batch_size.labels(model=self.model).observe(len(jobs))
         ready = await asyncio.gather(
             *(
                 loop.run_in_executor(self.pool, self._prepare_if_wanted, j, drops, t)
@@ -345,7 +377,7 @@ class BatchEngine:
             "encode": encode_s,
         }
         trace.finished(timings)
-        self.metrics.observe_stages(timings)
+        self.metrics.observe_stages(timings, model=self.model)
         self.metrics.instances_per_image.observe(len(colorized.boxes))
         return JobResult(
             body=body,
@@ -354,6 +386,7 @@ class BatchEngine:
             scores=[float(s) for s in colorized.scores],
             timings=timings,
             model_version=self.colorizer.version,
+            model=self.model,
             input_size=list(ready.prepared.source.size),
             truncated=ready.truncated,
         )

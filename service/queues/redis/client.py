@@ -72,9 +72,11 @@ class RedisQueueConfig:
     require_live_worker: bool = True  # no live worker: not ready, and 503 no-workers at once
 
     @staticmethod
-    def from_settings(settings: ServiceSettings) -> RedisQueueConfig:
+    def from_settings(settings: ServiceSettings, model: str | None = None) -> RedisQueueConfig:
+        """``model``'s stream (default: the settings' default model)."""
         values = values_for(RedisQueueConfig, settings)  # every field named as its setting
-        return RedisQueueConfig(layout=RedisLayout.from_settings(settings), **values)
+        layout = RedisLayout.from_settings(settings, model or settings.default_model)
+        return RedisQueueConfig(layout=layout, **values)
 
 
 class RedisJobQueue:
