@@ -8,6 +8,7 @@ images, one fusion-net call on every image with boxes and one full-image-net cal
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -38,9 +39,11 @@ from models.merge import (
     merge_original,
     scale_saturation,
 )
+from models.networks import FullImageGenerator, FusionGenerator, InstanceGenerator
 from models.precision import DTYPES, Precision, PrecisionSetting, probe_cpu, resolve_precision
 from models.preprocess import (
     crop_l,
+    crop_l_on_device,
     detector_lightness,
     lightness,
     network_input,
@@ -91,6 +94,18 @@ class Prediction:
     boxes: list[IntBox]
     scores: list[float]
     timings: dict[str, float]
+    nonfinite: int = 0  # non-finite values in the reduced-precision ab (0 at fp32)
+    fallback: bool = False  # True: ``ab`` is from the fp32 re-run of this image (``nonfinite`` > 0)
+
+
+@dataclass(frozen=True)
+class _Networks:
+    """G, GF and GComp on the device in one dtype: the batch's networks or the fp32 fallback."""
+
+    instance: InstanceGenerator
+    full_image: FullImageGenerator
+    fusion: FusionGenerator
+    dtype: torch.dtype
 
 
 StopCheck = Callable[[PreparedImage], bool]
@@ -118,7 +133,13 @@ class Colorizer:
         instance_limit: int = DEFAULT_MAX_INSTANCES,
         crop_threads: int = 4,
         channels_last: bool = True,
+        precision_fallback: bool = True,
+        device_crops: bool = False,
     ) -> None:
+        """``device_crops``: cut, resize and convert instance crops on the device
+        (``crop_l_on_device``) instead of with PIL on the crop pool; not bit-equal to PIL.
+        ``precision_fallback``: at fp16/bf16 keep an fp32 copy of the networks on the device
+        and re-run in fp32 any image whose reduced-precision ab has a non-finite value."""
         self.device = torch.device(device)
         # ``auto`` follows the command line's rule; an unknown value is a ValueError naming the
         # valid ones (before any thread or weight is touched).
@@ -128,12 +149,26 @@ class Colorizer:
         self.precision: Precision = resolved
         self.dtype = DTYPES[resolved]
         self.instance_limit = instance_limit
+        self.device_crops = device_crops
         self.networks = networks
         self.detector = detector
         # NHWC: what oneDNN and tensor-core convolutions prefer; at fp32 the same results as NCHW
         # to float rounding (tests/test_precision.py).
         self.memory_format = torch.channels_last if channels_last else torch.contiguous_format
         fmt = self.memory_format
+        self._fp32: _Networks | None = None
+        if resolved != "fp32" and precision_fallback:
+            # copied before the cast: a copy cast back from fp16 would have lost the weights' bits
+            self._fp32 = _Networks(
+                copy.deepcopy(networks.instance)
+                .to(self.device, torch.float32)
+                .to(memory_format=fmt),
+                copy.deepcopy(networks.full_image)
+                .to(self.device, torch.float32)
+                .to(memory_format=fmt),
+                copy.deepcopy(networks.fusion).to(self.device, torch.float32).to(memory_format=fmt),
+                torch.float32,
+            )
         self.instance_net = networks.instance.to(self.device, self.dtype).to(memory_format=fmt)
         self.full_image_net = networks.full_image.to(self.device, self.dtype).to(memory_format=fmt)
         self.fusion_net = networks.fusion.to(self.device, self.dtype).to(memory_format=fmt)
@@ -163,6 +198,7 @@ class Colorizer:
         precision: PrecisionSetting = "fp32",
         instance_limit: int = DEFAULT_MAX_INSTANCES,
         channels_last: bool = True,
+        precision_fallback: bool = True,
     ) -> Colorizer:
         """``precision``: fp32, fp16, bf16 or ``auto`` (the command line's rule, see
         ``models.precision.resolve_precision``); anything else is a ``ValueError``."""
@@ -174,7 +210,13 @@ class Colorizer:
                 detector_weights, detector_version, device, *detector_size
             )
         return cls(
-            networks, detector, device, precision, instance_limit, channels_last=channels_last
+            networks,
+            detector,
+            device,
+            precision,
+            instance_limit,
+            channels_last=channels_last,
+            precision_fallback=precision_fallback,
         )
 
     @property
@@ -274,9 +316,9 @@ class Colorizer:
             found[i] = Detections(tuple(b for b, _ in kept), tuple(s for _, s in kept))
         return found
 
-    def _network_input(self, l_norm: torch.Tensor) -> torch.Tensor:
+    def _network_input(self, l_norm: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
         """(N, 4, 256, 256) on the device, in the networks' dtype and memory format."""
-        x = network_input(l_norm.to(self.device, self.dtype, non_blocking=True))
+        x = network_input(l_norm.to(self.device, dtype, non_blocking=True))
         return x.contiguous(memory_format=self.memory_format)
 
     @overload
@@ -315,10 +357,65 @@ class Colorizer:
         }
         t1 = time.perf_counter()
 
+        nets = _Networks(self.instance_net, self.full_image_net, self.fusion_net, self.dtype)
         ab: list[torch.Tensor | None] = [None] * len(batch)
-        with_boxes = wanted([i for i in chosen if chosen[i][0]])
+        nonfinite = [0] * len(batch)
+        t2 = self._run_networks(nets, batch, chosen, ab, nonfinite, wanted)
+        redo = [i for i in range(len(batch)) if nonfinite[i] and ab[i] is not None]
+        if redo and self._fp32 is not None:
+            # an fp16 overflow (or a bf16 NaN): this batch's affected images again in fp32, with
+            # the same boxes; the others keep their reduced-precision result
+            self._run_networks(self._fp32, batch, chosen, ab, [0] * len(batch), list, redo)
+        t3 = time.perf_counter()
+
+        stage = {"detect": t1 - t0, "instance": t2 - t1, "fusion": t3 - t2}
+        predictions: list[Prediction | None] = []
+        for i, p in enumerate(batch):
+            result = ab[i]
+            if result is None:
+                assert should_stop is not None  # only a stopped image has no result
+                predictions.append(None)
+                continue
+            boxes, scores = chosen[i]
+            predictions.append(
+                Prediction(
+                    result,
+                    boxes,
+                    scores,
+                    {**p.timings, **stage},
+                    nonfinite=nonfinite[i],
+                    fallback=nonfinite[i] > 0 and self._fp32 is not None,
+                )
+            )
+        return predictions
+
+    def _run_networks(
+        self,
+        nets: _Networks,
+        batch: Sequence[PreparedImage],
+        chosen: dict[int, tuple[list[IntBox], list[float]]],
+        ab: list[torch.Tensor | None],
+        nonfinite: list[int],
+        wanted: Callable[[Sequence[int]], list[int]],
+        only: Sequence[int] | None = None,
+    ) -> float:
+        """Instance net, then fusion (images with boxes) or the full-image net, writing each
+        image's ab (float32, CPU) and its count of non-finite values into ``ab``/``nonfinite``.
+
+        ``only``: the images to run (default all in ``chosen``). Returns the time the instance
+        stage ended.
+        """
+        todo = set(chosen if only is None else only)
+        with_boxes = wanted([i for i in chosen if i in todo and chosen[i][0]])
         features: dict[str, torch.Tensor] = {}
-        if with_boxes:
+        if with_boxes and self.device_crops:
+            crops = torch.cat(
+                [
+                    crop_l_on_device(batch[i].source.rgb, chosen[i][0], self.device)
+                    for i in with_boxes
+                ]
+            )
+        elif with_boxes:
             crops = torch.cat(
                 list(
                     self._crop_pool.map(
@@ -326,7 +423,8 @@ class Colorizer:
                     )
                 )
             )
-            _, features = self.instance_net(self._network_input(crops))
+        if with_boxes:
+            _, features = nets.instance(self._network_input(crops, nets.dtype))
         self._sync()
         t2 = time.perf_counter()
 
@@ -346,30 +444,32 @@ class Colorizer:
             ]
             layout = build_layout(infos, self.device)
             full = torch.stack([batch[i].l_norm for i in with_boxes])
-            fused = self.fusion_net(self._network_input(full), features, layout)
-            for i, out in zip(with_boxes, fused.float().cpu(), strict=True):
-                ab[i] = out
+            fused = nets.fusion(self._network_input(full, nets.dtype), features, layout)
+            self._collect(fused, with_boxes, ab, nonfinite)
         del features
-        without = wanted([i for i in chosen if not chosen[i][0]])
+        without = wanted([i for i in chosen if i in todo and not chosen[i][0]])
         if without:
             full = torch.stack([batch[i].l_norm for i in without])
-            plain = self.full_image_net(self._network_input(full))
-            for i, out in zip(without, plain.float().cpu(), strict=True):
-                ab[i] = out
+            plain = nets.full_image(self._network_input(full, nets.dtype))
+            self._collect(plain, without, ab, nonfinite)
         self._sync()
-        t3 = time.perf_counter()
+        return t2
 
-        stage = {"detect": t1 - t0, "instance": t2 - t1, "fusion": t3 - t2}
-        predictions: list[Prediction | None] = []
-        for i, p in enumerate(batch):
-            result = ab[i]
-            if result is None:
-                assert should_stop is not None  # only a stopped image has no result
-                predictions.append(None)
-                continue
-            boxes, scores = chosen[i]
-            predictions.append(Prediction(result, boxes, scores, {**p.timings, **stage}))
-        return predictions
+    def _collect(
+        self,
+        out: torch.Tensor,
+        indices: Sequence[int],
+        ab: list[torch.Tensor | None],
+        nonfinite: list[int],
+    ) -> None:
+        """Copy a network's ab to the host; at fp16/bf16 count each image's non-finite values
+        (on the device, one small extra copy)."""
+        counts = None
+        if out.dtype != torch.float32:
+            counts = (~torch.isfinite(out)).flatten(1).sum(1).cpu().tolist()
+        for k, (i, image_ab) in enumerate(zip(indices, out.float().cpu(), strict=True)):
+            ab[i] = image_ab
+            nonfinite[i] = 0 if counts is None else int(counts[k])
 
     # -- stage 3: CPU ---------------------------------------------------------------------------
 

@@ -6,7 +6,10 @@
   convolutions fast only where the CPU has native bf16 instructions (AMX or AVX512-BF16);
   elsewhere (e.g. AVX2-only CPUs) it emulates them and is several times *slower* than fp32.
 
-``auto`` picks fp16 on CUDA, bf16 on a CPU with native bf16 and fp32 on any other CPU.
+``auto`` picks bf16 on CUDA devices of compute capability 8.0 or newer (Ampere, Hopper: bf16 has
+fp32's range, so no overflow, at the same tensor-core rate as fp16), fp16 on older CUDA devices,
+bf16 on a CPU with native bf16 and fp32 on any other CPU. The CUDA choice is made on that argument,
+not measured: no GPU has run this code yet (docs/performance.md).
 In every mode the fusion logits, their softmax, the weighted sum and the Lab conversion run in
 float32 (see ``models/fusion.py``).
 """
@@ -94,9 +97,25 @@ def probe_cpu() -> CpuFeatures:
 
 SETTINGS: tuple[PrecisionSetting, ...] = ("auto", "fp32", "fp16", "bf16")
 
+BF16_CUDA_MAJOR = 8
+"""First CUDA compute capability (Ampere) with bf16 tensor cores at fp16's rate."""
+
+
+def cuda_auto_precision(capability: tuple[int, int] | None) -> Precision:
+    """``auto`` on CUDA: bf16 from compute capability 8.0 on (or when unknown), else fp16."""
+    if capability is None or capability[0] >= BF16_CUDA_MAJOR:
+        return "bf16"
+    return "fp16"
+
+
+def _cuda_capability(device: torch.device) -> tuple[int, int] | None:
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_capability(device)
+
 
 def resolve_precision(setting: PrecisionSetting | str, device: torch.device | str) -> Precision:
-    """``auto``: fp16 on CUDA, bf16 on a CPU with native bf16, else fp32; others unchanged.
+    """``auto``: bf16 on Ampere+ CUDA (fp16 before), bf16 on a CPU with native bf16, else fp32.
 
     Anything else is a ``ValueError`` naming the valid values.
     """
@@ -107,7 +126,7 @@ def resolve_precision(setting: PrecisionSetting | str, device: torch.device | st
         return setting  # one of DTYPES' keys, checked above
     kind = torch.device(device).type
     if kind == "cuda":
-        return "fp16"
+        return cuda_auto_precision(_cuda_capability(torch.device(device)))
     if kind == "cpu" and probe_cpu().native_bf16:
         return "bf16"
     return "fp32"
@@ -120,7 +139,9 @@ def precision_reason(setting: PrecisionSetting, device: torch.device | str) -> s
         return f"precision {precision} (set explicitly)"
     kind = torch.device(device).type
     if kind == "cuda":
-        return "precision fp16 (auto: CUDA)"
+        capability = _cuda_capability(torch.device(device))
+        shown = "unknown" if capability is None else f"{capability[0]}.{capability[1]}"
+        return f"precision {precision} (auto: CUDA compute capability {shown})"
     cpu = probe_cpu()
     found = ", ".join(cpu.describe()["bf16_instructions"]) or "neither AMX nor AVX512-BF16"
     return f"precision {precision} (auto: CPU {cpu.capability}, {found})"

@@ -79,3 +79,29 @@ def detector_lightness(
     new_w, new_h = max(1, round(width * scale)), max(1, round(height * scale))
     small = l8.resize((new_w, new_h), Image.Resampling.BILINEAR)
     return small, width / new_w, height / new_h
+
+
+def crop_l_on_device(
+    image: Image.Image, boxes: Sequence[IntBox], device: torch.device
+) -> torch.Tensor:
+    """``crop_l`` with the crop, resize and Lab conversion on ``device`` (one upload of the RGB).
+
+    ``torch.nn.functional.interpolate`` bilinear with antialias stands in for PIL's antialiased
+    bilinear, without PIL's rounding of the resized RGB to 8 bits: the L differs slightly (bounded
+    in tests/test_precision.py::test_device_crops_deviate_from_pil_within_the_stated_bound).
+    """
+    if not boxes:
+        return torch.empty(0, 1, NETWORK_SIZE, NETWORK_SIZE, device=device)
+    rgb = torch.from_numpy(np.asarray(image, dtype=np.uint8)).to(device, non_blocking=True)
+    chw = rgb.permute(2, 0, 1).float().div_(255).unsqueeze(0)
+    crops = [
+        torch.nn.functional.interpolate(
+            chw[:, :, y1:y2, x1:x2],
+            size=(NETWORK_SIZE, NETWORK_SIZE),
+            mode="bilinear",
+            antialias=True,
+            align_corners=False,
+        )[0]
+        for x1, y1, x2, y2 in boxes
+    ]
+    return torch.stack([normalize_l(rgb_to_lab(c)[0:1]) for c in crops])

@@ -109,8 +109,8 @@ class ModelSettings(BaseSettings):
     )
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
         default="auto",
-        description="auto: fp16 on CUDA; bf16 on a CPU with native bf16 (AMX or AVX512-BF16), "
-        "fp32 on other CPUs (there bf16 is emulated and several times slower). fp32 is the parity "
+        description="auto: bf16 on CUDA 8.0+ (fp16 on older CUDA); bf16 on a CPU with native "
+        "bf16 (AMX or AVX512-BF16), fp32 on other CPUs (there bf16 is emulated and several times slower). fp32 is the parity "
         "mode; fp16 and bf16 keep the fusion softmax and Lab in fp32 (docs/performance.md).",
     )
     channels_last: bool = Field(

@@ -6,6 +6,7 @@ small inputs. The tolerances are the ones docs/performance.md states.
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -14,9 +15,15 @@ from PIL import Image
 
 from models import precision
 from models.boxes import Detections
-from models.checkpoints import load_networks
+from models.checkpoints import ColorizationNetworks, load_networks
 from models.pipeline import ColorizeOptions, Colorizer, Prediction
-from models.precision import CpuFeatures, Precision, probe_cpu, resolve_precision
+from models.precision import (
+    CpuFeatures,
+    Precision,
+    cuda_auto_precision,
+    probe_cpu,
+    resolve_precision,
+)
 from service.settings import AUTO_BATCH_SIZE, ModelSettings, ServiceSettings
 
 BF16_MEAN_AB = 0.01  # normalised ab (range [-1, 1]), mean absolute difference to fp32
@@ -107,8 +114,12 @@ def test_auto_picks_bf16_only_on_cpus_with_native_bf16(
     monkeypatch.setattr(precision, "probe_cpu", lambda: cpu)
     assert resolve_precision("auto", "cpu") == expected
     assert ModelSettings(device="cpu").resolved_precision() == expected
-    assert resolve_precision("auto", "cuda") == "fp16"
-    assert resolve_precision("auto", "cuda:1") == "fp16"
+    if not torch.cuda.is_available():  # capability unknown here: the Ampere+ choice
+        assert resolve_precision("auto", "cuda") == "bf16"
+        assert resolve_precision("auto", "cuda:1") == "bf16"
+    assert cuda_auto_precision((9, 0)) == "bf16"  # Hopper
+    assert cuda_auto_precision((8, 0)) == "bf16"  # Ampere
+    assert cuda_auto_precision((7, 5)) == "fp16"  # Turing: no bf16 tensor cores
     for explicit in ("fp32", "fp16", "bf16"):
         assert resolve_precision(explicit, "cpu") == explicit  # type: ignore[arg-type]
     reason = precision.precision_reason("auto", "cpu")
@@ -247,3 +258,107 @@ def test_an_unknown_precision_is_a_value_error_naming_the_valid_ones(
         Colorizer(load_networks(tiny_checkpoints), precision=bad)  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="precision must be one of"):
         resolve_precision(bad, "cpu")
+
+
+OVERFLOW_SCALE = 1e5
+"""Times the full-image net's first convolution: its outputs pass fp16's 65504 (inf, then NaN
+further on) while float32 holds them."""
+
+
+def _overflowing_networks(checkpoints: Path) -> ColorizationNetworks:
+    networks = load_networks(checkpoints)
+    with torch.no_grad():
+        networks.full_image.model1[0].weight.mul_(OVERFLOW_SCALE)
+    return networks
+
+
+def test_fp16_overflow_is_rerun_in_fp32_per_image(
+    tiny_checkpoints: Path, gray_photo: Image.Image
+) -> None:
+    boxed = ColorizeOptions(resolution="network", boxes=_boxes())
+    plain = ColorizeOptions(resolution="network", max_instances=0)
+
+    def run(colorizer: Colorizer) -> list[Prediction]:
+        return colorizer.predict([colorizer.prepare(gray_photo, o) for o in (boxed, plain)])
+
+    networks = _overflowing_networks
+    unguarded = run(
+        Colorizer(networks(tiny_checkpoints), precision="fp16", precision_fallback=False)
+    )
+    # the overflow is real: the full-image image's fp16 output is not finite, nothing re-ran it
+    assert unguarded[1].nonfinite > 0 and not unguarded[1].fallback
+    assert not torch.isfinite(unguarded[1].ab).all()
+
+    reference = run(Colorizer(networks(tiny_checkpoints), precision="fp32"))
+    assert all(torch.isfinite(p.ab).all() and p.nonfinite == 0 for p in reference)
+
+    guarded = run(Colorizer(networks(tiny_checkpoints), precision="fp16"))
+    overflowed, kept = guarded[1], guarded[0]
+    assert overflowed.fallback and overflowed.nonfinite == unguarded[1].nonfinite
+    assert torch.isfinite(overflowed.ab).all()
+    # the re-run is the fp32 networks' own result (same boxes, same weights)
+    torch.testing.assert_close(overflowed.ab, reference[1].ab, rtol=0, atol=1e-5)
+    # the image with boxes (fusion net, untouched weights) stayed fp16: no re-run, fp16's result
+    assert kept.nonfinite == 0 and not kept.fallback
+    torch.testing.assert_close(kept.ab, unguarded[0].ab, rtol=0, atol=0)
+    assert (kept.ab - reference[0].ab).abs().max().item() > 0  # it really is fp16's
+
+
+def test_fp32_keeps_no_fallback_copy(tiny_checkpoints: Path) -> None:
+    assert Colorizer(load_networks(tiny_checkpoints))._fp32 is None
+    guarded = Colorizer(load_networks(tiny_checkpoints), precision="bf16")
+    assert guarded._fp32 is not None
+    assert guarded._fp32.full_image.model1[0].weight.dtype == torch.float32
+
+
+async def test_the_engine_counts_precision_fallbacks(tiny_checkpoints: Path) -> None:
+    import image_corpus as corpus
+    from prometheus_client import CollectorRegistry
+    from service_helpers import make_job
+
+    from service.core.jobs import JobResult
+    from service.core.metrics import Metrics
+    from service.engine.batch import BatchEngine
+
+    colorizer = Colorizer(_overflowing_networks(tiny_checkpoints), precision="fp16")
+    registry = CollectorRegistry()
+    engine = BatchEngine(colorizer, ThreadPoolExecutor(2), Metrics(registry), max_pixels=10**7)
+    try:  # no detector, no boxes: both go through the overflowing full-image net
+        outcomes = await engine.run_batch(
+            [make_job(corpus.png(), "a"), make_job(corpus.png(), "b")]
+        )
+    finally:
+        engine.close()
+    assert all(isinstance(o, JobResult) for o in outcomes)
+    assert registry.get_sample_value("colorize_precision_fallbacks_total") == 2
+
+
+# Device crops (torch antialiased bilinear, no 8-bit rounding) against PIL's, measured on this
+# photo: L_norm max 0.0042 / mean 0.00057; ab (tiny width-8 random nets, fp32) max 0.0012 / mean
+# 0.000045. Bounds about 2x that. Trained full-width nets may amplify it more: unmeasured.
+DEVICE_CROP_MAX_L = 0.01  # normalised L (range about [-1, 1])
+DEVICE_CROP_MEAN_L = 0.002
+DEVICE_CROP_MAX_AB = 0.005  # normalised ab (range [-1, 1])
+DEVICE_CROP_MEAN_AB = 0.0005
+
+
+def test_device_crops_deviate_from_pil_within_the_stated_bound(
+    tiny_checkpoints: Path, gray_photo: Image.Image
+) -> None:
+    from models.preprocess import crop_l, crop_l_on_device
+
+    rgb = gray_photo.convert("RGB")
+    boxes = [(20, 30, 140, 200), (150, 50, 300, 180), (5, 5, 60, 60)]
+    pil = crop_l(rgb, boxes)
+    device = crop_l_on_device(rgb, boxes, torch.device("cpu"))
+    l_diff = (device - pil).abs()
+    print(f"device crops vs PIL, L_norm: max {l_diff.max():.5f} mean {l_diff.mean():.6f}")
+    assert 0 < l_diff.mean().item() <= DEVICE_CROP_MEAN_L
+    assert l_diff.max().item() <= DEVICE_CROP_MAX_L
+
+    reference = _ab(_predict(Colorizer(load_networks(tiny_checkpoints)), [gray_photo], True))
+    on_device = Colorizer(load_networks(tiny_checkpoints), device_crops=True)
+    ab_diff = (_ab(_predict(on_device, [gray_photo], True)) - reference).abs()
+    print(f"device crops vs PIL, ab: max {ab_diff.max():.5f} mean {ab_diff.mean():.6f}")
+    assert 0 < ab_diff.mean().item() <= DEVICE_CROP_MEAN_AB
+    assert ab_diff.max().item() <= DEVICE_CROP_MAX_AB

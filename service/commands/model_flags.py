@@ -31,7 +31,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="Mask R-CNN ResNet-50-FPN v1 or v2 [COLORIZE_DETECTOR_VERSION]")  # fmt: skip
     group.add_argument("--device", help="auto, cpu, cuda or cuda:N [COLORIZE_DEVICE]")
     group.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"],
-                       help="[COLORIZE_PRECISION] auto: fp16 on CUDA, bf16 on a CPU with AMX or "
+                       help="[COLORIZE_PRECISION] auto: bf16 on CUDA 8.0+ (fp16 older), bf16 on a CPU with AMX or "
                        "AVX512-BF16, else fp32 (docs/performance.md)")  # fmt: skip
     group.add_argument("--channels-last", action=argparse.BooleanOptionalAction, default=None,
                        help="NHWC memory format [COLORIZE_CHANNELS_LAST, default on]")  # fmt: skip

@@ -45,7 +45,14 @@ INSTANCE_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
 
 # Which metrics each role registers (attribute names of ``Metrics``).
 _EDGE = ("requests", "requests_by_key", "unauthorized", "in_flight", "refused_by_cost")
-_ENGINE = ("batch_size", "instances_per_image", "model_info", "gpu_memory", "dropped")
+_ENGINE = (
+    "batch_size",
+    "instances_per_image",
+    "model_info",
+    "gpu_memory",
+    "dropped",
+    "precision_fallbacks",
+)
 _REDIS = ("redis_pending", "redis_stream_length", "redis_consumers")
 _SHARED = ("stage_duration", "model_stage_duration", "model_batch_size", "queue_depth")
 _BATCH_API = (
@@ -145,6 +152,12 @@ class Metrics:
             "colorize_dropped_requests",
             "Admitted requests dropped before inference, by reason.",
             ["reason"],
+            registry=registry,
+        )
+        self.precision_fallbacks = Counter(
+            "colorize_precision_fallbacks",
+            "Images whose fp16/bf16 ab had a non-finite value (an overflow) and were re-run in "
+            "fp32 within their batch.",
             registry=registry,
         )
         self.model_info = Gauge(

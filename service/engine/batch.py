@@ -278,6 +278,8 @@ class BatchEngine:
         for (i, _), p in zip(todo, predictions, strict=True):
             if isinstance(p, Prediction):
                 traces[i].predicted(device_start, p.timings, len(p.boxes))
+                if p.fallback:
+                    self.metrics.precision_fallbacks.inc()
         finished = await asyncio.gather(
             *(
                 loop.run_in_executor(self.pool, self._finish, jobs[i], item, p, drops, traces[i])
