@@ -74,26 +74,30 @@ def photo(index: int) -> Image.Image:
     """A deterministic grayscale 'photo': gradient, noise and a few shapes to detect."""
     rng = np.random.default_rng(index)
     width, height = IMAGE_SIZE
+    k = min(width / 640, height / 480)  # shapes scale with --image-size (designed at 640x480)
     base = np.linspace(40, 215, width)[None, :].repeat(height, axis=0)
     base += rng.normal(0, 12, (height, width))
     image = Image.fromarray(np.clip(base, 0, 255).astype(np.uint8), mode="L")
     draw = ImageDraw.Draw(image)
     for j in range(6):
-        x, y = int(rng.integers(0, width - 160)), int(rng.integers(0, height - 160))
+        x = int(rng.integers(0, max(1, width - int(160 * k))))
+        y = int(rng.integers(0, max(1, height - int(160 * k))))
         shade = int(rng.integers(0, 255))
         if j % 2:
-            draw.ellipse((x, y, x + 150, y + 150), fill=shade)
+            draw.ellipse((x, y, x + 150 * k, y + 150 * k), fill=shade)
         else:
-            draw.rectangle((x, y, x + 120, y + 150), fill=shade)
+            draw.rectangle((x, y, x + 120 * k, y + 150 * k), fill=shade)
     return image
 
 
 def eight_boxes() -> Detections:
+    """Eight overlapping boxes, laid out at 640x480 and scaled to ``IMAGE_SIZE``."""
     width, height = IMAGE_SIZE
-    boxes = [
-        [20 + 70 * j, 30 + 20 * (j % 3), 180 + 55 * j, height - 40 - 15 * (j % 4)] for j in range(8)
-    ]
-    return Detections.from_boxes([[min(v, width) for v in b] for b in boxes])
+    sx, sy = width / 640, height / 480
+    boxes = [[20 + 70 * j, 30 + 20 * (j % 3), 180 + 55 * j, 440 - 15 * (j % 4)] for j in range(8)]
+    return Detections.from_boxes(
+        [[min(x1 * sx, width), y1 * sy, min(x2 * sx, width), y2 * sy] for x1, y1, x2, y2 in boxes]
+    )
 
 
 def machine(device: torch.device) -> str:
@@ -265,6 +269,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--width", type=int, default=64, help="width of random networks (64 = official)"
     )
     parser.add_argument(
+        "--image-size",
+        default="640x480",
+        help="WxH of the synthetic photos (default 640x480; e.g. 64x48 for a quick CPU check)",
+    )
+    parser.add_argument(
         "--quick",
         action="store_true",
         help="batch sizes 1,2 and one batch per measurement (for CPUs)",
@@ -283,7 +292,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
+    global IMAGE_SIZE
     args = parse_args(argv)
+    try:
+        width, height = (int(v) for v in args.image_size.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--image-size {args.image_size!r}: write WxH, e.g. 64x48") from None
+    if width < 16 or height < 16:
+        raise SystemExit(f"--image-size {args.image_size}: at least 16x16")
+    IMAGE_SIZE = (width, height)
     device = torch.device(
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
     )
@@ -308,7 +325,11 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"wrote random checkpoints to {checkpoints} in {time.perf_counter() - started:.1f} s"
             )
-        if args.detector_weights is not None:
+        detector: BoxDetector | None = None
+        threshold = RANDOM_DETECTOR_THRESHOLD
+        if "detect" not in modes:
+            weights_note += "; no detector (mode detect not measured)"
+        elif args.detector_weights is not None:
             detector = BoxDetector.from_file(args.detector_weights, args.detector_version, device)
             threshold = 0.7 if args.score_threshold is None else args.score_threshold
             weights_note += f"; detector {args.detector_weights.name} at threshold {threshold}"
@@ -329,7 +350,8 @@ def main(argv: list[str] | None = None) -> int:
         for precision in precisions:
             # given to the constructor, which turns on the detector's fp16 autocast on CUDA as the
             # service's Colorizer.load does (reset first: the detector is shared by the precisions)
-            detector.autocast_dtype = None
+            if detector is not None:
+                detector.autocast_dtype = None
             colorizer = Colorizer(load_networks(checkpoints), detector, device, precision)
             # first-call allocations
             colorizer.colorize([photo(0)], ColorizeOptions(max_instances=0))

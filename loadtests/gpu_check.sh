@@ -39,13 +39,32 @@ fi
 
 SCRATCH=$(mktemp -d /tmp/gpu-check.XXXXXX)
 trap 'rm -rf "$SCRATCH"' EXIT
-NGPU=$($PY -c "import torch; print(torch.cuda.device_count())")
+# one Python start for the header (each start imports torch: seconds on a busy CPU)
+$PY - "$QUICK" >"$SCRATCH/info" <<'PYEOF'
+import os, sys, torch, torchvision
+quick = sys.argv[1] == "1"
+n = torch.cuda.device_count()
+if n and not quick:
+    name = torch.cuda.get_device_name(0)
+else:
+    cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), "?")
+    flags = next((l for l in open("/proc/cpuinfo") if l.startswith("flags")), "")
+    isa = ", ".join(f for f in ("avx512_bf16", "amx_bf16") if f in flags.split()) or "AVX2" if "avx2" in flags else "no AVX2"
+    name = f"CPU {cpu}, {os.cpu_count()} cores ({isa}), no GPU used"
+print(n); print(name); print(torch.__version__, torchvision.__version__)
+PYEOF
+{ read -r NGPU; read -r MACHINE; read -r TORCHV TVV; } <"$SCRATCH/info"
+NGPU=${NGPU:-0}
 if [ "$QUICK" = 1 ] || [ "$NGPU" = 0 ]; then
-  DEVICE=cpu; WIDTH=8; PRECISIONS=fp32,bf16; MODES=fp32-cl,bf16; BATCHES=1,2
-  PIPE_FLAGS="--quick --modes full,boxes8"; USERS=2; DURATION=3; WARMUP=1; STEPS=2; TBATCH=1; PHOTOS=1
+  # CPU: width-8 networks, 64x48 photos, fp32 pipeline (bf16 is emulated on AVX2: one tiny case
+  # in the precision section), 1 training step per stage, 2 torchrun steps per stage
+  DEVICE=cpu; WIDTH=8; MODES=fp32-cl,bf16; BOXPHOTOS=0; PHOTOS=1
+  PIPE_FLAGS="--precisions fp32 --quick --modes full,boxes8 --image-size 64x48"
+  USERS=2; DURATION=3; WARMUP=1; STEPS=1; TBATCH=1; TPREC=fp32; DDPSTEPS=2
 else
-  DEVICE=cuda; WIDTH=64; PRECISIONS=fp32,fp16,bf16; MODES=fp32,fp16,bf16; BATCHES=1,8,32
-  PIPE_FLAGS="--images 64"; USERS=32; DURATION=30; WARMUP=10; STEPS=20; TBATCH=16; PHOTOS=0
+  DEVICE=cuda; WIDTH=64; MODES=fp32-cl,fp16,bf16; BOXPHOTOS=6; PHOTOS=0
+  PIPE_FLAGS="--precisions fp32,fp16,bf16 --batch-sizes 1,8,32 --images 64"
+  USERS=32; DURATION=30; WARMUP=10; STEPS=20; TBATCH=16; TPREC=fp32,fp16,bf16; DDPSTEPS=4
 fi
 [ "$QUICK" = 1 ] && DEVICE=cpu
 
@@ -53,31 +72,30 @@ section() { echo; echo "## $1"; echo; }
 {
   echo "# gpu_check $(date -u +%Y-%m-%dT%H:%MZ) ($([ $QUICK = 1 ] && echo quick || echo full))"
   echo
-  echo "- machine: $($PY -c "import torch; print(torch.cuda.get_device_name(0) if torch.cuda.is_available() and '$DEVICE' != 'cpu' else 'CPU ' + next(l.split(':',1)[1].strip() for l in open('/proc/cpuinfo') if l.startswith('model name')) + ', %d cores' % __import__('os').cpu_count())")"
+  echo "- machine: $MACHINE"
   echo "- nvidia-smi: $(nvidia-smi --query-gpu=name,driver_version --format=csv,noheader 2>/dev/null | head -1 || echo none)"
-  echo "- torch $($PY -c 'import torch; print(torch.__version__)'), torchvision $($PY -c 'import torchvision; print(torchvision.__version__)'), commit $(git rev-parse --short HEAD 2>/dev/null || echo -)"
+  echo "- torch $TORCHV, torchvision $TVV, commit $(git rev-parse --short HEAD 2>/dev/null || echo -)"
   echo "- device $DEVICE, GPUs $NGPU, width $WIDTH"
 
   section "precision vs fp32 (ab error, RGB LSB, non-finite)"
   $PY loadtests/bench_precision.py --device $DEVICE --modes $MODES --width $WIDTH \
-      --photos $PHOTOS --box-photos 1 2>&1 | grep -E "^\||non-finite" ; echo "exit ${PIPESTATUS[0]}"
+      --photos $PHOTOS --box-photos $BOXPHOTOS 2>&1 | grep -E "^\||non-finite" ; echo "exit ${PIPESTATUS[0]}"
 
   section "pipeline images/s and device ms/img"
-  $PY loadtests/bench_pipeline.py --device $DEVICE --width $WIDTH --precisions $PRECISIONS \
-      --batch-sizes $BATCHES $PIPE_FLAGS --no-write 2>&1 | grep -E "^\|" ; echo "exit ${PIPESTATUS[0]}"
+  $PY loadtests/bench_pipeline.py --device $DEVICE --width $WIDTH $PIPE_FLAGS --no-write 2>&1 | grep -E "^\|" ; echo "exit ${PIPESTATUS[0]}"
 
   section "HTTP through serve ($USERS users, ${DURATION}s)"
-  $PY -c "import sys; sys.path.insert(0,'loadtests'); from pathlib import Path; from bench_pipeline import random_checkpoints; random_checkpoints(Path('$SCRATCH/ckpt'), $WIDTH)"
+  # checkpoints for serve and torchrun, and the torchrun data set, in one Python start
+  $PY -c "import sys; sys.path.insert(0,'loadtests'); from pathlib import Path; from bench_pipeline import random_checkpoints; from bench_training import make_data; random_checkpoints(Path('$SCRATCH/ckpt'), $WIDTH); make_data(Path('$SCRATCH/train'), 4)" >/dev/null
   $PY loadtests/run_load.py --users $USERS --duration $DURATION --warmup $WARMUP \
       --serve "--checkpoints $SCRATCH/ckpt --no-detector" --env COLORIZE_DEVICE=$DEVICE 2>&1 | tail -n 12 ; echo "exit ${PIPESTATUS[0]}"
 
   section "training images/s per stage"
   $PY loadtests/bench_training.py --device $DEVICE --width $WIDTH --batch-size $TBATCH \
-      --steps $STEPS --precisions ${PRECISIONS} --no-write 2>&1 | grep -E "^\|" ; echo "exit ${PIPESTATUS[0]}"
+      --steps $STEPS --precisions $TPREC --loader-batches 1 --no-write 2>&1 | grep -E "^\|" ; echo "exit ${PIPESTATUS[0]}"
 
   section "torchrun, 2 processes, each stage"
-  $PY -c "import sys; sys.path.insert(0,'loadtests'); from pathlib import Path; from bench_training import make_data; make_data(Path('$SCRATCH/train'), 4)" >/dev/null
-  FLAGS="--data $SCRATCH/train/data --init $SCRATCH/ckpt --batch-size 1 --workers 0 --max-steps 2 --epochs 1 --no-progress"
+  FLAGS="--data $SCRATCH/train/data --init $SCRATCH/ckpt --batch-size 1 --workers 0 --max-steps $DDPSTEPS --epochs 100 --no-progress"
   if [ "$DEVICE" = cuda ] && [ "$NGPU" -ge 2 ]; then
     for stage in full instance fusion; do
       $PY -m torch.distributed.run --standalone --nproc-per-node 2 -m service train --stage $stage \
@@ -90,10 +108,20 @@ section() { echo; echo "## $1"; echo; }
     OMP_NUM_THREADS=1 $PY -m torch.distributed.run --standalone --nproc-per-node 2 tests/ddp_steps.py \
       $SCRATCH/runs full,instance,fusion $FLAGS --device $dev >/dev/null 2>$SCRATCH/err-ddp
     code=$?
-    for stage in full instance fusion; do
-      $PY -c "import torch; r=[torch.load('$SCRATCH/runs/$stage.rank%d.pt' % k) for k in (0,1)]; same=all(torch.equal(a,b) for s0,s1 in zip(r[0]['steps'],r[1]['steps']) for a,b in zip(s0['after'],s1['after'])); print('| $stage | $backend | exit %d | steps %d | ranks equal %s |' % (r[0]['code'], len(r[0]['steps']), same))" 2>/dev/null \
-        || echo "| $stage | $backend | exit $code | failed: $(tail -c 300 $SCRATCH/err-ddp | tr '\n' ' ') |"
-    done
+    $PY - "$SCRATCH/runs" "$backend" "$code" "$SCRATCH/err-ddp" <<'PYEOF'
+import sys, torch
+runs, backend, code, err = sys.argv[1:]
+for stage in ("full", "instance", "fusion"):
+    try:
+        r = [torch.load(f"{runs}/{stage}.rank{k}.pt") for k in (0, 1)]
+    except OSError:
+        tail = open(err).read()[-300:].replace("\n", " ")
+        print(f"| {stage} | {backend} | exit {code} | failed: {tail} |")
+        continue
+    same = all(torch.equal(a, b) for s0, s1 in zip(r[0]["steps"], r[1]["steps"])
+               for a, b in zip(s0["after"], s1["after"]))
+    print(f"| {stage} | {backend} | exit {r[0]['code']} | steps {len(r[0]['steps'])} | ranks equal {same} |")
+PYEOF
   fi
 } | tee "$SUMMARY"
 
