@@ -22,17 +22,21 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
 WORKDIR /app
 
 # 1. Dependencies, in their own layer keyed only on pyproject.toml: editing the source does not
-#    reinstall them. Only the serving set ([project].dependencies): the image runs serve, worker,
-#    colorize and fetch-weights; the eval and train extras (evaluate, train) are left out.
+#    reinstall them. Only the serving set ([project].dependencies, plus IMAGE_EXTRAS): the image
+#    runs serve, worker, colorize and fetch-weights; the eval and train extras are left out.
 #    torch/torchvision come from the base image and are pinned by constraints.txt so pip never
 #    swaps them for another CUDA build (deploy/requirements_from_pyproject.py).
 #    A base without torch (python:3.11-slim, for the CPU-only image) gets the CPU wheels first.
+#    IMAGE_EXTRAS: extras installed too; tracing (the OpenTelemetry SDK and OTLP exporter, a few
+#    MB, imported only when OTEL_* variables turn tracing on: docs/tracing.md). Empty: none.
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
+ARG IMAGE_EXTRAS=tracing
 COPY pyproject.toml deploy/requirements_from_pyproject.py /tmp/deps/
 RUN --mount=type=cache,target=/root/.cache/pip \
     (python -c "import torch, torchvision" 2>/dev/null \
      || pip install --index-url "${TORCH_INDEX_URL}" "torch>=2.4" "torchvision>=0.19") \
     && python /tmp/deps/requirements_from_pyproject.py /tmp/deps/pyproject.toml --out /tmp/deps \
+       --extras "${IMAGE_EXTRAS}" \
     && pip install -r /tmp/deps/requirements.txt -c /tmp/deps/constraints.txt \
     && python -c "import torch, torchvision, fastapi, uvicorn, redis, prometheus_client" \
     && rm -rf /tmp/deps

@@ -5,7 +5,8 @@ The CUDA base image already ships torch and torchvision, built for its CUDA vers
 gigabytes to the image. So the Dockerfile installs the dependency layer from two files written
 here, before the source is copied (the layer is rebuilt only when pyproject.toml changes):
 
-- ``requirements.txt``: ``[project].dependencies`` as declared (torch>=..., fastapi>=..., ...);
+- ``requirements.txt``: ``[project].dependencies`` as declared (torch>=..., fastapi>=..., ...),
+  plus those of the extras named by ``--extras`` (the image's ``IMAGE_EXTRAS``: tracing);
 - ``constraints.txt``: the packages the base image provides (torch, torchvision) pinned to the
   versions installed there. pip then finds them already satisfied and never downloads another
   build, and a base image whose torch is older than the project's lower bound fails the build
@@ -58,12 +59,22 @@ def main(argv: list[str] | None = None) -> int:
         "--provided", nargs="*", default=list(PROVIDED_BY_BASE),
         help="packages the base image provides: pinned, never reinstalled",
     )  # fmt: skip
+    parser.add_argument(
+        "--extras", default="",
+        help="comma-separated optional-dependency groups to add (e.g. tracing)",
+    )  # fmt: skip
     args = parser.parse_args(argv)
 
     project = tomllib.loads(args.pyproject.read_text())["project"]
     check_python(project.get("requires-python"))
     args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "requirements.txt").write_text("\n".join(project["dependencies"]) + "\n")
+    requirements = list(project["dependencies"])
+    optional = project.get("optional-dependencies", {})
+    for extra in filter(None, (e.strip() for e in args.extras.split(","))):
+        if extra not in optional:
+            raise SystemExit(f"no extra {extra!r} in pyproject.toml; known: {', '.join(optional)}")
+        requirements += optional[extra]
+    (args.out / "requirements.txt").write_text("\n".join(requirements) + "\n")
     (args.out / "constraints.txt").write_text("\n".join(installed_pins(args.provided)) + "\n")
     return 0
 

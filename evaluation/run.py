@@ -29,7 +29,8 @@ from evaluation.fid import FidFeatures
 from evaluation.metrics import LpipsMetric, colorfulness, score_pair
 from models.atomic import write_atomic
 from models.offline import FINISH_ERRORS, describe_failure, run_batches
-from models.pipeline import ColorizeOptions, Colorizer, Prediction, PreparedImage
+from models.pipeline import ColorizeOptions, Prediction, PreparedImage
+from models.zoo import ModelColorizer
 
 METRICS: tuple[str, ...] = ("psnr", "ssim", "lpips", "colorfulness")
 """Per-image metrics, in the order of ``metrics.csv``. Higher is better except for lpips."""
@@ -128,7 +129,7 @@ class Evaluator:
 
     def __init__(
         self,
-        colorizer: Colorizer,
+        colorizer: ModelColorizer,
         options: ColorizeOptions,
         lpips: LpipsMetric | None = None,
         instances: dict[str, list[Instance]] | None = None,

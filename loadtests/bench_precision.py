@@ -90,6 +90,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--box-photos", type=int, default=1,
                         help="photos also run with 8 boxes (default 1; slow in bf16 on AVX2)")  # fmt: skip
     parser.add_argument("--batch-sizes", default="", help="e.g. 1,4: time fp32 batch sizes too")
+    parser.add_argument("--width", type=int, default=64, help="random network width (64: official)")
+    parser.add_argument(
+        "--photos", type=int, default=0, help="use only the first N photos (0: all)"
+    )
     args = parser.parse_args(argv)
     device = (
         ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
@@ -97,8 +101,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"Machine: {machine(torch.device(device))}")
     print(f"CPU bf16 probe: {probe_cpu().describe()}", flush=True)
     photos = real_photos()
+    if args.photos:
+        photos = photos[: args.photos]
     with tempfile.TemporaryDirectory(prefix="bench-precision-") as scratch:
-        weights = write_official(Path(scratch), width=64, seed=0)
+        weights = write_official(Path(scratch), width=args.width, seed=0)
         baseline = Colorizer(load_networks(weights), None, device, "fp32", channels_last=False)
         cases = [(name, image, "full") for name, image in photos]
         cases += [(name, image, "boxes8") for name, image in photos[: args.box_photos]]
@@ -114,11 +120,12 @@ def main(argv: list[str] | None = None) -> int:
                 ab0, rgb0 = run_once(baseline, image, options)
                 start = time.process_time()
                 ab, rgb = run_once(colorizer, image, options)
+                non_finite = int((~torch.isfinite(ab)).sum())
                 figures = compare(ab, rgb, ab0, rgb0)
                 rows.setdefault((mode, kind), []).append(figures)
                 print(f"{mode} {kind} {name}: ab mean {figures[0]:.4f} max {figures[1]:.4f}, "
                       f"RGB >1 LSB {100 * figures[2]:.2f}% >3 LSB {100 * figures[3]:.2f}% "
-                      f"(CPU {time.process_time() - start:.1f} s)", flush=True)  # fmt: skip
+                      f"non-finite ab {non_finite} (CPU {time.process_time() - start:.1f} s)", flush=True)  # fmt: skip
         print(
             "\n| mode vs fp32 NCHW | case | photos | ab mean | ab max | RGB > 1 LSB | RGB > 3 LSB |"
         )

@@ -21,7 +21,8 @@ from typing import TYPE_CHECKING, TypeVar
 from PIL import Image
 
 if TYPE_CHECKING:
-    from models.pipeline import Colorizer, Prediction, PreparedImage
+    from models.pipeline import Prediction, PreparedImage
+    from models.zoo import ModelColorizer as Colorizer  # any registered model
 
 log = logging.getLogger(__name__)
 

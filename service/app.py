@@ -8,16 +8,21 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from contextlib import AbstractAsyncContextManager, asynccontextmanager
 from importlib import metadata
 
 from fastapi import Depends, FastAPI
 from fastapi_offline import FastAPIOffline
 
+from service.batches.runner import BatchScheduler
+from service.batches.store import SQLiteStore
+from service.batches.webhooks import WebhookSender
 from service.core.metrics import METRICS
 from service.core.queue import BatchRunner, JobQueue
+from service.core.tracing import instrument_app
 from service.router.auth import AuthPolicy
+from service.router.batches import install_batches
 from service.router.handlers import install_error_handlers
 from service.router.inputs import reject_unknown_query
 from service.router.metrics_route import install_metrics
@@ -45,29 +50,59 @@ def service_version() -> str:
 
 
 def default_queue_factory(settings: ServiceSettings) -> JobQueue:
-    """memory: the in-process batcher (loads the model); redis: jobs go to GPU workers."""
+    """memory: the in-process batcher (loads the models); redis: jobs go to GPU workers.
+
+    One queue per model of ``settings.models`` (``ModelQueues``): batches never mix models.
+    """
+    from service.queues.models import ModelQueues
+
     if settings.queue == "redis":
         from service.queues.redis.client import RedisJobQueue, RedisQueueConfig
 
-        return RedisJobQueue(RedisQueueConfig.from_settings(settings), METRICS)
+        return ModelQueues(
+            {
+                name: RedisJobQueue(RedisQueueConfig.from_settings(settings, name), METRICS)
+                for name in settings.model_list()
+            }
+        )
     return build_memory_queue(settings)
 
 
 def build_memory_queue(settings: ServiceSettings) -> JobQueue:
-    """The memory-mode queue: loads the weights, warms up each batch-size bucket, then serves.
+    """The memory-mode queue: loads each model's weights, warms up each batch-size bucket, then
+    serves; one batcher per model, all models' predicts on one device thread.
 
-    Missing weight files raise ``MissingWeightsError`` here, before the server starts.
+    Missing weight files or an unknown model raise ``ModelSetupError`` here, before the server
+    starts.
     """
+    from concurrent.futures import ThreadPoolExecutor
+
     from service.engine.batch import BatchEngine  # imports torch: memory mode only
     from service.engine.loading import check_weight_files
     from service.queues.memory import InProcessQueue
+    from service.queues.models import ModelQueues
 
     check_weight_files(settings)
+    names = settings.model_list()
+    shared = (
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="device") if len(names) > 1 else None
+    )
 
-    async def load() -> BatchRunner:
-        return await BatchEngine.start(settings)
+    def loader(name: str) -> Callable[[], Awaitable[BatchRunner]]:
+        async def load() -> BatchRunner:
+            return await BatchEngine.start(settings, model=name, device_thread=shared)
 
-    return InProcessQueue.from_settings(load, settings)
+        return load
+
+    queues: dict[str, JobQueue] = {
+        name: InProcessQueue.from_settings(loader(name), settings) for name in names
+    }
+
+    def close_device_thread() -> None:
+        if shared is not None:
+            shared.shutdown(wait=True, cancel_futures=True)
+
+    return ModelQueues(queues, on_close=close_device_thread)
 
 
 def create_app(
@@ -99,13 +134,23 @@ def create_app(
     install_middleware(app, settings, policy)
     install_error_handlers(app, state)
     install_routes(app, state)
+    install_batches(app, state)
     install_openapi(app)
     install_web_page(app)
+    instrument_app(app)  # a server span per request, when tracing is on (service.core.tracing)
     return app
 
 
 def app_from_env() -> FastAPI:
-    """For ``uvicorn --factory service.app:app_from_env``: settings from COLORIZE_* variables."""
+    """For ``uvicorn --factory service.app:app_from_env``: settings from COLORIZE_* variables,
+    tracing from the OTEL_* ones."""
+    import os
+
+    from service.core import tracing
+
+    tracing.setup(
+        tracing.TracingConfig.from_env(os.environ, default_service_name="instcolor-serve")
+    )
     return create_app(ServiceSettings())
 
 
@@ -120,16 +165,34 @@ def _lifespan(
         state.queue = queue
         await queue.start()
         watcher = asyncio.create_task(_watch_failure(queue, on_fatal))
+        state.batches = await start_batches(state)
         try:
             yield
         finally:
             state.begin_drain()
             watcher.cancel()
+            await state.batches.stop()  # unfinished items stay pending: resumed on the next start
             await queue.drain()
             await queue.close()
             log.info("drained and closed")
 
     return lifespan
+
+
+async def start_batches(state: ServiceState) -> BatchScheduler:
+    """The batch API's store and scheduler; open batches resume here."""
+    settings = state.settings
+    store = SQLiteStore(settings.state_dir / "batches.sqlite3")
+    sender = WebhookSender(
+        settings.webhook_secret,
+        settings.webhook_hosts(),
+        max_attempts=settings.webhook_max_attempts,
+        backoff_base_s=settings.webhook_backoff_s,
+        timeout_s=settings.webhook_timeout_s,
+    )
+    scheduler = BatchScheduler(store, settings, lambda: state.queue, sender)
+    await scheduler.start()
+    return scheduler
 
 
 async def _watch_failure(queue: JobQueue, on_fatal: Callable[[str], None] | None) -> None:

@@ -16,6 +16,7 @@ classes (``default_of``) instead of restating them.
 from __future__ import annotations
 
 import dataclasses
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -23,8 +24,10 @@ from pydantic import Field, PrivateAttr, ValidationError, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from models.constants import DETECTOR_FILENAMES
+from service.core.jobs import DEFAULT_MODEL
 
 DEFAULT_WEIGHTS_DIR = Path("weights")
+MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,63}$")
 DEFAULT_DETECTOR_FILENAME = DETECTOR_FILENAMES["v1"]  # models.constants: importable without torch
 
 
@@ -63,10 +66,22 @@ class ModelSettings(BaseSettings):
 
     model_config = _CONFIG
 
+    weights_dir: Path = Field(
+        default=DEFAULT_WEIGHTS_DIR,
+        description="Folder of every model's weights: <weights_dir>/<model name>/<official file "
+        "name> (InstColorization: checkpoints/ and the detector file, as fetch-weights puts them).",
+    )
+    models: str = Field(
+        default=DEFAULT_MODEL,
+        description="Models to load, comma-separated (instcolor, zhang-eccv16, zhang-siggraph17, "
+        "...; docs/models.md); the first is the default of POST /colorize. Each one loaded costs "
+        "its weights' memory.",
+    )
     checkpoints: Path = Field(
         default=DEFAULT_WEIGHTS_DIR / "checkpoints",
-        description="Folder with latest_net_{G,GF,GComp}.pth (or the unzipped official "
-        "checkpoints/ folder above it), or one MMagic .pth file.",
+        description="InstColorization: folder with latest_net_{G,GF,GComp}.pth (or the unzipped "
+        "official checkpoints/ folder above it), or one MMagic .pth file. Default: "
+        "<weights_dir>/checkpoints.",
     )
     detector: bool = Field(
         default=True,
@@ -75,7 +90,8 @@ class ModelSettings(BaseSettings):
     )
     detector_weights: Path = Field(
         default=DEFAULT_WEIGHTS_DIR / DEFAULT_DETECTOR_FILENAME,
-        description="torchvision COCO Mask R-CNN state dict (read from disk, never downloaded).",
+        description="torchvision COCO Mask R-CNN state dict (read from disk, never downloaded). "
+        f"Default: <weights_dir>/{DEFAULT_DETECTOR_FILENAME}.",
     )
     detector_version: Literal["v1", "v2"] = Field(
         default="v1", description="maskrcnn_resnet50_fpn (v1) or maskrcnn_resnet50_fpn_v2 (v2)."
@@ -111,7 +127,28 @@ class ModelSettings(BaseSettings):
     def _check(self) -> ModelSettings:
         if self.device not in ("auto", "cpu", "cuda") and not self.device.startswith("cuda:"):
             raise ValueError(f"device must be auto, cpu, cuda or cuda:N, got {self.device!r}")
+        # InstColorization's files default under the weights dir unless given themselves
+        if "checkpoints" not in self.model_fields_set:
+            self.checkpoints = self.weights_dir / "checkpoints"
+        if "detector_weights" not in self.model_fields_set:
+            self.detector_weights = self.weights_dir / DEFAULT_DETECTOR_FILENAME
+        names = self.model_list()
+        if not names:
+            raise ValueError("models is empty: name at least one model, e.g. instcolor")
+        bad = [n for n in names if not MODEL_NAME.match(n)]
+        if bad:
+            raise ValueError(f"models: {', '.join(map(repr, bad))} is not a model name")
+        if len(set(names)) != len(names):
+            raise ValueError(f"models: a model is named twice in {self.models!r}")
         return self
+
+    def model_list(self) -> list[str]:
+        """``models`` as names, in order (the first is the default model)."""
+        return [name.strip() for name in self.models.split(",") if name.strip()]
+
+    @property
+    def default_model(self) -> str:
+        return self.model_list()[0]
 
     def resolved_device(self) -> str:
         if self.device != "auto":
@@ -126,13 +163,21 @@ class ModelSettings(BaseSettings):
 
         return resolve_precision(self.precision, self.resolved_device())
 
-    def missing_weight_files(self) -> list[Path]:
-        """Files that must exist before the model can load; empty when all are there."""
+    def missing_weight_files(self, models: list[str] | None = None) -> list[Path]:
+        """Files that must exist before ``models`` (default: ``model_list()``) can load; empty
+        when all are there. An unknown name raises ``models.registry.UnknownModelError``."""
         from models.checkpoints import missing_files  # imports torch: model processes only
+        from models.registry import get_model
 
-        missing = missing_files(self.checkpoints)
-        if self.detector and not self.detector_weights.is_file():
-            missing.append(self.detector_weights)
+        missing: list[Path] = []
+        for name in models or self.model_list():
+            spec = get_model(name)
+            if spec.uses_detector:
+                missing += missing_files(self.checkpoints)
+                if self.detector and not self.detector_weights.is_file():
+                    missing.append(self.detector_weights)
+            else:
+                missing += spec.missing_files(self.weights_dir)
         return missing
 
 
@@ -415,7 +460,126 @@ class RedisSettings(BaseSettings):
         return self
 
 
-class ServiceSettings(RedisSettings, BatchingSettings, EdgeSettings, ModelSettings):
+class BatchApiSettings(BaseSettings):
+    """The batch API (docs/batches.md): where batch state and results live, what a submit may
+    hold, how batch items share the engine with interactive requests, and webhooks."""
+
+    model_config = _CONFIG
+
+    state_dir: Path = Field(
+        default=Path("state"),
+        description="Folder of the embedded batch database (batches.sqlite3, memory mode) and of "
+        "extracted archive uploads.",
+    )
+    batch_input_roots: str = Field(
+        default="",
+        description="Folders a manifest's source paths may name, comma-separated; empty: "
+        "manifests are refused (archive uploads still work).",
+    )
+    batch_output_dir: Path = Field(
+        default=Path("batch-output"),
+        description="Root of batch results: <root>/<output_prefix or batch id>/ holds images/, "
+        "output.jsonl and errors.jsonl.",
+    )
+    batch_expiry_s: float = Field(
+        default=86_400.0, gt=0.0, le=30 * 86_400.0,
+        description="A batch not finished this long (s) after its submission ends expired "
+        "(results so far kept).",
+    )  # fmt: skip
+    batch_max_items: int = Field(
+        default=100_000, ge=1, le=10_000_000, description="Most items one batch may hold."
+    )
+    batch_max_open_per_key: int = Field(
+        default=10, ge=1, le=10_000,
+        description="Batches one API key may have open (not yet ended) at once; beyond: 429.",
+    )  # fmt: skip
+    batch_max_open_items_per_key: int = Field(
+        default=1_000_000, ge=1,
+        description="Items one API key may have in open batches at once; beyond: 429.",
+    )  # fmt: skip
+    batch_max_upload_bytes: int = Field(
+        default=4 * 1024**3, ge=1024,
+        description="Largest POST /batches body (bytes, from Content-Length); larger: 413. "
+        "Uploads are spooled to disk, never held in memory.",
+    )  # fmt: skip
+    archive_max_entries: int = Field(
+        default=100_000, ge=1, description="Most members an uploaded archive may hold."
+    )
+    archive_max_total_bytes: int = Field(
+        default=16 * 1024**3, ge=1024,
+        description="Most bytes an uploaded archive may expand to (all members).",
+    )  # fmt: skip
+    archive_max_ratio: float = Field(
+        default=200.0, ge=1.0,
+        description="Largest expansion ratio (uncompressed over compressed) of an archive "
+        "member, and of a compressed tar as a whole (zip-bomb guard).",
+    )  # fmt: skip
+    batch_in_flight: int = Field(
+        default=2, ge=1, le=1024,
+        description="Batch items submitted to the engine at once. Interactive /colorize requests "
+        "wait behind at most this many batch items; raise it (e.g. to max_batch_size x "
+        "max_concurrent_batches) for batch throughput on a GPU.",
+    )  # fmt: skip
+    batch_item_timeout_s: float = Field(
+        default=600.0, gt=0.0, le=86_400.0,
+        description="Deadline (s) of one batch item in the queue and on the device; a miss is "
+        "retried twice, then the item's error line says deadline-exceeded.",
+    )  # fmt: skip
+    webhook_secret: str | None = Field(
+        default=None,
+        description="Standard Webhooks signing secret, whsec_<base64>. Unset: submits with a "
+        "webhook_url are refused (422).",
+    )
+    webhook_allowed_hosts: str = Field(
+        default="",
+        description="Webhook destination hosts, comma-separated ('*': any public host). A host "
+        "named here may be internal (loopback, private); '*' never allows internal addresses.",
+    )
+    webhook_max_attempts: int = Field(
+        default=8, ge=1, le=50, description="Delivery attempts per webhook event."
+    )
+    webhook_backoff_s: float = Field(
+        default=1.0, gt=0.0, le=3600.0,
+        description="First retry delay (s); doubles per attempt, with full jitter, capped at "
+        "300 s.",
+    )  # fmt: skip
+    webhook_timeout_s: float = Field(
+        default=10.0, gt=0.0, le=300.0, description="Timeout (s) of one delivery attempt."
+    )
+    webhook_progress_interval_s: float = Field(
+        default=10.0, ge=1.0, le=86_400.0,
+        description="Least time (s) between two batch.progress events of one batch.",
+    )  # fmt: skip
+
+    @model_validator(mode="after")
+    def _check_batches(self) -> BatchApiSettings:
+        if self.webhook_secret is not None:
+            import base64
+            import binascii
+
+            raw = self.webhook_secret.removeprefix("whsec_")
+            try:
+                decoded = base64.b64decode(raw + "==", validate=False)
+            except (binascii.Error, ValueError):
+                decoded = b""
+            if not self.webhook_secret.startswith("whsec_") or len(decoded) < 16:
+                raise ValueError(
+                    "webhook_secret must be 'whsec_' followed by base64 of at least 16 bytes, "
+                    "e.g. python -c \"import base64,os;print('whsec_'+base64.b64encode("
+                    'os.urandom(32)).decode())"'
+                )
+        return self
+
+    def input_roots(self) -> list[Path]:
+        return [Path(p.strip()).resolve() for p in self.batch_input_roots.split(",") if p.strip()]
+
+    def webhook_hosts(self) -> list[str]:
+        return [h.strip().lower() for h in self.webhook_allowed_hosts.split(",") if h.strip()]
+
+
+class ServiceSettings(
+    BatchApiSettings, RedisSettings, BatchingSettings, EdgeSettings, ModelSettings
+):
     """The HTTP service and its workers: every role's settings plus the queue choice.
 
     The bases' validators run model, edge, batching, Redis, then the checks across roles here.

@@ -13,6 +13,7 @@ from weight_files import (
     write_mmagic,
     write_official,
     write_vgg16,
+    write_zoo_model,
 )
 
 from models.pipeline import Colorizer
@@ -70,6 +71,17 @@ def fid_inception_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_fid_inception(
         tmp_path_factory.mktemp("fid") / "pt_inception-2015-12-05-6726825d.pth"
     )
+
+
+@pytest.fixture(scope="session")
+def zoo_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A weights dir as ``--weights-dir`` reads it: tiny InstColorization checkpoints in
+    ``checkpoints/`` and seeded full-size Zhang ECCV16 and SIGGRAPH17 files in their folders."""
+    root = tmp_path_factory.mktemp("weights")
+    write_official(root / "checkpoints", width=TINY_WIDTH, seed=0)
+    write_zoo_model(root, "zhang-eccv16", seed=1)
+    write_zoo_model(root, "zhang-siggraph17", seed=2)
+    return root
 
 
 @pytest.fixture(scope="session")

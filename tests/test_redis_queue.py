@@ -327,7 +327,7 @@ async def test_the_api_stamps_deadlines_on_redis_time(harness: Harness) -> None:
     ((_, fields),) = await harness.client.xrange(harness.layout.stream)
     meta = json.loads(fields[b"meta"])
     now = await redis_time(harness.client)
-    assert set(meta) == {"request_id", "options", "deadline", "enqueued_at", "pixels"}
+    assert set(meta) == {"request_id", "options", "deadline", "enqueued_at", "pixels", "model"}
     assert abs(meta["enqueued_at"] - now) < 2.0  # ... but the stream holds Redis time
     assert meta["deadline"] - meta["enqueued_at"] == pytest.approx(5.0)
     task.cancel()

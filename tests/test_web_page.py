@@ -360,9 +360,66 @@ def test_page_with_api_keys(keyed_server: Server, browser: Browser, tmp_path: Pa
 
 STATIC = REPO / "service" / "router" / "static"
 MODULES = ("app.js", "api.js", "apikey.js", "boxes.js", "compare.js", "dom.js", "facts.js",
-           "frame.js", "info.js", "list.js", "options.js", "queue.js", "state.js", "upload.js",
+           "frame.js", "info.js", "list.js", "models.js", "options.js", "queue.js", "state.js", "upload.js",
            "viewer.js")  # fmt: skip
 IMPORT = re.compile(r'^import [^;]+ from "\./([a-z]+\.js)";$', re.MULTILINE)
+
+
+@pytest.fixture(scope="module")
+def zoo_server(zoo_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """Two models (serve --models instcolor,zhang-eccv16 --weights-dir DIR), no detector."""
+    log = tmp_path_factory.mktemp("web-zoo") / "serve.log"
+    with serve(zoo_weights / "checkpoints", log, "--no-detector", "--weights-dir",
+               str(zoo_weights), "--models", "instcolor,zhang-eccv16") as running:  # fmt: skip
+        yield running
+
+
+def test_page_model_picker_and_models_side_by_side(
+    zoo_server: Server, browser: Browser, tmp_path: Path
+) -> None:
+    """The picker lists GET /models; the chosen model colorizes; "Compare these models" shows
+    the same photo under each checked model, side by side, each captioned with its model."""
+    p = browser.page
+    photo = tmp_path / "street.png"
+    scene().save(photo)
+    p.goto(zoo_server.base + "/")
+    p.wait_for_function("() => document.querySelectorAll('#opt-model option').length === 2")
+    values = p.locator("#opt-model option").evaluate_all("os => os.map(o => o.value)")
+    assert values == ["instcolor", "zhang-eccv16"]
+    assert p.locator("#opt-model").input_value() == "instcolor"  # the server's default
+
+    p.select_option("#opt-model", "zhang-eccv16")
+    with p.expect_response(lambda r: "/colorize?" in r.url) as answered:
+        p.set_input_files("#file-input", [str(photo)])
+    assert "model=zhang-eccv16" in answered.value.url
+    wait_done(p, 0)
+    assert fact(p, "Model") == "zhang-eccv16"
+    assert fact(p, "Model version").startswith("zhang-eccv16-")
+
+    checks = p.locator('input[name="compare-model"]')
+    assert checks.evaluate_all("cs => cs.map(c => c.value)") == ["instcolor", "zhang-eccv16"]
+    p.click("#compare-models")
+    p.wait_for_function(
+        "() => [...document.querySelectorAll('#model-grid figure img')]"
+        ".filter(i => i.naturalWidth > 0).length === 2"
+    )
+    figures = p.locator("#model-grid figure")
+    assert figures.evaluate_all("fs => fs.map(f => f.dataset.model)") == [
+        "instcolor", "zhang-eccv16",
+    ]  # fmt: skip
+    captions = p.locator("#model-grid figcaption").all_inner_texts()
+    assert captions[0].startswith("instcolor · instcolor-")
+    assert captions[1].startswith("zhang-eccv16 · zhang-eccv16-")
+    sizes = p.evaluate("""() => [...document.querySelectorAll('#model-grid img')].map(
+        i => [i.naturalWidth, i.naturalHeight, i.getBoundingClientRect().left])""")
+    assert [s[:2] for s in sizes] == [[320, 240], [320, 240]]
+    assert sizes[1][2] > sizes[0][2]  # next to each other
+    sent = [url for url, _ in browser.requests if "/colorize?" in url]
+    assert any("model=instcolor" in url for url in sent)
+    assert sum("model=zhang-eccv16" in url for url in sent) == 2
+    only_to(zoo_server, browser)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    p.screenshot(path=str(ARTIFACTS / "web-page-models.png"), full_page=True)
 
 
 def test_static_files_are_packaged() -> None:

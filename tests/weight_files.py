@@ -145,3 +145,23 @@ __all__ = [
     "write_official",
     "write_vgg16",
 ]
+
+
+def write_zoo_model(weights_dir: Path, name: str, seed: int = 0) -> Path:
+    """Seeded random weights for registry model ``name`` at ``<weights_dir>/<its folder>/<its
+    official file name>``, in the layout of the authors' file (the networks' own state dicts:
+    tests/test_zoo_models.py checks those layouts against the releases' code)."""
+    from models.registry import get_model
+    from models.zhang_eccv16 import ZhangECCV16
+
+    spec = get_model(name)
+    networks: dict[str, nn.Module] = {
+        "zhang-eccv16": ZhangECCV16(),
+        "zhang-siggraph17": FullImageGenerator(64),
+    }
+    if name not in networks:
+        raise ValueError(f"no seeded writer for {name!r}")
+    (path,) = spec.weight_paths(weights_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(randomize(networks[name], seed), path)
+    return path

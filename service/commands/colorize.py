@@ -33,7 +33,7 @@ from typing import IO, TYPE_CHECKING, Any
 from models.image_files import IMAGE_EXTENSIONS, scan_images
 from service.commands.arg_types import batch_size, non_negative_int, unit_float
 from service.commands.colorize_sources import MANIFEST_SUFFIX, add_ray_arguments, is_uri
-from service.commands.model_flags import add_model_arguments, model_overrides
+from service.commands.model_flags import add_model_arguments, add_model_choice, model_overrides
 from service.core.boxes import BoxesError, validate_boxes
 from service.core.jobs import SATURATION_RANGE, OutputFormat
 
@@ -41,7 +41,8 @@ if TYPE_CHECKING:  # the model stack (torch) is imported only when the command r
     from PIL import Image
 
     from models.boxes import Detections
-    from models.pipeline import ColorizeOptions, Colorizer, Prediction, PreparedImage
+    from models.pipeline import ColorizeOptions, Prediction, PreparedImage
+    from models.zoo import ModelColorizer
 
 log = logging.getLogger(__name__)
 
@@ -156,6 +157,7 @@ def add_parser(subparsers: Any) -> None:
         help="leave inputs whose output file already exists (resume a run)",
     )
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
+    add_model_choice(parser)
     add_model_arguments(parser)
     add_ray_arguments(parser)
     parser.set_defaults(func=run)
@@ -278,7 +280,7 @@ def match_boxes(
 
 
 def prepare_image(
-    colorizer: Colorizer, source: Path | IO[bytes], options: ColorizeOptions
+    colorizer: ModelColorizer, source: Path | IO[bytes], options: ColorizeOptions
 ) -> PreparedImage:
     """Decode one file (a path or an open binary stream) and run ``Colorizer.prepare`` on it."""
     from PIL import Image
@@ -307,7 +309,7 @@ class RunSummary:
 
 
 def process(
-    colorizer: Colorizer,
+    colorizer: ModelColorizer,
     jobs: Sequence[InputFile],
     options: Callable[[InputFile], ColorizeOptions],
     *,
@@ -356,7 +358,8 @@ def run(args: argparse.Namespace) -> int:
 
     from models.checkpoints import CheckpointError
     from models.pipeline import ColorizeOptions
-    from service.engine.loading import MissingWeightsError, build_colorizer
+    from models.registry import get_model
+    from service.engine.loading import ModelSetupError, build_colorizer, check_model_names
     from service.settings import ModelSettings, auto_batch_size, describe_validation_error
 
     started = time.perf_counter()
@@ -365,10 +368,20 @@ def run(args: argparse.Namespace) -> int:
         jobs = collect_jobs(args.inputs, args.output_dir, extension)
         boxes = match_boxes(jobs, load_boxes(args.boxes)) if args.boxes else {}
         settings = ModelSettings(**model_overrides(args))
+        check_model_names(settings)
+        if len(settings.model_list()) != 1:
+            raise UsageError(f"--model takes one model, got {settings.models!r}")
+        if boxes and not get_model(settings.default_model).uses_detector:
+            raise UsageError(
+                f"--boxes: model {settings.default_model!r} does not use boxes (choose "
+                "--model instcolor, or leave --boxes out)"
+            )
     except UsageError as exc:
         return _usage_error(str(exc))
     except ValidationError as exc:
         return _usage_error(describe_validation_error(exc))
+    except ModelSetupError as exc:
+        return _usage_error(str(exc))
     if args.max_instances > settings.instance_limit:
         return _usage_error(
             f"--max-instances {args.max_instances} is above the instance limit "
@@ -385,7 +398,7 @@ def run(args: argparse.Namespace) -> int:
     if jobs:
         try:
             colorizer = build_colorizer(settings)
-        except (MissingWeightsError, CheckpointError) as exc:
+        except (ModelSetupError, CheckpointError) as exc:
             return _usage_error(str(exc))
         base = ColorizeOptions(
             resolution=args.resolution,

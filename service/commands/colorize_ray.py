@@ -71,12 +71,13 @@ from service.core.jobs import OutputFormat
 if TYPE_CHECKING:
     import numpy as np
 
-    from models.pipeline import ColorizeOptions, Colorizer
+    from models.pipeline import ColorizeOptions
+    from models.zoo import ModelColorizer
     from service.settings import ModelSettings
 
 log = logging.getLogger(__name__)
 
-PipelineBuilder = Callable[[str | None], "Colorizer"]
+PipelineBuilder = Callable[[str | None], "ModelColorizer"]
 """``build(device)``: a pipeline with ``prepare``/``predict``/``merge``; ``None``: its own device."""
 
 Batch = dict[str, "np.ndarray"]
@@ -185,6 +186,7 @@ class FinishStage:
         from models.offline import FINISH_ERRORS, describe_failure
         from service.core.errors import InvalidParameterError
 
+        finish_errors: tuple[type[BaseException], ...] = (*FINISH_ERRORS, InvalidParameterError)
         errors = [str(e) for e in batch["error"]]
         sizes: list[int] = [-1] * len(errors)
         for i, error in enumerate(errors):
@@ -198,7 +200,7 @@ class FinishStage:
                 merged = self.pipeline.merge(prepared, prediction)
                 write_image(merged.image, output, self.image_format)
                 sizes[i] = output.stat().st_size
-            except (*FINISH_ERRORS, InvalidParameterError) as exc:
+            except finish_errors as exc:
                 errors[i] = describe_failure(exc)
         return {
             "custom_id": batch["custom_id"],
@@ -378,8 +380,9 @@ def colorize_on_ray(
     return summary
 
 
-def build_on(settings: ModelSettings, device: str | None) -> Colorizer:
-    """``build_colorizer`` for the settings, on ``device`` (None: the settings' own device)."""
+def build_on(settings: ModelSettings, device: str | None) -> ModelColorizer:
+    """``build_colorizer`` for the settings' model (``--model``, through ``models.zoo``), on
+    ``device`` (None: the settings' own device)."""
     from service.engine.loading import build_colorizer
 
     if device is not None:
@@ -429,18 +432,26 @@ def _usage_error(message: str) -> int:
 def run_ray(args: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
+    from models.registry import get_model
     from service.commands.model_flags import model_overrides
-    from service.engine.loading import MissingWeightsError, check_weight_files
+    from service.engine.loading import ModelSetupError, check_weight_files
     from service.settings import ModelSettings, describe_validation_error
 
     started = time.perf_counter()
-    model = getattr(args, "model", None) or "instcolor"
     extension = f".{args.image_format}"
     try:
         settings = ModelSettings(**model_overrides(args))
+        if len(settings.model_list()) != 1:
+            raise UsageError(f"--model takes one model, got {settings.models!r}")
+        model = settings.default_model
+        check_weight_files(settings, [model])
+        if args.boxes and not get_model(model).uses_detector:
+            raise UsageError(
+                f"--boxes: model {model!r} does not use boxes (choose --model instcolor, "
+                "or leave --boxes out)"
+            )
         items = plan_items(args, extension, model)
-        check_weight_files(settings)
-    except (UsageError, SourceError, MissingWeightsError) as exc:
+    except (UsageError, SourceError, ModelSetupError) as exc:
         return _usage_error(str(exc))
     except ValidationError as exc:
         return _usage_error(describe_validation_error(exc))

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
 from service.commands.arg_types import batch_size, non_negative_int, positive_int, unit_float
-from service.commands.model_flags import add_model_arguments, model_overrides
+from service.commands.model_flags import add_model_arguments, add_model_choice, model_overrides
 from service.settings import DEFAULT_WEIGHTS_DIR, auto_batch_size
 
 if TYPE_CHECKING:
@@ -55,6 +55,7 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instances colorized per image (default 8); 0: full-image network only")  # fmt: skip
     parser.add_argument("--score-threshold", type=unit_float, default=0.7, metavar="T",
                         help="detector score threshold (default 0.7)")  # fmt: skip
+    add_model_choice(parser)
     add_model_arguments(parser)
 
 
@@ -77,13 +78,13 @@ def add_parser(subparsers: Any) -> None:
                         "ground-truth instance crop (Table 2's protocol); matched by file name")  # fmt: skip
     parser.add_argument("--lpips-weights", type=Path, metavar="FILE",
                         help="torchvision VGG16 file for LPIPS (default "
-                        f"{DEFAULT_LPIPS_WEIGHTS} if it exists, else no LPIPS)")  # fmt: skip
+                        f"<weights dir>/{LPIPS_VGG16_FILENAME} if it exists, else no LPIPS)")  # fmt: skip
     parser.add_argument(
         "--fid-weights",
         type=Path,
         metavar="FILE",
         help="pytorch-fid's Inception file: also FID of the whole set (default "
-        f"{DEFAULT_FID_WEIGHTS} if it exists, else no FID)",
+        f"<weights dir>/{FID_INCEPTION_FILENAME} if it exists, else no FID)",
     )
     parser.add_argument(
         "--fid-dims",
@@ -100,8 +101,8 @@ def add_parser(subparsers: Any) -> None:
                         "GPU, as for colorize and serve")  # fmt: skip
     parser.add_argument("--compare", nargs="+", metavar="NAME=FLAGS",
                         help="run several configurations on the same images, e.g. "
-                        "'base=' nodet=--no-detector 'fp16=--precision fp16'; FLAGS are model "
-                        "flags, --resolution, --max-instances or --score-threshold added to "
+                        "'base=' nodet=--no-detector 'zhang=--model zhang-siggraph17'; FLAGS are "
+                        "--model, model flags, --resolution, --max-instances or --score-threshold added to "
                         "those given outside --compare; reports go to REPORT_DIR/NAME/ and the "
                         "side-by-side table (differences to the first) to "
                         "REPORT_DIR/comparison.html")  # fmt: skip
@@ -157,6 +158,7 @@ def _config(
     flags: str | None,
 ) -> dict[str, Any]:
     described: dict[str, Any] = {
+        "model": args.models or "instcolor",
         "resolution": args.resolution,
         "max_instances": args.max_instances,
         "score_threshold": args.score_threshold,
@@ -203,7 +205,7 @@ def run(args: argparse.Namespace) -> int:
     from evaluation.fid import FidError
     from evaluation.metrics import LpipsError
     from models.checkpoints import CheckpointError
-    from service.engine.loading import MissingWeightsError
+    from service.engine.loading import ModelSetupError, check_model_names
     from service.settings import ModelSettings, describe_validation_error
 
     started = time.perf_counter()
@@ -220,22 +222,31 @@ def run(args: argparse.Namespace) -> int:
     except ValidationError as exc:
         return _usage_error(describe_validation_error(exc))
     for config, chosen in zip(configurations, settings, strict=True):
+        try:
+            check_model_names(chosen)
+        except ModelSetupError as exc:
+            return _usage_error(f"{config.name or 'evaluate'}: {exc}")
+        if len(chosen.model_list()) != 1:
+            return _usage_error(f"--model takes one model, got {chosen.models!r}")
         if config.args.max_instances > chosen.instance_limit:
             return _usage_error(
                 f"--max-instances {config.args.max_instances} is above the instance limit "
                 f"{chosen.instance_limit} (COLORIZE_INSTANCE_LIMIT)"
             )
+    weights_dir = settings[0].weights_dir  # the metrics' networks default under it too
+    default_lpips = weights_dir / LPIPS_VGG16_FILENAME
+    default_fid = weights_dir / FID_INCEPTION_FILENAME
     lpips_weights = args.lpips_weights
-    if lpips_weights is None and DEFAULT_LPIPS_WEIGHTS.is_file():
-        lpips_weights = DEFAULT_LPIPS_WEIGHTS
+    if lpips_weights is None and default_lpips.is_file():
+        lpips_weights = default_lpips
     if lpips_weights is None:
         sys.stderr.write(
-            f"evaluate: no LPIPS ({DEFAULT_LPIPS_WEIGHTS} not found): fetch it with "
+            f"evaluate: no LPIPS ({default_lpips} not found): fetch it with "
             "`python -m service fetch-weights --lpips-vgg16`, or pass --lpips-weights FILE\n"
         )
     fid_weights = args.fid_weights
-    if fid_weights is None and DEFAULT_FID_WEIGHTS.is_file():
-        fid_weights = DEFAULT_FID_WEIGHTS
+    if fid_weights is None and default_fid.is_file():
+        fid_weights = default_fid
     if instances is not None:
         annotated = sum(1 for item in items if item.source.name in instances)
         log.info("%d of %d photos have annotated instances", annotated, len(items))
@@ -243,7 +254,7 @@ def run(args: argparse.Namespace) -> int:
         runs = _evaluate_all(
             args, configurations, settings, items, instances, lpips_weights, fid_weights
         )
-    except (CheckpointError, LpipsError, FidError, MissingWeightsError) as exc:
+    except (CheckpointError, LpipsError, FidError, ModelSetupError) as exc:
         return _usage_error(str(exc))
     failed = False
     for name, result in runs:

@@ -10,15 +10,27 @@ import argparse
 import logging
 import math
 import sys
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from service.commands.model_flags import add_model_arguments, settings_from_args
+from service.commands.model_flags import (
+    add_model_arguments,
+    add_models_argument,
+    add_tracing_arguments,
+    settings_from_args,
+    tracing_config,
+)
+
+if TYPE_CHECKING:
+    from service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
 
+SERVICE_NAME = "instcolor-serve"  # the spans' service.name unless OTEL_SERVICE_NAME says otherwise
+
 HELP_TEXT = """\
 Run the HTTP service: the API, the batcher and (COLORIZE_QUEUE=memory, the default) the model in
-this process. The socket opens at once; the weights load and one warm-up batch runs per batch-size
+this process. --models a,b loads several models (default: instcolor only), each batched on its
+own; POST /colorize?model=NAME chooses one and GET /models lists them. The socket opens at once; the weights load and one warm-up batch runs per batch-size
 bucket, then GET /readyz answers 200 (until then /colorize answers 503 with Retry-After).
 
 Equivalent uvicorn command (settings from COLORIZE_* variables only):
@@ -42,31 +54,48 @@ def add_parser(subparsers: Any) -> None:
         description=HELP_TEXT,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
+    add_models_argument(parser)
     add_model_arguments(parser)
     group = parser.add_argument_group("server (each overrides its COLORIZE_* variable)")
     group.add_argument("--host", help="address to bind [COLORIZE_HOST, default 0.0.0.0]")
     group.add_argument("--port", type=int, help="TCP port [COLORIZE_PORT, default 8000]")
+    add_tracing_arguments(parser, SERVICE_NAME)
     parser.set_defaults(func=run)
 
 
 def run(args: argparse.Namespace) -> int:
-    import uvicorn  # the server's dependencies are imported only when it runs
-
-    from service.app import create_app
-    from service.router.server import ConnectionLimits, DrainingServer, uvicorn_limit_options
-
     settings = settings_from_args(args, ("host", "port"))
     if settings is None:
         return 2
     if settings.queue == "memory":
         # imports torch (models.pipeline): only the memory mode, which loads the model, needs it
-        from service.engine.loading import MissingWeightsError, check_weight_files
+        from service.engine.loading import ModelSetupError, check_weight_files
 
         try:
             check_weight_files(settings)
-        except MissingWeightsError as exc:
+        except ModelSetupError as exc:
             sys.stderr.write(f"error: refusing to start: {exc}\n")
             return 2
+
+    from service.core import tracing
+
+    try:
+        traced = tracing.setup(tracing_config(args, SERVICE_NAME))
+    except tracing.TracingConfigError as exc:
+        sys.stderr.write(f"error: refusing to start: {exc}\n")
+        return 2
+    try:
+        return _serve(settings)
+    finally:
+        if traced:
+            tracing.shutdown()  # export the spans still buffered
+
+
+def _serve(settings: ServiceSettings) -> int:
+    import uvicorn  # the server's dependencies are imported only when it runs
+
+    from service.app import create_app
+    from service.router.server import ConnectionLimits, DrainingServer, uvicorn_limit_options
 
     holder: dict[str, Any] = {}
 

@@ -73,6 +73,18 @@ class InvalidParameterError(ServiceError):
     status, kind, title = 422, "invalid-parameter", "Invalid parameter"
 
 
+class NotFoundError(ServiceError):
+    """No such resource for this API key (another key's batch is not found either)."""
+
+    status, kind, title = 404, "not-found", "Not found"
+
+
+class LimitExceededError(ServiceError):
+    """A per-key limit (open batches, items in open batches) is reached."""
+
+    status, kind, title = 429, "limit-exceeded", "Limit exceeded"
+
+
 class OverloadedError(ServiceError):
     status, kind, title = 503, "overloaded", "Service overloaded"
 
@@ -105,7 +117,7 @@ ERROR_KINDS: dict[str, type[ServiceError]] = {
     cls.kind: cls
     for cls in (
         InvalidImageError, TruncatedImageError, PayloadTooLargeError, ImageTooLargeError, UnsupportedMediaTypeError,
-        InvalidParameterError, OverloadedError, DeadlineExceededError, UnavailableError, NoWorkersError,
+        InvalidParameterError, NotFoundError, LimitExceededError, OverloadedError, DeadlineExceededError, UnavailableError, NoWorkersError,
         ProcessingFailedError, InternalError,
     )
 }  # fmt: skip

@@ -6,12 +6,21 @@ pool, so the in-process batcher and the Redis worker run the same code (``BatchE
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from models.constants import SATURATION_RANGE
 
 OutputFormat = Literal["jpeg", "png", "webp"]
+DEFAULT_MODEL = "instcolor"  # models.registry.DEFAULT_MODEL, without importing torch
+
+
+def unknown_model_message(name: str, loaded: list[str]) -> str:
+    """The 422 detail for a model that is not loaded (or not a model at all)."""
+    return (
+        f"model {name!r} is not loaded here; loaded models: {', '.join(loaded)} "
+        "(GET /models lists them; the server loads those named by --models / COLORIZE_MODELS)"
+    )
 
 
 @dataclass(frozen=True)
@@ -34,6 +43,10 @@ class Job:
     deadline: float  # time.time() after which the result is useless (504)
     enqueued_at: float  # time.time() when admitted
     pixels: int = 0  # width x height from the image header (0: unknown), for cost admission
+    # W3C trace context (traceparent) of the request, set by the queue that admitted the job when
+    # tracing is on (service.core.tracing): the engine's spans join the request's trace
+    trace_context: dict[str, str] = field(default_factory=dict)
+    model: str = DEFAULT_MODEL  # the registry name of the model that must run it
 
 
 @dataclass(frozen=True)
@@ -47,6 +60,7 @@ class JobResult:
     cached: bool = False
     input_size: list[int] | None = None  # [width, height] of the upright input: the boxes' frame
     truncated: bool = False  # the input was cut short and decoded as far as it went (opt-in)
+    model: str = DEFAULT_MODEL  # the model that produced it
 
 
-__all__ = ["SATURATION_RANGE", "Job", "JobOptions", "JobResult", "OutputFormat"]
+__all__ = ["DEFAULT_MODEL", "SATURATION_RANGE", "Job", "JobOptions", "JobResult", "OutputFormat"]

@@ -18,6 +18,7 @@ This module must not import torch: the HTTP process in Redis mode has no model.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Mapping
 from typing import Literal
 
@@ -46,10 +47,15 @@ INSTANCE_BUCKETS = (0, 1, 2, 3, 4, 5, 6, 7, 8, 16, 32)
 _EDGE = ("requests", "requests_by_key", "unauthorized", "in_flight", "refused_by_cost")
 _ENGINE = ("batch_size", "instances_per_image", "model_info", "gpu_memory", "dropped")
 _REDIS = ("redis_pending", "redis_stream_length", "redis_consumers")
-_SHARED = ("stage_duration", "queue_depth")  # the API observes the total, the engine the stages
+_SHARED = ("stage_duration", "model_stage_duration", "model_batch_size", "queue_depth")
+_BATCH_API = (
+    "batches_open",
+    "batch_items",
+    "batch_webhooks",
+)  # the API observes the total, the engine the stages
 ROLE_METRICS: dict[str, tuple[str, ...]] = {
-    "memory": (*_SHARED, *_EDGE, *_ENGINE, *_REDIS, "cache_requests"),
-    "api": (*_SHARED, *_EDGE, *_REDIS, "cache_requests"),
+    "memory": (*_SHARED, *_EDGE, *_ENGINE, *_REDIS, *_BATCH_API, "cache_requests"),
+    "api": (*_SHARED, *_EDGE, *_REDIS, *_BATCH_API, "cache_requests"),
     "worker": (*_SHARED, *_ENGINE, *_REDIS),
 }
 
@@ -85,6 +91,16 @@ class Metrics:
             "colorize_stage_duration_seconds",
             "Time spent per request in each stage (detect/instance/fusion are per batch).",
             ["stage"], buckets=DURATION_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.model_stage_duration = Histogram(
+            "colorize_model_stage_duration_seconds",
+            "colorize_stage_duration_seconds per model (POST /colorize?model=...): the same "
+            "observations, labelled by the model that ran them.",
+            ["model", "stage"], buckets=DURATION_BUCKETS, registry=registry,
+        )  # fmt: skip
+        self.model_batch_size = Histogram(
+            "colorize_model_batch_size", "Requests per batch handed to each model's engine.",
+            ["model"], buckets=BATCH_BUCKETS, registry=registry,
         )  # fmt: skip
         self.batch_size = Histogram(
             "colorize_batch_size", "Requests per batch handed to the engine.",
@@ -134,9 +150,10 @@ class Metrics:
         self.model_info = Gauge(
             "colorize_model_info",
             "The loaded model (value 1).",
-            ["model_version", "device", "precision", "detector"],
+            ["model_version", "device", "precision", "detector", "model"],
             registry=registry,
         )
+        self._model_info_labels: dict[str, tuple[str, ...]] = {}
         self.gpu_memory = Gauge(
             "colorize_gpu_memory_allocated_bytes",
             "CUDA memory allocated by the engine (set only where CUDA is present).",
@@ -156,6 +173,22 @@ class Metrics:
         self.redis_consumers = Gauge(
             "colorize_redis_consumers", "Workers in the Redis consumer group.", registry=registry
         )
+        self.batches_open = Gauge(
+            "colorize_batches_open", "Batches not yet ended (validating, in progress, "
+            "finalizing, cancelling).", registry=registry,
+        )  # fmt: skip
+        self.batch_items = Counter(
+            "colorize_batch_items", "Batch items finished, by result (completed, failed); "
+            "its rate is the batch throughput.", ["result"], registry=registry,
+        )  # fmt: skip
+        self.batch_webhooks = Counter(
+            "colorize_batch_webhook_deliveries", "Webhook delivery attempts, by result "
+            "(delivered, failed).", ["result"], registry=registry,
+        )  # fmt: skip
+        for result in ("completed", "failed"):
+            self.batch_items.labels(result=result)
+        for result in ("delivered", "failed"):
+            self.batch_webhooks.labels(result=result)
         # Label sets exist from the start, so every series shows in /metrics before traffic.
         for stage in STAGES:
             self.stage_duration.labels(stage=stage)
@@ -164,19 +197,27 @@ class Metrics:
         for result in ("hit", "miss"):
             self.cache_requests.labels(result=result)
 
-    def observe_stages(self, timings: Mapping[str, float]) -> None:
-        """Record the stages of ``STAGES`` found in ``timings`` (seconds)."""
+    def observe_stages(self, timings: Mapping[str, float], model: str | None = None) -> None:
+        """Record the stages of ``STAGES`` found in ``timings`` (seconds), also per ``model``."""
         for stage, seconds in timings.items():
             if stage in STAGES:
                 self.stage_duration.labels(stage=stage).observe(max(0.0, seconds))
+                if model is not None:
+                    self.model_stage_duration.labels(model=model, stage=stage).observe(
+                        max(0.0, seconds)
+                    )
 
     def set_model_info(
-        self, model_version: str, device: str, precision: str, detector: str
+        self, model_version: str, device: str, precision: str, detector: str, model: str = ""
     ) -> None:
-        self.model_info.clear()
-        self.model_info.labels(
-            model_version=model_version, device=device, precision=precision, detector=detector
-        ).set(1)
+        """One series per loaded model (a model loaded again replaces its own series)."""
+        previous = self._model_info_labels.pop(model, None)
+        if previous is not None:
+            with contextlib.suppress(KeyError):
+                self.model_info.remove(*previous)
+        labels = (model_version, device, precision, detector, model)
+        self.model_info.labels(*labels).set(1)
+        self._model_info_labels[model] = labels
 
 
 def outcome_for(status: int, kind: str | None = None) -> str:

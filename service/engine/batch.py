@@ -15,7 +15,7 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -24,7 +24,6 @@ from models.image_input import UnsupportedImageError
 from models.merge import Stopped
 from models.pipeline import (
     ColorizeOptions,
-    Colorizer,
     OptionsError,
     Prediction,
     PreparedImage,
@@ -42,10 +41,14 @@ from service.core.errors import (
 )
 from service.core.jobs import Job, JobOptions, JobResult, OutputFormat
 from service.core.metrics import METRICS, Metrics
+from service.core.tracing import JobTrace, job_trace
 from service.engine.decode import configure_pil, decode
 from service.engine.encode import EncodeStopped, choose_format, encode_image
 from service.engine.loading import build_colorizer
-from service.settings import ServiceSettings
+
+if TYPE_CHECKING:
+    from models.zoo import ModelColorizer
+from service.settings import DEFAULT_MODEL, ServiceSettings
 
 log = logging.getLogger(__name__)
 
@@ -107,27 +110,36 @@ def colorize_options(options: JobOptions) -> ColorizeOptions:
 
 
 class BatchEngine:
-    """Runs batches of jobs on one ``Colorizer``; ``close()`` stops its device thread."""
+    """Runs batches of jobs on one model's colorizer (``models.zoo.ModelColorizer``: any
+    registered model); ``close()`` stops its device thread."""
 
     def __init__(
         self,
-        colorizer: Colorizer,
+        colorizer: ModelColorizer,
         pool: ThreadPoolExecutor,
         metrics: Metrics = METRICS,
         *,
         max_pixels: int,
         allow_truncated: bool = False,
         clock: Callable[[], float] = time.time,
+        model: str = DEFAULT_MODEL,
+        device_thread: ThreadPoolExecutor | None = None,
     ) -> None:
-        """``clock``: what the jobs' ``deadline`` and ``enqueued_at`` are measured on."""
+        """``clock``: what the jobs' ``deadline`` and ``enqueued_at`` are measured on.
+        ``device_thread``: shared by the engines of several models on one device (so their
+        predicts never interleave); default: the engine's own."""
         self.colorizer = colorizer
+        self.model = model
         self.clock = clock
         self.pool = pool
         self.metrics = metrics
         self.max_pixels = max_pixels
         self.allow_truncated = allow_truncated
         # One thread owns the device: predicts never interleave and keep one CUDA stream busy.
-        self.device_thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="device")
+        self.owns_device_thread = device_thread is None
+        self.device_thread = device_thread or ThreadPoolExecutor(
+            max_workers=1, thread_name_prefix="device"
+        )
         self.owns_pool = False  # start() hands the engine its own pool, shut down by close()
         configure_pil(max_pixels)
         description = colorizer.describe()
@@ -136,10 +148,18 @@ class BatchEngine:
             device=str(description["device"]),
             precision=str(description["precision"]),
             detector=str(description["detector"] or "none"),
+            model=model,
         )
 
     def describe(self) -> dict[str, Any]:
-        return self.colorizer.describe()
+        """The colorizer's description with the registry's facts (``models.zoo.model_card``)."""
+        from models.registry import MODELS
+        from models.zoo import model_card
+
+        description = self.colorizer.describe()
+        spec = MODELS.get(self.model)
+        card = model_card(spec, description) if spec is not None else {}
+        return {**description, "model": self.model, "card": card}
 
     async def warmup(self, batch_sizes: Sequence[int], instances: int | None = None) -> None:
         """One batch per size on the device thread (kernels, allocator, cudnn autotuning)."""
@@ -152,12 +172,21 @@ class BatchEngine:
         self._record_gpu_memory()
 
     @classmethod
-    async def start(cls, settings: ServiceSettings, metrics: Metrics = METRICS) -> BatchEngine:
-        """Load the weights named by ``settings``, give the engine its own CPU pool, warm up.
+    async def start(
+        cls,
+        settings: ServiceSettings,
+        metrics: Metrics = METRICS,
+        *,
+        model: str | None = None,
+        device_thread: ThreadPoolExecutor | None = None,
+    ) -> BatchEngine:
+        """Load ``model``'s weights (default: the settings' default model) as ``settings`` say,
+        give the engine its own CPU pool, warm up.
 
         The one way a serving process (memory-mode server, Redis worker) builds its engine.
         """
-        colorizer = await asyncio.to_thread(build_colorizer, settings)
+        name = model or settings.default_model
+        colorizer = await asyncio.to_thread(build_colorizer, settings, name)
         pool = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="cpu")
         engine = cls(
             colorizer,
@@ -165,6 +194,8 @@ class BatchEngine:
             metrics,
             max_pixels=settings.max_pixels,
             allow_truncated=settings.allow_truncated_images,
+            model=name,
+            device_thread=device_thread,
         )
         engine.owns_pool = True
         try:
@@ -176,7 +207,8 @@ class BatchEngine:
         return engine
 
     def close(self) -> None:
-        self.device_thread.shutdown(wait=True, cancel_futures=True)
+        if self.owns_device_thread:
+            self.device_thread.shutdown(wait=True, cancel_futures=True)
         if self.owns_pool:
             self.pool.shutdown(wait=True, cancel_futures=True)
 
@@ -192,11 +224,29 @@ class BatchEngine:
         """
         if not jobs:
             return []
+        traces = [job_trace(j, model=self.colorizer.version, batch_size=len(jobs)) for j in jobs]
+        try:
+            outcomes = await self._run_batch(jobs, abandoned, traces)
+        except BaseException as exc:
+            for trace in traces:
+                trace.end(exc)
+            raise
+        for trace, outcome in zip(traces, outcomes, strict=True):
+            trace.end(outcome)
+        return outcomes
+
+    async def _run_batch(
+        self, jobs: Sequence[Job], abandoned: Abandoned | None, traces: Sequence[JobTrace]
+    ) -> list[Answer]:
         drops = _Drops(self, abandoned or _never)
         loop = asyncio.get_running_loop()
         self.metrics.batch_size.observe(len(jobs))
+        self.metrics.model_batch_size.labels(model=self.model).observe(len(jobs))
         ready = await asyncio.gather(
-            *(loop.run_in_executor(self.pool, self._prepare_if_wanted, j, drops) for j in jobs)
+            *(
+                loop.run_in_executor(self.pool, self._prepare_if_wanted, j, drops, t)
+                for j, t in zip(jobs, traces, strict=True)
+            )
         )
         outcomes: list[Answer] = []
         todo: list[tuple[int, _Ready]] = []
@@ -225,9 +275,12 @@ class BatchEngine:
         for i, item in todo:  # waiting for admission, a batch and the device, less its own decode
             waited = device_start - jobs[i].enqueued_at - item.timings["decode"]
             item.timings["queue"] = max(0.0, waited)
+        for (i, _), p in zip(todo, predictions, strict=True):
+            if isinstance(p, Prediction):
+                traces[i].predicted(device_start, p.timings, len(p.boxes))
         finished = await asyncio.gather(
             *(
-                loop.run_in_executor(self.pool, self._finish, jobs[i], item, p, drops)
+                loop.run_in_executor(self.pool, self._finish, jobs[i], item, p, drops, traces[i])
                 for (i, item), p in zip(todo, predictions, strict=True)
             )
         )
@@ -247,11 +300,11 @@ class BatchEngine:
 
     # -- CPU stages (worker pool) ---------------------------------------------------------------
 
-    def _prepare_if_wanted(self, job: Job, drops: _Drops) -> _Ready | ServiceError:
+    def _prepare_if_wanted(self, job: Job, drops: _Drops, trace: JobTrace) -> _Ready | ServiceError:
         dropped = drops.check(job)
-        return dropped if dropped is not None else self._prepare(job, drops)
+        return dropped if dropped is not None else self._prepare(job, drops, trace)
 
-    def _prepare(self, job: Job, drops: _Drops) -> _Ready | ServiceError:
+    def _prepare(self, job: Job, drops: _Drops, trace: JobTrace) -> _Ready | ServiceError:
         start = time.perf_counter()
         try:
             options = colorize_options(job.options)
@@ -275,9 +328,9 @@ class BatchEngine:
         except Exception:
             log.exception("request %s: prepare failed", job.request_id)
             return InternalError("preparing the image failed")
-        return _Ready(
-            prepared, fmt, {"decode": time.perf_counter() - start}, truncated=decoded.truncated
-        )
+        decode_s = time.perf_counter() - start
+        trace.decoded(decode_s)
+        return _Ready(prepared, fmt, {"decode": decode_s}, truncated=decoded.truncated)
 
     def _finish(
         self,
@@ -285,6 +338,7 @@ class BatchEngine:
         ready: _Ready,
         prediction: Prediction | ServiceError | None,
         drops: _Drops,
+        trace: JobTrace,
     ) -> Answer:
         if isinstance(prediction, ServiceError):
             return prediction
@@ -320,7 +374,8 @@ class BatchEngine:
             "merge": colorized.timings.get("merge", 0.0),
             "encode": encode_s,
         }
-        self.metrics.observe_stages(timings)
+        trace.finished(timings)
+        self.metrics.observe_stages(timings, model=self.model)
         self.metrics.instances_per_image.observe(len(colorized.boxes))
         return JobResult(
             body=body,
@@ -329,6 +384,7 @@ class BatchEngine:
             scores=[float(s) for s in colorized.scores],
             timings=timings,
             model_version=self.colorizer.version,
+            model=self.model,
             input_size=list(ready.prepared.source.size),
             truncated=ready.truncated,
         )

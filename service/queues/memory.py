@@ -33,6 +33,7 @@ from service.core.errors import (
 from service.core.jobs import Job, JobResult
 from service.core.metrics import METRICS, Metrics
 from service.core.queue import BatchRunner
+from service.core.tracing import carried
 from service.settings import BatchingSettings, default_of
 
 if TYPE_CHECKING:
@@ -139,6 +140,7 @@ class InProcessQueue:
                 f"the queue is full ({self.queue_size} requests waiting); retry later",
                 retry_after=self._retry_after(),
             )
+        job = carried(job)  # the request's trace context, for the engine's spans (tracing on)
         entry = _Entry(job, asyncio.get_running_loop().create_future(), cost=self._admit_cost(job))
         self._backlog_s += entry.cost
         entry.future.add_done_callback(lambda _: self._settle(entry))

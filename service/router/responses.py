@@ -83,9 +83,12 @@ def wants_json(accept: str, image_media_type: str) -> bool:
     return json_q > 0 and json_q >= image_q
 
 
-def server_timing(timings: dict[str, float]) -> str:
+def server_timing(timings: dict[str, float], model: str | None = None) -> str:
+    """``stage;dur=ms`` per stage; with ``model``, each stage says which model it timed
+    (``;desc="zhang-eccv16"``)."""
+    desc = f';desc="{model}"' if model else ""
     return ", ".join(
-        f"{stage};dur={timings[stage] * 1000:.2f}" for stage in STAGES if stage in timings
+        f"{stage};dur={timings[stage] * 1000:.2f}{desc}" for stage in STAGES if stage in timings
     )
 
 
@@ -107,8 +110,9 @@ async def result_response(
     """The image as the body, or JSON with its base64 where Accept asks for it."""
     headers = {
         "X-Instances": str(len(result.boxes)),
+        "X-Model": result.model,
         "X-Model-Version": result.model_version,
-        "Server-Timing": server_timing(timings),
+        "Server-Timing": server_timing(timings, result.model),
     }
     if result.cached:
         headers["X-Cache"] = "hit"
@@ -134,6 +138,7 @@ def json_answer(
 ) -> dict[str, Any]:
     return ColorizeJSON(
         request_id=request_id,
+        model=result.model,
         model_version=result.model_version,
         media_type=result.media_type,
         image_base64=image_base64,

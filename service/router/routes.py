@@ -18,9 +18,17 @@ from typing import Annotated, Any, Literal
 from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 
-from service.core.errors import ServiceError, UnavailableError
+from service.core.errors import InvalidParameterError, ServiceError, UnavailableError
 from service.core.image_header import check_shape, probe_size
-from service.core.jobs import SATURATION_RANGE, Job, JobOptions, JobResult, OutputFormat
+from service.core.jobs import (
+    DEFAULT_MODEL,
+    SATURATION_RANGE,
+    Job,
+    JobOptions,
+    JobResult,
+    OutputFormat,
+    unknown_model_message,
+)
 from service.core.metrics import METRICS
 from service.core.queue import JobQueue
 from service.router.inputs import (
@@ -36,6 +44,7 @@ from service.router.schemas import (
     COLORIZE_BODY,
     IMAGE_CONTENT,
     ColorizeJSON,
+    ModelList,
     Status,
     problem_responses,
 )
@@ -71,13 +80,18 @@ class ColorizeParams:
     score_threshold: float
     boxes: str | None
     saturation: float
+    model: str | None = None
 
 
-def colorize_query(instance_limit: int) -> Callable[..., ColorizeParams]:
+def colorize_query(
+    instance_limit: int, models: list[str] | None = None
+) -> Callable[..., ColorizeParams]:
     """The dependency declaring the query (bounds, defaults, descriptions: the OpenAPI).
 
-    A function per app because ``max_instances`` is bounded by this app's ``instance_limit``.
+    A function per app because ``max_instances`` is bounded by this app's ``instance_limit`` and
+    ``model`` defaults to this app's first model.
     """
+    loaded = models or [DEFAULT_MODEL]
 
     def colorize_params(
         format: Annotated[
@@ -117,9 +131,18 @@ def colorize_query(instance_limit: int) -> Callable[..., ColorizeParams]:
                 "model's own colours; 0: grayscale; 2: twice the chroma.",
             ),
         ] = 1.0,
+        model: str = Query(
+            loaded[0],
+            json_schema_extra={"enum": loaded},
+            description="The model to run, one of those this server loaded (GET /models): "
+            + ", ".join(loaded)
+            + f". Default {loaded[0]}. Another name is refused with 422. Models without the "
+            "detector (uses_boxes false) refuse boxes (422) and ignore max_instances and "
+            "score_threshold.",
+        ),
     ) -> ColorizeParams:
         return ColorizeParams(
-            format, quality, resolution, max_instances, score_threshold, boxes, saturation
+            format, quality, resolution, max_instances, score_threshold, boxes, saturation, model
         )
 
     return colorize_params
@@ -159,7 +182,12 @@ def checked_pixels(image: bytes, settings: ServiceSettings) -> int:
 
 
 def build_job(
-    request_id: str, image: bytes, options: JobOptions, pixels: int, timeout_s: float
+    request_id: str,
+    image: bytes,
+    options: JobOptions,
+    pixels: int,
+    timeout_s: float,
+    model: str = DEFAULT_MODEL,
 ) -> Job:
     now = time.time()
     return Job(
@@ -169,7 +197,17 @@ def build_job(
         deadline=now + timeout_s,
         enqueued_at=now,
         pixels=pixels,
+        model=model,
     )
+
+
+def checked_model(name: str | None, settings: ServiceSettings) -> str:
+    """The model a request asks for; 422 naming the loaded ones if it is not one of them."""
+    loaded = settings.model_list()
+    chosen = name or loaded[0]
+    if chosen not in loaded:
+        raise InvalidParameterError(unknown_model_message(chosen, loaded))
+    return chosen
 
 
 async def submit_watching(request: Request, queue: JobQueue, job: Job) -> JobResult:
@@ -195,6 +233,7 @@ async def respond(
     """The answer, with the total time in Server-Timing and the outcome counted."""
     timings = {**result.timings, "total": time.perf_counter() - started}
     METRICS.stage_duration.labels(stage="total").observe(timings["total"])
+    METRICS.model_stage_duration.labels(model=result.model, stage="total").observe(timings["total"])
     response = await result_response(request, request_id, result, timings, saturation)
     count_outcome(request, response.status_code)
     return response
@@ -209,7 +248,7 @@ def client_closed(request: Request, request_id: str, when: str = "") -> Response
 
 def install_colorize(app: FastAPI, state: ServiceState) -> None:
     settings = state.settings
-    query = Depends(colorize_query(settings.instance_limit))
+    query = Depends(colorize_query(settings.instance_limit, settings.model_list()))
 
     @app.post(
         "/colorize",
@@ -228,6 +267,7 @@ def install_colorize(app: FastAPI, state: ServiceState) -> None:
         METRICS.in_flight.inc()
         try:
             queue = admit(state)
+            model = checked_model(params.model, settings)
             options = job_options(params, settings.max_boxes)
             try:
                 image = await image_from_request(request, settings.max_body_bytes)
@@ -238,7 +278,7 @@ def install_colorize(app: FastAPI, state: ServiceState) -> None:
             except ClientGone:
                 return client_closed(request, request_id, "during the upload")
             pixels = checked_pixels(image, settings)
-            job = build_job(request_id, image, options, pixels, settings.request_timeout_s)
+            job = build_job(request_id, image, options, pixels, settings.request_timeout_s, model)
             try:
                 result = await submit_watching(request, queue, job)
             except ClientGone:
@@ -326,7 +366,48 @@ def install_info(app: FastAPI, state: ServiceState) -> None:
         }
 
 
+def loaded_models(state: ServiceState) -> list[dict[str, Any]]:
+    """Each model of ``settings.models`` as ``GET /models`` lists it (``loaded``: ready to run
+    here, memory mode, or published by a live worker, Redis mode)."""
+    queue = state.queue
+    description = queue.describe() if queue is not None else {}
+    per_model: dict[str, Any] = description.get("models") or {}
+    names = state.settings.model_list()
+    if not per_model and description:  # a queue that serves the default model only
+        per_model = {names[0]: description}
+    listed = []
+    for name in names:
+        info = per_model.get(name) or {}
+        card = dict(info.get("card") or {})
+        listed.append(
+            {
+                "name": name,
+                "default": name == names[0],
+                "loaded": bool(info.get("model_version")),
+                "title": card.get("title"),
+                "model_version": info.get("model_version"),
+                "input_size": card.get("input_size"),
+                "uses_boxes": card.get("uses_boxes"),
+                "files": card.get("files") or info.get("files") or [],
+                "detector": info.get("detector"),
+                "device": info.get("device"),
+                "precision": info.get("precision"),
+                "paper": card.get("paper"),
+            }
+        )
+    return listed
+
+
+def install_models(app: FastAPI, state: ServiceState) -> None:
+    @app.get("/models", tags=["operations"], response_model=ModelList)
+    async def models() -> dict[str, Any]:
+        """The models this server serves (POST /colorize?model=NAME): weight file names and
+        sha256, input size, whether the model uses boxes; the first is the default."""
+        return {"default": state.settings.default_model, "models": loaded_models(state)}
+
+
 def install_routes(app: FastAPI, state: ServiceState) -> None:
     install_colorize(app, state)
     install_probes(app, state)
     install_info(app, state)
+    install_models(app, state)

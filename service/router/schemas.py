@@ -27,6 +27,7 @@ class ColorizeJSON(BaseModel):
     """The ``Accept: application/json`` answer of POST /colorize."""
 
     request_id: str
+    model: str = Field(default="instcolor", description="The model that ran (?model=).")
     model_version: str
     media_type: str = Field(description="Media type of the encoded image.")
     image_base64: str = Field(description="The colorized image, base64-encoded.")
@@ -46,6 +47,39 @@ class ColorizeJSON(BaseModel):
     )
 
 
+class WeightFileInfo(BaseModel):
+    name: str = Field(description="File name (no folders).")
+    sha256: str
+
+
+class ModelInfo(BaseModel):
+    """One model this server serves."""
+
+    name: str = Field(description="The value of POST /colorize?model=.")
+    default: bool = Field(description="Used when ?model= is left out.")
+    loaded: bool = Field(
+        description="Ready here (memory mode) or published by a live worker (Redis mode)."
+    )
+    title: str | None = None
+    paper: str | None = None
+    model_version: str | None = None
+    input_size: int | None = Field(
+        default=None, description="Side of the square L the network sees (px)."
+    )
+    uses_boxes: bool | None = Field(
+        default=None, description="Whether the model uses instance boxes (detector or ?boxes=)."
+    )
+    files: list[WeightFileInfo] = Field(default_factory=list, description="Weight files loaded.")
+    detector: str | None = None
+    device: str | None = None
+    precision: str | None = None
+
+
+class ModelList(BaseModel):
+    default: str
+    models: list[ModelInfo]
+
+
 class Status(BaseModel):
     status: str
     detail: str | None = None
@@ -59,7 +93,8 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         "WWW-Authenticate.",
         413: "Body over max_body_bytes, or image over max_pixels (checked before decoding).",
         415: "Not an image content type, an unsupported image format, or an animated image.",
-        422: "A parameter is out of range or malformed.",
+        422: "A parameter is out of range or malformed, a model that is not loaded here "
+        "(?model=), or boxes for a model that does not use them.",
         429: "Queue full (when COLORIZE_OVERLOAD_STATUS=429); see Retry-After.",
         500: "Internal error; the body carries the request ID, never a stack trace.",
         503: "Queue full, estimated work past the deadline, no live worker, model loading or "

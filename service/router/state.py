@@ -5,9 +5,13 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from service.core.queue import JobQueue
 from service.settings import ServiceSettings
+
+if TYPE_CHECKING:
+    from service.batches.runner import BatchScheduler
 
 log = logging.getLogger(__name__)
 
@@ -16,6 +20,7 @@ log = logging.getLogger(__name__)
 class ServiceState:
     settings: ServiceSettings
     queue: JobQueue | None = None
+    batches: BatchScheduler | None = None  # the batch API, once started
     draining: bool = False
     started: float = field(default_factory=time.time)
 

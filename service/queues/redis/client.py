@@ -25,6 +25,7 @@ from service.core.errors import (
 from service.core.jobs import Job, JobResult
 from service.core.metrics import Metrics
 from service.core.offload import off_loop_if_large
+from service.core.tracing import carried, stage_span
 from service.queues.redis.protocol import (
     ADMIT_SCRIPT,
     LIVE_SCRIPT,
@@ -71,9 +72,11 @@ class RedisQueueConfig:
     require_live_worker: bool = True  # no live worker: not ready, and 503 no-workers at once
 
     @staticmethod
-    def from_settings(settings: ServiceSettings) -> RedisQueueConfig:
+    def from_settings(settings: ServiceSettings, model: str | None = None) -> RedisQueueConfig:
+        """``model``'s stream (default: the settings' default model)."""
         values = values_for(RedisQueueConfig, settings)  # every field named as its setting
-        return RedisQueueConfig(layout=RedisLayout.from_settings(settings), **values)
+        layout = RedisLayout.from_settings(settings, model or settings.default_model)
+        return RedisQueueConfig(layout=layout, **values)
 
 
 class RedisJobQueue:
@@ -168,7 +171,11 @@ class RedisJobQueue:
         self._in_flight += 1
         self._idle.clear()
         try:
-            return await self._submit(job)
+            # the job carries this span's context (traceparent in its stream entry's meta): the
+            # worker's spans join the request's trace
+            with stage_span("redis submit", kind="producer", **{"messaging.system": "redis",
+                            "messaging.destination.name": self.layout.stream}):  # fmt: skip
+                return await self._submit(carried(job))
         except REDIS_ERRORS as exc:
             log.warning("redis unavailable for %s: %s", job.request_id, exc)
             raise UnavailableError(

@@ -5,6 +5,12 @@ API replicas admit jobs into a stream, GPU workers answer on per-job lists.
 Layout, for a key prefix ``P`` (``COLORIZE_REDIS_PREFIX``, default ``colorize``) and consumer group
 ``G`` (``COLORIZE_REDIS_GROUP``):
 
+- One stream, group, model record and worker set per model: the keys below are those of the
+  default model (``instcolor``); another model ``M`` has ``P:jobs:M``, ``P:model:M``,
+  ``P:workers:M`` and ``P:worker-costs:M`` (``RedisLayout.model``). A worker loading models
+  ``a,b`` consumes both streams; an API replica puts a job on its model's stream, so a worker only
+  ever receives jobs of a model it loaded, and each stream's lag (what KEDA scales on) counts only
+  that model's jobs.
 - ``P:jobs``: stream of waiting and in-process jobs. Fields: ``token`` (the reply token, unique per
   admitted job), ``meta`` (the job as JSON, without the image), ``image`` (raw bytes). Workers read
   it through group ``G`` (created at id 0 with MKSTREAM, by whichever process comes first) and
@@ -54,7 +60,7 @@ from service.core.admission import CostModel
 from service.core.errors import (
     ServiceError,
 )
-from service.core.jobs import Job, JobOptions, JobResult
+from service.core.jobs import DEFAULT_MODEL, Job, JobOptions, JobResult
 from service.core.metrics import Metrics
 from service.settings import RedisSettings, default_of
 
@@ -70,14 +76,21 @@ class RedisLayout:
 
     prefix: str = default_of(RedisSettings, "redis_prefix")
     group: str = default_of(RedisSettings, "redis_group")
+    model_name: str = DEFAULT_MODEL  # whose stream, model record and worker set
 
     @staticmethod
-    def from_settings(settings: RedisSettings) -> RedisLayout:
-        return RedisLayout(settings.redis_prefix, settings.redis_group)
+    def from_settings(settings: RedisSettings, model: str = DEFAULT_MODEL) -> RedisLayout:
+        return RedisLayout(settings.redis_prefix, settings.redis_group, model)
+
+    def _of_model(self, key: str) -> str:
+        """``P:key`` for the default model (the names before models existed), else ``P:key:M``."""
+        if self.model_name == DEFAULT_MODEL:
+            return f"{self.prefix}:{key}"
+        return f"{self.prefix}:{key}:{self.model_name}"
 
     @property
     def stream(self) -> str:
-        return f"{self.prefix}:jobs"
+        return self._of_model("jobs")
 
     @property
     def dead(self) -> str:
@@ -85,7 +98,7 @@ class RedisLayout:
 
     @property
     def model(self) -> str:
-        return f"{self.prefix}:model"
+        return self._of_model("model")
 
     def reply(self, token: str) -> str:
         return f"{self.prefix}:reply:{token}"
@@ -98,11 +111,11 @@ class RedisLayout:
 
     @property
     def workers(self) -> str:
-        return f"{self.prefix}:workers"
+        return self._of_model("workers")
 
     @property
     def worker_costs(self) -> str:
-        return f"{self.prefix}:worker-costs"
+        return self._of_model("worker-costs")
 
 
 class RedisClock:
@@ -150,6 +163,8 @@ class RedisClock:
 def job_fields(job: Job, token: str) -> dict[str, bytes | str]:
     meta = asdict(job)
     del meta["image"]
+    if not meta["trace_context"]:  # only sent when tracing is on: other entries unchanged
+        del meta["trace_context"]
     return {"token": token, "meta": json.dumps(meta), "image": job.image}
 
 
@@ -164,6 +179,8 @@ def job_from_fields(fields: dict[bytes, bytes]) -> tuple[str, Job]:
         deadline=float(meta["deadline"]),
         enqueued_at=float(meta["enqueued_at"]),
         pixels=int(meta.get("pixels", 0)),
+        trace_context={str(k): str(v) for k, v in meta.get("trace_context", {}).items()},
+        model=str(meta.get("model", DEFAULT_MODEL)),
     )
     return token, job
 

@@ -100,10 +100,12 @@ class WorkerConfig:
     poll_ms: int = 1000  # not a setting: longest idle block, how soon an idle worker sees SIGTERM
 
     @staticmethod
-    def from_settings(settings: ServiceSettings) -> WorkerConfig:
+    def from_settings(settings: ServiceSettings, model: str | None = None) -> WorkerConfig:
+        """``model``'s stream (default: the settings' default model)."""
         values = values_for(WorkerConfig, settings)  # every field named as its setting
         values["max_batch_size"] = settings.resolved_max_batch_size()  # unset: per device
-        return WorkerConfig(layout=RedisLayout.from_settings(settings), **values)
+        layout = RedisLayout.from_settings(settings, model or settings.default_model)
+        return WorkerConfig(layout=layout, **values)
 
 
 def consumer_name() -> str:

@@ -14,6 +14,13 @@ export async function fetchInfo() {
   return { info: await response.json() };
 }
 
+/** GET /models: `{default, models: [{name, loaded, uses_boxes, input_size, files, ...}]}`. */
+export async function fetchModels() {
+  const response = await fetch("/models", { headers: authHeaders() });
+  if (!response.ok) throw new Error(`HTTP ${response.status}`);
+  return response.json();
+}
+
 /**
  * The query of one POST /colorize. With `boxes` ([{box, score | null}]) the request sends exactly
  * those boxes (drawn ones with score 1) and never asks for fewer slots than boxes, up to
@@ -25,6 +32,7 @@ export function colorizeQuery(options, boxes, instanceLimit) {
   if (options.format) params.set("format", options.format);
   params.set("score_threshold", String(options.score_threshold));
   params.set("saturation", String(options.saturation));
+  if (options.model) params.set("model", options.model);
   let maxInstances = options.max_instances;
   if (boxes) {
     maxInstances = Math.min(instanceLimit, Math.max(maxInstances, boxes.length));

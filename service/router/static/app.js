@@ -9,6 +9,7 @@ import { installCompare } from "./compare.js";
 import { $ } from "./dom.js";
 import { loadInfo } from "./info.js";
 import { onRowActions } from "./list.js";
+import { installModelCompare, loadModels } from "./models.js";
 import { installOptions } from "./options.js";
 import { addFiles, colorizeAgain, requeue, retryWaitingForKey } from "./queue.js";
 import { state } from "./state.js";
@@ -17,6 +18,7 @@ import { select } from "./viewer.js";
 
 installKeyForm(() => {
   loadInfo();
+  loadModels();
   retryWaitingForKey();
 });
 installOptions();
@@ -24,8 +26,10 @@ installUpload(addFiles);
 onRowActions({ select, retry: requeue });
 installCompare();
 installBoxes();
+installModelCompare();
 $("recolorize").addEventListener("click", () => colorizeAgain(state.selected, true));
 $("use-detector").addEventListener("click", () => colorizeAgain(state.selected, false));
 
 showKeyState();
 loadInfo();
+loadModels();

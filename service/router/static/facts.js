@@ -9,6 +9,7 @@ const STAGE_ORDER = ["decode", "queue", "detect", "instance", "fusion", "merge",
 export function renderFacts(item) {
   const r = item.result;
   const facts = [
+    ["Model", r.model || "instcolor"],
     ["Model version", r.model_version],
     ["Output", `${afterImg.naturalWidth || "?"}×${afterImg.naturalHeight || "?"} ${r.media_type}`],
     ["Input", r.input_size ? `${r.input_size[0]}×${r.input_size[1]}` : "?"],

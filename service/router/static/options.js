@@ -10,6 +10,7 @@ export function readOptions() {
     max_instances: clampInt($("opt-max-instances").value, 0, state.instanceLimit, 8),
     score_threshold: clampNumber($("opt-score-threshold").value, 0, 1, 0.7),
     saturation: clampNumber($("opt-saturation").value, 0, 2, 1),
+    model: $("opt-model").value,
   };
 }
 

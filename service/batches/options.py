@@ -1,0 +1,77 @@
+"""Batch and item options: the /colorize query's options as JSON, checked at submit (422)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from service.core.boxes import BoxesError, validate_boxes
+from service.core.errors import InvalidParameterError
+from service.core.jobs import SATURATION_RANGE, JobOptions
+from service.settings import ServiceSettings
+
+OPTION_NAMES = (
+    "format",
+    "quality",
+    "resolution",
+    "max_instances",
+    "score_threshold",
+    "boxes",
+    "saturation",
+)
+
+
+def parse_boxes(value: Any, max_boxes: int) -> tuple[list[list[float]] | None, list[float] | None]:
+    """Boxes as on /colorize (a list, or {"boxes", "scores"}), already parsed from JSON."""
+    try:
+        return validate_boxes(value, max_boxes)
+    except BoxesError as exc:
+        raise InvalidParameterError(f"boxes: {exc}") from None
+
+
+def _number(name: str, value: Any, low: float, high: float, integer: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise InvalidParameterError(f"option {name!r} must be a number, got {value!r}")
+    if integer and not float(value).is_integer():
+        raise InvalidParameterError(f"option {name!r} must be an integer, got {value!r}")
+    if not low <= value <= high:
+        raise InvalidParameterError(f"option {name!r} must be in [{low:g}, {high:g}], got {value}")
+    return value
+
+
+def check_options(
+    options: Any, settings: ServiceSettings, where: str = "options"
+) -> dict[str, Any]:
+    """The options as given, once each is known and valid; else 422 naming what to fix."""
+    if not isinstance(options, dict):
+        raise InvalidParameterError(f"{where} must be a JSON object")
+    unknown = sorted(set(options) - set(OPTION_NAMES))
+    if unknown:
+        raise InvalidParameterError(
+            f"{where}: unknown option(s) {', '.join(map(repr, unknown))}; valid: "
+            f"{', '.join(OPTION_NAMES)}"
+        )
+    if "format" in options and options["format"] not in (None, "jpeg", "png", "webp"):
+        raise InvalidParameterError(f"{where}: format must be jpeg, png or webp")
+    if "resolution" in options and options["resolution"] not in ("original", "network"):
+        raise InvalidParameterError(f"{where}: resolution must be original or network")
+    if "quality" in options:
+        _number("quality", options["quality"], 1, 100, integer=True)
+    if "max_instances" in options:
+        _number("max_instances", options["max_instances"], 0, settings.instance_limit, True)
+    if "score_threshold" in options:
+        _number("score_threshold", options["score_threshold"], 0.0, 1.0)
+    if "saturation" in options:
+        _number("saturation", options["saturation"], *SATURATION_RANGE)
+    if options.get("boxes") is not None:
+        parse_boxes(options["boxes"], settings.max_boxes)
+    return dict(options)
+
+
+def job_options(options: dict[str, Any], settings: ServiceSettings) -> JobOptions:
+    """Checked options as the engine's ``JobOptions``."""
+    values = dict(options)
+    boxes = values.pop("boxes", None)
+    if boxes is not None:
+        values["boxes"], values["scores"] = parse_boxes(boxes, settings.max_boxes)
+    values.setdefault("max_instances", settings.instance_limit)
+    return JobOptions(**values)
