@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -115,6 +116,9 @@ def service_settings(checkpoints: Path, **overrides: Any) -> ServiceSettings:
         "drain_timeout_s": 10.0,
         **overrides,
     }
+    if "state_dir" not in values:  # the batch API's database: never the checkout's state/
+        state = Path(tempfile.mkdtemp(prefix="colorize-state-"))
+        values.update(state_dir=state, batch_output_dir=state / "batch-output")
     return ServiceSettings(**values)
 
 

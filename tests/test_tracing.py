@@ -4,6 +4,8 @@ console exporter's JSON on their stdout); off, no spans and no SDK imported."""
 
 from __future__ import annotations
 
+import asyncio
+import io
 import itertools
 import json
 import os
@@ -13,6 +15,7 @@ import subprocess
 import sys
 import time
 import uuid
+import zipfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -95,6 +98,45 @@ async def test_one_request_span_tree_in_memory_mode(
     assert job.attributes["colorize.request_id"] == response.headers["x-request-id"]
     assert by_name["instance"].attributes["colorize.instances"] == 2
     assert by_name["fusion"].attributes["colorize.batch_size"] == 1
+
+
+async def test_each_batch_item_is_traced(
+    tiny_checkpoints: Path, exporter: InMemorySpanExporter
+) -> None:
+    """A batch's items each get a ``batch item`` span (batch id, custom_id), parent of the job's
+    span and its stages."""
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("roll/a.png", png(32, 24))
+        archive.writestr("roll/b.png", png(24, 32))
+    async with running_app(service_settings(tiny_checkpoints)) as (_, client):
+        response = await client.post(
+            "/batches", files={"archive": ("scans.zip", buffer.getvalue(), "application/zip")}
+        )
+        assert response.status_code == 202, response.text
+        batch_id = response.json()["id"]
+        deadline = time.monotonic() + 60
+        while (status := (await client.get(f"/batches/{batch_id}")).json()["status"]) not in (
+            "completed", "failed",
+        ):  # fmt: skip
+            assert time.monotonic() < deadline, status
+            await asyncio.sleep(0.1)
+        assert status == "completed"
+    spans = list(exporter.get_finished_spans())
+    items = [s for s in spans if s.name == "batch item"]
+    assert sorted(s.attributes["batch.custom_id"] for s in items) == ["roll/a.png", "roll/b.png"]
+    assert {s.attributes["batch.id"] for s in items} == {batch_id}
+    jobs = [s for s in spans if s.name == "colorize"]
+    assert len(jobs) == 2
+    item_ids = {s.context.span_id: s for s in items}
+    for job in jobs:
+        assert job.parent is not None and job.parent.span_id in item_ids
+        item = item_ids[job.parent.span_id]
+        assert job.context.trace_id == item.context.trace_id
+        stages = [
+            s for s in spans if s.parent is not None and s.parent.span_id == job.context.span_id
+        ]
+        assert {s.name for s in stages} >= {"decode", "merge", "encode"}
 
 
 async def test_a_failed_job_span_says_why(

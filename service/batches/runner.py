@@ -40,6 +40,7 @@ from service.core.image_header import check_shape, probe_size
 from service.core.jobs import Job, JobResult
 from service.core.metrics import METRICS
 from service.core.queue import JobQueue
+from service.core.tracing import stage_span
 from service.settings import ServiceSettings
 
 log = logging.getLogger(__name__)
@@ -260,6 +261,15 @@ class BatchScheduler:
         await self._finish(record, item, True, line)
 
     async def _colorize(self, record: BatchRecord, item: Item) -> JobResult:
+        """One item through the queue, in a ``batch item`` span when tracing is on (the job's
+        own spans, in this process or a worker's, are its children)."""
+        with stage_span(
+            "batch item",
+            **{"batch.id": record.id, "batch.custom_id": item.custom_id, "batch.seq": item.seq},
+        ):
+            return await self._colorize_untraced(record, item)
+
+    async def _colorize_untraced(self, record: BatchRecord, item: Item) -> JobResult:
         options = job_options({**record.info.get("options", {}), **item.options}, self.settings)
         image = await asyncio.to_thread(Path(item.source).read_bytes)
         size = probe_size(image)
