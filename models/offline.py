@@ -65,7 +65,7 @@ def _load_batch(
     return loaded
 
 
-def _predict(
+def predict_ready(
     colorizer: Colorizer,
     ready: Sequence[tuple[T, PreparedImage]],
     errors: tuple[type[BaseException], ...],
@@ -148,7 +148,7 @@ def run_batches(
                 else:
                     ready.append((item, prepared))
             if ready:
-                predicted = _predict(colorizer, ready, predict_errors, failures)
+                predicted = predict_ready(colorizer, ready, predict_errors, failures)
                 _finish_each(predicted, finish, finish_errors, failures)
             if progress is not None:
                 progress(len(batch))

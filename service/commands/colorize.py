@@ -28,10 +28,11 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any
 
 from models.image_files import IMAGE_EXTENSIONS, scan_images
 from service.commands.arg_types import batch_size, non_negative_int, unit_float
+from service.commands.colorize_sources import MANIFEST_SUFFIX, add_ray_arguments, is_uri
 from service.commands.model_flags import add_model_arguments, add_model_choice, model_overrides
 from service.core.boxes import BoxesError, validate_boxes
 from service.core.jobs import SATURATION_RANGE, OutputFormat
@@ -158,6 +159,7 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--no-progress", action="store_true", help="no progress bar on stderr")
     add_model_choice(parser)
     add_model_arguments(parser)
+    add_ray_arguments(parser)
     parser.set_defaults(func=run)
 
 
@@ -274,7 +276,18 @@ def match_boxes(
     return matched
 
 
-# -- writing ------------------------------------------------------------------------------------
+# -- per item: shared by the local and the Ray engine ------------------------------------------
+
+
+def prepare_image(
+    colorizer: ModelColorizer, source: Path | IO[bytes], options: ColorizeOptions
+) -> PreparedImage:
+    """Decode one file (a path or an open binary stream) and run ``Colorizer.prepare`` on it."""
+    from PIL import Image
+
+    with Image.open(source) as image:
+        image.load()
+        return colorizer.prepare(image, options)
 
 
 def write_image(image: Image.Image, output: Path, image_format: OutputFormat) -> None:
@@ -305,16 +318,13 @@ def process(
     progress: bool,
 ) -> RunSummary:
     """Colorize ``jobs`` in batches with a read-ahead of one batch; never stops on a bad input."""
-    from PIL import Image
     from tqdm import tqdm
 
     from models.offline import FINISH_ERRORS, describe_failure, run_batches
     from service.core.errors import InvalidParameterError
 
     def load(job: InputFile) -> PreparedImage:
-        with Image.open(job.source) as image:
-            image.load()
-            return colorizer.prepare(image, options(job))
+        return prepare_image(colorizer, job.source, options(job))
 
     def finish(job: InputFile, prepared: PreparedImage, prediction: Prediction) -> None:
         write_image(colorizer.merge(prepared, prediction).image, job.output, image_format)
@@ -337,6 +347,13 @@ def _usage_error(message: str) -> int:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.engine == "ray":
+        from service.commands.colorize_ray import run_ray
+
+        return run_ray(args)
+    remote = [str(p) for p in args.inputs if is_uri(str(p)) or p.suffix == MANIFEST_SUFFIX]
+    if remote:
+        return _usage_error(f"{', '.join(remote)}: manifests and URIs need --engine ray")
     from pydantic import ValidationError
 
     from models.checkpoints import CheckpointError

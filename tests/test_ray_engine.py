@@ -1,0 +1,176 @@
+"""``colorize --engine ray`` on a real local Ray (one per module): the same bytes as the local
+engine for every zoo model, bad inputs as report lines, verified resume, a killed actor."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.cli import main
+
+ray = pytest.importorskip("ray")
+psutil = pytest.importorskip("psutil")
+
+pytestmark = pytest.mark.slow
+
+MODELS = ("instcolor", "zhang-eccv16", "zhang-siggraph17")
+REPORT = "colorize-report.jsonl"
+
+
+@pytest.fixture(scope="module", autouse=True)
+def local_ray() -> Iterator[None]:
+    """One small local Ray for the module; the command uses it as it is (``ray_session``)."""
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=200 * 2**20,
+        log_to_driver=False,
+        runtime_env={"env_vars": {"PYTHONPATH": str(Path(__file__).resolve().parents[1])}},
+    )
+    try:
+        yield
+    finally:
+        ray.shutdown()
+    assert not ray.is_initialized()
+
+
+def gray(width: int, height: int, seed: int) -> Image.Image:
+    rng = np.random.default_rng(seed)
+    base = np.linspace(0, 255, width)[None, :].repeat(height, axis=0)
+    noise = rng.normal(0, 25, (height, width))
+    return Image.fromarray(np.clip(base + noise, 0, 255).astype(np.uint8), mode="L")
+
+
+def photos(folder: Path, count: int) -> Path:
+    folder.mkdir(parents=True)
+    for i in range(count):
+        suffix = ".jpg" if i % 2 else ".png"
+        gray(40 + 8 * i, 32 + 4 * i, seed=i).save(folder / f"p{i}{suffix}")
+    return folder
+
+
+def colorize(source: Path, dest: Path, weights: Path, model: str, *extra: str) -> int:
+    argv = ["colorize", str(source), "-o", str(dest), "--no-progress", "--no-detector",
+            "--weights-dir", str(weights), "--model", model, "--precision", "fp32",
+            "--device", "cpu", "--batch-size", "2", *extra]  # fmt: skip
+    if model == "instcolor":
+        argv += ["--checkpoints", str(weights / "checkpoints")]
+    return main(argv)
+
+
+def images_below(folder: Path) -> dict[str, bytes]:
+    return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*.png"))}
+
+
+def report_lines(dest: Path) -> list[dict[str, object]]:
+    return [json.loads(line) for line in (dest / REPORT).read_text().splitlines()]
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_ray_output_is_byte_identical_to_the_local_engine(
+    tmp_path: Path, zoo_weights: Path, model: str
+) -> None:
+    source = photos(tmp_path / "in", 3)
+    assert colorize(source, tmp_path / "local", zoo_weights, model) == 0
+    assert colorize(source, tmp_path / "ray", zoo_weights, model, "--engine", "ray") == 0
+    local, on_ray = images_below(tmp_path / "local"), images_below(tmp_path / "ray")
+    assert sorted(local) == ["p0.png", "p1.png", "p2.png"]
+    assert on_ray == local
+    lines = report_lines(tmp_path / "ray")
+    assert sorted(str(line["custom_id"]) for line in lines) == ["p0.png", "p1.jpg", "p2.png"]
+    assert {line["status"] for line in lines} == {"ok"}
+    for line in lines:
+        assert line["bytes"] == Path(str(line["output"])).stat().st_size
+
+
+def test_a_corrupt_input_is_a_failed_line_and_the_rest_complete(
+    tmp_path: Path, zoo_weights: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = photos(tmp_path / "in", 2)
+    (source / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    dest = tmp_path / "out"
+    assert colorize(source, dest, zoo_weights, "instcolor", "--engine", "ray") == 1
+    by_id = {line["custom_id"]: line for line in report_lines(dest)}
+    assert set(by_id) == {"p0.png", "p1.jpg", "broken.png"}
+    assert by_id["broken.png"]["status"] == "failed"
+    assert by_id["broken.png"]["error"]
+    assert not (dest / "broken.png").exists()
+    assert by_id["p0.png"]["status"] == by_id["p1.jpg"]["status"] == "ok"
+    assert sorted(images_below(dest)) == ["p0.png", "p1.png"]
+    assert "failed: broken.png" in capsys.readouterr().err
+
+
+def test_rerun_skips_verified_outputs_without_recomputing(
+    tmp_path: Path, zoo_weights: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = photos(tmp_path / "in", 3)
+    dest = tmp_path / "out"
+    assert colorize(source, dest, zoo_weights, "instcolor", "--engine", "ray") == 0
+    first = {p: p.stat().st_mtime_ns for p in dest.glob("*.png")}
+    (dest / "p2.png").write_bytes(b"truncated")  # fails verification: recomputed
+    capsys.readouterr()
+    time.sleep(0.01)
+    assert colorize(source, dest, zoo_weights, "instcolor", "--engine", "ray") == 0
+    assert "1 colorized, 0 failed, 2 skipped" in capsys.readouterr().out
+    by_id = {line["custom_id"]: line for line in report_lines(dest)}
+    assert by_id["p0.png"]["status"] == by_id["p1.jpg"]["status"] == "skipped"
+    assert by_id["p2.png"]["status"] == "ok"
+    for name in ("p0.png", "p1.png"):
+        assert (dest / name).stat().st_mtime_ns == first[dest / name]
+    assert (dest / "p2.png").stat().st_mtime_ns != first[dest / "p2.png"]
+    with Image.open(dest / "p2.png") as image:
+        image.verify()
+
+
+def _predict_actor_pids() -> list[int]:
+    pids = []
+    for process in psutil.process_iter(["pid", "cmdline"]):
+        cmdline = " ".join(process.info["cmdline"] or [])
+        if "PredictStage" in cmdline:
+            pids.append(process.info["pid"])
+    return pids
+
+
+def test_killing_the_colorizer_actor_mid_run_loses_nothing(
+    tmp_path: Path, zoo_weights: Path
+) -> None:
+    source = photos(tmp_path / "in", 8)
+    assert colorize(source, tmp_path / "local", zoo_weights, "zhang-eccv16") == 0
+    dest = tmp_path / "ray"
+    killed: list[int] = []
+    stop = threading.Event()
+
+    def kill_once_outputs_appear() -> None:
+        while not stop.is_set():
+            pids = _predict_actor_pids()
+            if pids and any(dest.glob("*.png")):
+                os.kill(pids[0], signal.SIGKILL)
+                killed.append(pids[0])
+                return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_once_outputs_appear, daemon=True)
+    killer.start()
+    try:
+        code = colorize(source, dest, zoo_weights, "zhang-eccv16", "--engine", "ray",
+                        "--batch-size", "1")  # fmt: skip
+    finally:
+        stop.set()
+        killer.join(timeout=5)
+    assert killed, "the run ended before the colorizer actor could be killed"
+    assert code == 0
+    lines = report_lines(dest)
+    ids = [str(line["custom_id"]) for line in lines]
+    assert sorted(ids) == sorted(p.name for p in source.iterdir())  # every item exactly once
+    assert {line["status"] for line in lines} == {"ok"}
+    assert images_below(dest) == images_below(tmp_path / "local")
