@@ -282,7 +282,7 @@ def test_dashboard_covers_the_issue_and_every_service_metric() -> None:
         for collector in collectors
         for family in collector.collect()
     }
-    assert len(contract) == 21
+    assert len(contract) == 22
     assert contract <= families, f"not on the dashboard: {sorted(contract - families)}"
     titles = " | ".join(p["title"] for p in panels).lower()
     for topic in ("request rate", "error", "p50", "p95", "p99", "queue", "dropped", "batch size",
