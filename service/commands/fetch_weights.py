@@ -32,10 +32,33 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument(
         "--dir",
+        "--weights-dir",
+        dest="dir",
         type=Path,
         default=DEFAULT_WEIGHTS_DIR,
         help=f"destination folder (default {DEFAULT_WEIGHTS_DIR}); official checkpoints go to "
         "DIR/checkpoints/coco_finetuned_mask_256_ffs/, other files to DIR/<file name>",
+    )
+    parser.add_argument(
+        "--model",
+        dest="models",
+        action="append",
+        metavar="NAME",
+        help="the model(s) to fetch, repeatable or comma-separated: instcolor (default), "
+        "zhang-eccv16, zhang-siggraph17, larsson-eccv16 (downloaded as Caffe HDF5 and converted); "
+        "each into DIR/<model>/<official file>",
+    )
+    parser.add_argument(
+        "--all-models", action="store_true", help="every model of the registry (docs/models.md)"
+    )
+    parser.add_argument(
+        "--from",
+        dest="from_path",
+        type=Path,
+        metavar="PATH",
+        help="install a copy of a single-file model's official file brought by hand (with one "
+        "--model other than instcolor): checked against its sha256 (Larsson's .h5 is converted), "
+        "then loaded",
     )
     parser.add_argument(
         "--variant",
@@ -93,6 +116,28 @@ def _settings_hint(report: FetchReport, detector: str) -> list[str]:
     return hints
 
 
+def _chosen_models(args: argparse.Namespace) -> list[str] | str:
+    """The models to fetch (default instcolor), or a usage error's message."""
+    from models.registry import MODELS
+
+    names = [n.strip() for value in args.models or [] for n in value.split(",") if n.strip()]
+    if args.all_models:
+        names = list(MODELS)
+    names = names or ["instcolor"]
+    unknown = [n for n in names if n not in MODELS]
+    if unknown:
+        return f"unknown model {unknown[0]!r}; known models: {', '.join(MODELS)}"
+    if args.from_path is not None:
+        if names == ["instcolor"] or len(names) != 1:
+            return (
+                "--from installs one file of one single-file model: give one --model other than "
+                "instcolor (InstColorization's files: copy them in by hand, docs/weights.md)"
+            )
+        if not args.from_path.is_file():
+            return f"--from {args.from_path}: no such file"
+    return names
+
+
 def run(args: argparse.Namespace) -> int:
     from service.weights.fetch import fetch_weights
     from service.weights.sources import DownloadError, WeightSources
@@ -100,8 +145,30 @@ def run(args: argparse.Namespace) -> int:
     if args.timeout <= 0:
         sys.stderr.write("fetch-weights: error: --timeout must be positive\n")
         return EXIT_USAGE
+    models = _chosen_models(args)
+    if isinstance(models, str):
+        sys.stderr.write(f"fetch-weights: error: {models}\n")
+        return EXIT_USAGE
+    sources = WeightSources.from_environment(args.base_url)
+    others = [m for m in models if m != "instcolor"]
+    if others:
+        from service.weights.fetch import fetch_model
+
+        try:
+            for name in others:
+                for item in fetch_model(
+                    name, args.dir, sources=sources, from_path=args.from_path,
+                    timeout=args.timeout, progress=not args.no_progress,
+                    verify=not args.no_verify_load,
+                ):  # fmt: skip
+                    state = "downloaded" if item.downloaded else "present   "
+                    sys.stdout.write(f"{state} {item.path}  sha256 {item.sha256}\n")
+        except (DownloadError, OSError) as exc:
+            sys.stderr.write(f"fetch-weights: error: {exc}\n")
+            return EXIT_FAILED
+        if "instcolor" not in models:
+            return EXIT_OK
     try:
-        sources = WeightSources.from_environment(args.base_url)
         report = fetch_weights(
             args.dir,
             args.variant,

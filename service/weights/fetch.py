@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import shutil
 import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -37,6 +38,7 @@ from models.checkpoints import (
 from service.weights.http import PART_SUFFIX, download
 from service.weights.sources import (
     CHUNK,
+    ChecksumError,
     DetectorChoice,
     DownloadError,
     FetchedFile,
@@ -337,3 +339,78 @@ def _fetch_all(
         report.files.append(item)
         report.lpips_vgg16 = item.path
     return report
+
+
+def _install_local(source: Path, remote: RemoteFile, path: Path) -> FetchedFile:
+    """A copy brought by hand, checked against ``remote``'s checksum, installed atomically."""
+    digest = sha256_file(source)
+    if not remote.matches(digest):
+        raise ChecksumError(
+            f"{source}: sha256 {digest} is not that of the official {remote.filename} "
+            f"({remote.sha256_prefix}); not installed"
+        )
+    with atomic_path(path) as temp:
+        shutil.copyfile(source, temp)
+    return FetchedFile(path, digest, downloaded=True)
+
+
+def fetch_model(
+    name: str,
+    weights_dir: Path,
+    *,
+    sources: WeightSources | None = None,
+    from_path: Path | None = None,
+    timeout: float = 60.0,
+    progress: bool = True,
+    verify: bool = True,
+) -> list[FetchedFile]:
+    """A single-file registry model (the Zhang models, Larsson ECCV16) into
+    ``<weights_dir>/<model>/``: downloaded, or ``from_path`` (a copy brought by hand) checked and
+    installed; a file that only exists in another framework is converted (Larsson's Caffe
+    HDF5). Then the model is loaded strictly to prove the files usable (``verify``)."""
+    from models.registry import get_model
+
+    spec = get_model(name)
+    sources = sources or WeightSources.default()
+    remotes = sources.models.get(name)
+    if not remotes:
+        raise DownloadError(f"{name}: its files come in an archive; fetch-weights --model {name}")
+    if from_path is not None and len(remotes) != 1:
+        raise DownloadError(f"--from installs one file; {name} has {len(remotes)}")
+    target = spec.folder(weights_dir)
+    files: list[FetchedFile] = []
+    for weight, remote in zip(spec.weights, remotes, strict=True):
+        path = target / weight.filename
+        if weight.converted_from is None:
+            if from_path is not None:
+                files.append(_install_local(from_path, remote, path))
+            else:
+                files.append(
+                    fetch_single(remote, target, timeout=timeout, progress=progress, verify=None)
+                )
+            continue
+        if from_path is None and path.is_file():
+            files.append(FetchedFile(path, sha256_file(path), downloaded=False))
+            continue
+        source = from_path
+        if source is None:  # the other framework's file, kept beside the converted one
+            source = fetch_single(
+                remote, target, timeout=timeout, progress=progress, verify=None
+            ).path
+        files.append(FetchedFile(path, convert(name, source, path), downloaded=True))
+    if verify:
+        _prove([f.path for f in files], lambda: spec.load(weights_dir), name)
+    return files
+
+
+def convert(name: str, source: Path, path: Path) -> str:
+    """``source`` (another framework's file) to the product's state dict at ``path``; sha256."""
+    if name != "larsson-eccv16":
+        raise DownloadError(f"{name}: no converter for {source.name}")
+    from models.checkpoints import CheckpointError
+    from models.larsson_eccv16 import convert_caffe_hdf5
+
+    try:
+        return convert_caffe_hdf5(source, path)
+    except CheckpointError as exc:
+        raise DownloadError(str(exc)) from exc
