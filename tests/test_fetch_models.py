@@ -109,3 +109,35 @@ def test_usage_errors(
 ) -> None:
     assert main(["fetch-weights", "--weights-dir", str(tmp_path), *args]) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_larsson_fetched_from_a_copy_then_served_by_colorize(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """The README's path for Larsson end to end: --from converts the Caffe file, then
+    ``colorize --model larsson-eccv16`` runs the 512 px network through the product's pipeline
+    (one image: about a minute on 2 CPU cores) and writes the photo at its own size,
+    equal to the library call."""
+    import numpy as np
+    from PIL import Image
+
+    from models.zoo import load_colorizer
+
+    h5 = tmp_path / "autocolorize.caffemodel.h5"
+    write_caffe_h5(h5, seed=4)
+    weights = tmp_path / "weights"
+    assert main(["fetch-weights", "--model", "larsson-eccv16", "--from", str(h5),
+                 "--weights-dir", str(weights), "--no-progress", "--no-verify-load"]) == 0  # fmt: skip
+    photo = Image.linear_gradient("L").resize((90, 60))
+    photo.save(tmp_path / "photo.png")
+    out = tmp_path / "out"
+    code = main(["colorize", str(tmp_path / "photo.png"), "-o", str(out), "--model",
+                 "larsson-eccv16", "--no-progress", "--no-detector", "--precision", "fp32",
+                 "--weights-dir", str(weights)])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    written = np.array(Image.open(out / "photo.png").convert("RGB"))
+    assert written.shape == (60, 90, 3)
+    pipeline = load_colorizer("larsson-eccv16", weights, precision="fp32")
+    (want,) = pipeline.colorize([photo.convert("RGB")])
+    assert np.array_equal(written, np.array(want.image))
