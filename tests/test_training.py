@@ -406,16 +406,18 @@ def per_process_batchnorm(world: int) -> Any:
     return forward
 
 
-GRADIENT_TOLERANCE = 1e-4
-"""Per tensor, |g_ddp - g_one| <= 1e-4 x max |g_one|, on the same weights.
+GRADIENT_TOLERANCE = 5e-4
+"""Per tensor, |g_ddp - g_one| <= 5e-4 x max |g_one|, on the same weights.
 
 Both gradients are fp32 sums over the same n = 2 x 256 x 256 per-pixel terms (mean loss over the
 combined batch), taken in another order: each process sums its half, the all-reduce adds the two
 halves and halves the result, where one process sums the whole batch inside each kernel. A
 reordered fp32 sum of n terms differs by about sqrt(n) x u (u = 6e-8): 2e-5 of the summands'
-magnitude, which the tensor's largest gradient stands for; 1e-4 is about 4 times that (measured
-here: up to 2.3e-5 in the first layers, which sum the most terms, 1e-6 in the deep ones; one
-process with 1 against 2 threads differs as much). The weights are not compared over several
+magnitude, which the tensor's largest gradient stands for only where terms do not cancel. Measured:
+up to 2.3e-5 on an AVX512 EPYC, but 1.7e-4 in stage fusion on an AVX2-only EPYC (other oneDNN
+kernels, and a small bias gradient that is a difference of larger terms); 5e-4 covers both, and a
+wrong average (a missing or doubled half) is off by 50 % or more. One process with 1 against 2
+threads differs as much. The weights are not compared over several
 steps: from step 2 Adam carries such rounding into per-element changes up to a whole step (it
 divides each gradient by its own magnitude, and one process with 1 or 2 threads diverges the same
 way), so every step is checked from the weights the processes actually held."""
