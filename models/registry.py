@@ -39,7 +39,7 @@ from models.larsson_eccv16 import INPUT_SIZE as LARSSON_INPUT_SIZE
 from models.larsson_eccv16 import SOURCE_FILENAME as LARSSON_SOURCE_FILENAME
 from models.larsson_eccv16 import SOURCE_SIZE as LARSSON_SOURCE_SIZE
 from models.larsson_eccv16 import SOURCE_URL as LARSSON_SOURCE_URL
-from models.larsson_eccv16 import load_larsson_eccv16
+from models.larsson_eccv16 import convert_caffe_hdf5, load_larsson_eccv16
 from models.zhang_eccv16 import FILENAME as ECCV16_FILENAME
 from models.zhang_eccv16 import INPUT_SIZE as ECCV16_INPUT_SIZE
 from models.zhang_eccv16 import load_zhang_eccv16
@@ -73,7 +73,8 @@ class WeightFile:
     ``None`` with a ``-<hex>`` suffix in the name still gives the torch ``check_hash`` prefix.
     ``packed_in`` names the archive the file comes in (InstColorization's zip); ``converted_from``
     is for weights that only exist in another framework (Larsson ECCV16's Caffe HDF5 file): the
-    product converts that source and stores the result under ``filename``.
+    product converts that source with ``convert`` (source, destination -> sha256) and stores the
+    result under ``filename``.
     """
 
     filename: str
@@ -82,6 +83,7 @@ class WeightFile:
     size: int | None = None
     packed_in: str | None = None
     converted_from: WeightFile | None = None
+    convert: Callable[[Path, Path], str] | None = None
 
     @property
     def sha256_prefix(self) -> str | None:
@@ -223,6 +225,7 @@ LARSSON_ECCV16 = ModelSpec[AutomaticColorizer](
             converted_from=WeightFile(
                 LARSSON_SOURCE_FILENAME, LARSSON_SOURCE_URL, size=LARSSON_SOURCE_SIZE
             ),
+            convert=convert_caffe_hdf5,
         ),
     ),
     input_size=LARSSON_INPUT_SIZE,

@@ -28,6 +28,7 @@ import zipfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from models.atomic import atomic_path, temp_beside
 from models.checkpoints import (
@@ -48,6 +49,9 @@ from service.weights.sources import (
     Variant,
     WeightSources,
 )
+
+if TYPE_CHECKING:
+    from models.registry import WeightFile
 
 log = logging.getLogger(__name__)
 
@@ -397,20 +401,19 @@ def fetch_model(
             source = fetch_single(
                 remote, target, timeout=timeout, progress=progress, verify=None
             ).path
-        files.append(FetchedFile(path, convert(name, source, path), downloaded=True))
+        files.append(FetchedFile(path, _convert(weight, source, path), downloaded=True))
     if verify:
         _prove([f.path for f in files], lambda: spec.load(weights_dir), name)
     return files
 
 
-def convert(name: str, source: Path, path: Path) -> str:
+def _convert(weight: WeightFile, source: Path, path: Path) -> str:
     """``source`` (another framework's file) to the product's state dict at ``path``; sha256."""
-    if name != "larsson-eccv16":
-        raise DownloadError(f"{name}: no converter for {source.name}")
     from models.checkpoints import CheckpointError
-    from models.larsson_eccv16 import convert_caffe_hdf5
 
+    if weight.convert is None:
+        raise DownloadError(f"no converter for {source.name}")
     try:
-        return convert_caffe_hdf5(source, path)
+        return weight.convert(source, path)
     except CheckpointError as exc:
         raise DownloadError(str(exc)) from exc
