@@ -31,9 +31,17 @@ from bench_pipeline import machine, random_checkpoints
 
 from models.boxes import FUSION_SCALES, Detections, box_info, choose_boxes
 from models.fusion import build_layout
-from models.pipeline import ColorizeOptions, Colorizer, PreparedImage
+from models.pipeline import (
+    ColorizeOptions,
+    Colorizer,
+    PreparedImage,
+    _BoxLayout,
+    _Outputs,
+    instance_bucket,
+    pad_rows,
+)
 from models.precision import probe_cpu
-from models.preprocess import crop_l
+from models.preprocess import crop_l, crop_l_on_device
 
 TARGET_MS = 2.0
 BATCHES = (1, 8, 32)
@@ -66,8 +74,10 @@ def timed(fn: Callable[[], object], sync: Callable[[], None]) -> float:
 
 
 def one_run(colorizer: Colorizer, batch: list[PreparedImage], whole: bool) -> dict[str, float]:
-    """Seconds of each step for one pass of the whole batch."""
-    sync = colorizer._sync
+    """Seconds of each step for one pass of the whole batch, as ``predict`` ran before issue 18:
+    PIL crops on the crop pool, per-box ``box_info`` + ``build_layout``, a synchronisation after
+    each step, ab copied per network call."""
+    sync = _sync(colorizer.device)
     dtype = colorizer.dtype
     seconds: dict[str, float] = {}
     chosen = {}
@@ -102,11 +112,78 @@ def one_run(colorizer: Colorizer, batch: list[PreparedImage], whole: bool) -> di
 
     seconds["layout"] = timed(layout, sync)
     out = torch.zeros(len(batch), 2, 256, 256, device=colorizer.device, dtype=dtype)
-    ab: list[torch.Tensor | None] = [None] * len(batch)
-    counts = [0] * len(batch)
-    seconds["copy_out"] = timed(
-        lambda: colorizer._collect(out, range(len(batch)), ab, counts), sync
-    )
+
+    def copy_out() -> None:
+        if out.dtype != torch.float32:
+            (~torch.isfinite(out)).flatten(1).sum(1).cpu().tolist()
+        list(out.float().cpu())
+
+    seconds["copy_out"] = timed(copy_out, sync)
+    if whole:
+        seconds["predict"] = timed(lambda: colorizer.predict(batch), sync)
+    return seconds
+
+
+def _sync(device: torch.device) -> Callable[[], None]:
+    if device.type == "cuda":
+        return lambda: torch.cuda.synchronize(device)
+    return lambda: None
+
+
+def one_run_device(
+    colorizer: Colorizer, batch: list[PreparedImage], whole: bool
+) -> dict[str, float]:
+    """The same steps as ``predict`` runs them now (device crops, tensor layout, one copy out).
+
+    Host time: each step is timed without waiting for the device, as ``predict`` issues it
+    (the device's own time is not on the host's critical path); the copy out, which waits, is
+    timed after a synchronisation so it counts only the copy.
+    """
+    device, dtype = colorizer.device, colorizer.dtype
+    sync = _sync(device)
+    seconds: dict[str, float] = {}
+    chosen = {}
+    sync()
+
+    def boxes() -> None:
+        for i, p in enumerate(batch):
+            assert p.options.boxes is not None
+            chosen[i] = choose_boxes(p.options.boxes, *p.source.size, p.options.max_instances)
+
+    seconds["boxes"] = timed(boxes, lambda: None)
+    held: dict[str, object] = {}
+
+    def cut() -> None:
+        layout = _BoxLayout.of([chosen[i][0] for i in chosen], [p.source.size for p in batch])
+        held["layout"] = layout
+        sources = [p.rgb_uint8() for p in batch]
+        held["crops"] = crop_l_on_device(sources, layout.boxes, layout.image_index, device)
+
+    seconds["crops"] = timed(cut, lambda: None)
+
+    def inputs() -> None:
+        crops = held["crops"]
+        assert isinstance(crops, torch.Tensor)
+        colorizer._network_input(pad_rows(crops, instance_bucket(crops.shape[0])), dtype)
+        colorizer._network_input(torch.stack([p.l_norm for p in batch]), dtype)
+
+    seconds["inputs"] = timed(inputs, lambda: None)
+
+    def layout() -> None:
+        box_layout = held["layout"]
+        assert isinstance(box_layout, _BoxLayout)
+        box_layout.fusion_layout(device)
+
+    seconds["layout"] = timed(layout, lambda: None)
+    out = torch.zeros(len(batch), 2, 256, 256, device=device, dtype=dtype)
+    sync()
+
+    def copy_out() -> None:
+        outputs = _Outputs(len(batch), device)
+        outputs.put(range(len(batch)), out)
+        outputs.to_host()
+
+    seconds["copy_out"] = timed(copy_out, lambda: None)
     if whole:
         seconds["predict"] = timed(lambda: colorizer.predict(batch), sync)
     return seconds
@@ -116,7 +193,9 @@ def measure(
     colorizer: Colorizer, batch: list[PreparedImage], repeats: int, whole: bool
 ) -> dict[str, float]:
     """Median seconds per image of each step over ``repeats`` runs of the whole batch."""
-    runs = [one_run(colorizer, batch, whole) for _ in range(repeats)]
+    run = one_run_device if colorizer.device_crops else one_run
+    run(colorizer, batch, False)  # first call: allocations, lazy imports
+    runs = [run(colorizer, batch, whole) for _ in range(repeats)]
     return {k: statistics.median(r[k] for r in runs) / len(batch) for k in runs[0]}
 
 
@@ -127,6 +206,13 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--crop-threads", type=int, default=4)
     parser.add_argument(
+        "--path",
+        choices=["both", "pil", "device"],
+        default="both",
+        help="pil: the path before issue 18 (PIL crops, per-box layout, syncs); device: "
+        "predict's device path now; both: one after the other in the same run",
+    )
+    parser.add_argument(
         "--whole-predict", action="store_true", help="also time whole predicts (slow on a CPU)"
     )
     args = parser.parse_args()
@@ -135,29 +221,35 @@ def main() -> None:
         from models.checkpoints import load_networks
 
         networks = load_networks(random_checkpoints(Path(folder), width=8))
-    colorizer = Colorizer(
-        networks, device=device, precision=args.precision, crop_threads=args.crop_threads
-    )
     cpu = probe_cpu().describe()
     print(f"machine: {machine(device)}")
     print(f"CPU bf16: {cpu['bf16_instructions'] or 'no AMX, no AVX512-BF16'} ({cpu['capability']})")
-    print(f"precision {colorizer.precision}, crop threads {args.crop_threads}, 8 given boxes/image")
+    print(f"precision {args.precision}, crop threads {args.crop_threads}, 8 given boxes/image")
     print()
-    print("| batch | " + " | ".join(STEPS) + " | host total | predict, width-8 nets |")
-    print("|---" * (len(STEPS) + 3) + "|")
-    for size in BATCHES:
-        batch = [
-            colorizer.prepare(photo(i), ColorizeOptions(resolution="network", boxes=eight_boxes(i)))
-            for i in range(size)
-        ]
-        ms = {
-            k: v * 1e3
-            for k, v in measure(colorizer, batch, args.repeats, args.whole_predict).items()
-        }
-        host = sum(ms[s] for s in STEPS)
-        cells = " | ".join(f"{ms[s]:.2f}" for s in STEPS)
-        whole = f"{ms['predict']:.1f}" if "predict" in ms else "not run"
-        print(f"| {size} | {cells} | **{host:.2f}** | {whole} |")
+    print("| path | batch | " + " | ".join(STEPS) + " | host total | predict, width-8 nets |")
+    print("|---" * (len(STEPS) + 4) + "|")
+    paths = {"both": ["pil", "device"], "pil": ["pil"], "device": ["device"]}[args.path]
+    for path in paths:
+        colorizer = Colorizer(
+            networks,
+            device=device,
+            precision=args.precision,
+            crop_threads=args.crop_threads,
+            device_crops=path == "device",
+        )
+        for size in BATCHES:
+            options = [
+                ColorizeOptions(resolution="network", boxes=eight_boxes(i)) for i in range(size)
+            ]
+            batch = [colorizer.prepare(photo(i), options[i]) for i in range(size)]
+            ms = {
+                k: v * 1e3
+                for k, v in measure(colorizer, batch, args.repeats, args.whole_predict).items()
+            }
+            host = sum(ms[s] for s in STEPS)
+            cells = " | ".join(f"{ms[s]:.2f}" for s in STEPS)
+            whole = f"{ms['predict']:.1f}" if "predict" in ms else "not run"
+            print(f"| {path} | {size} | {cells} | **{host:.2f}** | {whole} |")
     print()
     print(f"ms per 8-instance image; target: host total under {TARGET_MS} ms")
 

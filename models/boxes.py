@@ -1,7 +1,8 @@
 """Box selection and box geometry (spec §4.1, §4.2, §7 quirks 7, 8, 15).
 
-Pure functions on plain Python numbers: the detector's float boxes become the integer boxes the
-crops are cut with, and each integer box becomes its ``box_info`` row at the four fusion scales.
+Pure functions: the detector's float boxes become the integer boxes the crops are cut with (plain
+Python numbers), and each integer box becomes its ``box_info`` row at the four fusion scales
+(``box_info`` for one box; ``box_info_rows`` for all boxes of a batch at once, in tensor ops).
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+
+import torch
 
 FUSION_SCALES: tuple[int, ...] = (256, 128, 64, 32)
 """The scales of ``box_info``, ``box_info_2x``, ``box_info_4x`` and ``box_info_8x``."""
@@ -120,3 +123,25 @@ def box_info(
     sx, ex = _span(x1, x2, width, scale)
     sy, ey = _span(y1, y2, height, scale)
     return sx, scale - ex, sy, scale - ey, ex - sx, ey - sy
+
+
+def _span_rows(
+    start: torch.Tensor, end: torch.Tensor, size: torch.Tensor, scale: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_span`` on tensors: float64, so ``(start / size) * scale`` rounds as Python's does."""
+    lo = torch.floor((start / size) * scale).long()  # start, end >= 0: floor is int()
+    hi = torch.floor((end / size) * scale).long()
+    short = (hi - lo) < 1
+    grow = short & ((scale - hi) > 1)
+    return lo - (short & ~grow).long(), hi + grow.long()
+
+
+def box_info_rows(boxes: torch.Tensor, sizes: torch.Tensor, scale: int) -> torch.Tensor:
+    """``box_info`` of K boxes at once: ``boxes`` (K, 4) integer (x1, y1, x2, y2), ``sizes``
+    (K, 2) the (width, height) of each box's image -> (K, 6) long [L, R, T, B, w, h], equal to
+    ``box_info`` row by row (tests/test_boxes.py)."""
+    b = boxes.to(torch.float64)
+    w, h = sizes.to(torch.float64).unbind(1)
+    sx, ex = _span_rows(b[:, 0], b[:, 2], w, scale)
+    sy, ey = _span_rows(b[:, 1], b[:, 3], h, scale)
+    return torch.stack((sx, scale - ex, sy, scale - ey, ex - sx, ey - sy), dim=1)

@@ -83,12 +83,34 @@ def build_layout(
     image_index = [b for b, boxes in enumerate(box_infos) for _ in boxes]
     slot_index = [i for boxes in box_infos for i in range(len(boxes))]
     flat = [info for boxes in box_infos for info in boxes]
-    batch = len(box_infos)
-    img = torch.tensor(image_index, dtype=torch.long, device=device)
+    rows = {
+        size: torch.tensor([info[size] for info in flat], dtype=torch.long, device=device)
+        for size in FUSION_SCALES
+    }
+    return layout_from_rows(
+        rows,
+        torch.tensor(image_index, dtype=torch.long, device=device),
+        torch.tensor(slot_index, dtype=torch.long, device=device),
+        len(box_infos),
+        max(len(boxes) for boxes in box_infos),
+    )
+
+
+def layout_from_rows(
+    rows: dict[int, torch.Tensor],
+    image_index: torch.Tensor,
+    slot_index: torch.Tensor,
+    batch_size: int,
+    max_instances: int,
+) -> FusionLayout:
+    """The layout from tensors already on the device: ``rows[S]`` (M, 6) ``box_info`` rows at
+    scale S (``models.boxes.box_info_rows``), the image and slot of each instance. Tensor ops
+    only: nothing waits for the device."""
+    device = image_index.device
     scales: dict[int, ScaleLayout] = {}
     for size in FUSION_SCALES:
-        rows = torch.tensor([info[size] for info in flat], dtype=torch.long, device=device)
-        left, top, w, h = rows[:, 0], rows[:, 2], rows[:, 4], rows[:, 5]
+        info = rows[size]
+        left, top, w, h = info[:, 0], info[:, 2], info[:, 4], info[:, 5]
         gx, in_x = _axis(left, w, size)
         gy, in_y = _axis(top, h, size)
         m = gx.shape[0]
@@ -96,14 +118,14 @@ def build_layout(
             (gx[:, None, :].expand(m, size, size), gy[:, :, None].expand(m, size, size)), dim=-1
         )
         mask = (in_y[:, :, None] & in_x[:, None, :]).unsqueeze(1).float()
-        union = torch.zeros(batch, 1, size, size, device=device)
-        union.index_add_(0, img, mask)
+        union = torch.zeros(batch_size, 1, size, size, device=device)
+        union.index_add_(0, image_index, mask)
         scales[size] = ScaleLayout(grid=grid, mask=mask, union=union.clamp_(max=1.0))
     return FusionLayout(
-        image_index=img,
-        slot_index=torch.tensor(slot_index, dtype=torch.long, device=device),
-        batch_size=batch,
-        max_instances=max(len(boxes) for boxes in box_infos),
+        image_index=image_index,
+        slot_index=slot_index,
+        batch_size=batch_size,
+        max_instances=max_instances,
         scales=scales,
     )
 

@@ -25,12 +25,12 @@ from models.boxes import (
     FUSION_SCALES,
     Detections,
     IntBox,
-    box_info,
+    box_info_rows,
     choose_boxes,
 )
 from models.checkpoints import ColorizationNetworks, load_networks
 from models.detector import DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE, BoxDetector, DetectorVersion
-from models.fusion import build_layout
+from models.fusion import FusionLayout, layout_from_rows
 from models.image_input import InputImage, to_input_image
 from models.merge import (
     SATURATION_RANGE,
@@ -42,6 +42,7 @@ from models.merge import (
 from models.networks import FullImageGenerator, FusionGenerator, InstanceGenerator
 from models.precision import DTYPES, Precision, PrecisionSetting, probe_cpu, resolve_precision
 from models.preprocess import (
+    NETWORK_SIZE,
     crop_l,
     crop_l_on_device,
     detector_lightness,
@@ -49,6 +50,7 @@ from models.preprocess import (
     network_input,
     normalized_l,
     resize_to_network,
+    rgb_uint8,
 )
 
 log = logging.getLogger(__name__)
@@ -86,6 +88,11 @@ class PreparedImage:
     detector_input: Image.Image | None  # 8-bit L at the detector's size
     detector_scale: tuple[float, float]
     timings: dict[str, float] = field(default_factory=dict)
+    pixels: torch.Tensor | None = None  # (H, W, 3) uint8 RGB for device crops, made by prepare
+
+    def rgb_uint8(self) -> torch.Tensor:
+        """The source's (H, W, 3) uint8 RGB: ``pixels`` if prepare made it, else made now."""
+        return self.pixels if self.pixels is not None else rgb_uint8(self.source.rgb)
 
 
 @dataclass(frozen=True)
@@ -108,6 +115,151 @@ class _Networks:
     dtype: torch.dtype
 
 
+INSTANCE_BUCKETS: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
+"""Sizes the instance batch is padded to (zero crops, dropped after the instance net), so the
+device sees a few shapes, each tuned once at warm-up; beyond the last, multiples of it."""
+
+
+def instance_bucket(count: int, buckets: Sequence[int] = INSTANCE_BUCKETS) -> int:
+    """The padded instance-batch size for ``count`` crops: the smallest bucket >= ``count``, or
+    beyond the largest bucket the next multiple of it (0 stays 0)."""
+    if count <= 0:
+        return 0
+    for size in buckets:
+        if size >= count:
+            return size
+    largest = buckets[-1]
+    return -(-count // largest) * largest
+
+
+def instance_buckets_up_to(count: int, buckets: Sequence[int] = INSTANCE_BUCKETS) -> list[int]:
+    """Every padded size ``instance_bucket`` returns for 1..``count`` crops (what warm-up runs)."""
+    sizes = sorted({instance_bucket(n, buckets) for n in (*buckets, count) if 0 < n <= count})
+    largest = buckets[-1]
+    sizes += range(2 * largest, instance_bucket(count, buckets) + 1, largest)
+    return sorted(set(sizes))
+
+
+def pad_rows(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """``x`` with zero rows appended along the first axis up to ``rows``."""
+    if x.shape[0] >= rows:
+        return x
+    return torch.cat((x, x.new_zeros(rows - x.shape[0], *x.shape[1:])))
+
+
+class _StageClock:
+    """Stage boundaries of one predict: CUDA events on a GPU (read once the final copy to the
+    host has waited for them), ``perf_counter`` elsewhere (CPU work is synchronous)."""
+
+    def __init__(self, device: torch.device) -> None:
+        self._cuda = device.type == "cuda"
+        self._points: list[Any] = [self._now()]
+
+    def _now(self) -> Any:
+        if self._cuda:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        return time.perf_counter()
+
+    def mark(self) -> None:
+        self._points.append(self._now())
+
+    def seconds(self) -> list[float]:
+        """Seconds between consecutive marks (call after the device work is copied back)."""
+        pairs = zip(self._points, self._points[1:], strict=False)
+        if self._cuda:
+            return [start.elapsed_time(end) / 1000.0 for start, end in pairs]
+        return [end - start for start, end in pairs]
+
+
+@dataclass(frozen=True)
+class _BoxLayout:
+    """Every box of the images with boxes, flattened, as host tensors: built once per batch
+    from the chosen boxes without per-box work beyond flattening the lists."""
+
+    boxes: torch.Tensor  # (K, 4) long x1, y1, x2, y2
+    sizes: torch.Tensor  # (K, 2) long (width, height) of each box's image
+    image_index: torch.Tensor  # (K,) position of each box's image in the list given to ``of``
+    slot_index: torch.Tensor  # (K,) position of the box in its image's list
+    rows: torch.Tensor  # (K,) row of each box in the instance batch
+    counts: tuple[int, ...]  # boxes per image
+
+    @classmethod
+    def of(cls, boxes: Sequence[Sequence[IntBox]], sizes: Sequence[tuple[int, int]]) -> _BoxLayout:
+        counts = torch.tensor([len(b) for b in boxes], dtype=torch.long)
+        flat = torch.tensor([box for image in boxes for box in image], dtype=torch.long)
+        image_index = torch.repeat_interleave(torch.arange(len(boxes)), counts)
+        starts = torch.cumsum(counts, 0) - counts
+        total = flat.shape[0]
+        return cls(
+            boxes=flat.view(total, 4),
+            sizes=torch.tensor(sizes, dtype=torch.long)[image_index],
+            image_index=image_index,
+            slot_index=torch.arange(total) - starts[image_index],
+            rows=torch.arange(total),
+            counts=tuple(len(b) for b in boxes),
+        )
+
+    def images(self, keep: Sequence[int]) -> _BoxLayout:
+        """The layout of the images at positions ``keep`` (in order) only."""
+        renumber = torch.full((len(self.counts),), -1, dtype=torch.long)
+        renumber[list(keep)] = torch.arange(len(keep))
+        mask = renumber[self.image_index] >= 0
+        return _BoxLayout(
+            boxes=self.boxes[mask],
+            sizes=self.sizes[mask],
+            image_index=renumber[self.image_index[mask]],
+            slot_index=self.slot_index[mask],
+            rows=self.rows[mask],
+            counts=tuple(self.counts[k] for k in keep),
+        )
+
+    def fusion_layout(self, device: torch.device) -> FusionLayout:
+        """The fusion layout on ``device``: ``box_info`` rows at every scale in tensor ops."""
+        boxes = self.boxes.to(device, non_blocking=True)
+        sizes = self.sizes.to(device, non_blocking=True)
+        return layout_from_rows(
+            {scale: box_info_rows(boxes, sizes, scale) for scale in FUSION_SCALES},
+            self.image_index.to(device, non_blocking=True),
+            self.slot_index.to(device, non_blocking=True),
+            len(self.counts),
+            max(self.counts),
+        )
+
+
+class _Outputs:
+    """Each image's ab (and, below fp32, its count of non-finite values) gathered on the device
+    in one buffer, so a batch ends with one copy to the host."""
+
+    _AB = 2 * NETWORK_SIZE * NETWORK_SIZE
+
+    def __init__(self, size: int, device: torch.device) -> None:
+        self._buffer = torch.zeros(size, self._AB + 1, dtype=torch.float32, device=device)
+        self._filled = [False] * size
+
+    def put(self, indices: Sequence[int], out: torch.Tensor) -> None:
+        flat = out.float().flatten(1)
+        if out.dtype != torch.float32:
+            count = (~torch.isfinite(out)).flatten(1).sum(1, keepdim=True).float()
+        else:
+            count = flat.new_zeros(flat.shape[0], 1)
+        index = torch.tensor(indices, dtype=torch.long).to(self._buffer.device, non_blocking=True)
+        self._buffer.index_copy_(0, index, torch.cat((flat, count), dim=1))
+        for i in indices:
+            self._filled[i] = True
+
+    def to_host(self) -> tuple[list[torch.Tensor | None], list[int]]:
+        """The one copy: each image's (2, 256, 256) float32 ab (None if never put) and count."""
+        host = self._buffer.cpu()
+        counts = host[:, -1].long().tolist()
+        ab = [
+            host[i, : self._AB].view(2, NETWORK_SIZE, NETWORK_SIZE) if filled else None
+            for i, filled in enumerate(self._filled)
+        ]
+        return ab, [int(c) for c in counts]
+
+
 StopCheck = Callable[[PreparedImage], bool]
 """``predict``'s per-stage check: True once an image's result is no longer wanted (a server's
 deadline passed, its client left). Checked before the detector and before each network."""
@@ -119,6 +271,12 @@ class ColorizedImage:
     boxes: list[IntBox]
     scores: list[float]
     timings: dict[str, float]  # seconds per stage in PIPELINE_STAGES
+
+
+def default_device_crops(device: torch.device | str) -> bool:
+    """Device crops on CUDA (PIL on the host would cap the GPU); on a CPU the PIL crops, which
+    are the reference's resampling (tests/test_parity.py) and cost little beside the networks."""
+    return torch.device(device).type == "cuda"
 
 
 class Colorizer:
@@ -134,10 +292,11 @@ class Colorizer:
         crop_threads: int = 4,
         channels_last: bool = True,
         precision_fallback: bool = True,
-        device_crops: bool = False,
+        device_crops: bool | None = None,
     ) -> None:
-        """``device_crops``: cut, resize and convert instance crops on the device
-        (``crop_l_on_device``) instead of with PIL on the crop pool; not bit-equal to PIL.
+        """``device_crops``: cut, resize and convert instance crops on the device in one batched
+        call (``crop_l_on_device``) instead of with PIL on the crop pool; not bit-equal to PIL
+        (docs/performance.md). None: on for CUDA, off elsewhere (``default_device_crops``).
         ``precision_fallback``: at fp16/bf16 keep an fp32 copy of the networks on the device
         and re-run in fp32 any image whose reduced-precision ab has a non-finite value."""
         self.device = torch.device(device)
@@ -149,7 +308,9 @@ class Colorizer:
         self.precision: Precision = resolved
         self.dtype = DTYPES[resolved]
         self.instance_limit = instance_limit
-        self.device_crops = device_crops
+        self.device_crops = (
+            default_device_crops(self.device) if device_crops is None else device_crops
+        )
         self.networks = networks
         self.detector = detector
         # NHWC: what oneDNN and tensor-core convolutions prefer; at fp32 the same results as NCHW
@@ -199,6 +360,7 @@ class Colorizer:
         instance_limit: int = DEFAULT_MAX_INSTANCES,
         channels_last: bool = True,
         precision_fallback: bool = True,
+        device_crops: bool | None = None,
     ) -> Colorizer:
         """``precision``: fp32, fp16, bf16 or ``auto`` (the command line's rule, see
         ``models.precision.resolve_precision``); anything else is a ``ValueError``."""
@@ -217,6 +379,7 @@ class Colorizer:
             instance_limit,
             channels_last=channels_last,
             precision_fallback=precision_fallback,
+            device_crops=device_crops,
         )
 
     @property
@@ -241,6 +404,7 @@ class Colorizer:
             "channels_last": self.memory_format == torch.channels_last,
             "cpu": probe_cpu().describe(),
             "instance_limit": self.instance_limit,
+            "device_crops": self.device_crops,
         }
 
     # -- stage 1: CPU ---------------------------------------------------------------------------
@@ -281,6 +445,7 @@ class Colorizer:
                 l_full, self.detector.min_size, self.detector.max_size
             )
             detector_input, scale = small, (sx, sy)
+        crops = options.max_instances > 0 and (detect or bool(options.boxes))
         prepared = PreparedImage(
             source=source,
             options=options,
@@ -288,15 +453,12 @@ class Colorizer:
             lightness=l_full,
             detector_input=detector_input,
             detector_scale=scale,
+            pixels=rgb_uint8(source.rgb) if crops and self.device_crops else None,
         )
         prepared.timings["preprocess"] = time.perf_counter() - start
         return prepared
 
     # -- stage 2: device ------------------------------------------------------------------------
-
-    def _sync(self) -> None:
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
 
     def _detect(self, batch: Sequence[PreparedImage]) -> list[Detections]:
         found = [p.options.boxes or Detections((), ()) for p in batch]
@@ -339,6 +501,8 @@ class Colorizer:
 
         ``should_stop`` is asked about each image still in the batch before the detector and
         before each network; an image it stops is left out of every later stage and gets None.
+        Nothing waits for the device between the detector and the one copy of every image's ab
+        to the host at the end (stage times come from CUDA events on a GPU).
         """
         if not batch:
             return []
@@ -348,27 +512,33 @@ class Colorizer:
                 return list(indices)
             return [i for i in indices if not should_stop(batch[i])]
 
-        t0 = time.perf_counter()
+        clock = _StageClock(self.device)
         alive = wanted(range(len(batch)))
         found = self._detect([batch[i] for i in alive])
         chosen: dict[int, tuple[list[IntBox], list[float]]] = {
             i: choose_boxes(d, *batch[i].source.size, batch[i].options.max_instances)
             for i, d in zip(alive, found, strict=True)
         }
-        t1 = time.perf_counter()
+        clock.mark()  # detect
 
         nets = _Networks(self.instance_net, self.full_image_net, self.fusion_net, self.dtype)
-        ab: list[torch.Tensor | None] = [None] * len(batch)
-        nonfinite = [0] * len(batch)
-        t2 = self._run_networks(nets, batch, chosen, ab, nonfinite, wanted)
+        out = _Outputs(len(batch), self.device)
+        self._run_networks(nets, batch, chosen, out, wanted, clock)
+        ab, nonfinite = out.to_host()
         redo = [i for i in range(len(batch)) if nonfinite[i] and ab[i] is not None]
+        detect, instance, fusion = clock.seconds()
         if redo and self._fp32 is not None:
             # an fp16 overflow (or a bf16 NaN): this batch's affected images again in fp32, with
             # the same boxes; the others keep their reduced-precision result
-            self._run_networks(self._fp32, batch, chosen, ab, [0] * len(batch), list, redo)
-        t3 = time.perf_counter()
+            start = time.perf_counter()
+            again = _Outputs(len(batch), self.device)
+            self._run_networks(self._fp32, batch, chosen, again, list, None, redo)
+            fixed, _ = again.to_host()
+            for i in redo:
+                ab[i] = fixed[i]
+            fusion += time.perf_counter() - start  # the fallback counts as network time
 
-        stage = {"detect": t1 - t0, "instance": t2 - t1, "fusion": t3 - t2}
+        stage = {"detect": detect, "instance": instance, "fusion": fusion}
         predictions: list[Prediction | None] = []
         for i, p in enumerate(batch):
             result = ab[i]
@@ -389,87 +559,72 @@ class Colorizer:
             )
         return predictions
 
+    def _crops(
+        self, batch: Sequence[PreparedImage], chosen: dict[int, tuple[list[IntBox], list[float]]],
+        images: Sequence[int], layout: _BoxLayout,
+    ) -> torch.Tensor:  # fmt: skip
+        """(K, 1, 256, 256) L_norm of every box of ``images``: on the device in one batched call
+        (``device_crops``) or with PIL on the crop pool (the reference's resampling)."""
+        if self.device_crops:
+            sources = [batch[i].rgb_uint8() for i in images]
+            return crop_l_on_device(sources, layout.boxes, layout.image_index, self.device)
+        parts = self._crop_pool.map(lambda i: crop_l(batch[i].source.rgb, chosen[i][0]), images)
+        return torch.cat(list(parts))
+
     def _run_networks(
         self,
         nets: _Networks,
         batch: Sequence[PreparedImage],
         chosen: dict[int, tuple[list[IntBox], list[float]]],
-        ab: list[torch.Tensor | None],
-        nonfinite: list[int],
+        out: _Outputs,
         wanted: Callable[[Sequence[int]], list[int]],
+        clock: _StageClock | None,
         only: Sequence[int] | None = None,
-    ) -> float:
+    ) -> None:
         """Instance net, then fusion (images with boxes) or the full-image net, writing each
-        image's ab (float32, CPU) and its count of non-finite values into ``ab``/``nonfinite``.
+        image's ab and its count of non-finite values into ``out`` (on the device).
 
-        ``only``: the images to run (default all in ``chosen``). Returns the time the instance
-        stage ended.
+        ``only``: the images to run (default all in ``chosen``). ``clock`` is marked when the
+        instance stage ends and when the fusion stage ends.
         """
         todo = set(chosen if only is None else only)
         with_boxes = wanted([i for i in chosen if i in todo and chosen[i][0]])
         features: dict[str, torch.Tensor] = {}
-        if with_boxes and self.device_crops:
-            crops = torch.cat(
-                [
-                    crop_l_on_device(batch[i].source.rgb, chosen[i][0], self.device)
-                    for i in with_boxes
-                ]
-            )
-        elif with_boxes:
-            crops = torch.cat(
-                list(
-                    self._crop_pool.map(
-                        lambda i: crop_l(batch[i].source.rgb, chosen[i][0]), with_boxes
-                    )
-                )
-            )
         if with_boxes:
-            _, features = nets.instance(self._network_input(crops, nets.dtype))
-        self._sync()
-        t2 = time.perf_counter()
+            layout = _BoxLayout.of(
+                [chosen[i][0] for i in with_boxes], [batch[i].source.size for i in with_boxes]
+            )
+            crops = self._crops(batch, chosen, with_boxes, layout)
+            count = crops.shape[0]
+            padded = pad_rows(crops, instance_bucket(count))
+            _, features = nets.instance(self._network_input(padded, nets.dtype))
+            if padded.shape[0] != count:  # the bucket's padding rows are dropped
+                features = {name: value[:count] for name, value in features.items()}
+        if clock is not None:
+            clock.mark()  # instance
 
         still = wanted(with_boxes)
         if still != with_boxes:  # leave the crops of stopped images out of the fusion
-            kept = [i in still for i in with_boxes for _ in chosen[i][0]]
-            index = torch.tensor(kept, device=self.device).nonzero().flatten()
-            features = {name: value.index_select(0, index) for name, value in features.items()}
+            keep = [k for k, i in enumerate(with_boxes) if i in still]
+            layout = layout.images(keep)
+            features = {
+                name: value.index_select(0, layout.rows.to(self.device))
+                for name, value in features.items()
+            }
             with_boxes = still
         if with_boxes:
-            infos = [
-                [
-                    {s: box_info(box, *batch[i].source.size, s) for s in FUSION_SCALES}
-                    for box in chosen[i][0]
-                ]
-                for i in with_boxes
-            ]
-            layout = build_layout(infos, self.device)
+            fusion_layout = layout.fusion_layout(self.device)
             full = torch.stack([batch[i].l_norm for i in with_boxes])
-            fused = nets.fusion(self._network_input(full, nets.dtype), features, layout)
-            self._collect(fused, with_boxes, ab, nonfinite)
+            fused = nets.fusion(self._network_input(full, nets.dtype), features, fusion_layout)
+            out.put(with_boxes, fused)
         del features
         without = wanted([i for i in chosen if i in todo and not chosen[i][0]])
         if without:
             full = torch.stack([batch[i].l_norm for i in without])
             plain = nets.full_image(self._network_input(full, nets.dtype))
-            self._collect(plain, without, ab, nonfinite)
-        self._sync()
-        return t2
-
-    def _collect(
-        self,
-        out: torch.Tensor,
-        indices: Sequence[int],
-        ab: list[torch.Tensor | None],
-        nonfinite: list[int],
-    ) -> None:
-        """Copy a network's ab to the host; at fp16/bf16 count each image's non-finite values
-        (on the device, one small extra copy)."""
-        counts = None
-        if out.dtype != torch.float32:
-            counts = (~torch.isfinite(out)).flatten(1).sum(1).cpu().tolist()
-        for k, (i, image_ab) in enumerate(zip(indices, out.float().cpu(), strict=True)):
-            ab[i] = image_ab
-            nonfinite[i] = 0 if counts is None else int(counts[k])
+            out.put(without, plain)
+        if clock is not None:
+            clock.mark()  # fusion
 
     # -- stage 3: CPU ---------------------------------------------------------------------------
 

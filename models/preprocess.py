@@ -81,27 +81,88 @@ def detector_lightness(
     return small, width / new_w, height / new_h
 
 
-def crop_l_on_device(
-    image: Image.Image, boxes: Sequence[IntBox], device: torch.device
-) -> torch.Tensor:
-    """``crop_l`` with the crop, resize and Lab conversion on ``device`` (one upload of the RGB).
+def rgb_uint8(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> (H, W, 3) uint8 tensor (a copy): what ``crop_l_on_device`` uploads."""
+    return torch.from_numpy(np.array(image, dtype=np.uint8, copy=True))
 
-    ``torch.nn.functional.interpolate`` bilinear with antialias stands in for PIL's antialiased
-    bilinear, without PIL's rounding of the resized RGB to 8 bits: the L differs slightly (bounded
-    in tests/test_precision.py::test_device_crops_deviate_from_pil_within_the_stated_bound).
+
+MAX_CROP_SOURCE_ELEMENTS = 1 << 28
+"""Most float elements of one padded ``(images, 3, H, W)`` source of ``crop_l_on_device``: a
+batch of large photos is cut in several calls (groups of consecutive images) to bound memory."""
+
+
+def crop_l_on_device(
+    images: Sequence[torch.Tensor],
+    boxes: torch.Tensor,
+    image_index: torch.Tensor,
+    device: torch.device,
+) -> torch.Tensor:
+    """``crop_l`` for every box of a batch at once, on ``device``: (K, 1, 256, 256) L_norm.
+
+    ``images``: each image's (H, W, 3) uint8 RGB (``rgb_uint8``); ``boxes``: (K, 4) integer
+    (x1, y1, x2, y2); ``image_index``: (K,) the image of each box, non-decreasing; all three on
+    the host (nothing here waits for the device). The images are
+    uploaded once into one padded canvas and every box is cut and resized by one
+    ``torchvision.ops.roi_align`` call (per group of images, see ``MAX_CROP_SOURCE_ELEMENTS``).
+
+    Not bit-equal to PIL (docs/performance.md, tests/test_precision.py): roi_align's adaptive
+    sampling averages ceil(box/256)^2 bilinear samples per output pixel (a box filter) where PIL
+    antialiases with a scaled triangle filter, it reads the pixels just outside the box where
+    PIL clamps at the crop's edge, and the resized RGB is not rounded to 8 bits. Upscaled boxes
+    (<= 256 px) are plain bilinear at PIL's sample positions.
     """
-    if not boxes:
+    from torchvision.ops import roi_align  # torchvision: the detector's package
+
+    count = int(boxes.shape[0])
+    if count == 0:
         return torch.empty(0, 1, NETWORK_SIZE, NETWORK_SIZE, device=device)
-    rgb = torch.from_numpy(np.asarray(image, dtype=np.uint8)).to(device, non_blocking=True)
-    chw = rgb.permute(2, 0, 1).float().div_(255).unsqueeze(0)
-    crops = [
-        torch.nn.functional.interpolate(
-            chw[:, :, y1:y2, x1:x2],
-            size=(NETWORK_SIZE, NETWORK_SIZE),
-            mode="bilinear",
-            antialias=True,
-            align_corners=False,
-        )[0]
-        for x1, y1, x2, y2 in boxes
-    ]
-    return torch.stack([normalize_l(rgb_to_lab(c)[0:1]) for c in crops])
+    out = torch.empty(count, 1, NETWORK_SIZE, NETWORK_SIZE, device=device)
+    first = 0
+    for group in _source_groups([(int(i.shape[0]), int(i.shape[1])) for i in images]):
+        canvas = _padded_canvas([images[b] for b in group], device)
+        # rows of this group: image_index is non-decreasing, so they are contiguous
+        lo = int(torch.searchsorted(image_index, group[0]))
+        hi = int(torch.searchsorted(image_index, group[-1], right=True))
+        if hi > lo:
+            rois = torch.cat(((image_index[lo:hi] - group[0])[:, None], boxes[lo:hi]), dim=1).to(
+                device, torch.float32, non_blocking=True
+            )
+            rgb = roi_align(
+                canvas, rois, NETWORK_SIZE, spatial_scale=1.0, sampling_ratio=-1, aligned=True
+            )
+            out[lo:hi] = normalize_l(rgb_to_lab(rgb)[:, 0:1])
+        first = hi
+    assert first == count, "image_index must be non-decreasing and name images of the batch"
+    return out
+
+
+def _source_groups(shapes: Sequence[tuple[int, int]]) -> list[list[int]]:
+    """Consecutive images whose padded float canvas stays within ``MAX_CROP_SOURCE_ELEMENTS``."""
+    groups: list[list[int]] = []
+    height = width = 0
+    for b, (h, w) in enumerate(shapes):
+        grown_h, grown_w = max(height, h), max(width, w)
+        if groups and (len(groups[-1]) + 1) * 3 * grown_h * grown_w <= MAX_CROP_SOURCE_ELEMENTS:
+            groups[-1].append(b)
+            height, width = grown_h, grown_w
+        else:
+            groups.append([b])
+            height, width = h, w
+    return groups
+
+
+def _padded_canvas(images: Sequence[torch.Tensor], device: torch.device) -> torch.Tensor:
+    """(B, 3, H, W) float RGB in [0, 1] on ``device``, each image top-left, its last row and
+    column repeated once into the padding (roi_align then clamps at the image's own edge, as
+    it does at the canvas's)."""
+    height = max(int(image.shape[0]) for image in images)
+    width = max(int(image.shape[1]) for image in images)
+    canvas = torch.zeros(len(images), height, width, 3, dtype=torch.uint8, device=device)
+    for b, image in enumerate(images):
+        h, w = int(image.shape[0]), int(image.shape[1])
+        canvas[b, :h, :w].copy_(image, non_blocking=True)
+        if w < width:
+            canvas[b, :h, w] = canvas[b, :h, w - 1]
+        if h < height:
+            canvas[b, h, : w + 1] = canvas[b, h - 1, : w + 1]
+    return canvas.permute(0, 3, 1, 2).float().div_(255)
