@@ -122,6 +122,13 @@ class ModelSettings(BaseSettings):
         default=8, ge=0, le=64,
         description="Upper bound on instances per image a request may ask for (the reference uses 8).",
     )  # fmt: skip
+    device_crops: Literal["auto", "on", "off"] = Field(
+        default="auto",
+        description="Cut, resize and convert instance crops on the device in one batched call "
+        "(on) or with PIL on the host (off: the reference's resampling, bit-exact to it). on "
+        "keeps host work off the GPU's critical path; its crops differ slightly from PIL's "
+        "(docs/performance.md). auto: on for CUDA, off on a CPU.",
+    )
 
     @model_validator(mode="after")
     def _check(self) -> ModelSettings:
@@ -156,6 +163,12 @@ class ModelSettings(BaseSettings):
         import torch  # the HTTP-only API process never needs torch
 
         return "cuda" if torch.cuda.is_available() else "cpu"
+
+    def resolved_device_crops(self) -> bool:
+        """``device_crops`` for this machine's device (``auto``: on for CUDA only)."""
+        if self.device_crops != "auto":
+            return self.device_crops == "on"
+        return self.resolved_device().startswith("cuda")
 
     def resolved_precision(self) -> Literal["fp32", "fp16", "bf16"]:
         """``auto`` resolved for this machine (models.precision probes the CPU's bf16 support)."""

@@ -6,6 +6,7 @@ import logging
 import os
 from typing import Any
 
+from models.pipeline import Colorizer
 from models.precision import precision_reason
 from models.registry import get_model
 from models.zoo import ModelColorizer, load_colorizer
@@ -88,6 +89,8 @@ def build_colorizer(settings: ModelSettings, model: str | None = None) -> ModelC
         detector_size=(settings.detector_min_size, settings.detector_max_size),
         instance_limit=settings.instance_limit,
     )
+    if isinstance(colorizer, Colorizer):  # the instance-aware pipeline: its crops
+        colorizer.device_crops = settings.resolved_device_crops()
     log.info("%s on %s", precision_reason(settings.precision, device), device)
     where = settings.checkpoints if spec.uses_detector else spec.folder(settings.weights_dir)
     if spec.uses_detector:
