@@ -150,13 +150,18 @@ def fuse_instances(
     bg_conv: nn.Module,
     layout: FusionLayout,
 ) -> torch.Tensor:
-    """Blend M instance features (M, C, S, S) into the batch's full-image feature (B, C, S, S)."""
+    """Blend M instance features (M, C, S, S) into the batch's full-image feature (B, C, S, S).
+
+    ``instances`` may have more than M rows (an instance batch padded to a bucket): the weight
+    conv runs on all of them, so its shape is the bucket's, and rows past M are dropped."""
     size = full.shape[-1]
     geometry = layout.scales[size]
-    batch, slots = layout.batch_size, layout.max_instances
+    batch, slots, count = layout.batch_size, layout.max_instances, layout.num_instances
 
     bg_logit = _float32(bg_conv, full) + BACKGROUND_BOOST * (1.0 - geometry.union)
-    inst_logit = place(_float32(instance_conv, instances), geometry.grid, geometry.mask)
+    inst_conv = _float32(instance_conv, instances)[:count]
+    instances = instances[:count]
+    inst_logit = place(inst_conv, geometry.grid, geometry.mask)
     logits = torch.full(
         (batch, slots + 1, size, size), float("-inf"), device=full.device, dtype=torch.float32
     )

@@ -308,6 +308,7 @@ class Colorizer:
         self.precision: Precision = resolved
         self.dtype = DTYPES[resolved]
         self.instance_limit = instance_limit
+        self._warmed: set[tuple[int, int]] = set()  # (images, crops) run by warm_shapes
         self.device_crops = (
             default_device_crops(self.device) if device_crops is None else device_crops
         )
@@ -595,11 +596,9 @@ class Colorizer:
                 [chosen[i][0] for i in with_boxes], [batch[i].source.size for i in with_boxes]
             )
             crops = self._crops(batch, chosen, with_boxes, layout)
-            count = crops.shape[0]
-            padded = pad_rows(crops, instance_bucket(count))
+            # padded to its bucket; the fusion drops the padding rows (models/fusion.py)
+            padded = pad_rows(crops, instance_bucket(crops.shape[0]))
             _, features = nets.instance(self._network_input(padded, nets.dtype))
-            if padded.shape[0] != count:  # the bucket's padding rows are dropped
-                features = {name: value[:count] for name, value in features.items()}
         if clock is not None:
             clock.mark()  # instance
 
@@ -607,8 +606,10 @@ class Colorizer:
         if still != with_boxes:  # leave the crops of stopped images out of the fusion
             keep = [k for k, i in enumerate(with_boxes) if i in still]
             layout = layout.images(keep)
+            rows = layout.rows.to(self.device, non_blocking=True)
+            bucket = instance_bucket(int(rows.shape[0]))
             features = {
-                name: value.index_select(0, layout.rows.to(self.device))
+                name: pad_rows(value.index_select(0, rows), bucket)
                 for name, value in features.items()
             }
             with_boxes = still
@@ -678,3 +679,33 @@ class Colorizer:
         if batch_size > 1:  # one image without boxes: the full-image net too
             options[-1] = ColorizeOptions(resolution="network", max_instances=0)
         self.colorize([gradient] * batch_size, options)
+        if self.device.type == "cuda":  # cudnn.benchmark tunes each new shape once: all now
+            self.warm_shapes(batch_size, k)
+
+    @torch.inference_mode()
+    def warm_shapes(self, max_batch: int, instances: int) -> None:
+        """Run each network at every input shape a batch of up to ``max_batch`` images with up
+        to ``instances`` boxes each can give it: the instance net and the fusion's weight convs
+        at every instance bucket, the fusion and full-image nets at every image count. Shapes
+        already run are skipped (``warmup`` calls this once per batch size)."""
+        dtype = self.dtype
+        runs: list[tuple[int, int]] = [(b, b) for b in range(1, max_batch + 1)]  # images, crops
+        if instances > 0:
+            for bucket in instance_buckets_up_to(max_batch * instances):
+                runs.append((min(max_batch, -(-bucket // instances)), bucket))
+        for images, crops in runs:
+            if (images, crops) in self._warmed:
+                continue
+            self._warmed.add((images, crops))
+            l_norm = torch.zeros(images, 1, NETWORK_SIZE, NETWORK_SIZE)
+            full = self._network_input(l_norm, dtype)
+            self.full_image_net(full)
+            if instances == 0:
+                continue
+            per_image = [
+                [(0, 0, 8, 8)] * (crops // images + (i < crops % images)) for i in range(images)
+            ]
+            layout = _BoxLayout.of(per_image, [(8, 8)] * images).fusion_layout(self.device)
+            padded = torch.zeros(instance_bucket(crops), 1, NETWORK_SIZE, NETWORK_SIZE)
+            _, features = self.instance_net(self._network_input(padded, dtype))
+            self.fusion_net(full, features, layout)

@@ -183,3 +183,39 @@ def test_device_crops_setting(device: str, setting: str, expected: bool) -> None
 
     settings = ModelSettings(device=device, device_crops=setting)  # type: ignore[arg-type]
     assert settings.resolved_device_crops() is expected
+
+
+def test_fusion_drops_the_padded_instance_rows(tiny_checkpoints: Path) -> None:
+    colorizer = Colorizer(load_networks(tiny_checkpoints))
+    boxes = [[(0, 0, 60, 40), (20, 10, 100, 80), (5, 5, 9, 9)]]
+    layout = _BoxLayout.of(boxes, [(100, 80)]).fusion_layout(CPU)
+    crops = torch.rand(3, 1, 256, 256) * 2 - 1
+    full = colorizer._network_input(torch.rand(1, 1, 256, 256) * 2 - 1, torch.float32)
+    _, exact = colorizer.instance_net(colorizer._network_input(crops, torch.float32))
+    _, padded = colorizer.instance_net(colorizer._network_input(pad_rows(crops, 4), torch.float32))
+    assert all(value.shape[0] == 4 for value in padded.values())
+    torch.testing.assert_close(
+        colorizer.fusion_net(full, padded, layout),
+        colorizer.fusion_net(full, exact, layout),
+        atol=1e-5,
+        rtol=0,
+    )
+
+
+def test_warm_shapes_runs_every_bucket_and_image_count(tiny_checkpoints: Path) -> None:
+    colorizer = Colorizer(load_networks(tiny_checkpoints))
+    seen: dict[str, set[int]] = {"instance": set(), "fusion": set(), "full": set()}
+    for name, net in (("instance", colorizer.instance_net), ("fusion", colorizer.fusion_net),
+                      ("full", colorizer.full_image_net)):  # fmt: skip
+
+        def record(module: object, args: tuple[torch.Tensor, ...], name: str = name) -> None:
+            seen[name].add(int(args[0].shape[0]))
+
+        net.register_forward_pre_hook(record)
+    colorizer.warm_shapes(4, 3)
+    assert seen["instance"] == {1, 2, 4, 8, 16}  # every bucket of 1..12 crops
+    assert seen["fusion"] == seen["full"] == {1, 2, 3, 4}
+    for name in seen:
+        seen[name].clear()
+    colorizer.warm_shapes(4, 3)  # already warm: nothing runs again
+    assert not any(seen.values())
