@@ -251,7 +251,9 @@ class BatchingSettings(BaseSettings):
     worker_threads: int = Field(
         default=4, ge=1, le=256,
         description="Threads for CPU work (decode, preprocess, full-resolution merge, encode) "
-        "that run beside the device thread.",
+        "that run beside the device thread (at most the process's cores). torch's intra-op "
+        "threads follow from it so OpenMP teams fit the cores: (cores - 1) // threads on CUDA, "
+        "cores // (threads + 1) on a CPU (service/engine/threads.py).",
     )  # fmt: skip
 
     @model_validator(mode="after")

@@ -45,6 +45,7 @@ from service.core.tracing import JobTrace, job_trace
 from service.engine.decode import configure_pil, decode
 from service.engine.encode import EncodeStopped, choose_format, encode_image
 from service.engine.loading import build_colorizer
+from service.engine.threads import apply_thread_plan, thread_plan, usable_cores
 
 if TYPE_CHECKING:
     from models.zoo import ModelColorizer
@@ -187,7 +188,10 @@ class BatchEngine:
         """
         name = model or settings.default_model
         colorizer = await asyncio.to_thread(build_colorizer, settings, name)
-        pool = ThreadPoolExecutor(settings.worker_threads, thread_name_prefix="cpu")
+        plan = thread_plan(usable_cores(), settings.worker_threads, colorizer.device.type)
+        apply_thread_plan(plan)
+        log.info("threads: CPU pool %d, torch intra-op %d", plan.pool, plan.intra_op)
+        pool = ThreadPoolExecutor(plan.pool, thread_name_prefix="cpu")
         engine = cls(
             colorizer,
             pool,
