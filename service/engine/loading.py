@@ -7,7 +7,7 @@ import os
 from typing import Any
 
 from models.precision import precision_reason
-from models.registry import get_model
+from models.registry import LARSSON_ECCV16, get_model
 from models.zoo import ModelColorizer, load_colorizer
 from service.settings import ModelSettings
 
@@ -87,6 +87,7 @@ def build_colorizer(settings: ModelSettings, model: str | None = None) -> ModelC
         detector_version=settings.detector_version,
         detector_size=(settings.detector_min_size, settings.detector_max_size),
         instance_limit=settings.instance_limit,
+        network_size=settings.larsson_size if name == LARSSON_ECCV16.name else None,
     )
     log.info("%s on %s", precision_reason(settings.precision, device), device)
     where = settings.checkpoints if spec.uses_detector else spec.folder(settings.weights_dir)
