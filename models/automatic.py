@@ -104,6 +104,7 @@ class AutomaticPipeline:
         """What is loaded, for /info, /models and logs: file names and sha256, never paths."""
         return {
             "model_version": self.version,
+            "input_size": self.input_size,
             "files": [{"name": f.name, "sha256": f.sha256} for f in self.files],
             "detector": None,
             "detector_file": None,

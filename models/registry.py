@@ -110,6 +110,9 @@ class ModelSpec(Generic[M]):
     decoding: str
     loader: Callable[[Path, MapLocation], M]  # the model's folder -> the loaded model
     folder_name: str | None = None  # under the weights dir; default: the model's name
+    # For a model whose release takes a processing size (Larsson's ``--size``): the loader at
+    # another network size, (folder, map location, size) -> model; None: fixed size.
+    sized_loader: Callable[[Path, MapLocation, int], M] | None = None
 
     def folder(self, weights_dir: Path | str) -> Path:
         return Path(weights_dir) / (self.folder_name or self.name)
@@ -121,8 +124,19 @@ class ModelSpec(Generic[M]):
     def missing_files(self, weights_dir: Path | str) -> list[Path]:
         return [p for p in self.weight_paths(weights_dir) if not p.is_file()]
 
-    def load(self, weights_dir: Path | str, map_location: MapLocation = "cpu") -> M:
-        """Load strictly from ``<weights_dir>/<folder>``; a non-official file is logged, not refused."""
+    def load(
+        self,
+        weights_dir: Path | str,
+        map_location: MapLocation = "cpu",
+        network_size: int | None = None,
+    ) -> M:
+        """Load strictly from ``<weights_dir>/<folder>``; a non-official file is logged, not refused.
+
+        ``network_size`` (only for a model with ``sized_loader``) runs the same weights at another
+        processing size, as the release's own size option does; None: the release's default.
+        """
+        if network_size is not None and self.sized_loader is None:
+            raise ValueError(f"model {self.name!r} runs at one size only; no network size to set")
         for weight, path in zip(self.weights, self.weight_paths(weights_dir), strict=True):
             if weight.sha256 is not None and path.is_file() and sha256_file(path) != weight.sha256:
                 log.warning(
@@ -130,6 +144,8 @@ class ModelSpec(Generic[M]):
                     path,
                     self.name,
                 )
+        if network_size is not None and self.sized_loader is not None:
+            return self.sized_loader(self.folder(weights_dir), map_location, network_size)
         return self.loader(self.folder(weights_dir), map_location)
 
 
@@ -154,6 +170,10 @@ def _load_siggraph17(folder: Path, map_location: MapLocation) -> AutomaticColori
 
 def _load_larsson(folder: Path, map_location: MapLocation) -> AutomaticColorizer:
     return load_larsson_eccv16(folder / LARSSON_FILENAME, map_location)
+
+
+def _load_larsson_sized(folder: Path, map_location: MapLocation, size: int) -> AutomaticColorizer:
+    return load_larsson_eccv16(folder / LARSSON_FILENAME, map_location, network_size=size)
 
 
 _INSTCOLOR_ZIP = f"https://drive.google.com/uc?export=download&id={OFFICIAL_ZIP_DRIVE_ID}"
@@ -234,6 +254,7 @@ LARSSON_ECCV16 = ModelSpec[AutomaticColorizer](
     decoding="median chroma, circular-mean hue with chromatic fading (0.03), HSV -> RGB, "
     "lightness matched, RGB -> Lab ab",
     loader=_load_larsson,
+    sized_loader=_load_larsson_sized,
 )
 
 MODELS: Mapping[str, ModelSpec[Any]] = MappingProxyType(

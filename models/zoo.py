@@ -97,11 +97,14 @@ def load_colorizer(
     detector_version: DetectorVersion = "v1",
     detector_size: tuple[int, int] = (DEFAULT_MIN_SIZE, DEFAULT_MAX_SIZE),
     instance_limit: int = 8,
+    network_size: int | None = None,
 ) -> ModelColorizer:
     """Load ``model_name`` strictly from ``<weights_dir>/<its folder>`` onto ``device``.
 
     InstColorization reads ``checkpoints`` (default ``<weights_dir>/checkpoints``) and, when
     ``detector_weights`` is given, the detector; the other models ignore those arguments.
+    ``network_size`` sets the processing size of a model whose release has one (Larsson ECCV16:
+    512 by default, input size half of it); the other models ignore it.
     Raises ``UnknownModelError`` (naming the known models), ``CheckpointError`` or ``ValueError``
     (a bad precision) before anything is moved to the device.
     """
@@ -118,11 +121,12 @@ def load_colorizer(
             instance_limit=instance_limit,
             channels_last=channels_last,
         )
-    model = spec.load(weights_dir, "cpu")
+    sized = network_size is not None and spec.sized_loader is not None
+    model = spec.load(weights_dir, "cpu", network_size if sized else None)
     return AutomaticPipeline.from_files(
         model,
         spec.name,
-        spec.input_size,
+        int(getattr(model, "input_size", spec.input_size)),
         spec.weight_paths(weights_dir),
         device=device,
         precision=precision,
@@ -145,7 +149,7 @@ def model_card(spec: ModelSpec[Any], description: dict[str, Any]) -> dict[str, A
         "title": spec.title,
         "paper": spec.paper,
         "model_version": description.get("model_version"),
-        "input_size": spec.input_size,
+        "input_size": description.get("input_size", spec.input_size),
         "uses_boxes": spec.uses_detector,
         "detector": description.get("detector"),
         "files": files,

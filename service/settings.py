@@ -118,6 +118,12 @@ class ModelSettings(BaseSettings):
         description="Run the networks and the detector in NHWC (channels_last) memory format, "
         "which oneDNN and tensor cores prefer. Same results as NCHW to float rounding.",
     )
+    larsson_size: int = Field(
+        default=512, ge=64, le=2048, multiple_of=32,
+        description="larsson-eccv16: the network's processing size (px, a multiple of 32), the "
+        "release's --size; images reach it at half this size, centre-padded. 512 is the "
+        "authors' default; smaller is quadratically cheaper and coarser.",
+    )  # fmt: skip
     instance_limit: int = Field(
         default=8, ge=0, le=64,
         description="Upper bound on instances per image a request may ask for (the reference uses 8).",

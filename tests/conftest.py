@@ -100,3 +100,23 @@ def gray_photo() -> Image.Image:
     image.paste(40, (30, 40, 120, 200))
     image.paste(220, (200, 60, 300, 150))
     return image
+
+
+@pytest.fixture(scope="session")
+def larsson_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A weights dir with tiny InstColorization checkpoints and Larsson ECCV16 as a user gets it:
+    seeded weights with the real channel counts in the Caffe HDF5 layout (about 590 MB),
+    converted by the product's converter to ``larsson-eccv16/autocolorize.pth``."""
+    from test_larsson_eccv16 import write_caffe_h5
+
+    from models.larsson_eccv16 import convert_caffe_hdf5
+    from models.registry import get_model
+
+    root = tmp_path_factory.mktemp("larsson-weights")
+    write_official(root / "checkpoints", width=TINY_WIDTH, seed=0)
+    h5 = tmp_path_factory.mktemp("larsson-caffe") / "autocolorize.caffemodel.h5"
+    write_caffe_h5(h5, seed=5)
+    (path,) = get_model("larsson-eccv16").weight_paths(root)
+    convert_caffe_hdf5(h5, path)
+    h5.unlink()  # the converted file is what the product reads
+    return root

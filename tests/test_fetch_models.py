@@ -99,8 +99,9 @@ def test_from_a_non_hdf5_file_is_refused(
     ("args", "message"),
     [
         (["--model", "larsson"], "unknown model 'larsson'"),
-        (["--from", "x.pth"], "--from installs one file of one single-file model"),
-        (["--model", "zhang-eccv16,zhang-siggraph17", "--from", "x.pth"], "--from installs one"),
+        (["--from", "x.pth"], "for instcolor give the folder of the unzipped checkpoints.zip"),
+        (["--from", ".", "--variant", "mmagic"], "installs the official files"),
+        (["--model", "zhang-eccv16,zhang-siggraph17", "--from", "x.pth"], "--from installs the"),
         (["--model", "zhang-eccv16", "--from", "missing.pth"], "no such file"),
     ],
 )
@@ -109,6 +110,70 @@ def test_usage_errors(
 ) -> None:
     assert main(["fetch-weights", "--weights-dir", str(tmp_path), *args]) == 2
     assert message in capsys.readouterr().err
+
+
+def test_from_installs_instcolor_from_the_unzipped_folder(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``--from DIR`` for instcolor: the three files of an unzipped checkpoints.zip are copied to
+    where the settings look, each printed with the sha256 of its source, and they load."""
+    from weight_files import write_official
+
+    from models.checkpoints import NETWORK_FILES, OFFICIAL_VARIANT, load_networks
+
+    unzipped = tmp_path / "download"
+    write_official(unzipped / "checkpoints" / OFFICIAL_VARIANT, width=8, seed=6)
+    (unzipped / "checkpoints" / "other_variant").mkdir()  # the zip has more; only ours is taken
+    weights = tmp_path / "weights"
+    code = main(["fetch-weights", "--from", str(unzipped), "--weights-dir", str(weights),
+                 "--no-progress"])  # fmt: skip
+    out = capsys.readouterr().out
+    assert code == 0
+    target = weights / "checkpoints" / OFFICIAL_VARIANT
+    for spec in NETWORK_FILES:
+        source = unzipped / "checkpoints" / OFFICIAL_VARIANT / spec.filename
+        digest = hashlib.sha256(source.read_bytes()).hexdigest()
+        assert (target / spec.filename).read_bytes() == source.read_bytes()
+        assert f"installed  {target / spec.filename}  sha256 {digest}" in out
+    assert "no detector file in that folder" in out
+    assert sorted(p.name for p in weights.rglob("*") if p.is_file()) == sorted(
+        spec.filename for spec in NETWORK_FILES
+    )  # no temporary file left
+    assert len(load_networks(weights / "checkpoints").files) == 3
+    # the folder of the three files itself works too, and a second run replaces them in place
+    assert main(["fetch-weights", "--model", "instcolor", "--from",
+                 str(unzipped / "checkpoints" / OFFICIAL_VARIANT), "--weights-dir", str(weights),
+                 "--detector", "none", "--no-progress"]) == 0  # fmt: skip
+
+
+def test_from_refuses_instcolor_folders_that_are_not_the_checkpoints(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from weight_files import write_official
+
+    from models.checkpoints import NETWORK_FILES, OFFICIAL_VARIANT
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    weights = tmp_path / "weights"
+    args = ["--weights-dir", str(weights), "--no-progress"]
+    assert main(["fetch-weights", "--from", str(empty), *args]) == 1
+    assert "unzip the authors' checkpoints.zip" in capsys.readouterr().err
+
+    broken = tmp_path / "broken"
+    write_official(broken, width=8, seed=7)
+    (broken / NETWORK_FILES[0].filename).write_bytes(b"not a torch file")
+    assert main(["fetch-weights", "--from", str(broken), *args]) == 1
+    assert "copied but does not load, removed it" in capsys.readouterr().err
+    target = weights / "checkpoints" / OFFICIAL_VARIANT
+    assert not any(target.iterdir())  # nothing unloadable left where the settings look
+
+    good = tmp_path / "good"
+    write_official(good, width=8, seed=8)
+    (good / "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth").write_bytes(b"some other file")
+    assert main(["fetch-weights", "--from", str(good), *args]) == 1
+    assert "is not that of the official maskrcnn" in capsys.readouterr().err
+    assert not (weights / "maskrcnn_resnet50_fpn_coco-bf2d0c1e.pth").exists()
 
 
 @pytest.mark.slow

@@ -422,6 +422,42 @@ def test_page_model_picker_and_models_side_by_side(
     p.screenshot(path=str(ARTIFACTS / "web-page-models.png"), full_page=True)
 
 
+@pytest.fixture(scope="module")
+def larsson_server(
+    larsson_weights: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Server]:
+    """serve --models instcolor,larsson-eccv16, Larsson at the processing size 64 (input 32)."""
+    log = tmp_path_factory.mktemp("web-larsson") / "serve.log"
+    with serve(larsson_weights / "checkpoints", log, "--no-detector", "--weights-dir",
+               str(larsson_weights), "--models", "instcolor,larsson-eccv16",
+               COLORIZE_LARSSON_SIZE="64") as running:  # fmt: skip
+        yield running
+
+
+def test_page_lists_and_runs_larsson(
+    larsson_server: Server, browser: Browser, tmp_path: Path
+) -> None:
+    """Larsson ECCV16 is in the picker and the side-by-side choices, and colorizes when chosen."""
+    p = browser.page
+    photo = tmp_path / "street.png"
+    scene(160, 120).save(photo)
+    p.goto(larsson_server.base + "/")
+    p.wait_for_function("() => document.querySelectorAll('#opt-model option').length === 2")
+    values = p.locator("#opt-model option").evaluate_all("os => os.map(o => o.value)")
+    assert values == ["instcolor", "larsson-eccv16"]
+    checks = p.locator('input[name="compare-model"]')
+    assert checks.evaluate_all("cs => cs.map(c => c.value)") == ["instcolor", "larsson-eccv16"]
+    p.select_option("#opt-model", "larsson-eccv16")
+    with p.expect_response(lambda r: "/colorize?" in r.url) as answered:
+        p.set_input_files("#file-input", [str(photo)])
+    assert "model=larsson-eccv16" in answered.value.url
+    assert answered.value.status == 200
+    wait_done(p, 0)
+    assert fact(p, "Model") == "larsson-eccv16"
+    assert fact(p, "Model version").startswith("larsson-eccv16-")
+    only_to(larsson_server, browser)
+
+
 def test_static_files_are_packaged() -> None:
     """index.html, app.css and the page's ES modules ship inside the package; nothing comes from
     another host."""

@@ -288,7 +288,8 @@ def _evaluate_all(
     from evaluation.report import write_report
     from evaluation.run import Evaluator, machine_description
     from models.pipeline import ColorizeOptions
-    from service.engine.loading import build_colorizer
+    from models.preprocess import NETWORK_SIZE
+    from service.engine.loading import ModelSetupError, build_colorizer
 
     runs: list[tuple[str, EvaluationRun]] = []
     lpips: LpipsMetric | None = None
@@ -296,6 +297,14 @@ def _evaluate_all(
     for config, chosen in zip(configurations, settings, strict=True):
         report_dir = args.output / config.name if config.name else args.output
         colorizer = build_colorizer(chosen)
+        input_size = colorizer.describe().get("input_size", NETWORK_SIZE)
+        if config.args.resolution == "network" and input_size != NETWORK_SIZE:
+            raise ModelSetupError(
+                f"{config.name or 'evaluate'}: --resolution network scores at {NETWORK_SIZE} px "
+                f"(the paper's protocol) but {chosen.default_model} takes {input_size} px here "
+                "(COLORIZE_LARSSON_SIZE other than 512?); use --resolution original, or the "
+                "model's default size"
+            )
         if lpips is None and lpips_weights is not None:
             lpips = LpipsMetric.from_vgg16_file(lpips_weights, str(colorizer.device))
         if fid is None and fid_weights is not None:

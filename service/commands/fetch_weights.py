@@ -56,9 +56,10 @@ def add_parser(subparsers: Any) -> None:
         dest="from_path",
         type=Path,
         metavar="PATH",
-        help="install a copy of a single-file model's official file brought by hand (with one "
-        "--model other than instcolor): checked against its sha256 (Larsson's .h5 is converted), "
-        "then loaded",
+        help="install a copy brought by hand, for one --model: a single-file model's official "
+        "file, checked against its sha256 (Larsson's .h5 is converted); for instcolor the "
+        "unzipped checkpoints.zip folder, each copy's sha256 checked against its source (plus "
+        "the detector file if the folder has it); then loaded",
     )
     parser.add_argument(
         "--variant",
@@ -128,12 +129,17 @@ def _chosen_models(args: argparse.Namespace) -> list[str] | str:
     if unknown:
         return f"unknown model {unknown[0]!r}; known models: {', '.join(MODELS)}"
     if args.from_path is not None:
-        if names == ["instcolor"] or len(names) != 1:
-            return (
-                "--from installs one file of one single-file model: give one --model other than "
-                "instcolor (InstColorization's files: copy them in by hand, docs/weights.md)"
-            )
-        if not args.from_path.is_file():
+        if len(names) != 1:
+            return "--from installs the files of one model: give one --model"
+        if names == ["instcolor"]:
+            if args.variant != "official":
+                return "--from with instcolor installs the official files (no --variant mmagic)"
+            if not args.from_path.is_dir():
+                return (
+                    f"--from {args.from_path}: for instcolor give the folder of the unzipped "
+                    "checkpoints.zip (no such folder)"
+                )
+        elif not args.from_path.is_file():
             return f"--from {args.from_path}: no such file"
     return names
 
@@ -168,6 +174,28 @@ def run(args: argparse.Namespace) -> int:
             return EXIT_FAILED
         if "instcolor" not in models:
             return EXIT_OK
+    if args.from_path is not None:  # instcolor from a folder brought by hand
+        from service.weights.fetch import install_official_copy
+
+        try:
+            report = install_official_copy(
+                args.from_path, args.dir, args.detector, sources=sources,
+                verify=not args.no_verify_load,
+            )  # fmt: skip
+        except (DownloadError, OSError) as exc:
+            sys.stderr.write(f"fetch-weights: error: {exc}\n")
+            return EXIT_FAILED
+        for item in report.files:
+            sys.stdout.write(f"installed  {item.path}  sha256 {item.sha256}\n")
+        if report.detector_weights is None and args.detector != "none":
+            sys.stdout.write(
+                "no detector file in that folder: run fetch-weights --detector "
+                f"{args.detector} (or copy it in, docs/weights.md)\n"
+            )
+        hints = _settings_hint(report, args.detector)
+        if hints:
+            sys.stdout.write("to use them, set: " + " ".join(hints) + "\n")
+        return EXIT_OK
     try:
         report = fetch_weights(
             args.dir,

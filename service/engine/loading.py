@@ -8,7 +8,7 @@ from typing import Any
 
 from models.pipeline import Colorizer
 from models.precision import precision_reason
-from models.registry import get_model
+from models.registry import LARSSON_ECCV16, get_model
 from models.zoo import ModelColorizer, load_colorizer
 from service.settings import ModelSettings
 
@@ -88,6 +88,7 @@ def build_colorizer(settings: ModelSettings, model: str | None = None) -> ModelC
         detector_version=settings.detector_version,
         detector_size=(settings.detector_min_size, settings.detector_max_size),
         instance_limit=settings.instance_limit,
+        network_size=settings.larsson_size if name == LARSSON_ECCV16.name else None,
     )
     if isinstance(colorizer, Colorizer):  # the instance-aware pipeline: its crops
         colorizer.device_crops = settings.resolved_device_crops()

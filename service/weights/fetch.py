@@ -74,7 +74,9 @@ def _verified_present(path: Path, remote: RemoteFile) -> str | None:
     return None
 
 
-def _prove(paths: list[Path], check: Callable[[], object], what: str) -> None:
+def _prove(
+    paths: list[Path], check: Callable[[], object], what: str, how: str = "downloaded"
+) -> None:
     """Run ``check()``; if the files do not load, remove them and raise ``DownloadError``."""
     from models.checkpoints import CheckpointError
 
@@ -83,7 +85,7 @@ def _prove(paths: list[Path], check: Callable[[], object], what: str) -> None:
     except CheckpointError as exc:
         for path in paths:
             path.unlink(missing_ok=True)
-        raise DownloadError(f"{what} downloaded but does not load, removed it: {exc}") from exc
+        raise DownloadError(f"{what} {how} but does not load, removed it: {exc}") from exc
 
 
 def fetch_single(
@@ -356,6 +358,82 @@ def _install_local(source: Path, remote: RemoteFile, path: Path) -> FetchedFile:
     with atomic_path(path) as temp:
         shutil.copyfile(source, temp)
     return FetchedFile(path, digest, downloaded=True)
+
+
+def _copy_checked(source: Path, path: Path) -> str:
+    """Copy ``source`` to ``path`` atomically; the copy's sha256 must equal the source's."""
+    expected = sha256_file(source)
+    with atomic_path(path, PART_SUFFIX) as temp:
+        shutil.copyfile(source, temp)
+        copied = sha256_file(temp)
+        if copied != expected:
+            raise ChecksumError(
+                f"{source}: the copy's sha256 {copied} differs from the source's {expected} "
+                "(the source changed or the disk failed); not installed"
+            )
+    return expected
+
+
+def install_official_copy(
+    source: Path,
+    folder: Path,
+    detector: DetectorChoice = "v1",
+    *,
+    sources: WeightSources | None = None,
+    verify: bool = True,
+) -> FetchReport:
+    """InstColorization's files brought by hand: ``source`` is the unzipped ``checkpoints.zip``
+    (``checkpoints/``, ``coco_finetuned_mask_256_ffs/`` or the folder of the three files).
+
+    The three files are copied to ``folder/checkpoints/coco_finetuned_mask_256_ffs/``, each copy's
+    sha256 checked against its source (no official digest is published), then loaded strictly
+    (``verify``); a copy that does not load is removed. The detector's file, if ``source`` holds it
+    under torchvision's name, is checked against the sha256 prefix in that name and installed too.
+    """
+    from models.checkpoints import find_official_dir, load_networks
+    from models.detector import BoxDetector
+
+    sources = sources or WeightSources.default()
+    found = find_official_dir(source)
+    if found is None:
+        names = ", ".join(spec.filename for spec in NETWORK_FILES)
+        raise DownloadError(
+            f"{source}: no {names} there, nor under {OFFICIAL_VARIANT}/ or "
+            f"checkpoints/{OFFICIAL_VARIANT}/ (unzip the authors' checkpoints.zip and give its "
+            "folder)"
+        )
+    target = official_dir(folder)
+    target.mkdir(parents=True, exist_ok=True)
+    report = FetchReport(checkpoints=folder / "checkpoints")
+    written: list[Path] = []
+    try:
+        for spec in NETWORK_FILES:
+            path = target / spec.filename
+            digest = _copy_checked(found / spec.filename, path)
+            written.append(path)
+            report.files.append(FetchedFile(path, digest, downloaded=True))
+    except BaseException:
+        for path in written:
+            path.unlink(missing_ok=True)
+        raise
+    if verify:
+        _prove(written, lambda: load_networks(target), str(target), "copied")
+    remote = sources.detectors.get(detector) if detector != "none" else None
+    if remote is not None and detector != "none":
+        # only inside ``source``: the given folder and the ones between it and the files
+        inside = [found, *(p for p in found.parents if p.is_relative_to(source))]
+        brought = next(
+            (d / remote.filename for d in inside if (d / remote.filename).is_file()), None
+        )
+        if brought is not None:
+            path = folder / remote.filename
+            item = _install_local(brought, remote, path)
+            if verify:
+                version = detector
+                _prove([path], lambda: BoxDetector.from_file(path, version), str(path), "copied")
+            report.files.append(item)
+            report.detector_weights = path
+    return report
 
 
 def fetch_model(
