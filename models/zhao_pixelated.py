@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -395,9 +395,70 @@ def sample_mixture(params: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
 
 @dataclass
 class SampleResult:
-    ab: torch.Tensor  # (N images, S samples, 2, h, w) in [-1, 1], on the bins
-    parameters: torch.Tensor  # (N, S, 60, h, w): each pixel's mixture as the sampler saw it
-    timings: dict[str, float] = field(default_factory=dict)
+    """All samples of one call, flat (image 0's samples first); ``counts`` per image."""
+
+    flat_ab: torch.Tensor  # (sum(counts), 2, h, w) in [-1, 1], on the bins
+    flat_parameters: torch.Tensor  # (sum(counts), 60, h, w): each pixel's mixture as sampled
+    counts: tuple[int, ...]
+
+    def _per_image(self, flat: torch.Tensor) -> torch.Tensor:
+        if len(set(self.counts)) != 1:
+            raise ValueError(f"images have different sample counts {self.counts}: use image()")
+        return flat.unflatten(0, (len(self.counts), self.counts[0]))
+
+    @property
+    def ab(self) -> torch.Tensor:
+        """(N images, S samples, 2, h, w) when every image has S samples."""
+        return self._per_image(self.flat_ab)
+
+    @property
+    def parameters(self) -> torch.Tensor:
+        return self._per_image(self.flat_parameters)
+
+    def image(self, index: int) -> torch.Tensor:
+        """Image ``index``'s samples, (S_i, 2, h, w)."""
+        start = sum(self.counts[:index])
+        return self.flat_ab[start : start + self.counts[index]]
+
+
+@dataclass(frozen=True)
+class _HorizontalWeights:
+    """One layer's horizontal 1x2 and 1x1 convolutions as matrices (in, out) for one pixel."""
+
+    left: torch.Tensor  # the 1x2 kernel's left tap (column x - 1)
+    right: torch.Tensor  # its right tap (column x); the bias goes with the link term
+    out: torch.Tensor
+    out_bias: torch.Tensor
+
+    @staticmethod
+    def of(layer: GatedLayer) -> _HorizontalWeights:
+        kernel = layer.horizontal.weight[:, :, 0]  # (2C, in, 2)
+        assert layer.horizontal_out.bias is not None
+        return _HorizontalWeights(
+            kernel[:, :, 0].t(),
+            kernel[:, :, 1].t(),
+            layer.horizontal_out.weight[:, :, 0, 0].t(),
+            layer.horizontal_out.bias,
+        )
+
+
+@dataclass(frozen=True)
+class _HeadWeights:
+    out1: torch.Tensor
+    out1_bias: torch.Tensor
+    out2: torch.Tensor
+    out2_bias: torch.Tensor
+
+    @staticmethod
+    def of(gen: PixelGenerator) -> _HeadWeights:
+        assert gen.out1.bias is not None
+        assert gen.out2.bias is not None
+        return _HeadWeights(
+            gen.out1.weight[:, :, 0, 0].t(),
+            gen.out1.bias,
+            gen.out2.weight[:, :, 0, 0].t(),
+            gen.out2.bias,
+        )
 
 
 def sample_noise(seed: int, samples: int, grid: int) -> torch.Tensor:
@@ -411,26 +472,32 @@ def sample_ab(
     model: ZhaoPixelated,
     lightness: torch.Tensor,
     seeds: Sequence[int],
-    samples: int = 1,
+    samples: int | Sequence[int] = 1,
 ) -> SampleResult:
     """``samples`` colourings of each image of ``lightness`` (N, 1, 128, 128), in one batch.
 
-    Image i's draws use ``seeds[i]``; sample j of a call with more samples is the same as sample j
-    of a call with fewer (same seed). Returns low-resolution ab and the per-pixel parameters.
+    Image i's draws use ``seeds[i]`` (and ``samples[i]`` when a sequence); sample j of a call with
+    more samples is the same as sample j of a call with fewer (same seed). Returns
+    low-resolution ab and the per-pixel parameters.
     """
     if len(seeds) != len(lightness):
         raise ValueError(f"{len(lightness)} images but {len(seeds)} seeds")
-    if samples < 1:
-        raise ValueError(f"samples must be at least 1, got {samples}")
+    counts = tuple([samples] * len(seeds) if isinstance(samples, int) else samples)
+    if len(counts) != len(seeds) or min(counts, default=1) < 1:
+        raise ValueError(f"samples must be at least 1 per image, got {samples}")
     outputs = model.condition(lightness)
-    cond = outputs.condition.repeat_interleave(samples, dim=0)  # (B = N * S, C, h, w)
+    repeats = torch.tensor(counts, device=lightness.device)
+    cond = outputs.condition.repeat_interleave(repeats, dim=0)  # (B = sum(counts), C, h, w)
     batch, _, height, width = cond.shape
-    noise = torch.cat([sample_noise(s, samples, height) for s in seeds]).to(cond)
+    noise = torch.cat([sample_noise(s, n, height) for s, n in zip(seeds, counts, strict=True)])
+    noise = noise.to(cond)
     gen = model.generator
     layers = gen.gated_layers()
     # Conditioning terms: one 1x1 convolution per layer and stack, once for the whole grid.
     cond_v = [layer.cond_vertical(cond) for layer in layers]
     cond_h = [layer.cond_horizontal(cond) for layer in layers]
+    weights = [_HorizontalWeights.of(layer) for layer in layers]
+    head = _HeadWeights.of(gen)
     ab = cond.new_zeros((batch, 2, height, width))
     params_out = cond.new_zeros((batch, DMOL_CHANNELS, height, width))
     # v_prev[l]: layer l's vertical input at the previous row (B, C, 1, w), zero above row 0.
@@ -449,34 +516,43 @@ def sample_ab(
                 F.pad(stacked, (1, 1, 0, 0)), layer.vertical.weight, layer.vertical.bias
             )
             v_out = layer.gate(v_pre + cond_v[i][:, :, r : r + 1])
-            link.append(layer.vertical_to_horizontal(v_pre) + cond_h[i][:, :, r : r + 1])
+            horizontal_bias = layer.horizontal.bias
+            assert horizontal_bias is not None
+            link.append(
+                layer.vertical_to_horizontal(v_pre)
+                + cond_h[i][:, :, r : r + 1]
+                + horizontal_bias[:, None, None]
+            )
             new_v.append(v_out)
             v_in_prev, v_in_cur = v_prev[i + 1], v_out
-        # Horizontal stacks of row r, one pixel at a time from the cached left neighbour:
-        # h_row[l][..., c + 1] is layer l's input at column c (column 0 is the left zero pad);
-        # layer 0's input is the right-shifted ab, so h_row[0][..., c + 2] = ab[..., c].
-        h_row = [cond.new_zeros((batch, 2, 1, width + 1))] + [
-            cond.new_zeros((batch, layer.channels, 1, width + 1)) for layer in layers
+        # Horizontal stacks of row r, one pixel at a time from the cached left neighbour, as
+        # matrix products on (B, C) vectors: h_row[l][c + 1] is layer l's input at column c (row
+        # 0 is the left zero pad); layer 0's input is the right-shifted ab: h_row[0][c + 2] = ab[c].
+        h_row = [cond.new_zeros((width + 1, batch, 2))] + [
+            cond.new_zeros((width + 1, batch, layer.channels)) for layer in layers
         ]
+        links = [t[:, :, 0].permute(2, 0, 1).contiguous() for t in link]  # (w, B, 2C)
         for x in range(width):
-            h = h_row[0][:, :, :, x : x + 1]
-            for i, layer in enumerate(layers):
-                window = h_row[i][:, :, :, x : x + 2]
-                h_pre = F.conv2d(window, layer.horizontal.weight, layer.horizontal.bias)
-                h = layer.horizontal_out(layer.gate(h_pre + link[i][:, :, :, x : x + 1]))
+            h = h_row[0][x]
+            for i, (layer, w) in enumerate(zip(layers, weights, strict=True)):
+                cur = h_row[i][x + 1]
+                h_pre = torch.addmm(links[i][x], h_row[i][x], w.left) + cur @ w.right
+                a, b = h_pre.chunk(2, dim=1)
+                h = torch.addmm(w.out_bias, torch.tanh(a) * torch.sigmoid(b), w.out)
                 if layer.residual:
-                    h = h + window[:, :, :, 1:2]
-                h_row[i + 1][:, :, :, x + 1 : x + 2] = h
-            params = gen.head(h)[:, :, 0, 0]
+                    h = h + cur
+                h_row[i + 1][x + 1] = h
+            params = torch.addmm(
+                head.out2_bias, F.elu(torch.addmm(head.out1_bias, F.elu(h), head.out1)), head.out2
+            )
             params_out[:, :, r, x] = params
             value = sample_mixture(params, noise[:, :, r, x])
             ab[:, :, r, x] = value
             if x + 2 <= width:
-                h_row[0][:, :, 0, x + 2] = value
+                h_row[0][x + 2] = value
         ab_prev_row = ab[:, :, r : r + 1]
         v_prev = new_v
-    shape = (len(seeds), samples)
-    return SampleResult(ab.unflatten(0, shape), params_out.unflatten(0, shape))
+    return SampleResult(ab, params_out, counts)
 
 
 # -- loading -------------------------------------------------------------------------------------

@@ -225,3 +225,13 @@ def test_low_resolution_target_is_on_the_bins() -> None:
     low = low_resolution_ab(ab)
     assert low.shape == (1, 2, 32, 32)
     assert torch.equal(low, quantise(low)) and low.abs().max() <= 1.0
+
+
+def test_images_in_one_batch_may_ask_for_different_sample_counts(small: ZhaoPixelated) -> None:
+    lightness = torch.rand(2, 1, 32, 32) * 100
+    mixed = sample_ab(small, lightness, seeds=[3, 4], samples=[1, 3])
+    assert mixed.counts == (1, 3) and mixed.flat_ab.shape == (4, 2, 8, 8)
+    alone = sample_ab(small, lightness[1:], seeds=[4], samples=3)
+    assert torch.allclose(mixed.image(1), alone.ab[0])
+    with pytest.raises(ValueError, match="different sample counts"):
+        _ = mixed.ab
