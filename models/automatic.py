@@ -36,6 +36,7 @@ from models.pipeline import (
     Prediction,
     PreparedImage,
     StopCheck,
+    check_single_sample,
 )
 from models.precision import DTYPES, Precision, PrecisionSetting, probe_cpu, resolve_precision
 from models.preprocess import lightness, to_tensor
@@ -136,6 +137,10 @@ class AutomaticPipeline:
             raise OptionsError(
                 f"resolution must be 'original' or 'network', got {options.resolution!r}"
             )
+        self.check_samples(options)
+
+    def check_samples(self, options: ColorizeOptions) -> None:
+        check_single_sample(self.name, options)
 
     def prepare(
         self, image: Image.Image | InputImage, options: ColorizeOptions | None = None

@@ -75,6 +75,17 @@ class ColorizeOptions:
     score_threshold: float = DEFAULT_SCORE_THRESHOLD
     boxes: Detections | None = None
     saturation: float = 1.0
+    samples: int = 1  # colourings to draw (only a sampling model, zhao-pixelated, takes > 1)
+    seed: int | None = None  # a sampling model's seed (None: a fresh one, reported back)
+
+
+def check_single_sample(name: str, options: ColorizeOptions) -> None:
+    """A model that does not sample refuses ``samples`` > 1 (and ignores ``seed``)."""
+    if options.samples != 1:
+        raise OptionsError(
+            f"model {name!r} gives one colouring per image; samples={options.samples} needs a "
+            "sampling model (zhao-pixelated)"
+        )
 
 
 @dataclass
@@ -103,6 +114,8 @@ class Prediction:
     timings: dict[str, float]
     nonfinite: int = 0  # non-finite values in the reduced-precision ab (0 at fp32)
     fallback: bool = False  # True: ``ab`` is from the fp32 re-run of this image (``nonfinite`` > 0)
+    samples: tuple[torch.Tensor, ...] = ()  # a sampling model's further samples (ab is the first)
+    seed: int | None = None  # the seed the samples were drawn with
 
 
 @dataclass(frozen=True)
@@ -271,6 +284,8 @@ class ColorizedImage:
     boxes: list[IntBox]
     scores: list[float]
     timings: dict[str, float]  # seconds per stage in PIPELINE_STAGES
+    samples: tuple[Image.Image, ...] = ()  # a sampling model's further samples (image is the first)
+    seed: int | None = None
 
 
 def default_device_crops(device: torch.device | str) -> bool:
@@ -428,6 +443,7 @@ class Colorizer:
             raise OptionsError(
                 f"resolution must be 'original' or 'network', got {options.resolution!r}"
             )
+        check_single_sample("instcolor", options)
 
     def prepare(
         self, image: Image.Image | InputImage, options: ColorizeOptions | None = None

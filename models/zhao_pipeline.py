@@ -1,0 +1,110 @@
+"""``zhao-pixelated`` in the product's pipeline: several seeded samples per image, one batch.
+
+``ZhaoPipeline`` is ``AutomaticPipeline`` (input policy, L at 128 x 128, the product's Lab merge)
+with a sampling device stage: every image of the batch and every sample of every image go through
+one ``sample_ab`` call (the incremental raster loop over the 32 x 32 ab grid), each image with its
+own ``samples`` (1 to ``MAX_SAMPLES``) and ``seed``. Without a seed one is drawn and returned
+(``Prediction.seed``, then the answer's ``seed``), so any sample can be drawn again. The first
+sample is the ``Prediction``'s ``ab``; the others follow in ``samples`` and are merged the same way.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import replace
+from typing import overload
+
+import torch
+
+from models.automatic import AutomaticPipeline
+from models.pipeline import (
+    ColorizedImage,
+    ColorizeOptions,
+    OptionsError,
+    Prediction,
+    PreparedImage,
+    StopCheck,
+)
+from models.zhao_pixelated import MAX_SAMPLES, ZhaoPixelated, sample_ab, upsample_ab
+
+SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2**63 (torch.Generator.manual_seed's range)
+
+
+class ZhaoPipeline(AutomaticPipeline):
+    """``AutomaticPipeline`` whose device stage draws ``options.samples`` colourings per image."""
+
+    max_samples = MAX_SAMPLES
+
+    def check_samples(self, options: ColorizeOptions) -> None:
+        if not 1 <= options.samples <= MAX_SAMPLES:
+            raise OptionsError(
+                f"samples must be between 1 and {MAX_SAMPLES}, got {options.samples}"
+            )
+        if options.seed is not None and not 0 <= options.seed < SEED_LIMIT:
+            raise OptionsError(f"seed must be between 0 and 2**63 - 1, got {options.seed}")
+
+    @overload
+    def predict(
+        self, batch: Sequence[PreparedImage], should_stop: None = None
+    ) -> list[Prediction]: ...
+
+    @overload
+    def predict(
+        self, batch: Sequence[PreparedImage], should_stop: StopCheck
+    ) -> list[Prediction | None]: ...
+
+    @torch.inference_mode()
+    def predict(
+        self, batch: Sequence[PreparedImage], should_stop: StopCheck | None = None
+    ) -> list[Prediction] | list[Prediction | None]:
+        """One ``sample_ab`` call for every sample of every image still wanted."""
+        if not batch:
+            return []
+        alive = [i for i, p in enumerate(batch) if should_stop is None or not should_stop(p)]
+        start = time.perf_counter()
+        results: dict[int, tuple[list[torch.Tensor], int]] = {}
+        if alive:
+            seeds = [
+                s if (s := batch[i].options.seed) is not None else secrets.randbelow(2**31)
+                for i in alive
+            ]
+            counts = [batch[i].options.samples for i in alive]
+            stacked = torch.stack([self._network_l(batch[i]) for i in alive])
+            x = stacked.to(self.device, self.dtype, non_blocking=True)
+            model = self.model
+            assert isinstance(model, ZhaoPixelated)
+            sampled = sample_ab(model, x, seeds, counts)
+            for k, i in enumerate(alive):
+                low = sampled.image(k).float()
+                ab = upsample_ab(low, self.input_size).cpu()  # normalised ab at the input size
+                results[i] = (list(ab), seeds[k])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        stage = {"detect": 0.0, "instance": 0.0, "fusion": time.perf_counter() - start}
+        predictions: list[Prediction | None] = []
+        for i, p in enumerate(batch):
+            if i not in results:
+                predictions.append(None)
+                continue
+            abs_, seed = results[i]
+            timings = {**p.timings, **stage}
+            predictions.append(
+                Prediction(abs_[0], [], [], timings, samples=tuple(abs_[1:]), seed=seed)
+            )
+        return predictions
+
+    def merge(
+        self,
+        prepared: PreparedImage,
+        prediction: Prediction,
+        should_stop: Callable[[], bool] | None = None,
+    ) -> ColorizedImage:
+        """Each sample through the Lab merge; the first is ``image``, the others ``samples``."""
+        first = super().merge(prepared, prediction, should_stop)
+        others = [
+            super(ZhaoPipeline, self).merge(prepared, replace(prediction, ab=ab), should_stop).image
+            for ab in prediction.samples
+        ]
+        return replace(first, samples=tuple(others), seed=prediction.seed)
