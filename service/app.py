@@ -16,7 +16,7 @@ from fastapi import Depends, FastAPI
 from fastapi_offline import FastAPIOffline
 
 from service.batches.runner import BatchScheduler
-from service.batches.store import SQLiteStore
+from service.batches.store import SQLiteStore, Store
 from service.batches.webhooks import WebhookSender
 from service.core.metrics import METRICS
 from service.core.queue import BatchRunner, JobQueue
@@ -180,9 +180,17 @@ def _lifespan(
 
 
 async def start_batches(state: ServiceState) -> BatchScheduler:
-    """The batch API's store and scheduler; open batches resume here."""
+    """The batch API's store and scheduler; open batches resume here. Redis mode: the state is
+    in Redis, shared by every API replica (each runs a scheduler; a lease decides which one runs
+    a batch); memory mode: an SQLite file under COLORIZE_STATE_DIR."""
     settings = state.settings
-    store = SQLiteStore(settings.state_dir / "batches.sqlite3")
+    store: Store
+    if settings.queue == "redis":
+        from service.batches.redis_store import RedisStore
+
+        store = RedisStore(settings.redis_url, settings.redis_prefix)
+    else:
+        store = SQLiteStore(settings.state_dir / "batches.sqlite3")
     sender = WebhookSender(
         settings.webhook_secret,
         settings.webhook_hosts(),

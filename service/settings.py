@@ -541,6 +541,12 @@ class BatchApiSettings(BaseSettings):
         "wait behind at most this many batch items; raise it (e.g. to max_batch_size x "
         "max_concurrent_batches) for batch throughput on a GPU.",
     )  # fmt: skip
+    batch_lease_s: float = Field(
+        default=15.0, ge=1.0, le=3600.0,
+        description="Redis mode: a scheduler holds a batch under a lease of this many seconds, "
+        "renewed every third of it; a killed scheduler's batch is taken over by another API "
+        "replica once its lease runs out (shorter: faster takeover, more Redis writes).",
+    )  # fmt: skip
     batch_item_timeout_s: float = Field(
         default=600.0, gt=0.0, le=86_400.0,
         description="Deadline (s) of one batch item in the queue and on the device; a miss is "

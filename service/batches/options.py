@@ -6,7 +6,7 @@ from typing import Any
 
 from service.core.boxes import BoxesError, validate_boxes
 from service.core.errors import InvalidParameterError
-from service.core.jobs import SATURATION_RANGE, JobOptions
+from service.core.jobs import SATURATION_RANGE, JobOptions, unknown_model_message
 from service.settings import ServiceSettings
 
 OPTION_NAMES = (
@@ -17,6 +17,7 @@ OPTION_NAMES = (
     "score_threshold",
     "boxes",
     "saturation",
+    "model",
 )
 
 
@@ -64,12 +65,22 @@ def check_options(
         _number("saturation", options["saturation"], *SATURATION_RANGE)
     if options.get("boxes") is not None:
         parse_boxes(options["boxes"], settings.max_boxes)
+    if "model" in options and options["model"] not in settings.model_list():
+        raise InvalidParameterError(
+            f"{where}: " + unknown_model_message(options["model"], settings.model_list())
+        )
     return dict(options)
+
+
+def job_model(options: dict[str, Any], settings: ServiceSettings) -> str:
+    """The model checked options ask for (default: the server's first)."""
+    return str(options.get("model") or settings.default_model)
 
 
 def job_options(options: dict[str, Any], settings: ServiceSettings) -> JobOptions:
     """Checked options as the engine's ``JobOptions``."""
     values = dict(options)
+    values.pop("model", None)  # the job's, not its options' (``job_model``)
     boxes = values.pop("boxes", None)
     if boxes is not None:
         values["boxes"], values["scores"] = parse_boxes(boxes, settings.max_boxes)

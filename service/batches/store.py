@@ -1,5 +1,6 @@
 """Where batch state lives: ``SQLiteStore`` (memory mode, under COLORIZE_STATE_DIR) and
-``RedisStore`` (Redis mode, shared by every API replica), behind one ``Store`` protocol.
+``RedisStore`` (Redis mode, shared by every API replica: service/batches/redis_store.py), behind
+one ``Store`` protocol.
 
 An item is recorded finished once, with its one result line: ``finish_item`` changes an item
 only while it is pending, and the batch's counts move in the same transaction. A restart
@@ -11,7 +12,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import threading
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -19,6 +20,8 @@ from service.batches.records import OPEN_STATUSES, BatchRecord, Item
 
 
 class Store(Protocol):
+    shared: bool  # True: other processes' schedulers read it too (batches run under a lease)
+
     def create(self, record: BatchRecord, items: Iterable[Item]) -> BatchRecord:
         """Store a new batch; with an idempotency key already used by the owner, return that
         batch instead (nothing new is stored)."""
@@ -39,6 +42,10 @@ class Store(Protocol):
     def save(self, record: BatchRecord) -> None:
         """Store status and info (never the counts, which only ``finish_item`` moves)."""
 
+    def update(self, batch_id: str, change: Callable[[BatchRecord], None]) -> BatchRecord:
+        """Read, ``change`` and save status/info as one atomic step (KeyError: no such batch)."""
+        ...
+
     def pending_items(self, batch_id: str, after_seq: int, limit: int) -> list[Item]: ...
 
     def finish_item(self, batch_id: str, seq: int, ok: bool, line: dict[str, Any]) -> bool:
@@ -52,6 +59,21 @@ class Store(Protocol):
     def unfinished(self) -> list[BatchRecord]:
         """Every open batch, oldest first (resumed at start)."""
         ...
+
+    def undelivered(self) -> list[BatchRecord]:
+        """Batches whose terminal webhook was not delivered yet (``webhook.pending``): re-sent
+        at start, since the process that was sending it may have been killed."""
+        ...
+
+    def acquire_lease(self, batch_id: str, holder: str, ttl_s: float) -> bool:
+        """Take the right to run the batch for ``ttl_s``; False while another holder has it."""
+        ...
+
+    def renew_lease(self, batch_id: str, holder: str, ttl_s: float) -> bool:
+        """Extend one's own lease; False if it was lost (expired and maybe taken over)."""
+        ...
+
+    def release_lease(self, batch_id: str, holder: str) -> None: ...
 
     def close(self) -> None: ...
 
@@ -84,7 +106,10 @@ _COLUMNS = "id, owner, status, created_at, total, completed, failed, info"
 
 class SQLiteStore:
     """One SQLite file in WAL mode; one connection guarded by a lock (calls are short; the
-    scheduler runs them in a thread, off the event loop)."""
+    scheduler runs them in a thread, off the event loop). One process owns the file, so a lease
+    is always granted."""
+
+    shared = False
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -188,6 +213,14 @@ class SQLiteStore:
                 (record.status, json.dumps(record.info), record.id),
             )
 
+    def update(self, batch_id: str, change: Callable[[BatchRecord], None]) -> BatchRecord:
+        record = self.get(batch_id)  # callers run on the one store thread: no other writer
+        if record is None:
+            raise KeyError(batch_id)
+        change(record)
+        self.save(record)
+        return record
+
     def pending_items(self, batch_id: str, after_seq: int, limit: int) -> list[Item]:
         with self._lock:
             rows = self._db.execute(
@@ -240,6 +273,24 @@ class SQLiteStore:
                 tuple(sorted(OPEN_STATUSES)),
             ).fetchall()
         return [_record(row) for row in rows]
+
+    def undelivered(self) -> list[BatchRecord]:
+        with self._lock:
+            rows = self._db.execute(
+                f"SELECT {_COLUMNS} FROM batches WHERE "
+                "json_extract(info, '$.webhook.pending') IS NOT NULL ORDER BY created_at"
+            ).fetchall()
+        records = [_record(row) for row in rows]
+        return [r for r in records if (r.info.get("webhook") or {}).get("pending")]
+
+    def acquire_lease(self, batch_id: str, holder: str, ttl_s: float) -> bool:
+        return True
+
+    def renew_lease(self, batch_id: str, holder: str, ttl_s: float) -> bool:
+        return True
+
+    def release_lease(self, batch_id: str, holder: str) -> None:
+        return
 
     def close(self) -> None:
         with self._lock:

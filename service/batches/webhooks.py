@@ -126,17 +126,55 @@ class WebhookSender:
             self._client = httpx.AsyncClient(follow_redirects=False, timeout=self.timeout_s)
         return self._client
 
-    def send(self, batch_id: str, url: str, event: str, body: bytes, record: Recorder) -> None:
-        """Deliver in the background (retries included)."""
-        task = asyncio.create_task(self._deliver(batch_id, url, event, body, record))
+    def send(
+        self,
+        batch_id: str,
+        url: str,
+        event: str,
+        body: bytes,
+        record: Recorder,
+        *,
+        message_id: str | None = None,
+        resent: bool = False,
+        on_done: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
+        """Deliver in the background (retries included). ``message_id``: the webhook-id (the
+        same on a re-send, so a receiver can drop a duplicate); ``resent``: marks the attempts
+        of a delivery re-sent after a restart; ``on_done``: awaited once the delivery is over
+        (delivered, refused or out of attempts), never when the sender is stopped first."""
+        task = asyncio.create_task(
+            self._deliver(batch_id, url, event, body, record, message_id, resent, on_done)
+        )
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
     async def _deliver(
-        self, batch_id: str, url: str, event: str, body: bytes, record: Recorder
+        self,
+        batch_id: str,
+        url: str,
+        event: str,
+        body: bytes,
+        record: Recorder,
+        message_id: str | None,
+        resent: bool,
+        on_done: Callable[[], Awaitable[None]] | None,
+    ) -> None:
+        await self._attempts(batch_id, url, event, body, record, message_id, resent)
+        if on_done is not None:
+            await on_done()
+
+    async def _attempts(
+        self,
+        batch_id: str,
+        url: str,
+        event: str,
+        body: bytes,
+        record: Recorder,
+        message_id: str | None,
+        resent: bool,
     ) -> None:
         assert self.signer is not None
-        message_id = "msg_" + secrets.token_hex(12)
+        message_id = message_id or "msg_" + secrets.token_hex(12)
         for attempt in range(1, self.max_attempts + 1):
             started = time.time()
             outcome: dict[str, Any] = {
@@ -145,6 +183,8 @@ class WebhookSender:
                 "attempt": attempt,
                 "at": int(started),
             }
+            if resent:
+                outcome["resent"] = True
             delivered = False
             try:
                 check_destination(url, self.allowed_hosts)

@@ -12,13 +12,14 @@ import os
 import shutil
 import time
 import zipfile
-from collections.abc import Iterator
+from collections.abc import AsyncGenerator, AsyncIterator, Iterator
 from pathlib import Path, PurePosixPath
 from typing import IO, Annotated, Any
 
 from fastapi import FastAPI, Header, Query, Request
 from fastapi.responses import JSONResponse, StreamingResponse
 from starlette.datastructures import FormData, UploadFile
+from starlette.formparsers import MultiPartParser
 
 from service.batches.archive import ArchiveError, ArchiveLimits, extract_archive, safe_name
 from service.batches.options import OPTION_NAMES, check_options
@@ -302,22 +303,43 @@ def _webhook(form: FormData, settings: ServiceSettings) -> dict[str, Any] | None
     return {"url": url, "events": events, "deliveries": [], "delivered": []}
 
 
+async def capped(stream: AsyncIterator[bytes], limit: int) -> AsyncGenerator[bytes, None]:
+    """The body's chunks, refused with 413 once more than ``limit`` bytes came: the cap of a
+    body sent without Content-Length (chunked), checked as it arrives."""
+    size = 0
+    async for chunk in stream:
+        size += len(chunk)
+        if size > limit:
+            raise PayloadTooLargeError(
+                f"the upload is over COLORIZE_BATCH_MAX_UPLOAD_BYTES ({limit} bytes; sent "
+                "without Content-Length, refused as it arrived)"
+            )
+        yield chunk
+
+
 async def _form(request: Request, settings: ServiceSettings) -> FormData:
+    limit = settings.batch_max_upload_bytes
     length = request.headers.get("content-length")
-    if length is not None and length.isdigit() and int(length) > settings.batch_max_upload_bytes:
+    if length is not None and length.isdigit() and int(length) > limit:
         raise PayloadTooLargeError(
-            f"the upload is {length} bytes, over COLORIZE_BATCH_MAX_UPLOAD_BYTES "
-            f"({settings.batch_max_upload_bytes})"
+            f"the upload is {length} bytes, over COLORIZE_BATCH_MAX_UPLOAD_BYTES ({limit})"
         )
     content_type = request.headers.get("content-type", "")
     if not content_type.startswith("multipart/form-data"):
         raise InvalidParameterError(
             "POST /batches takes multipart/form-data with a file field 'archive' or 'manifest'"
         )
+    parser = MultiPartParser(
+        request.headers,
+        capped(request.stream(), limit),
+        max_files=1,
+        max_fields=len(FORM_FIELDS),
+        max_part_size=MAX_FIELD_BYTES,
+    )
     try:
-        form = await request.form(
-            max_files=1, max_fields=len(FORM_FIELDS), max_part_size=MAX_FIELD_BYTES
-        )
+        form = await parser.parse()  # files spooled to disk; closed by the parser on an error
+    except PayloadTooLargeError:
+        raise
     except Exception as exc:  # starlette's MultiPartException and friends: a malformed body
         raise InvalidParameterError(f"the multipart body could not be read: {exc}") from None
     unknown = sorted(set(form.keys()) - set(FORM_FIELDS))
