@@ -32,7 +32,12 @@ from typing import IO, TYPE_CHECKING, Any
 
 from models.image_files import IMAGE_EXTENSIONS, scan_images
 from service.commands.arg_types import batch_size, non_negative_int, unit_float
-from service.commands.colorize_sources import MANIFEST_SUFFIX, add_ray_arguments, is_uri
+from service.commands.colorize_sources import (
+    MANIFEST_SUFFIX,
+    add_ray_arguments,
+    is_uri,
+    source_argument,
+)
 from service.commands.model_flags import add_model_arguments, add_model_choice, model_overrides
 from service.core.boxes import BoxesError, validate_boxes
 from service.core.jobs import SATURATION_RANGE, OutputFormat
@@ -89,7 +94,7 @@ def add_parser(subparsers: Any) -> None:
         "Exit code 0: all written; 1: some inputs failed; 2: usage or configuration error.",
     )
     parser.add_argument(
-        "inputs", nargs="+", type=Path, metavar="INPUT", help="image file or folder"
+        "inputs", nargs="+", type=source_argument, metavar="INPUT", help="image file or folder"
     )
     parser.add_argument(
         "-o",

@@ -61,6 +61,12 @@ def is_uri(text: str) -> bool:
     return bool(sep) and len(scheme) > 1 and scheme.replace("+", "").isalnum()
 
 
+def source_argument(text: str) -> Path | str:
+    """An INPUT argument: a URI stays text (``Path`` folds ``file:///a`` into ``file:/a`` and
+    ``s3://b/k`` into ``s3:/b/k``), anything else is a ``Path``."""
+    return text if is_uri(text) else Path(text)
+
+
 def add_ray_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group(
         "engine (docs/ray.md)",

@@ -1,13 +1,18 @@
-"""Write the checked-in JSON schema of KEDA's ScaledObject from KEDA's CRD.
+"""Write the checked-in JSON schema of a custom resource from its CRD (KEDA's ScaledObject,
+KubeRay's RayJob).
 
     git -C keda show v2.20.2:config/crd/bases/keda.sh_scaledobjects.yaml > so.yaml
     python deploy/kubernetes/schemas/extract_crd_schema.py so.yaml v2.20.2 <commit>
+    git -C kuberay show v1.7.0:ray-operator/config/crd/bases/ray.io_rayjobs.yaml > rj.yaml
+    python deploy/kubernetes/schemas/extract_crd_schema.py rj.yaml v1.7.0 <commit> \\
+        github.com/ray-project/kuberay ray-operator/config/crd/bases/ray.io_rayjobs.yaml
 
-The CRD's openAPIV3Schema (version v1alpha1), made strict the way the API server treats a
+The CRD's openAPIV3Schema (its storage version), made strict the way the API server treats a
 structural schema (unknown fields are pruned there; here they fail, so a misspelt field is caught):
 ``additionalProperties: false`` on every object that declares properties and neither declares
 additionalProperties nor preserves unknown fields; apiVersion and kind pinned; metadata reduced to
-name, namespace, labels and annotations.
+name, namespace, labels and annotations. Written next to this file as
+``<group>_<plural>.<version>.json``.
 """
 
 from __future__ import annotations
@@ -19,7 +24,8 @@ from typing import Any
 
 import yaml
 
-OUT = Path(__file__).with_name("keda.sh_scaledobjects.v1alpha1.json")
+HERE = Path(__file__).parent
+KEDA = ("github.com/kedacore/keda", "config/crd/bases/keda.sh_scaledobjects.yaml")
 
 
 def make_strict(node: Any) -> None:
@@ -42,14 +48,15 @@ def make_strict(node: Any) -> None:
             make_strict(item)
 
 
-def main(crd_file: str, tag: str, commit: str) -> None:
+def main(crd_file: str, tag: str, commit: str, project: str = KEDA[0], path: str = KEDA[1]) -> None:
     crd = yaml.safe_load(Path(crd_file).read_text())
-    (version,) = [v for v in crd["spec"]["versions"] if v["name"] == "v1alpha1"]
+    group, names = crd["spec"]["group"], crd["spec"]["names"]
+    (version,) = [v for v in crd["spec"]["versions"] if v.get("storage")]
     schema = version["schema"]["openAPIV3Schema"]
     make_strict(schema)
     props = schema["properties"]
-    props["apiVersion"] = {"const": "keda.sh/v1alpha1"}
-    props["kind"] = {"const": "ScaledObject"}
+    props["apiVersion"] = {"const": f"{group}/{version['name']}"}
+    props["kind"] = {"const": names["kind"]}
     strings = {"type": "object", "additionalProperties": {"type": "string"}}
     props["metadata"] = {
         "type": "object",
@@ -66,18 +73,18 @@ def main(crd_file: str, tag: str, commit: str) -> None:
     schema.pop("description", None)
     out = {
         "$schema": "http://json-schema.org/draft-07/schema#",
-        "title": "KEDA ScaledObject (keda.sh/v1alpha1)",
+        "title": f"{names['kind']} ({group}/{version['name']})",
         "description": (
-            f"The openAPIV3Schema of KEDA's ScaledObject CRD, KEDA {tag} (github.com/kedacore/keda "
-            f"at {commit}, config/crd/bases/keda.sh_scaledobjects.yaml), made strict: "
-            "additionalProperties false on every object with declared properties, apiVersion and "
-            "kind pinned, metadata limited to name, namespace, labels and annotations. Written by "
-            "deploy/kubernetes/schemas/extract_crd_schema.py."
+            f"The openAPIV3Schema of the {names['kind']} CRD, {tag} ({project} at {commit}, "
+            f"{path}), made strict: additionalProperties false on every object with declared "
+            "properties, apiVersion and kind pinned, metadata limited to name, namespace, labels "
+            "and annotations. Written by deploy/kubernetes/schemas/extract_crd_schema.py."
         ),
         **schema,
     }
-    OUT.write_text(json.dumps(out, indent=1) + "\n")
+    target = HERE / f"{group}_{names['plural']}.{version['name']}.json"
+    target.write_text(json.dumps(out, indent=None, separators=(",", ":")) + "\n")
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:4])
+    main(*sys.argv[1:6])
