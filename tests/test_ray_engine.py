@@ -269,3 +269,31 @@ def test_skip_existing_finishes_a_folder_the_local_engine_left_half_done(
     assert colorize(source, fresh, zoo_weights, "zhang-eccv16") == 0
     assert images_below(dest) == images_below(fresh)
     assert set(local) == {"p0.png", "p2.png"}
+
+
+def test_a_manifest_gives_each_item_the_local_engines_bytes_for_its_own_options(
+    tmp_path: Path, zoo_weights: Path
+) -> None:
+    """Per-item options of a manifest (as in the batch API) against local runs with the flags."""
+    source = photos(tmp_path / "in", 2)
+    one = ("--batch-size", "1")
+    assert colorize(source / "p0.png", tmp_path / "a", zoo_weights, "instcolor", *one) == 0
+    assert colorize(source / "p1.jpg", tmp_path / "b", zoo_weights, "instcolor", *one,
+                    "--saturation", "0.5") == 0  # fmt: skip
+    assert colorize(source / "p1.jpg", tmp_path / "c", zoo_weights, "instcolor", *one) == 0
+    manifest = tmp_path / "batch.jsonl"
+    manifest.write_text(
+        json.dumps({"custom_id": "first/p0.png", "path": "in/p0.png"}) + "\n"
+        + json.dumps({"custom_id": "p1.jpg", "path": "in/p1.jpg", "saturation": 0.5}) + "\n"
+    )  # fmt: skip
+    dest = tmp_path / "ray"
+    assert colorize(manifest, dest, zoo_weights, "instcolor", *one, "--engine", "ray") == 0
+    assert images_below(dest) == {
+        "first/p0.png": (tmp_path / "a" / "p0.png").read_bytes(),
+        "p1.png": (tmp_path / "b" / "p1.png").read_bytes(),
+    }
+    assert (tmp_path / "b" / "p1.png").read_bytes() != (tmp_path / "c" / "p1.png").read_bytes()
+    assert sorted(str(line["custom_id"]) for line in report_lines(dest)) == [
+        "first/p0.png",
+        "p1.jpg",
+    ]
