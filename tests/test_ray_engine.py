@@ -1,5 +1,5 @@
 """``colorize --engine ray`` on a real local Ray (one per module): the same bytes as the local
-engine for every zoo model and at batch sizes above one (the local engine's batches, its torch
+engine for every registry model and at batch sizes above one (the local engine's batches, its torch
 thread count), bad inputs as report lines, verified resume, ``--skip-existing``, a killed actor."""
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ psutil = pytest.importorskip("psutil")
 
 pytestmark = pytest.mark.slow
 
-MODELS = ("instcolor", "zhang-eccv16", "zhang-siggraph17")
+MODELS = ("instcolor", "zhang-eccv16", "zhang-siggraph17", "larsson-eccv16")  # the registry's
 REPORT = "colorize-report.jsonl"
 
 
@@ -46,6 +46,23 @@ def local_ray() -> Iterator[None]:
     finally:
         ray.shutdown()
     assert not ray.is_initialized()
+
+
+@pytest.fixture(scope="module")
+def larsson_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Seeded random Larsson ECCV16 weights in the converted file's layout (590 MB: written only
+    for that model's case; the other models use ``zoo_weights``)."""
+    import torch
+    from weight_files import randomize
+
+    from models.larsson_eccv16 import LarssonECCV16
+    from models.registry import get_model
+
+    root = tmp_path_factory.mktemp("larsson")
+    (path,) = get_model("larsson-eccv16").weight_paths(root)
+    path.parent.mkdir(parents=True)
+    torch.save(randomize(LarssonECCV16(), seed=3), path)
+    return root
 
 
 def gray(width: int, height: int, seed: int) -> Image.Image:
@@ -94,8 +111,10 @@ def report_lines(dest: Path) -> list[dict[str, object]]:
 
 @pytest.mark.parametrize("model", MODELS)
 def test_ray_output_is_byte_identical_to_the_local_engine(
-    tmp_path: Path, zoo_weights: Path, model: str
+    tmp_path: Path, zoo_weights: Path, model: str, request: pytest.FixtureRequest
 ) -> None:
+    if model == "larsson-eccv16":
+        zoo_weights = request.getfixturevalue("larsson_weights")
     source = photos(tmp_path / "in", 3)
     assert colorize(source, tmp_path / "local", zoo_weights, model) == 0
     assert colorize(source, tmp_path / "ray", zoo_weights, model, "--engine", "ray") == 0
