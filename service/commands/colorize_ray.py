@@ -137,9 +137,9 @@ def plan_chunks(items: Sequence[Item], batch_size: int) -> list[dict[str, str]]:
 
     These are the local engine's batches (``models.offline.run_batches`` cuts the same slices),
     planned here on the driver so that Ray's block splitting and re-bundling between stages can
-    never regroup them: a batch's composition changes its numerics (the detector pads a batch to
-    its largest image; kernels are chosen per batch shape), so only the same batches give the
-    same bytes.
+    never regroup them: a batch's composition can change its numerics (the detector pads a batch
+    to its largest image; kernels are chosen per batch shape), so only the same batches are sure
+    to give the same bytes.
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
@@ -203,9 +203,10 @@ class PredictStage:
     """Device: one ``predict`` call per chunk (image by image where it fails), as the local engine.
 
     On a CPU, torch's thread count enters the results (a different split of a reduction rounds
-    differently: measured, 1 thread against 2 changes a pixel by 1), and Ray limits a task's
-    threads to its CPUs. ``torch_threads`` (the driver's own count, what ``--engine local`` uses)
-    restores the local engine's count. On a GPU the CPU threads do not enter the network.
+    differently: measured, 1 thread against 2 moved a test image by up to 1 level), and Ray
+    limits a task's threads to its CPUs. ``torch_threads`` (the driver's own count, what
+    ``--engine local`` uses) restores the local engine's count. On a GPU the CPU threads do not
+    enter the network.
     """
 
     def __init__(self, build: PipelineBuilder, torch_threads: int | None = None) -> None:
