@@ -34,7 +34,8 @@ def machine() -> str:
         if line.startswith("flags"):
             flags = set(line.split(":", 1)[1].split())
     extras = [f for f in ("avx2", "avx512_bf16", "amx_tile") if f in flags]
-    return f"{cpu}, {os.cpu_count()} cores, flags {'+'.join(extras)}, no GPU"
+    load = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    return f"{cpu}, {os.cpu_count()} cores, flags {'+'.join(extras)}, no GPU, load average {load}"
 
 
 def images(folder: Path, count: int, width: int, height: int) -> None:

@@ -4,13 +4,14 @@ code with pyarrow's S3 filesystem, not reachable offline)."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from service.cli import build_parser
 from service.commands.colorize_ray import read_source
-from service.commands.colorize_sources import SourceError, plan_uri
+from service.commands.colorize_sources import SourceError, plan_manifest, plan_uri
 
 BASE = {"resolution": "original", "max_instances": 8, "score_threshold": 0.7, "saturation": 1.0}
 
@@ -60,3 +61,52 @@ def test_a_missing_or_empty_uri_is_refused_before_any_work(tmp_path: Path) -> No
     (tmp_path / "empty").mkdir()
     with pytest.raises(SourceError, match="no images found"):
         plan_uri((tmp_path / "empty").as_uri(), tmp_path / "out", ".png", BASE)
+
+
+def write_manifest(path: Path, *entries: object) -> Path:
+    path.write_text("".join(json.dumps(e) + "\n" for e in entries) + "\n", encoding="utf-8")
+    return path
+
+
+def test_a_manifest_plans_per_item_options_and_paths(tmp_path: Path) -> None:
+    manifest = write_manifest(
+        tmp_path / "batch.jsonl",
+        {"custom_id": "a/one.jpg", "path": "scans/one.jpg", "saturation": 0.5},
+        {"custom_id": "two", "path": "s3://bucket/two.png", "boxes": [[1, 2, 30, 40]],
+         "scores": [0.9], "max_instances": 2, "model": "instcolor"},
+    )  # fmt: skip
+    one, two = plan_manifest(manifest, tmp_path / "out", ".png", BASE, "instcolor")
+    assert (one.custom_id, one.source) == ("a/one.jpg", str(tmp_path / "scans" / "one.jpg"))
+    assert one.output == tmp_path / "out" / "a" / "one.png"
+    assert one.options == {**BASE, "saturation": 0.5}
+    assert (two.source, two.output) == ("s3://bucket/two.png", tmp_path / "out" / "two.png")
+    assert two.options["boxes"] == [[1, 2, 30, 40]]
+    assert two.options["scores"] == [0.9]
+    assert two.options["max_instances"] == 2
+
+
+@pytest.mark.parametrize(
+    ("entry", "message"),
+    [
+        ({"custom_id": "../x.png", "path": "x.png"}, "relative path without '..'"),
+        ({"custom_id": "x.png", "path": "x.png", "colour": 1}, "unknown fields"),
+        ({"custom_id": "x.png", "path": "x.png", "model": "zhang-eccv16"}, "not this run's model"),
+        ({"custom_id": "x.png", "path": "x.png", "saturation": 3}, "saturation must be"),
+        ({"custom_id": "x.png", "path": "x.png", "scores": [0.5]}, "scores without boxes"),
+        ({"custom_id": "x.png"}, "path must be"),
+    ],
+)
+def test_a_manifest_mistake_names_its_line(tmp_path: Path, entry: object, message: str) -> None:
+    manifest = write_manifest(
+        tmp_path / "m.jsonl", {"custom_id": "ok.png", "path": "ok.png"}, entry
+    )
+    with pytest.raises(SourceError, match="line 2") as caught:
+        plan_manifest(manifest, tmp_path / "out", ".png", BASE, "instcolor")
+    assert message in str(caught.value)
+
+
+def test_manifest_items_that_would_share_an_output_are_refused(tmp_path: Path) -> None:
+    manifest = write_manifest(tmp_path / "m.jsonl", {"custom_id": "a.jpg", "path": "a.jpg"},
+                              {"custom_id": "a.png", "path": "a.png"})  # fmt: skip
+    with pytest.raises(SourceError, match="same output file"):
+        plan_manifest(manifest, tmp_path / "out", ".png", BASE, "instcolor")

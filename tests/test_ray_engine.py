@@ -1,5 +1,6 @@
 """``colorize --engine ray`` on a real local Ray (one per module): the same bytes as the local
-engine for every zoo model, bad inputs as report lines, verified resume, a killed actor."""
+engine for every registry model and at batch sizes above one (the local engine's batches, its torch
+thread count), bad inputs as report lines, verified resume, ``--skip-existing``, a killed actor."""
 
 from __future__ import annotations
 
@@ -15,14 +16,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from models.offline import run_batches
 from service.cli import main
+from service.commands.colorize_ray import PredictStage, build_on, plan_chunks
+from service.commands.colorize_sources import Item
 
 ray = pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
 
 pytestmark = pytest.mark.slow
 
-MODELS = ("instcolor", "zhang-eccv16", "zhang-siggraph17")
+MODELS = ("instcolor", "zhang-eccv16", "zhang-siggraph17", "larsson-eccv16")  # the registry's
 REPORT = "colorize-report.jsonl"
 
 
@@ -42,6 +46,23 @@ def local_ray() -> Iterator[None]:
     finally:
         ray.shutdown()
     assert not ray.is_initialized()
+
+
+@pytest.fixture(scope="module")
+def larsson_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Seeded random Larsson ECCV16 weights in the converted file's layout (590 MB: written only
+    for that model's case; the other models use ``zoo_weights``)."""
+    import torch
+    from weight_files import randomize
+
+    from models.larsson_eccv16 import LarssonECCV16
+    from models.registry import get_model
+
+    root = tmp_path_factory.mktemp("larsson")
+    (path,) = get_model("larsson-eccv16").weight_paths(root)
+    path.parent.mkdir(parents=True)
+    torch.save(randomize(LarssonECCV16(), seed=3), path)
+    return root
 
 
 def gray(width: int, height: int, seed: int) -> Image.Image:
@@ -68,6 +89,18 @@ def colorize(source: Path, dest: Path, weights: Path, model: str, *extra: str) -
     return main(argv)
 
 
+def bench_photos(folder: Path, count: int) -> Path:
+    """``loadtests/bench_ray.py``'s 128x96 images: with the tiny instcolor weights the 7th one
+    (``img006``) comes out 1 level apart at 1 torch thread against 2 (measured)."""
+    folder.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    base = np.linspace(0, 255, 128)[None, :].repeat(96, axis=0)
+    for i in range(count):
+        pixels = np.clip(base + rng.normal(0, 25, (96, 128)), 0, 255).astype(np.uint8)
+        Image.fromarray(pixels, mode="L").save(folder / f"img{i:03d}.png")
+    return folder
+
+
 def images_below(folder: Path) -> dict[str, bytes]:
     return {p.relative_to(folder).as_posix(): p.read_bytes() for p in sorted(folder.rglob("*.png"))}
 
@@ -78,8 +111,10 @@ def report_lines(dest: Path) -> list[dict[str, object]]:
 
 @pytest.mark.parametrize("model", MODELS)
 def test_ray_output_is_byte_identical_to_the_local_engine(
-    tmp_path: Path, zoo_weights: Path, model: str
+    tmp_path: Path, zoo_weights: Path, model: str, request: pytest.FixtureRequest
 ) -> None:
+    if model == "larsson-eccv16":
+        zoo_weights = request.getfixturevalue("larsson_weights")
     source = photos(tmp_path / "in", 3)
     assert colorize(source, tmp_path / "local", zoo_weights, model) == 0
     assert colorize(source, tmp_path / "ray", zoo_weights, model, "--engine", "ray") == 0
@@ -174,3 +209,110 @@ def test_killing_the_colorizer_actor_mid_run_loses_nothing(
     assert sorted(ids) == sorted(p.name for p in source.iterdir())  # every item exactly once
     assert {line["status"] for line in lines} == {"ok"}
     assert images_below(dest) == images_below(tmp_path / "local")
+
+
+class RecordingColorizer:
+    """The local engine's runner's view of a colorizer: records each ``predict`` batch."""
+
+    def __init__(self) -> None:
+        self.batches: list[list[str]] = []
+
+    def predict(self, batch: list[str]) -> list[str]:
+        self.batches.append(list(batch))
+        return list(batch)
+
+
+def test_chunks_are_the_local_engines_batches(tmp_path: Path) -> None:
+    items = [Item(f"p{i}.png", f"/in/p{i}.png", tmp_path / f"p{i}.png", {}) for i in range(5)]
+    for size in (1, 2, 3, 5, 8):
+        local = RecordingColorizer()
+        failures = run_batches(local, [item.custom_id for item in items], lambda x: x,
+                               lambda *_: None, batch_size=size)  # fmt: skip
+        assert failures == []
+        chunks = [
+            [m["custom_id"] for m in json.loads(row["items"])] for row in plan_chunks(items, size)
+        ]
+        assert chunks == local.batches
+
+
+def test_a_cpu_colorizer_actor_runs_torch_with_the_local_engines_threads(
+    zoo_weights: Path,
+) -> None:
+    import torch
+
+    from service.settings import ModelSettings
+
+    settings = ModelSettings(weights_dir=zoo_weights, models="zhang-eccv16", device="cpu",
+                             precision="fp32")  # fmt: skip
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)  # as Ray leaves a 1-CPU actor (OMP_NUM_THREADS=1)
+        PredictStage(lambda device: build_on(settings, device), torch_threads=2)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_ray_output_is_byte_identical_at_batch_size_3(tmp_path: Path, zoo_weights: Path) -> None:
+    """7 images in chunks of 3, 3 and 1; with Ray's 1 thread in the colorizer actor (before
+    ``torch_threads``), ``img006`` differed from the local engine's (measured at batch 2)."""
+    source = bench_photos(tmp_path / "in", 7)
+    assert colorize(source, tmp_path / "local", zoo_weights, "instcolor", "--batch-size", "3") == 0
+    assert colorize(source, tmp_path / "ray", zoo_weights, "instcolor", "--batch-size", "3",
+                    "--engine", "ray") == 0  # fmt: skip
+    local = images_below(tmp_path / "local")
+    assert len(local) == 7
+    assert images_below(tmp_path / "ray") == local
+
+
+def test_skip_existing_finishes_a_folder_the_local_engine_left_half_done(
+    tmp_path: Path, zoo_weights: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    source = photos(tmp_path / "in", 3)
+    dest = tmp_path / "out"
+    assert colorize(source, dest, zoo_weights, "zhang-eccv16") == 0
+    (dest / "p1.png").unlink()
+    kept = {p.name: p.stat().st_mtime_ns for p in dest.glob("*.png")}
+    local = images_below(dest)
+    capsys.readouterr()
+    assert colorize(source, dest, zoo_weights, "zhang-eccv16", "--engine", "ray",
+                    "--skip-existing") == 0  # fmt: skip
+    assert "1 colorized, 0 failed, 2 skipped" in capsys.readouterr().out
+    by_id = {line["custom_id"]: line for line in report_lines(dest)}
+    assert {k: v["status"] for k, v in by_id.items()} == {
+        "p0.png": "skipped", "p1.jpg": "ok", "p2.png": "skipped"}  # fmt: skip
+    assert {p.name: p.stat().st_mtime_ns for p in dest.glob("*.png") if p.name in kept} == kept
+    for line in by_id.values():
+        assert line["bytes"] == Path(str(line["output"])).stat().st_size
+    fresh = tmp_path / "fresh"
+    assert colorize(source, fresh, zoo_weights, "zhang-eccv16") == 0
+    assert images_below(dest) == images_below(fresh)
+    assert set(local) == {"p0.png", "p2.png"}
+
+
+def test_a_manifest_gives_each_item_the_local_engines_bytes_for_its_own_options(
+    tmp_path: Path, zoo_weights: Path
+) -> None:
+    """Per-item options of a manifest (as in the batch API) against local runs with the flags."""
+    source = photos(tmp_path / "in", 2)
+    one = ("--batch-size", "1")
+    assert colorize(source / "p0.png", tmp_path / "a", zoo_weights, "instcolor", *one) == 0
+    assert colorize(source / "p1.jpg", tmp_path / "b", zoo_weights, "instcolor", *one,
+                    "--saturation", "0.5") == 0  # fmt: skip
+    assert colorize(source / "p1.jpg", tmp_path / "c", zoo_weights, "instcolor", *one) == 0
+    manifest = tmp_path / "batch.jsonl"
+    manifest.write_text(
+        json.dumps({"custom_id": "first/p0.png", "path": "in/p0.png"}) + "\n"
+        + json.dumps({"custom_id": "p1.jpg", "path": "in/p1.jpg", "saturation": 0.5}) + "\n"
+    )  # fmt: skip
+    dest = tmp_path / "ray"
+    assert colorize(manifest, dest, zoo_weights, "instcolor", *one, "--engine", "ray") == 0
+    assert images_below(dest) == {
+        "first/p0.png": (tmp_path / "a" / "p0.png").read_bytes(),
+        "p1.png": (tmp_path / "b" / "p1.png").read_bytes(),
+    }
+    assert (tmp_path / "b" / "p1.png").read_bytes() != (tmp_path / "c" / "p1.png").read_bytes()
+    assert sorted(str(line["custom_id"]) for line in report_lines(dest)) == [
+        "first/p0.png",
+        "p1.jpg",
+    ]

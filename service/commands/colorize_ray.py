@@ -6,7 +6,7 @@ never per batch):
 1. ``PrepareStage`` (CPU actors): read the file (a local path or a URI, through pyarrow's
    filesystems), decode it and run ``prepare`` (``colorize.prepare_image``, as the local engine);
 2. ``PredictStage`` (the colorizer actor pool, ``num_gpus`` per actor; 0 on a CPU-only cluster):
-   ``predict`` on the batch, one image per call where the batch call fails
+   ``predict`` on each chunk, one image per call where the chunk's call fails
    (``models.offline.predict_ready``, as the local engine);
 3. ``FinishStage`` (CPU actors): ``merge`` and ``colorize.write_image`` (the same encoder, quality
    and atomic write as the local engine).
@@ -25,7 +25,14 @@ The driver writes the report as results stream in (``<report>.partial``, renamed
 at the end): one line per item, ``{"custom_id", "source", "output", "status", "error", "bytes"}``
 with status ``ok``, ``failed`` or ``skipped``. A rerun skips the items an earlier report (or its
 partial file, after a killed driver) lists as ``ok``/``skipped`` whose output still has the
-reported size and decodes.
+reported size and decodes. ``--skip-existing`` means what it means for the local engine besides:
+an item whose output file exists is skipped unverified (a folder a local run left half done).
+
+Batches are the local engine's: the driver cuts the items into chunks of ``--batch-size``
+(``plan_chunks``, the slices ``models.offline.run_batches`` cuts) and each dataset row is one
+chunk, so every ``predict`` call sees exactly the local engine's batch, whatever blocks Ray forms.
+A CPU colorizer actor runs torch with the driver's thread count (``PredictStage``): with these
+two, the files are byte-identical to ``--engine local`` at any batch size.
 """
 
 from __future__ import annotations
@@ -34,7 +41,6 @@ import argparse
 import io
 import json
 import logging
-import math
 import os
 import pickle
 import sys
@@ -71,7 +77,7 @@ from service.core.jobs import OutputFormat
 if TYPE_CHECKING:
     import numpy as np
 
-    from models.pipeline import ColorizeOptions
+    from models.pipeline import ColorizeOptions, Prediction, PreparedImage
     from models.zoo import ModelColorizer
     from service.settings import ModelSettings
 
@@ -123,11 +129,49 @@ def _column(values: Sequence[Any]) -> np.ndarray:
     return column
 
 
+# -- the chunks: one dataset row per predict batch ----------------------------------------------
+
+
+def plan_chunks(items: Sequence[Item], batch_size: int) -> list[dict[str, str]]:
+    """One dataset row per ``predict`` batch: row ``k`` holds ``items[k*B:(k+1)*B]``.
+
+    These are the local engine's batches (``models.offline.run_batches`` cuts the same slices),
+    planned here on the driver so that Ray's block splitting and re-bundling between stages can
+    never regroup them: a batch's composition can change its numerics (the detector pads a batch
+    to its largest image; kernels are chosen per batch shape), so only the same batches are sure
+    to give the same bytes.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    chunks = []
+    for start in range(0, len(items), batch_size):
+        members = [
+            {"custom_id": item.custom_id, "source": item.source, "output": str(item.output),
+             "options": item.options}
+            for item in items[start : start + batch_size]
+        ]  # fmt: skip
+        chunks.append({"items": json.dumps(members)})
+    return chunks
+
+
+def _members(chunk: Any) -> list[dict[str, Any]]:
+    members: list[dict[str, Any]] = json.loads(str(chunk))
+    return members
+
+
+def _dump(value: object) -> bytes:
+    return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _load(data: Any) -> Any:
+    return pickle.loads(data)  # noqa: S301 (our own stage's bytes)
+
+
 # -- the stages (callable classes: one model build per actor) -----------------------------------
 
 
 class PrepareStage:
-    """CPU: read, decode and ``prepare`` each image; a bad file becomes its row's ``error``."""
+    """CPU: read, decode and ``prepare`` each image of each chunk; a bad file is its ``error``."""
 
     def __init__(self, build: PipelineBuilder) -> None:
         self.pipeline = build("cpu")
@@ -136,47 +180,67 @@ class PrepareStage:
     def __call__(self, batch: Batch) -> Batch:
         from models.offline import LOAD_ERRORS, describe_failure
 
-        prepared, errors = [], []
-        for source, options in zip(batch["source"], batch["options"], strict=True):
-            try:
-                data = read_source(str(source), self.filesystems)
-                image = prepare_image(
-                    self.pipeline, io.BytesIO(data), to_options(json.loads(options))
-                )
-                prepared.append(pickle.dumps(image, protocol=pickle.HIGHEST_PROTOCOL))
-                errors.append("")
-            except LOAD_ERRORS as exc:
-                prepared.append(b"")
-                errors.append(describe_failure(exc))
-        return {**batch, "prepared": _column(prepared), "error": _column(errors)}
+        prepared_chunks, error_chunks = [], []
+        for chunk in batch["items"]:
+            prepared: list[PreparedImage | None] = []
+            errors: list[str] = []
+            for member in _members(chunk):
+                try:
+                    data = read_source(member["source"], self.filesystems)
+                    options = to_options(member["options"])
+                    prepared.append(prepare_image(self.pipeline, io.BytesIO(data), options))
+                    errors.append("")
+                except LOAD_ERRORS as exc:
+                    prepared.append(None)
+                    errors.append(describe_failure(exc))
+            prepared_chunks.append(_dump(prepared))
+            error_chunks.append(json.dumps(errors))
+        return {"items": batch["items"], "prepared": _column(prepared_chunks),
+                "errors": _column(error_chunks)}  # fmt: skip
 
 
 class PredictStage:
-    """Device: one ``predict`` call per batch (image by image where it fails)."""
+    """Device: one ``predict`` call per chunk (image by image where it fails), as the local engine.
 
-    def __init__(self, build: PipelineBuilder) -> None:
+    On a CPU, torch's thread count enters the results (a different split of a reduction rounds
+    differently: measured, 1 thread against 2 moved a test image by up to 1 level), and Ray
+    limits a task's threads to its CPUs. ``torch_threads`` (the driver's own count, what
+    ``--engine local`` uses) restores the local engine's count. On a GPU the CPU threads do not
+    enter the network.
+    """
+
+    def __init__(self, build: PipelineBuilder, torch_threads: int | None = None) -> None:
         self.pipeline = build(None)
+        if torch_threads and self.pipeline.device.type == "cpu":
+            import torch
+
+            torch.set_num_threads(torch_threads)
 
     def __call__(self, batch: Batch) -> Batch:
         from models.offline import PREDICT_ERRORS, describe_failure, predict_ready
 
-        errors = [str(e) for e in batch["error"]]
-        ready = [
-            (i, pickle.loads(batch["prepared"][i]))  # noqa: S301 (our own stage's bytes)
-            for i, e in enumerate(errors)
-            if not e
-        ]
-        predictions: list[bytes] = [b""] * len(errors)
-        failures: list[tuple[int, BaseException]] = []
-        for i, _, prediction in predict_ready(self.pipeline, ready, PREDICT_ERRORS, failures):
-            predictions[i] = pickle.dumps(prediction, protocol=pickle.HIGHEST_PROTOCOL)
-        for i, exc in failures:
-            errors[i] = describe_failure(exc)
-        return {**batch, "prediction": _column(predictions), "error": _column(errors)}
+        prediction_chunks, error_chunks = [], []
+        for prepared_data, errors_data in zip(batch["prepared"], batch["errors"], strict=True):
+            prepared = _load(prepared_data)
+            errors: list[str] = json.loads(str(errors_data))
+            ready = [(i, p) for i, (p, e) in enumerate(zip(prepared, errors, strict=True)) if not e]
+            predictions: list[Prediction | None] = [None] * len(errors)
+            failures: list[tuple[int, BaseException]] = []
+            if ready:
+                for i, _, prediction in predict_ready(
+                    self.pipeline, ready, PREDICT_ERRORS, failures
+                ):
+                    predictions[i] = prediction
+            for i, exc in failures:
+                errors[i] = describe_failure(exc)
+            prediction_chunks.append(_dump(predictions))
+            error_chunks.append(json.dumps(errors))
+        return {**batch, "predictions": _column(prediction_chunks),
+                "errors": _column(error_chunks)}  # fmt: skip
 
 
 class FinishStage:
-    """CPU: ``merge``, encode and write atomically; returns only the report's columns."""
+    """CPU: ``merge``, encode and write atomically; returns one report row per item."""
 
     def __init__(self, build: PipelineBuilder, image_format: OutputFormat) -> None:
         self.pipeline = build("cpu")
@@ -187,28 +251,30 @@ class FinishStage:
         from service.core.errors import InvalidParameterError
 
         finish_errors: tuple[type[BaseException], ...] = (*FINISH_ERRORS, InvalidParameterError)
-        errors = [str(e) for e in batch["error"]]
-        sizes: list[int] = [-1] * len(errors)
-        for i, error in enumerate(errors):
-            if error:
-                continue
-            output = Path(str(batch["output"][i]))
-            try:
-                prepared = pickle.loads(batch["prepared"][i])  # noqa: S301 (our own stage's bytes)
-                prediction = pickle.loads(batch["prediction"][i])  # noqa: S301 (our own stage's bytes)
-                output.parent.mkdir(parents=True, exist_ok=True)
-                merged = self.pipeline.merge(prepared, prediction)
-                write_image(merged.image, output, self.image_format)
-                sizes[i] = output.stat().st_size
-            except finish_errors as exc:
-                errors[i] = describe_failure(exc)
-        return {
-            "custom_id": batch["custom_id"],
-            "source": batch["source"],
-            "output": batch["output"],
-            "error": _column(errors),
-            "bytes": _column(sizes),
-        }
+        rows: dict[str, list[Any]] = {n: [] for n in ("custom_id", "source", "output", "error",
+                                                      "bytes")}  # fmt: skip
+        for chunk, prepared_data, predictions_data, errors_data in zip(
+            batch["items"], batch["prepared"], batch["predictions"], batch["errors"], strict=True
+        ):
+            members = _members(chunk)
+            prepared, predictions = _load(prepared_data), _load(predictions_data)
+            errors: list[str] = json.loads(str(errors_data))
+            for i, member in enumerate(members):
+                size = -1
+                if not errors[i]:
+                    output = Path(member["output"])
+                    try:
+                        output.parent.mkdir(parents=True, exist_ok=True)
+                        merged = self.pipeline.merge(prepared[i], predictions[i])
+                        write_image(merged.image, output, self.image_format)
+                        size = output.stat().st_size
+                    except finish_errors as exc:
+                        errors[i] = describe_failure(exc)
+                for name in ("custom_id", "source", "output"):
+                    rows[name].append(member[name])
+                rows["error"].append(errors[i])
+                rows["bytes"].append(size)
+        return {name: _column(values) for name, values in rows.items()}
 
 
 # -- the report ---------------------------------------------------------------------------------
@@ -307,6 +373,7 @@ def colorize_on_ray(
     actors: int | None = None,
     cpu_actors: int | None = None,
     cpus_per_actor: float = 0.5,
+    torch_threads: int | None = None,
     report: Path,
     skipped: Sequence[dict[str, Any]] = (),
     progress: bool = False,
@@ -314,6 +381,8 @@ def colorize_on_ray(
     """Run ``items`` through the three stages on the connected Ray; write ``report``.
 
     ``skipped``: earlier report lines of items left out (copied to the report as ``skipped``).
+    ``torch_threads``: torch's thread count in CPU colorizer actors (default: this process's, as
+    the local engine runs with; see ``PredictStage``).
     """
     import ray
     from ray.data import ActorPoolStrategy, DataContext
@@ -330,6 +399,10 @@ def colorize_on_ray(
         actors = max(1, int(gpus // gpus_per_actor)) if gpus_per_actor > 0 else 1
     cpu_actors = cpu_actors or max(1, int(cpus / cpus_per_actor) - actors)
     batch = batch_size or auto_batch_size("cuda" if gpus_per_actor > 0 else "cpu")
+    if torch_threads is None:
+        import torch
+
+        torch_threads = torch.get_num_threads()
     context = DataContext.get_current()
     context.enable_progress_bars = progress
 
@@ -342,26 +415,23 @@ def colorize_on_ray(
                                     "skipped", None, entry.get("bytes")))  # fmt: skip
         lines.flush()
         if items:
-            rows = [
-                {"custom_id": item.custom_id, "source": item.source, "output": str(item.output),
-                 "options": json.dumps(item.options)}
-                for item in items
-            ]  # fmt: skip
-            blocks = max(1, min(len(rows), math.ceil(len(rows) / batch), 10_000))
+            chunks = plan_chunks(items, batch)
+            blocks = max(1, min(len(chunks), 10_000))
             cpu_pool = ActorPoolStrategy(min_size=1, max_size=cpu_actors)
             dataset = (
-                ray.data.from_items(rows, override_num_blocks=blocks)
-                .map_batches(PrepareStage, fn_constructor_args=(build,), batch_size=batch,
+                ray.data.from_items(chunks, override_num_blocks=blocks)
+                .map_batches(PrepareStage, fn_constructor_args=(build,), batch_size=1,
                              compute=cpu_pool, num_cpus=cpus_per_actor, batch_format="numpy")
-                .map_batches(PredictStage, fn_constructor_args=(build,), batch_size=batch,
-                             compute=ActorPoolStrategy(size=actors), num_gpus=gpus_per_actor,
+                .map_batches(PredictStage, fn_constructor_args=(build, torch_threads),
+                             batch_size=1, compute=ActorPoolStrategy(size=actors),
+                             num_gpus=gpus_per_actor,
                              num_cpus=1 if gpus_per_actor == 0 else cpus_per_actor,
                              batch_format="numpy")
                 .map_batches(FinishStage, fn_constructor_args=(build, image_format),
-                             batch_size=batch, compute=cpu_pool, num_cpus=cpus_per_actor,
+                             batch_size=1, compute=cpu_pool, num_cpus=cpus_per_actor,
                              batch_format="numpy")
             )  # fmt: skip
-            with tqdm(total=len(rows), unit="img", file=sys.stderr, disable=not progress,
+            with tqdm(total=len(items), unit="img", file=sys.stderr, disable=not progress,
                       dynamic_ncols=True) as bar:  # fmt: skip
                 for row in dataset.iter_rows():
                     error = str(row["error"]) or None
@@ -465,6 +535,8 @@ def run_ray(args: argparse.Namespace) -> int:
     todo, skipped = [], []
     for item in items:
         entry = verified(item, previous)
+        if entry is None and args.skip_existing and item.output.exists():
+            entry = {"output": str(item.output), "bytes": item.output.stat().st_size}
         if entry is None:
             todo.append(item)
         else:
