@@ -264,10 +264,9 @@ def test_labels_from_the_detector_rule_and_from_a_file(tmp_path: Path) -> None:
 
 def colour_photo(seed: int) -> Image.Image:
     rng = np.random.default_rng(seed)
-    x = np.linspace(0, 1, 64)[None, :, None]
-    base = np.concatenate([220 * x + 0 * x.transpose(1, 0, 2), 60 + 0 * x, 200 * (1 - x)], axis=2)
-    base = np.broadcast_to(base, (64, 64, 3)) + rng.normal(0, 10, (64, 64, 3))
-    return Image.fromarray(np.clip(base, 0, 255).astype(np.uint8))
+    y, x = np.mgrid[0:64, 0:64] / 64
+    base = np.stack([200 * x + 30, 60 + 100 * y, 200 * (1 - x)], -1)
+    return Image.fromarray(np.clip(base + rng.normal(0, 10, base.shape), 0, 255).astype(np.uint8))
 
 
 @pytest.mark.slow
