@@ -306,3 +306,24 @@ def test_tiny_train_resumes_and_serves(tmp_path: Path) -> None:
     assert result.image.size == (64, 64)
     assert main(["train", "--model", "li-dcnn", "--data", str(data), "--output",
                  str(tmp_path / "r2"), "--stage", "full"]) == 2  # fmt: skip
+
+
+@pytest.mark.slow
+def test_evaluate_compare_includes_li_dcnn(tmp_path: Path) -> None:
+    weights = tmp_path / "w"
+    write_zoo_model(weights, "zhang-eccv16", seed=2)
+    write_li_dcnn(weights, seed=4)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(2):
+        colour_photo(i).save(photos / f"p{i}.png")
+    report = tmp_path / "report"
+    code = main(["evaluate", str(photos), "-o", str(report), "--no-progress", "--no-detector",
+                 "--precision", "fp32", "--weights-dir", str(weights), "--compare",
+                 "eccv16=--model zhang-eccv16", "li=--model li-dcnn"])  # fmt: skip
+    assert code == 0
+    comparison = json.loads((report / "comparison.json").read_text(encoding="utf-8"))
+    assert comparison["paired_images"] == 2
+    assert {r["name"] for r in comparison["metrics"]["psnr"]["rows"]} == {"eccv16", "li"}
+    summary = json.loads((report / "li" / "summary.json").read_text(encoding="utf-8"))
+    assert summary["config"]["model"] == "li-dcnn"
