@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from weight_files import write_li_dcnn, write_zoo_model
 
 from models.checkpoints import CheckpointError
 from models.li_dcnn import FC_WIDTHS, FILENAME, LiDCNN, grid_bin_centres, load_li_dcnn
@@ -18,7 +19,6 @@ from models.registry import get_model
 from models.zhang_eccv16 import ZhangECCV16
 from models.zoo import load_colorizer
 from service.cli import main
-from tests.weight_files import write_li_dcnn, write_zoo_model
 from training.li_dcnn import image_labels, initial_network, read_labels_file
 from training.li_losses import colour_loss, rebalancing_weights, target_bins
 from training.loop import TrainingError
@@ -327,3 +327,29 @@ def test_evaluate_compare_includes_li_dcnn(tmp_path: Path) -> None:
     assert {r["name"] for r in comparison["metrics"]["psnr"]["rows"]} == {"eccv16", "li"}
     summary = json.loads((report / "li" / "summary.json").read_text(encoding="utf-8"))
     assert summary["config"]["model"] == "li-dcnn"
+
+
+@pytest.mark.slow
+async def test_served_alone_from_a_run_weights_dir(tmp_path: Path) -> None:
+    """``serve --models li-dcnn --weights-dir RUN/weights``: no InstColorization files needed."""
+    import io
+
+    from service_helpers import running_app, service_settings
+
+    weights = tmp_path / "run" / "weights"
+    path = write_li_dcnn(weights, seed=6)
+    settings = service_settings(weights / "checkpoints", weights_dir=weights, models="li-dcnn")
+    async with running_app(settings) as (_, client):  # type: ignore[arg-type]
+        listed = (await client.get("/models")).json()
+        (card,) = listed["models"]
+        assert card["name"] == "li-dcnn" and listed["default"] == "li-dcnn"
+        assert card["files"][0]["name"] == path.name and card["uses_boxes"] is False
+        buffer = io.BytesIO()
+        colour_photo(3).convert("L").save(buffer, format="PNG")
+        answer = await client.post(
+            "/colorize?model=li-dcnn", content=buffer.getvalue(),
+            headers={"content-type": "image/png"},
+        )  # fmt: skip
+        assert answer.status_code == 200, answer.text
+        assert answer.headers["x-model"] == "li-dcnn"
+        assert Image.open(io.BytesIO(answer.content)).size == (64, 64)
