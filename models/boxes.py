@@ -27,10 +27,13 @@ class Detections:
 
     boxes: tuple[tuple[float, float, float, float], ...]
     scores: tuple[float, ...]
+    labels: tuple[int, ...] = ()  # the detector's COCO class per box; () when not known
 
     def __post_init__(self) -> None:
         if len(self.boxes) != len(self.scores):
             raise ValueError(f"{len(self.boxes)} boxes but {len(self.scores)} scores")
+        if self.labels and len(self.labels) != len(self.boxes):
+            raise ValueError(f"{len(self.boxes)} boxes but {len(self.labels)} labels")
 
     @classmethod
     def from_boxes(

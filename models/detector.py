@@ -139,6 +139,7 @@ class BoxDetector:
                     (x1, y1, x2, y2) for x1, y1, x2, y2 in output["boxes"].float().cpu().tolist()
                 ),
                 tuple(output["scores"].float().cpu().tolist()),
+                tuple(int(c) for c in output["labels"].cpu().tolist()),
             )
             for output in outputs
         ]

@@ -40,6 +40,9 @@ from models.larsson_eccv16 import SOURCE_FILENAME as LARSSON_SOURCE_FILENAME
 from models.larsson_eccv16 import SOURCE_SIZE as LARSSON_SOURCE_SIZE
 from models.larsson_eccv16 import SOURCE_URL as LARSSON_SOURCE_URL
 from models.larsson_eccv16 import convert_caffe_hdf5, load_larsson_eccv16
+from models.li_dcnn import FILENAME as LI_FILENAME
+from models.li_dcnn import INPUT_SIZE as LI_INPUT_SIZE
+from models.li_dcnn import load_li_dcnn
 from models.zhang_eccv16 import FILENAME as ECCV16_FILENAME
 from models.zhang_eccv16 import INPUT_SIZE as ECCV16_INPUT_SIZE
 from models.zhang_eccv16 import load_zhang_eccv16
@@ -114,6 +117,8 @@ class ModelSpec(Generic[M]):
     # another network size, (folder, map location, size) -> model; None: fixed size.
     sized_loader: Callable[[Path, MapLocation, int], M] | None = None
 
+    published: bool = True  # False: no official weights exist; `train --model NAME` makes them
+
     def folder(self, weights_dir: Path | str) -> Path:
         return Path(weights_dir) / (self.folder_name or self.name)
 
@@ -174,6 +179,10 @@ def _load_larsson(folder: Path, map_location: MapLocation) -> AutomaticColorizer
 
 def _load_larsson_sized(folder: Path, map_location: MapLocation, size: int) -> AutomaticColorizer:
     return load_larsson_eccv16(folder / LARSSON_FILENAME, map_location, network_size=size)
+
+
+def _load_li(folder: Path, map_location: MapLocation) -> AutomaticColorizer:
+    return load_li_dcnn(folder / LI_FILENAME, map_location)
 
 
 _INSTCOLOR_ZIP = f"https://drive.google.com/uc?export=download&id={OFFICIAL_ZIP_DRIVE_ID}"
@@ -257,8 +266,28 @@ LARSSON_ECCV16 = ModelSpec[AutomaticColorizer](
     sized_loader=_load_larsson_sized,
 )
 
+LI_DCNN = ModelSpec[AutomaticColorizer](
+    name="li-dcnn",
+    title="Li et al. instance-aware DCNN (no published weights: trained with `train --model li-dcnn`)",
+    paper="Li, Zeng, Xiao, Wang, The Instance-Aware Automatic Image Colorization Based on Deep "
+    "Convolutional Neural Network, Intelligent Automation & Soft Computing 26(4), 2020",
+    # No official file: the name is what `train --model li-dcnn` writes, the URL is empty.
+    weights=(WeightFile(LI_FILENAME, ""),),
+    input_size=LI_INPUT_SIZE,
+    uses_detector=False,
+    preprocessing="Lab L at 256x256 (exactly: the classification branch is fully connected); "
+    "input (L-50)/100",
+    decoding="annealed mean softmax(z/T) over 313 bins, T=0.38 (ECCV16's), 1x1 expectation, "
+    "bilinear x4, x110",
+    loader=_load_li,
+    published=False,
+)
+
 MODELS: Mapping[str, ModelSpec[Any]] = MappingProxyType(
-    {spec.name: spec for spec in (INSTCOLOR, ZHANG_ECCV16, ZHANG_SIGGRAPH17, LARSSON_ECCV16)}
+    {
+        spec.name: spec
+        for spec in (INSTCOLOR, ZHANG_ECCV16, ZHANG_SIGGRAPH17, LARSSON_ECCV16, LI_DCNN)
+    }
 )
 
 

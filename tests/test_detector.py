@@ -47,6 +47,8 @@ def test_batch_of_different_sizes_in_one_call(detector: BoxDetector) -> None:
     for detections, image in zip(found, images, strict=True):
         assert detections.boxes, "a random-weight detector at threshold 0 still proposes boxes"
         assert list(detections.scores) == sorted(detections.scores, reverse=True)
+        assert len(detections.labels) == len(detections.boxes)
+        assert all(1 <= c <= 90 for c in detections.labels)  # COCO classes, 0 = background
         for x1, y1, x2, y2 in detections.boxes:
             assert 0 <= x1 <= x2 <= image.width and 0 <= y1 <= y2 <= image.height
     assert detector.detect(images, score_threshold=1.0) == [type(found[0])((), ())] * 2

@@ -604,3 +604,5 @@ def test_prepare_data_stores_detector_boxes(
     assert 1 <= len(row.boxes) <= 8 and len(row.scores) == len(row.boxes)
     assert row.scores == sorted(row.scores, reverse=True)
     assert all(0 <= x1 <= x2 <= 64 and 0 <= y1 <= y2 <= 48 for x1, y1, x2, y2 in row.boxes)
+    # each box's COCO class (li-dcnn's labels), 1..90 (0 is the detector's background)
+    assert len(row.labels) == len(row.boxes) and all(1 <= c <= 90 for c in row.labels)

@@ -614,7 +614,12 @@ def test_loader_accepts_a_file_without_num_batches_tracked(
 
 def test_registry_describes_the_models() -> None:
     assert DEFAULT_MODEL == "instcolor"
-    assert set(MODELS) == {"instcolor", "zhang-eccv16", "zhang-siggraph17", "larsson-eccv16"}
+    assert set(MODELS) == {
+        "instcolor", "zhang-eccv16", "zhang-siggraph17", "larsson-eccv16", "li-dcnn"
+    }  # fmt: skip
+    # li-dcnn has no published weights: the train command writes them, fetch-weights lists none.
+    assert not MODELS["li-dcnn"].published and not MODELS["li-dcnn"].uses_detector
+    assert MODELS["li-dcnn"].weight_paths("W") == (Path("W/li-dcnn/li_dcnn.pth"),)
     eccv16, siggraph17 = MODELS["zhang-eccv16"], MODELS["zhang-siggraph17"]
     assert [w.filename for w in eccv16.weights] == [ECCV16_FILE]
     assert eccv16.weights[0].url.endswith("/" + ECCV16_FILE)
@@ -637,7 +642,7 @@ def test_registry_describes_the_models() -> None:
 
 
 def test_unknown_model_names_the_known_ones() -> None:
-    known = "known models: instcolor, zhang-eccv16, zhang-siggraph17, larsson-eccv16"
+    known = "known models: instcolor, zhang-eccv16, zhang-siggraph17, larsson-eccv16, li-dcnn"
     with pytest.raises(UnknownModelError, match=known):
         get_model("larsson")
 

@@ -165,3 +165,25 @@ def write_zoo_model(weights_dir: Path, name: str, seed: int = 0) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(randomize(networks[name], seed), path)
     return path
+
+
+def write_li_dcnn(weights_dir: Path, seed: int = 0, num_classes: int = 91) -> Path:
+    """Seeded random ``li-dcnn`` weights at ``<weights_dir>/li-dcnn/li_dcnn.pth`` (what ``train
+    --model li-dcnn`` writes: the network's state dict), bin centres the grid rule's."""
+    from models.li_dcnn import LiDCNN, grid_bin_centres, set_bin_centres
+    from models.registry import get_model
+
+    network = LiDCNN(num_classes)
+    randomize(network, seed)
+    generator = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for module in network.modules():
+            if isinstance(module, nn.Linear):
+                std = (2.0 / module.in_features) ** 0.5
+                module.weight.copy_(torch.randn(module.weight.shape, generator=generator) * std)
+                module.bias.zero_()
+    set_bin_centres(network, grid_bin_centres())
+    (path,) = get_model("li-dcnn").weight_paths(weights_dir)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(network.state_dict(), path)
+    return path

@@ -3,7 +3,8 @@
 Each row: ``root`` (the input folder, absolute), ``path`` (the file relative to it, posix),
 ``width`` and ``height`` (after EXIF orientation, the frame the boxes are in), ``boxes``
 (``[[x1, y1, x2, y2], ...]`` float pixels, at most 8, highest score first, all at or above the
-threshold), ``scores`` and ``split`` (``train`` or ``val``). Near-grey images are not rows; they
+threshold), ``scores``, ``split`` (``train`` or ``val``) and ``labels`` (the detector's COCO class of
+each box; empty in manifests written before it was recorded). Near-grey images are not rows; they
 are listed in ``DATA_DIR/skipped.jsonl`` so a resumed run does not look at them again.
 """
 
@@ -13,7 +14,7 @@ import hashlib
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
@@ -34,6 +35,7 @@ class ManifestRow:
     boxes: list[list[float]]
     scores: list[float]
     split: Split
+    labels: list[int] = field(default_factory=list)  # detector class per box (li-dcnn labels)
 
     @property
     def file(self) -> Path:

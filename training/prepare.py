@@ -61,8 +61,9 @@ def _decode(source: SourceFile) -> Image.Image:
 
 def _detect(
     detector: BoxDetector, images: Sequence[Image.Image], threshold: float, max_boxes: int
-) -> list[tuple[list[list[float]], list[float]]]:
-    """Boxes in input pixels, the ``max_boxes`` best first, all at or above ``threshold``."""
+) -> list[tuple[list[list[float]], list[float], list[int]]]:
+    """Boxes in input pixels, the ``max_boxes`` best first, all at or above ``threshold``, with
+    their scores and COCO classes."""
     small, scales = [], []
     for image in images:
         plane, sx, sy = detector_lightness(lightness(image), detector.min_size, detector.max_size)
@@ -70,12 +71,15 @@ def _detect(
         scales.append((sx, sy))
     found = []
     for result, (sx, sy) in zip(detector.detect(small, threshold), scales, strict=True):
-        ranked = sorted(zip(result.boxes, result.scores, strict=True), key=lambda p: -p[1])
-        ranked = ranked[:max_boxes]
+        classes = result.labels or (0,) * len(result.boxes)
+        ranked = sorted(
+            zip(result.boxes, result.scores, classes, strict=True), key=lambda p: -p[1]
+        )[:max_boxes]
         found.append(
             (
-                [[x1 * sx, y1 * sy, x2 * sx, y2 * sy] for (x1, y1, x2, y2), _ in ranked],
-                [s for _, s in ranked],
+                [[x1 * sx, y1 * sy, x2 * sx, y2 * sy] for (x1, y1, x2, y2), _, _ in ranked],
+                [s for _, s, _ in ranked],
+                [c for _, _, c in ranked],
             )
         )
     return found
@@ -126,16 +130,18 @@ def prepare_data(
                 )
             else:
                 decoded.append(_Decoded(source, rgb))
-        boxes: list[tuple[list[list[float]], list[float]]] = [([], []) for _ in decoded]
+        boxes: list[tuple[list[list[float]], list[float], list[int]]] = [
+            ([], [], []) for _ in decoded
+        ]
         if detector is not None and decoded:
             boxes = _detect(detector, [d.rgb for d in decoded], score_threshold, max_boxes)
         rows = [
             ManifestRow(
                 root=str(d.source.root), path=d.source.relative, width=d.rgb.width,
                 height=d.rgb.height, boxes=b, scores=s,
-                split=split_of(d.source.relative, val_fraction, seed),
+                split=split_of(d.source.relative, val_fraction, seed), labels=c,
             )
-            for d, (b, s) in zip(decoded, boxes, strict=True)
+            for d, (b, s, c) in zip(decoded, boxes, strict=True)
         ]  # fmt: skip
         append_jsonl(manifest, [row_dict(r) for r in rows])
         append_jsonl(skipped_file, grey_rows)

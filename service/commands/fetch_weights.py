@@ -49,7 +49,9 @@ def add_parser(subparsers: Any) -> None:
         "each into DIR/<model>/<official file>",
     )
     parser.add_argument(
-        "--all-models", action="store_true", help="every model of the registry (docs/models.md)"
+        "--all-models",
+        action="store_true",
+        help="every model of the registry with published weights (docs/models.md)",
     )
     parser.add_argument(
         "--from",
@@ -123,11 +125,17 @@ def _chosen_models(args: argparse.Namespace) -> list[str] | str:
 
     names = [n.strip() for value in args.models or [] for n in value.split(",") if n.strip()]
     if args.all_models:
-        names = list(MODELS)
+        names = [n for n, spec in MODELS.items() if spec.published]
     names = names or ["instcolor"]
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         return f"unknown model {unknown[0]!r}; known models: {', '.join(MODELS)}"
+    unpublished = [n for n in names if not MODELS[n].published]
+    if unpublished:
+        return (
+            f"{unpublished[0]} has no published weights; train them with `python -m service "
+            f"train --model {unpublished[0]} ...` (docs/models.md)"
+        )
     if args.from_path is not None:
         if len(names) != 1:
             return "--from installs the files of one model: give one --model"

@@ -28,11 +28,25 @@ def add_parser(subparsers: Any) -> None:
         "with `serve --checkpoints RUN_DIR/checkpoints`. Exit code 0: done; 2: usage or data "
         "error; 130/143: stopped by SIGINT/SIGTERM (saved; continue with --resume).",
     )
-    parser.add_argument("--stage", choices=["full", "instance", "fusion"], required=True)
+    parser.add_argument("--model", choices=["instcolor", "li-dcnn"], default="instcolor",
+                        help="instcolor (default: one --stage of InstColorization) or li-dcnn "
+                        "(Li et al., docs/models.md; weights to RUN_DIR/weights/li-dcnn/)")  # fmt: skip
+    parser.add_argument("--stage", choices=["full", "instance", "fusion"],
+                        help="instcolor: the stage to train (required for instcolor)")  # fmt: skip
     parser.add_argument("--data", type=Path, required=True, metavar="DATA_DIR",
                         help="a prepare-data output folder")  # fmt: skip
-    parser.add_argument("--init", type=Path, required=True, metavar="WEIGHTS",
-                        help="official checkpoint folder, MMagic file or a previous run directory")  # fmt: skip
+    parser.add_argument("--init", type=Path, metavar="WEIGHTS",
+                        help="instcolor (required): official checkpoint folder, MMagic file or a "
+                        "previous run directory; li-dcnn: a weights dir holding "
+                        "zhang-eccv16/<official file> (left out: Gaussian init of every layer)")  # fmt: skip
+    parser.add_argument("--labels", type=Path, metavar="CSV",
+                        help="li-dcnn: 'path,label' lines giving each image's class (default: the "
+                        "class of the detector's best box, 0 without a box)")  # fmt: skip
+    parser.add_argument("--prior-images", type=non_negative_int, default=1000, metavar="N",
+                        help="li-dcnn: training images the colour prior of the rebalancing is "
+                        "counted on (default 1000; 0: uniform prior, no rebalancing)")  # fmt: skip
+    parser.add_argument("--class-weight", type=positive_float, default=1.0, metavar="W",
+                        help="li-dcnn: weight of the classification loss (default 1, the paper)")  # fmt: skip
     parser.add_argument("--output", type=Path, required=True, metavar="RUN_DIR")
     parser.add_argument("--epochs", type=non_negative_int,
                         help="epochs at the full learning rate (niter; default per stage)")  # fmt: skip
@@ -87,6 +101,11 @@ def add_parser(subparsers: Any) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.model == "li-dcnn":
+        return run_li(args)
+    if args.stage is None or args.init is None:
+        sys.stderr.write("train: error: --model instcolor needs --stage and --init\n")
+        return EXIT_USAGE
     from models.checkpoints import CheckpointError
     from training.loop import TrainingError, TrainOptions, train
 
@@ -104,6 +123,36 @@ def run(args: argparse.Namespace) -> int:
     )  # fmt: skip
     try:
         return train(options)
+    except (TrainingError, CheckpointError, FileNotFoundError) as exc:
+        sys.stderr.write(f"{exc}\n")
+        return EXIT_USAGE
+
+
+def run_li(args: argparse.Namespace) -> int:
+    """``--model li-dcnn``: ``training.li_dcnn``; the InstColorization-only flags are refused."""
+    from models.checkpoints import CheckpointError
+    from training.li_dcnn import DEFAULT_BATCH, DEFAULT_EPOCHS, DEFAULT_LR, LiTrainOptions, train_li
+    from training.loop import TrainingError
+
+    for flag, value in (("--stage", args.stage), ("--decay-epochs", args.decay_epochs),
+                        ("--lpips-weights", args.lpips_weights), ("--val-every", args.val_every or None),
+                        ("--fresh-fusion", args.fresh_fusion or None)):  # fmt: skip
+        if value is not None:
+            sys.stderr.write(f"train: error: {flag} is for --model instcolor, not li-dcnn\n")
+            return EXIT_USAGE
+    options = LiTrainOptions(
+        data=args.data, output=args.output, init=args.init, labels=args.labels,
+        epochs=DEFAULT_EPOCHS if args.epochs is None else args.epochs,
+        lr=DEFAULT_LR if args.lr is None else args.lr,
+        batch_size=DEFAULT_BATCH if args.batch_size is None else args.batch_size,
+        max_steps=args.max_steps, precision=args.precision, device=args.device,
+        resume=args.resume, seed=args.seed, workers=0 if args.workers is None else args.workers,
+        prior_images=args.prior_images, class_weight=args.class_weight,
+        log_every=args.log_every, save_every=args.save_every, val_limit=args.val_limit,
+        progress=not args.no_progress,
+    )  # fmt: skip
+    try:
+        return train_li(options)
     except (TrainingError, CheckpointError, FileNotFoundError) as exc:
         sys.stderr.write(f"{exc}\n")
         return EXIT_USAGE
