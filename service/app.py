@@ -95,7 +95,7 @@ def build_memory_queue(settings: ServiceSettings) -> JobQueue:
         return load
 
     queues: dict[str, JobQueue] = {
-        name: InProcessQueue.from_settings(loader(name), settings) for name in names
+        name: InProcessQueue.from_settings(loader(name), settings, name) for name in names
     }
 
     def close_device_thread() -> None:

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from service import __version__
 
 COMMANDS: tuple[str, ...] = (
+    "service.commands.batch",
     "service.commands.colorize",
     "service.commands.evaluate",
     "service.commands.fetch_weights",

@@ -537,11 +537,16 @@ async def test_metrics_has_every_name_after_traffic(tiny_checkpoints: Path) -> N
         "colorize_in_flight_requests", "colorize_requests_total", "colorize_dropped_requests_total",
         "colorize_model_info", "colorize_gpu_memory_allocated_bytes",
         "colorize_cache_requests_total",
-        "colorize_redis_pending_jobs", "colorize_redis_stream_length", "colorize_redis_consumers",
         "http_requests_total", "http_request_duration_seconds",
     ]  # fmt: skip
     for name in names:
         assert f"\n{name}" in text, name
+    # labelled by model and set from a Redis stream's state: declared here, no sample in memory mode
+    for name in ("colorize_redis_pending_jobs", "colorize_redis_stream_length",
+                 "colorize_redis_consumers"):  # fmt: skip
+        assert f"\n# TYPE {name} gauge\n" in text, name
+        assert f"\n{name}{{" not in text, name
+    assert 'colorize_queue_depth{model="instcolor"}' in text
     for stage in STAGES:
         assert sample("colorize_stage_duration_seconds_count", stage=stage) > 0, stage
     assert 'http_requests_total{handler="/colorize",method="POST",status="200"}' in text

@@ -277,14 +277,16 @@ def test_compare_flags_override_the_base_flags() -> None:
 
     args = build_parser().parse_args(
         ["evaluate", "x", "-o", "r", "--no-detector", "--precision", "fp32", "--compare", "a=",
-         "b=--precision fp16 --resolution original", "c=--detector-weights d.pth"]
+         "b=--precision fp16 --resolution original --batch-size 1", "c=--detector-weights d.pth",
+         "--batch-size", "16"]
     )  # fmt: skip
     a, b, c = parse_compare(args, args.compare)
     assert (a.args.precision, a.args.resolution, a.args.no_detector) == ("fp32", "network", True)
+    assert (a.args.batch_size, b.args.batch_size, c.args.batch_size) == (16, 1, 16)
     assert (b.args.precision, b.args.resolution, b.args.no_detector) == ("fp16", "original", True)
     assert c.args.no_detector is False
     assert str(c.args.detector_weights) == "d.pth"
-    assert args.precision == "fp32"  # the base namespace is not changed
+    assert (args.precision, args.batch_size) == ("fp32", 16)  # the base namespace is not changed
 
 
 @pytest.mark.parametrize(

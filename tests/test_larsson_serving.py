@@ -136,3 +136,49 @@ def test_evaluate_model_larsson(
         grey = Image.fromarray(np.repeat(grey_channel[:, :, None], 3, axis=2))
         (out,) = pipeline.colorize([grey])  # at the original resolution
         assert rows[name] == pytest.approx(psnr(np.array(out.image), pixels), abs=1e-3), name
+
+
+@pytest.mark.slow  # bf16 is emulated on an AVX2 CPU: minutes on 2 shared cores
+@pytest.mark.parametrize("name", ["zhang-eccv16", "zhang-siggraph17", "larsson-eccv16"])
+def test_precision_channels_last_and_saturation_work_for_every_automatic_model(
+    name: str, zoo_weights: Path, larsson_weights: Path
+) -> None:
+    """Issue 19: precision modes, channels_last and the saturation control for each model
+    without the detector. NHWC equals NCHW within 1 LSB; bf16 stays close to fp32; saturation s
+    equals the model's own ab times s, upsampled and joined to the original L, computed here."""
+    import torch
+
+    from models.lab import lab_to_rgb, rgb_to_lab, to_uint8
+    from models.pipeline import ColorizeOptions
+    from models.preprocess import to_tensor
+
+    weights = larsson_weights if name == "larsson-eccv16" else zoo_weights
+    size = SIZE if name == "larsson-eccv16" else None
+
+    def load(**kwargs: object) -> ModelColorizer:
+        return load_colorizer(name, weights, network_size=size, **kwargs)  # type: ignore[arg-type]
+
+    photo = Image.linear_gradient("L").resize((60, 44)).convert("RGB")
+    nhwc = np.array(load(precision="fp32", channels_last=True).colorize([photo])[0].image)
+    nchw_pipeline = load(precision="fp32", channels_last=False)
+    nchw = np.array(nchw_pipeline.colorize([photo])[0].image)
+    assert np.abs(nhwc.astype(int) - nchw.astype(int)).max() <= 1
+    bf16_pipeline = load(precision="bf16")
+    assert bf16_pipeline.precision == "bf16"
+    bf16 = np.array(bf16_pipeline.colorize([photo])[0].image)
+    assert np.abs(bf16.astype(int) - nchw.astype(int)).mean() <= 3.0
+
+    strength = 1.5
+    (result,) = nchw_pipeline.colorize([photo], ColorizeOptions(saturation=strength))
+    model = get_model(name).load(weights, network_size=size)
+    side = model.input_size
+    small = photo.resize((side, side), Image.Resampling.BILINEAR)
+    with torch.inference_mode():
+        ab = model.predict_ab(rgb_to_lab(to_tensor(small))[0:1][None])[0] * strength
+    full = rgb_to_lab(to_tensor(photo))
+    ab_up = torch.nn.functional.interpolate(
+        ab[None], size=(44, 60), mode="bilinear", align_corners=False, antialias=True
+    )[0]
+    want = to_uint8(lab_to_rgb(torch.cat((full[0:1], ab_up))).clamp(0, 1)).permute(1, 2, 0)
+    got = torch.from_numpy(np.array(result.image))
+    assert (got.int() - want.int()).abs().max() <= 1

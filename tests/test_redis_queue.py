@@ -607,3 +607,55 @@ def test_answer_frames_carry_truncated_only_when_true() -> None:
     assert decode_answer(frame) == whole
     cut = replace(whole, truncated=True)
     assert decode_answer(encode_answer(cut)) == cut
+
+
+async def test_stats_gauges_are_labelled_per_model(redis_url: str, redis_prefix: str) -> None:
+    """Two models' queues in one process (``serve --models a,b`` in Redis mode) publish their own
+    streams' state into the same gauges, each under its ``model`` label: neither overwrites the
+    other. The streams are filled and read here with plain Redis commands."""
+    import redis as sync_redis
+
+    from service.queues.redis.protocol import RedisLayout
+
+    registry = CollectorRegistry()
+    metrics = Metrics(registry, role="api")
+    models = ("instcolor", "zhang-eccv16")
+    layouts = {m: RedisLayout(redis_prefix, "workers", m) for m in models}
+    configs = [
+        RedisQueueConfig(redis_url, layouts[m], stats_interval_s=0.05, require_live_worker=False)
+        for m in models
+    ]
+    queues = [RedisJobQueue(config, metrics) for config in configs]
+    for queue in queues:
+        await queue.start()
+    keys = sync_redis.Redis.from_url(redis_url)
+    try:
+        for model, count in (("instcolor", 3), ("zhang-eccv16", 5)):
+            for i in range(count):
+                keys.xadd(layouts[model].stream, {"n": i})
+        other = layouts["zhang-eccv16"]
+        keys.xreadgroup(other.group, "reader", {other.stream: ">"}, count=2)
+        want = {
+            ("colorize_redis_stream_length", "instcolor"): 3,
+            ("colorize_redis_stream_length", "zhang-eccv16"): 5,
+            ("colorize_redis_pending_jobs", "instcolor"): 0,
+            ("colorize_redis_pending_jobs", "zhang-eccv16"): 2,
+            ("colorize_redis_consumers", "instcolor"): 0,
+            ("colorize_redis_consumers", "zhang-eccv16"): 1,
+            ("colorize_queue_depth", "instcolor"): 3,
+            ("colorize_queue_depth", "zhang-eccv16"): 3,
+        }
+
+        def seen() -> dict[tuple[str, str], float | None]:
+            return {(n, m): registry.get_sample_value(n, {"model": m}) for n, m in want}
+
+        for _ in range(200):
+            if seen() == want:
+                break
+            await asyncio.sleep(0.05)
+        assert seen() == want
+        assert registry.get_sample_value("colorize_redis_stream_length") is None  # no unlabelled
+    finally:
+        keys.close()
+        for queue in queues:
+            await queue.close()

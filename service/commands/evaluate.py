@@ -44,7 +44,13 @@ class UsageError(Exception):
 
 
 def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags a ``--compare`` configuration may change, besides the model flags."""
+    """The flags a ``--compare`` configuration may change, besides the model flags.
+
+    ``--batch-size`` is one of them so that one command can hold a large model (Larsson ECCV16:
+    about 0.8 GB of hypercolumn per image at its 512 px) at batch size 1 beside the others."""
+    parser.add_argument("--batch-size", type=batch_size, default=None, metavar="B",
+                        help="images per network call, or auto (default): 1 on a CPU, 8 on a "
+                        "GPU, as for colorize and serve")  # fmt: skip
     parser.add_argument(
         "--resolution",
         choices=["network", "original"],
@@ -96,13 +102,11 @@ def add_parser(subparsers: Any) -> None:
     )
     parser.add_argument("--limit", type=positive_int, metavar="N",
                         help="score only the first N photos (in sorted order)")  # fmt: skip
-    parser.add_argument("--batch-size", type=batch_size, default=None, metavar="B",
-                        help="images per network call, or auto (default): 1 on a CPU, 8 on a "
-                        "GPU, as for colorize and serve")  # fmt: skip
     parser.add_argument("--compare", nargs="+", metavar="NAME=FLAGS",
                         help="run several configurations on the same images, e.g. "
                         "'base=' nodet=--no-detector 'zhang=--model zhang-siggraph17'; FLAGS are "
-                        "--model, model flags, --resolution, --max-instances or --score-threshold added to "
+                        "--model, model flags, --resolution, --batch-size, --max-instances or "
+                        "--score-threshold added to "
                         "those given outside --compare; reports go to REPORT_DIR/NAME/ and the "
                         "side-by-side table (differences to the first) to "
                         "REPORT_DIR/comparison.html")  # fmt: skip
@@ -318,7 +322,7 @@ def _evaluate_all(
         result = evaluator.run(
             items,
             report_dir,
-            batch_size=args.batch_size or auto_batch_size(colorizer.device.type),
+            batch_size=config.args.batch_size or auto_batch_size(colorizer.device.type),
             progress=not args.no_progress,
         )
         summary = write_report(

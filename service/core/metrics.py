@@ -118,8 +118,9 @@ class Metrics:
             buckets=INSTANCE_BUCKETS, registry=registry,
         )  # fmt: skip
         self.queue_depth = Gauge(
-            "colorize_queue_depth", "Requests waiting for a batch.", registry=registry
-        )
+            "colorize_queue_depth", "Requests waiting for a batch, per model (each model has "
+            "its own queue).", ["model"], registry=registry,
+        )  # fmt: skip
         self.in_flight = Gauge(
             "colorize_in_flight_requests",
             "Colorize requests admitted and not yet answered.",
@@ -177,15 +178,17 @@ class Metrics:
             registry=registry,
         )  # fmt: skip
         self.redis_pending = Gauge(
-            "colorize_redis_pending_jobs", "Jobs delivered to workers, not yet acknowledged.",
-            registry=registry,
+            "colorize_redis_pending_jobs", "Jobs delivered to workers, not yet acknowledged, "
+            "per model's stream.", ["model"], registry=registry,
         )  # fmt: skip
         self.redis_stream_length = Gauge(
-            "colorize_redis_stream_length", "Entries in the Redis job stream.", registry=registry
-        )
+            "colorize_redis_stream_length", "Entries in the Redis job stream of each model.",
+            ["model"], registry=registry,
+        )  # fmt: skip
         self.redis_consumers = Gauge(
-            "colorize_redis_consumers", "Workers in the Redis consumer group.", registry=registry
-        )
+            "colorize_redis_consumers", "Workers in the consumer group of each model's stream.",
+            ["model"], registry=registry,
+        )  # fmt: skip
         self.batches_open = Gauge(
             "colorize_batches_open", "Batches not yet ended (validating, in progress, "
             "finalizing, cancelling).", registry=registry,

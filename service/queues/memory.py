@@ -30,7 +30,7 @@ from service.core.errors import (
     ServiceError,
     UnavailableError,
 )
-from service.core.jobs import Job, JobResult
+from service.core.jobs import DEFAULT_MODEL, Job, JobResult
 from service.core.metrics import METRICS, Metrics
 from service.core.queue import BatchRunner
 from service.core.tracing import carried
@@ -65,8 +65,10 @@ class InProcessQueue:
         retry_after_s: float = default_of(BatchingSettings, "retry_after_s"),
         drain_timeout_s: float = default_of(BatchingSettings, "drain_timeout_s"),
         metrics: Metrics = METRICS,
+        model: str = DEFAULT_MODEL,
     ) -> None:
         self._load = load
+        self.model = model  # the label of its queue-depth gauge
         self.max_batch_size = max_batch_size
         self.max_batch_delay_s = max_batch_delay_ms / 1000.0
         self.queue_size = queue_size
@@ -106,9 +108,12 @@ class InProcessQueue:
 
     @classmethod
     def from_settings(
-        cls, load: Callable[[], Awaitable[BatchRunner]], settings: ServiceSettings
+        cls,
+        load: Callable[[], Awaitable[BatchRunner]],
+        settings: ServiceSettings,
+        model: str | None = None,
     ) -> InProcessQueue:
-        """A queue with the batching knobs of ``settings``."""
+        """A queue for ``model`` (default: the settings' default) with the knobs of ``settings``."""
         return cls(
             load,
             max_batch_size=settings.resolved_max_batch_size(),
@@ -117,6 +122,7 @@ class InProcessQueue:
             max_concurrent_batches=settings.max_concurrent_batches,
             retry_after_s=settings.retry_after_s,
             drain_timeout_s=settings.drain_timeout_s,
+            model=model or settings.default_model,
         )
 
     def failure(self) -> str | None:
@@ -214,7 +220,7 @@ class InProcessQueue:
         log.info("ready: model %s", engine.describe().get("model_version"))
 
     def _changed(self) -> None:
-        self.metrics.queue_depth.set(len(self._entries))
+        self.metrics.queue_depth.labels(model=self.model).set(len(self._entries))
         self._wakeup.set()
         if self._entries or self._held:
             self._idle.clear()

@@ -325,7 +325,7 @@ class RedisJobQueue:
                 if self.config.require_live_worker:
                     self._workers = await self._read_workers()
                 if self.metrics is not None:
-                    publish_stats(self.metrics, self._stats)
+                    publish_stats(self.metrics, self._stats, self.layout)
             except REDIS_ERRORS as exc:
                 log.debug("redis stats unavailable: %s", exc)
             await wait_or_timeout(self._stop, self.config.stats_interval_s)

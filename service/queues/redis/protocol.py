@@ -398,11 +398,14 @@ async def wait_or_timeout(event: asyncio.Event, seconds: float) -> bool:
     return event.is_set()
 
 
-def publish_stats(metrics: Metrics, stats: QueueStats) -> None:
-    metrics.redis_stream_length.set(stats.stream_length)
-    metrics.redis_pending.set(stats.pending)
-    metrics.redis_consumers.set(stats.consumers)
-    metrics.queue_depth.set(stats.waiting)
+def publish_stats(metrics: Metrics, stats: QueueStats, layout: RedisLayout) -> None:
+    """``stats`` of ``layout``'s stream, labelled with its model: every model's queue (API side)
+    and every model a worker serves publish into the same process's gauges."""
+    model = layout.model_name
+    metrics.redis_stream_length.labels(model=model).set(stats.stream_length)
+    metrics.redis_pending.labels(model=model).set(stats.pending)
+    metrics.redis_consumers.labels(model=model).set(stats.consumers)
+    metrics.queue_depth.labels(model=model).set(stats.waiting)
 
 
 async def read_model_info(client: aioredis.Redis, layout: RedisLayout) -> dict[str, Any] | None:

@@ -461,7 +461,7 @@ class RedisWorker:
                 await self.clock.sync(self.client)
                 stats = await read_stats(self.client, self.layout)
                 if self.metrics is not None:
-                    publish_stats(self.metrics, stats)
+                    publish_stats(self.metrics, stats, self.layout)
                 now = time.monotonic()
                 if self._ready:
                     await self._send_heartbeat()
