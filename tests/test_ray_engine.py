@@ -48,23 +48,6 @@ def local_ray() -> Iterator[None]:
     assert not ray.is_initialized()
 
 
-@pytest.fixture(scope="module")
-def larsson_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """Seeded random Larsson ECCV16 weights in the converted file's layout (590 MB: written only
-    for that model's case; the other models use ``zoo_weights``)."""
-    import torch
-    from weight_files import randomize
-
-    from models.larsson_eccv16 import LarssonECCV16
-    from models.registry import get_model
-
-    root = tmp_path_factory.mktemp("larsson")
-    (path,) = get_model("larsson-eccv16").weight_paths(root)
-    path.parent.mkdir(parents=True)
-    torch.save(randomize(LarssonECCV16(), seed=3), path)
-    return root
-
-
 def gray(width: int, height: int, seed: int) -> Image.Image:
     rng = np.random.default_rng(seed)
     base = np.linspace(0, 255, width)[None, :].repeat(height, axis=0)
