@@ -14,6 +14,9 @@ measures, client side:
 * interactive latency: one user's sequential ``/colorize`` requests of another image, idle and
   while the batch runs (median, p95).
 
+``--modes redis`` runs the same in Redis mode (``--redis-url``, a key prefix of its own; the
+batch state in Redis, one API replica and one ``worker``, result cache off).
+
     python loadtests/bench_batches.py                        # 300 images of 256x256, in-flight 2 and 8
     python loadtests/bench_batches.py --images 1000 --size 512 --in-flight 2,16 --users 16
 
@@ -67,37 +70,74 @@ def photo(i: int, size: int) -> bytes:
 
 
 def start(
-    checkpoints: Path, work: Path, in_flight: int, args: argparse.Namespace
-) -> tuple[str, subprocess.Popen[bytes]]:
+    checkpoints: Path, work: Path, mode: str, in_flight: int, args: argparse.Namespace
+) -> tuple[str, list[subprocess.Popen[bytes]]]:
+    """memory: one ``serve``; redis: an API replica (batch state in Redis) and one worker, under
+    a key prefix of their own, result cache off (the batch would hit /colorize's results)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("COLORIZE_")}
+    env.update(
+        COLORIZE_QUEUE=mode, COLORIZE_REDIS_URL=args.redis_url,
+        COLORIZE_REDIS_PREFIX=prefix(in_flight),
+        COLORIZE_CACHE_ENABLED="false", COLORIZE_WORKER_THREADS="2",
+    )  # fmt: skip
     env.update(
         COLORIZE_HOST="127.0.0.1", COLORIZE_DEVICE="cpu", COLORIZE_DETECTOR="false",
         COLORIZE_CHECKPOINTS=str(checkpoints), COLORIZE_WARMUP="false",
         COLORIZE_LOG_LEVEL="WARNING", COLORIZE_MAX_BATCH_SIZE=str(args.max_batch_size),
         COLORIZE_MAX_BATCH_DELAY_MS=str(args.batch_delay_ms), COLORIZE_QUEUE_SIZE="256",
-        COLORIZE_STATE_DIR=str(work / f"state-{in_flight}"),
-        COLORIZE_BATCH_OUTPUT_DIR=str(work / f"out-{in_flight}"),
+        COLORIZE_STATE_DIR=str(work / f"state-{mode}-{in_flight}"),
+        COLORIZE_BATCH_OUTPUT_DIR=str(work / f"out-{mode}-{in_flight}"),
         COLORIZE_BATCH_INPUT_ROOTS=str(work / "inputs"),
         COLORIZE_BATCH_IN_FLIGHT=str(in_flight),
     )  # fmt: skip
     port = free_port()
-    log = (work / f"serve-{in_flight}.log").open("wb")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service", "serve", "--port", str(port)],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
-    )  # fmt: skip
+    commands = [["serve", "--port", str(port)]]
+    if mode == "redis":
+        commands.append(["worker", "--metrics-port", str(free_port())])
+    processes = []
+    for i, command in enumerate(commands):
+        log = (work / f"{mode}-{in_flight}-{i}.log").open("wb")
+        processes.append(subprocess.Popen(
+            [sys.executable, "-m", "service", *command],
+            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+        ))  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 180
     while True:
-        try:
+        try:  # redis: /readyz needs a live worker
             if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return url, process
+                return url, processes
         except httpx.HTTPError:
             pass
-        if time.monotonic() > deadline or process.poll() is not None:
-            process.kill()
-            raise SystemExit(f"serve did not start; log in {work}")
+        if time.monotonic() > deadline or any(p.poll() is not None for p in processes):
+            stop(processes)
+            raise SystemExit(f"{mode} did not start; logs in {work}")
         time.sleep(0.2)
+
+
+def prefix(in_flight: int) -> str:
+    return f"bench-batches-{os.getpid()}-{in_flight}"
+
+
+def delete_keys(url: str, key_prefix: str) -> None:
+    """The run's keys (batch state has no TTL)."""
+    import redis
+
+    client = redis.Redis.from_url(url)
+    keys = list(client.scan_iter(match=f"{key_prefix}:*", count=1000))
+    if keys:
+        client.delete(*keys)
+    client.close()
+
+
+def stop(processes: list[subprocess.Popen[bytes]]) -> None:
+    for process in processes:
+        process.send_signal(signal.SIGTERM)
+    for process in processes:
+        try:
+            process.wait(60)
+        except subprocess.TimeoutExpired:
+            process.kill()
 
 
 async def colorize_all(url: str, images: list[bytes], users: int) -> float:
@@ -165,6 +205,8 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=256, help="square images of this side (px)")
     parser.add_argument("--users", type=int, default=8, help="closed-loop /colorize users")
     parser.add_argument("--in-flight", default="2,8", help="COLORIZE_BATCH_IN_FLIGHT values")
+    parser.add_argument("--modes", default="memory", help="memory, redis or memory,redis")
+    parser.add_argument("--redis-url", default="redis://127.0.0.1:6379/0")
     parser.add_argument("--max-batch-size", type=int, default=8)
     parser.add_argument("--batch-delay-ms", type=float, default=5.0)
     parser.add_argument("--checkpoints", type=Path, help="default: random tiny networks")
@@ -188,17 +230,18 @@ def main() -> None:
         manifest = ("\n".join(lines) + "\n").encode()
         probe = photo(999_999, args.size)
         rows = []
-        for in_flight in values:
-            url, process = start(checkpoints, work, in_flight, args)
+        for mode, in_flight in [(m, v) for m in args.modes.split(",") for v in values]:
+            url, processes = start(checkpoints, work, mode, in_flight, args)
             try:
                 asyncio.run(colorize_all(url, images[:16], args.users))  # warm up
                 interactive = asyncio.run(colorize_all(url, images, args.users))
                 idle = asyncio.run(idle_latencies(url, probe))
                 seconds, during, counts = asyncio.run(run_batch(url, manifest, probe))
             finally:
-                process.send_signal(signal.SIGTERM)
-                process.wait(60)
-            rows.append((in_flight, interactive, seconds, idle, during, counts))
+                stop(processes)
+                if mode == "redis":
+                    delete_keys(args.redis_url, prefix(in_flight))
+            rows.append((mode, in_flight, interactive, seconds, idle, during, counts))
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, capture_output=True,
                             text=True, check=False).stdout.strip()  # fmt: skip
@@ -210,17 +253,17 @@ def main() -> None:
           f"no detector, max batch {args.max_batch_size}, batch delay {args.batch_delay_ms} ms; "
           f"commit {commit}")  # fmt: skip
     print(f"- Command: `python loadtests/bench_batches.py --images {n} --size {args.size} "
-          f"--users {args.users} --in-flight {args.in_flight}`")  # fmt: skip
+          f"--users {args.users} --in-flight {args.in_flight} --modes {args.modes}`")  # fmt: skip
     print("- /colorize: every image once, by closed-loop users; batch: one manifest of the same "
           "images, submit to completed; interactive: one user's sequential /colorize, idle and "
           "while the batch runs\n")  # fmt: skip
-    print(f"| batch in flight | /colorize images/s ({args.users} users) | batch images/s | "
+    print(f"| mode | batch in flight | /colorize images/s ({args.users} users) | batch images/s | "
           "batch / colorize | interactive idle median / p95 (ms) | during batch median / p95 (ms) "
           "| batch failed |")  # fmt: skip
-    print("|---|---|---|---|---|---|---|")
-    for in_flight, interactive, seconds, idle, during, counts in rows:
+    print("|---|---|---|---|---|---|---|---|")
+    for mode, in_flight, interactive, seconds, idle, during, counts in rows:
         print(
-            f"| {in_flight} | {n / interactive:.1f} | {n / seconds:.1f} | "
+            f"| {mode} | {in_flight} | {n / interactive:.1f} | {n / seconds:.1f} | "
             f"{interactive / seconds:.2f} | {percentile(idle, 0.5) * 1000:.0f} / "
             f"{percentile(idle, 0.95) * 1000:.0f} | {percentile(during, 0.5) * 1000:.0f} / "
             f"{percentile(during, 0.95) * 1000:.0f} | {counts['failed']} |"

@@ -61,6 +61,9 @@ async def test_a_taken_lease_stops_one_scheduler_and_the_other_finishes(
     store_a.create(record, [Item(i, f"c{i}", str(tmp_path / f"{i}.png")) for i in range(ITEMS)])
     for i in range(ITEMS):
         (tmp_path / f"{i}.png").write_bytes(tiny_png(i))
+    left = tmp_path / "out" / "b" / "images" / ".0000007.png.0123456789ab.tmp"
+    left.parent.mkdir(parents=True)
+    left.write_bytes(b"half an image")  # what a SIGKILL mid-write leaves
     queue_a, queue_b = CountingQueue(), CountingQueue()
     a = scheduler(store_a, queue_a, settings)
     await a.start()  # finds the open batch and takes its lease
@@ -95,5 +98,9 @@ async def test_a_taken_lease_stops_one_scheduler_and_the_other_finishes(
     # an item runs twice only if it was in flight on a when a stopped: at most batch_in_flight
     assert sum(n - 1 for n in ran.values()) <= settings.batch_in_flight
     assert (tmp_path / "out" / "b" / "output.jsonl").read_text().count("\n") == ITEMS
+    images = tmp_path / "out" / "b" / "images"
+    assert not left.exists()  # swept when the batch was taken up
+    assert len(list(images.iterdir())) == ITEMS
+    assert (images / "0000007.png").read_bytes() == f"{record.id}-7".encode()
     store_a.close()
     store_b.close()

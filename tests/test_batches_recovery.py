@@ -1,7 +1,8 @@
 """The batch API against a real ``serve`` process: a terminal webhook interrupted by a SIGKILL is
 sent again after the restart (a real receiver verifies it with ``standardwebhooks``); an upload
 without Content-Length (chunked) is capped at COLORIZE_BATCH_MAX_UPLOAD_BYTES like any other
-(413 problem+json); the per-item ``model`` option is checked against the served models."""
+(413 problem+json); the per-item ``model`` option is checked against the served models and
+the item runs on the model it names."""
 
 from __future__ import annotations
 
@@ -156,3 +157,34 @@ def test_chunked_uploads_are_capped_and_item_models_checked(
         wait_status(client, taken.json()["id"], {"completed"})
         output = jsonl(client, f"/batches/{taken.json()['id']}/output")
         assert {o["response"]["model"] for o in output} == {"instcolor"}
+
+
+def test_items_run_on_the_model_they_name(zoo_weights: Path, tmp_path: Path) -> None:
+    images = write_images(tmp_path / "inputs", 4, size=32)
+    lines = [{"custom_id": f"i{i}", "source": str(p)} for i, p in enumerate(images)]
+    lines[1]["model"] = lines[3]["model"] = "zhang-eccv16"
+    with serve(zoo_weights / "checkpoints", tmp_path, COLORIZE_WEIGHTS_DIR=str(zoo_weights),
+               COLORIZE_MODELS="instcolor,zhang-eccv16") as server:  # fmt: skip
+        client = server.client()
+        response = client.post(
+            "/batches",
+            files={"manifest": ("m.jsonl", manifest_bytes(lines), "application/jsonl")},
+        )
+        assert response.status_code == 202, response.text
+        batch_id = response.json()["id"]
+        done = wait_status(client, batch_id, {"completed"}, timeout=300)
+        assert done["request_counts"] == {"total": 4, "completed": 4, "failed": 0}
+        output = {
+            o["custom_id"]: o["response"] for o in jsonl(client, f"/batches/{batch_id}/output")
+        }
+        assert {k: v["model"] for k, v in output.items()} == {
+            "i0": "instcolor", "i1": "zhang-eccv16", "i2": "instcolor", "i3": "zhang-eccv16"}  # fmt: skip
+        assert output["i1"]["model_version"] != output["i0"]["model_version"]
+        # a model this server does not serve is refused before anything is stored
+        lines[0]["model"] = "zhang-siggraph17"
+        refused = client.post(
+            "/batches",
+            files={"manifest": ("m.jsonl", manifest_bytes(lines), "application/jsonl")},
+        )
+        assert refused.status_code == 422
+        assert "zhang-siggraph17" in refused.json()["detail"]

@@ -359,7 +359,7 @@ def test_page_with_api_keys(keyed_server: Server, browser: Browser, tmp_path: Pa
 
 
 STATIC = REPO / "service" / "router" / "static"
-MODULES = ("app.js", "api.js", "apikey.js", "boxes.js", "compare.js", "dom.js", "facts.js",
+MODULES = ("app.js", "api.js", "apikey.js", "batches.js", "boxes.js", "compare.js", "dom.js", "facts.js",
            "frame.js", "info.js", "list.js", "models.js", "options.js", "queue.js", "state.js", "upload.js",
            "viewer.js")  # fmt: skip
 IMPORT = re.compile(r'^import [^;]+ from "\./([a-z]+\.js)";$', re.MULTILINE)

@@ -286,6 +286,7 @@ class BatchScheduler:
             record.completed + record.failed,
             record.total,
         )
+        await asyncio.to_thread(self._sweep_temporaries, record)
         if record.status == "validating":
             await self.mutate(batch_id, lambda r: r.mark("in_progress"))
         while True:
@@ -343,6 +344,16 @@ class BatchScheduler:
 
     def _output_dir(self, record: BatchRecord) -> Path:
         return Path(record.info["output_dir"])
+
+    def _sweep_temporaries(self, record: BatchRecord) -> None:
+        """Remove the temporaries of image writes a killed scheduler left half-done (their
+        items have no line, so they are written again); this scheduler holds the lease."""
+        swept = 0
+        for temp in (self._output_dir(record) / "images").glob(".*.tmp"):
+            temp.unlink(missing_ok=True)
+            swept += 1
+        if swept:
+            log.info("batch %s: removed %d unfinished image write(s)", record.id, swept)
 
     async def _process(self, record: BatchRecord, item: Item) -> None:
         try:

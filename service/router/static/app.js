@@ -4,6 +4,7 @@
 // frame), timings and model version. This module only wires the others together.
 
 import { installKeyForm, showKeyState } from "./apikey.js";
+import { installBatches, loadBatches } from "./batches.js";
 import { installBoxes } from "./boxes.js";
 import { installCompare } from "./compare.js";
 import { $ } from "./dom.js";
@@ -20,6 +21,7 @@ installKeyForm(() => {
   loadInfo();
   loadModels();
   retryWaitingForKey();
+  loadBatches();
 });
 installOptions();
 installUpload(addFiles);
@@ -27,9 +29,11 @@ onRowActions({ select, retry: requeue });
 installCompare();
 installBoxes();
 installModelCompare();
+installBatches();
 $("recolorize").addEventListener("click", () => colorizeAgain(state.selected, true));
 $("use-detector").addEventListener("click", () => colorizeAgain(state.selected, false));
 
 showKeyState();
 loadInfo();
 loadModels();
+loadBatches();
