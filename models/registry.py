@@ -46,6 +46,10 @@ from models.zhang_eccv16 import load_zhang_eccv16
 from models.zhang_siggraph17 import FILENAME as SIGGRAPH17_FILENAME
 from models.zhang_siggraph17 import INPUT_SIZE as SIGGRAPH17_INPUT_SIZE
 from models.zhang_siggraph17 import load_zhang_siggraph17
+from models.zhao_pixelated import FILENAME as ZHAO_FILENAME
+from models.zhao_pixelated import INPUT_SIZE as ZHAO_INPUT_SIZE
+from models.zhao_pixelated import MAX_SAMPLES as ZHAO_MAX_SAMPLES
+from models.zhao_pixelated import load_zhao_pixelated
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +114,8 @@ class ModelSpec(Generic[M]):
     decoding: str
     loader: Callable[[Path, MapLocation], M]  # the model's folder -> the loaded model
     folder_name: str | None = None  # under the weights dir; default: the model's name
+    max_samples: int = 1  # > 1: a sampling model (samples=N colourings per image, seed)
+    trained_here: bool = False  # no published weights: the file comes from `train --model`
 
     def folder(self, weights_dir: Path | str) -> Path:
         return Path(weights_dir) / (self.folder_name or self.name)
@@ -154,6 +160,10 @@ def _load_siggraph17(folder: Path, map_location: MapLocation) -> AutomaticColori
 
 def _load_larsson(folder: Path, map_location: MapLocation) -> AutomaticColorizer:
     return load_larsson_eccv16(folder / LARSSON_FILENAME, map_location)
+
+
+def _load_zhao(folder: Path, map_location: MapLocation) -> AutomaticColorizer:
+    return load_zhao_pixelated(folder / ZHAO_FILENAME, map_location)
 
 
 _INSTCOLOR_ZIP = f"https://drive.google.com/uc?export=download&id={OFFICIAL_ZIP_DRIVE_ID}"
@@ -236,8 +246,27 @@ LARSSON_ECCV16 = ModelSpec[AutomaticColorizer](
     loader=_load_larsson,
 )
 
+ZHAO_PIXELATED = ModelSpec[AutomaticColorizer](
+    name="zhao-pixelated",
+    title="Zhao et al. pixelated semantic colorization (built from the paper; train it here)",
+    paper="Zhao, Han, Shao, Snoek, Pixelated Semantic Colorization, IJCV 2019",
+    # No published weights: the file is what `train --model zhao-pixelated` writes.
+    weights=(WeightFile(ZHAO_FILENAME, ""),),
+    input_size=ZHAO_INPUT_SIZE,
+    uses_detector=False,
+    preprocessing="Lab L at 128x128; input (L-50)/100",
+    decoding="autoregressive samples of 32x32 ab from a 10-logistic mixture (seeded), "
+    "bilinear x4, x110",
+    loader=_load_zhao,
+    max_samples=ZHAO_MAX_SAMPLES,
+    trained_here=True,
+)
+
 MODELS: Mapping[str, ModelSpec[Any]] = MappingProxyType(
-    {spec.name: spec for spec in (INSTCOLOR, ZHANG_ECCV16, ZHANG_SIGGRAPH17, LARSSON_ECCV16)}
+    {
+        spec.name: spec
+        for spec in (INSTCOLOR, ZHANG_ECCV16, ZHANG_SIGGRAPH17, LARSSON_ECCV16, ZHAO_PIXELATED)
+    }
 )
 
 

@@ -614,7 +614,7 @@ def test_loader_accepts_a_file_without_num_batches_tracked(
 
 def test_registry_describes_the_models() -> None:
     assert DEFAULT_MODEL == "instcolor"
-    assert set(MODELS) == {"instcolor", "zhang-eccv16", "zhang-siggraph17", "larsson-eccv16"}
+    assert set(MODELS) >= {"instcolor", "zhang-eccv16", "zhang-siggraph17", "larsson-eccv16"}
     eccv16, siggraph17 = MODELS["zhang-eccv16"], MODELS["zhang-siggraph17"]
     assert [w.filename for w in eccv16.weights] == [ECCV16_FILE]
     assert eccv16.weights[0].url.endswith("/" + ECCV16_FILE)
@@ -623,7 +623,7 @@ def test_registry_describes_the_models() -> None:
     assert siggraph17.weights[0].sha256 is not None
     assert siggraph17.weights[0].sha256.startswith("df00044c")
     for spec in MODELS.values():
-        assert spec.input_size == 256
+        assert spec.input_size == (128 if spec.name == "zhao-pixelated" else 256)
         for w in spec.weights:  # every hash is a valid hex sha256 (prefix)
             assert w.sha256_prefix is None or int(w.sha256_prefix, 16) >= 0
     assert MODELS["instcolor"].uses_detector

@@ -121,12 +121,18 @@ def _chosen_models(args: argparse.Namespace) -> list[str] | str:
     from models.registry import MODELS
 
     names = [n.strip() for value in args.models or [] for n in value.split(",") if n.strip()]
-    if args.all_models:
-        names = list(MODELS)
+    if args.all_models:  # the models with published weights
+        names = [name for name, spec in MODELS.items() if not spec.trained_here]
     names = names or ["instcolor"]
     unknown = [n for n in names if n not in MODELS]
     if unknown:
         return f"unknown model {unknown[0]!r}; known models: {', '.join(MODELS)}"
+    trained = [n for n in names if MODELS[n].trained_here]
+    if trained:
+        return (
+            f"{trained[0]} has no published weights: train them with "
+            f"`train --model {trained[0]}` (docs/models.md)"
+        )
     if args.from_path is not None:
         if names == ["instcolor"] or len(names) != 1:
             return (

@@ -83,7 +83,7 @@ def model_files() -> dict[str, tuple[RemoteFile, ...]]:
             if w.packed_in is None
         )
         for spec in MODELS.values()
-        if all(w.packed_in is None for w in spec.weights)
+        if all(w.packed_in is None for w in spec.weights) and not spec.trained_here
     }
 
 
