@@ -28,11 +28,23 @@ def add_parser(subparsers: Any) -> None:
         "with `serve --checkpoints RUN_DIR/checkpoints`. Exit code 0: done; 2: usage or data "
         "error; 130/143: stopped by SIGINT/SIGTERM (saved; continue with --resume).",
     )
-    parser.add_argument("--stage", choices=["full", "instance", "fusion"], required=True)
+    parser.add_argument("--model", choices=["instcolor", "zhao-pixelated"], default="instcolor",
+                        help="instcolor (default: --stage and --init required) or zhao-pixelated "
+                        "(built from its paper, trained from scratch; docs/zhao-pixelated.md)")  # fmt: skip
+    parser.add_argument("--stage", choices=["full", "instance", "fusion"],
+                        help="instcolor: the stage to train (required)")  # fmt: skip
     parser.add_argument("--data", type=Path, required=True, metavar="DATA_DIR",
                         help="a prepare-data output folder")  # fmt: skip
-    parser.add_argument("--init", type=Path, required=True, metavar="WEIGHTS",
-                        help="official checkpoint folder, MMagic file or a previous run directory")  # fmt: skip
+    parser.add_argument("--init", type=Path, metavar="WEIGHTS",
+                        help="instcolor (required): official checkpoint folder, MMagic file or a "
+                        "previous run directory")  # fmt: skip
+    parser.add_argument("--labels", type=Path, metavar="LABELS_DIR",
+                        help="zhao-pixelated: COCO-Stuff-style label maps (LABELS_DIR/<photo path "
+                        "as .png>, class ids, 255 ignored); default: pseudo-labels from the "
+                        "manifest's detector boxes")  # fmt: skip
+    parser.add_argument("--classes", type=positive_int,
+                        help="zhao-pixelated: segmentation classes (default 183 with --labels, "
+                        "2 with box pseudo-labels)")  # fmt: skip
     parser.add_argument("--output", type=Path, required=True, metavar="RUN_DIR")
     parser.add_argument("--epochs", type=non_negative_int,
                         help="epochs at the full learning rate (niter; default per stage)")  # fmt: skip
@@ -86,8 +98,31 @@ def add_parser(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
+def run_zhao(args: argparse.Namespace) -> int:
+    from training.zhao_pixelated import ZhaoTrainingError, ZhaoTrainOptions, train_zhao
+
+    options = ZhaoTrainOptions(
+        data=args.data, output=args.output, max_steps=args.max_steps,
+        epochs=args.epochs if args.epochs is not None else 1,
+        batch_size=args.batch_size or 8, lr=args.lr or 1e-3, labels_dir=args.labels,
+        classes=args.classes, device=args.device, resume=args.resume, seed=args.seed,
+        log_every=args.log_every, save_every=args.save_every, workers=args.workers or 0,
+    )  # fmt: skip
+    try:
+        return train_zhao(options)
+    except (ZhaoTrainingError, FileNotFoundError) as exc:
+        sys.stderr.write(f"{exc}\n")
+        return EXIT_USAGE
+
+
 def run(args: argparse.Namespace) -> int:
     from models.checkpoints import CheckpointError
+
+    if args.model == "zhao-pixelated":
+        return run_zhao(args)
+    if args.stage is None or args.init is None:
+        sys.stderr.write("train: error: --model instcolor needs --stage and --init\n")
+        return EXIT_USAGE
     from training.loop import TrainingError, TrainOptions, train
 
     options = TrainOptions(
