@@ -276,7 +276,6 @@ class ZhaoPixelated(nn.Module):
         self.segmentation = SegmentationTop(classes, divisor)
         self.embedding_head = nn.Conv2d(embedding, DMOL_CHANNELS, 1)
         self.generator = PixelGenerator(embedding + classes, generator_layers, generator_channels)
-        self.sample_seeds: Sequence[int] | None = None  # set by the pipeline for one call
 
     def condition(self, lightness: torch.Tensor) -> ZhaoOutputs:
         """f, h and g's conditioning from Lab L (N, 1, 128, 128) in 0..100."""
@@ -291,9 +290,11 @@ class ZhaoPixelated(nn.Module):
         return self.generator(ab, condition)
 
     def predict_ab(self, lightness: torch.Tensor) -> torch.Tensor:
-        """One sample per image (``AutomaticColorizer``): ab in Lab units at the input size."""
-        seeds = list(self.sample_seeds) if self.sample_seeds is not None else [0] * len(lightness)
-        low = sample_ab(self, lightness, seeds, samples=1).ab[:, 0]
+        """One sample per image, seed 0 (``AutomaticColorizer``): Lab ab at the input size.
+
+        The served path is ``models.zhao_pipeline.ZhaoPipeline`` (samples and seeds per image).
+        """
+        low = sample_ab(self, lightness, [0] * len(lightness), samples=1).ab[:, 0]
         return upsample_ab(low, lightness.shape[-1]) * AB_NORM
 
 
