@@ -102,6 +102,7 @@ def test_from_a_non_hdf5_file_is_refused(
         (["--from", "x.pth"], "--from installs one file of one single-file model"),
         (["--model", "zhang-eccv16,zhang-siggraph17", "--from", "x.pth"], "--from installs one"),
         (["--model", "zhang-eccv16", "--from", "missing.pth"], "no such file"),
+        (["--model", "zhao-pixelated"], "no published weights: train them"),
     ],
 )
 def test_usage_errors(
