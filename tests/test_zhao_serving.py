@@ -162,3 +162,36 @@ def test_redis_frames_carry_samples_only_when_there_are_any() -> None:
     assert decode_answer(frame) == plain
     sampled = replace(plain, seed=3, samples_base64=["aGk="])
     assert decode_answer(encode_answer(sampled)) == sampled
+
+
+def test_evaluate_compare_with_zhao_is_reproducible(
+    zhao_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``evaluate --compare inst= "zhao=--model zhao-pixelated"``: one report per model, and the
+    sampling model's scores are the same on a second run (evaluate samples with seed 0)."""
+    import csv
+    import json
+
+    from service.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (40, 56, 3), dtype=np.uint8)).save(photos / f"{i}.png")
+    common = ["--no-progress", "--no-detector", "--precision", "fp32",
+              "--weights-dir", str(zhao_weights)]  # fmt: skip
+    scores = []
+    for run in ("a", "b"):
+        report = tmp_path / run
+        code = main(["evaluate", str(photos), "-o", str(report), "--compare", "inst=",
+                     "zhao=--model zhao-pixelated", *common])  # fmt: skip
+        assert code == 0
+        summary = json.loads((report / "zhao" / "summary.json").read_text())
+        assert summary["config"]["model"] == "zhao-pixelated"
+        with (report / "zhao" / "metrics.csv").open(newline="") as handle:
+            scores.append([r["psnr"] for r in csv.DictReader(handle)])
+        comparison = json.loads((report / "comparison.json").read_text())
+        assert {r["name"] for r in comparison["metrics"]["psnr"]["rows"]} == {"inst", "zhao"}
+    assert scores[0] == scores[1] and len(scores[0]) == 2
