@@ -22,12 +22,19 @@ from weight_files import write_official
 
 from models.checkpoints import CheckpointError
 from models.pipeline import ColorizeOptions, Colorizer, OptionsError
-from models.registry import get_model
+from models.registry import MODELS, get_model
 from models.zhao_pipeline import ZhaoPipeline
 from models.zhao_pixelated import FILENAME, MAX_SAMPLES, ZhaoPixelated, save_zhao_pixelated
 from models.zoo import load_colorizer
 from service.core.admission import CostModel
-from service.core.jobs import SAMPLES_LIMIT, Job, JobOptions, JobResult
+from service.core.jobs import (
+    SAMPLES_LIMIT,
+    SAMPLING_MODELS,
+    Job,
+    JobOptions,
+    JobResult,
+    samples_limit,
+)
 from service.queues.redis.protocol import decode_answer, encode_answer
 
 TINY = {"classes": 5, "generator_layers": 2, "generator_channels": 16, "divisor": 16}
@@ -45,6 +52,9 @@ def zhao_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def test_registry_entry_and_strict_loading(zhao_weights: Path, tmp_path: Path) -> None:
     spec = get_model("zhao-pixelated")
     assert spec.max_samples == MAX_SAMPLES == SAMPLES_LIMIT
+    sampling = {name: s.max_samples for name, s in MODELS.items() if s.max_samples > 1}
+    assert sampling == SAMPLING_MODELS  # the API's copy (it imports no torch) is the registry's
+    assert samples_limit(["instcolor"]) == 1 and samples_limit(["instcolor", spec.name]) == 8
     assert spec.trained_here and spec.input_size == 128 and not spec.uses_detector
     assert spec.weight_paths("W") == (Path("W/zhao-pixelated") / FILENAME,)
     model = spec.load(zhao_weights)

@@ -14,6 +14,13 @@ from models.constants import SATURATION_RANGE
 OutputFormat = Literal["jpeg", "png", "webp"]
 DEFAULT_MODEL = "instcolor"  # models.registry.DEFAULT_MODEL, without importing torch
 SAMPLES_LIMIT = 8  # models.zhao_pixelated.MAX_SAMPLES, without importing torch
+# The sampling models and their most samples per image (models.registry's max_samples > 1)
+SAMPLING_MODELS = {"zhao-pixelated": SAMPLES_LIMIT}
+
+
+def samples_limit(models: list[str]) -> int:
+    """The most ``samples`` any of ``models`` takes (1 when none of them samples)."""
+    return max((SAMPLING_MODELS.get(m, 1) for m in models), default=1)
 
 
 def unknown_model_message(name: str, loaded: list[str]) -> str:
@@ -73,9 +80,11 @@ class JobResult:
 __all__ = [
     "DEFAULT_MODEL",
     "SAMPLES_LIMIT",
+    "SAMPLING_MODELS",
     "SATURATION_RANGE",
     "Job",
     "JobOptions",
     "JobResult",
     "OutputFormat",
+    "samples_limit",
 ]

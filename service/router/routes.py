@@ -22,12 +22,12 @@ from service.core.errors import InvalidParameterError, ServiceError, Unavailable
 from service.core.image_header import check_shape, probe_size
 from service.core.jobs import (
     DEFAULT_MODEL,
-    SAMPLES_LIMIT,
     SATURATION_RANGE,
     Job,
     JobOptions,
     JobResult,
     OutputFormat,
+    samples_limit,
     unknown_model_message,
 )
 from service.core.metrics import METRICS
@@ -95,6 +95,7 @@ def colorize_query(
     ``model`` defaults to this app's first model.
     """
     loaded = models or [DEFAULT_MODEL]
+    most_samples = samples_limit(loaded)
 
     def colorize_params(
         format: Annotated[
@@ -143,17 +144,16 @@ def colorize_query(
             "detector (uses_boxes false) refuse boxes (422) and ignore max_instances and "
             "score_threshold.",
         ),
-        samples: Annotated[
-            int,
-            Query(
-                ge=1,
-                le=SAMPLES_LIMIT,
-                description=f"Colourings to draw, 1 to {SAMPLES_LIMIT}: only a sampling model "
-                "(zhao-pixelated) takes more than 1 (others: 422). More than 1 needs Accept: "
-                "application/json; the answer's `samples` array holds them. Each sample costs "
-                "as much as one request.",
-            ),
-        ] = 1,
+        # a default-value Query: its bound is what this app's models take
+        samples: int = Query(
+            1,
+            ge=1,
+            le=most_samples,
+            description=f"Colourings to draw, at most {most_samples} here: only a sampling "
+            "model (zhao-pixelated, up to 8) takes more than 1 (others: 422). More than 1 needs "
+            "Accept: application/json; the answer's `samples` array holds them. Each sample "
+            "costs as much as one request.",
+        ),
         seed: Annotated[
             int | None,
             Query(
