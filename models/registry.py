@@ -49,6 +49,10 @@ from models.zhang_eccv16 import load_zhang_eccv16
 from models.zhang_siggraph17 import FILENAME as SIGGRAPH17_FILENAME
 from models.zhang_siggraph17 import INPUT_SIZE as SIGGRAPH17_INPUT_SIZE
 from models.zhang_siggraph17 import load_zhang_siggraph17
+from models.zhao_pixelated import FILENAME as ZHAO_FILENAME
+from models.zhao_pixelated import INPUT_SIZE as ZHAO_INPUT_SIZE
+from models.zhao_pixelated import MAX_SAMPLES as ZHAO_MAX_SAMPLES
+from models.zhao_pixelated import load_zhao_pixelated
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +122,7 @@ class ModelSpec(Generic[M]):
     sized_loader: Callable[[Path, MapLocation, int], M] | None = None
 
     published: bool = True  # False: no official weights exist; `train --model NAME` makes them
+    max_samples: int = 1  # > 1: a sampling model (samples=N colourings per image, seed)
 
     def folder(self, weights_dir: Path | str) -> Path:
         return Path(weights_dir) / (self.folder_name or self.name)
@@ -183,6 +188,10 @@ def _load_larsson_sized(folder: Path, map_location: MapLocation, size: int) -> A
 
 def _load_li(folder: Path, map_location: MapLocation) -> AutomaticColorizer:
     return load_li_dcnn(folder / LI_FILENAME, map_location)
+
+
+def _load_zhao(folder: Path, map_location: MapLocation) -> AutomaticColorizer:
+    return load_zhao_pixelated(folder / ZHAO_FILENAME, map_location)
 
 
 _INSTCOLOR_ZIP = f"https://drive.google.com/uc?export=download&id={OFFICIAL_ZIP_DRIVE_ID}"
@@ -283,10 +292,33 @@ LI_DCNN = ModelSpec[AutomaticColorizer](
     published=False,
 )
 
+ZHAO_PIXELATED = ModelSpec[AutomaticColorizer](
+    name="zhao-pixelated",
+    title="Zhao et al. pixelated semantic colorization (built from the paper; train it here)",
+    paper="Zhao, Han, Shao, Snoek, Pixelated Semantic Colorization, IJCV 2019",
+    # No published weights: the file is what `train --model zhao-pixelated` writes.
+    weights=(WeightFile(ZHAO_FILENAME, ""),),
+    input_size=ZHAO_INPUT_SIZE,
+    uses_detector=False,
+    preprocessing="Lab L at 128x128; input (L-50)/100",
+    decoding="autoregressive samples of 32x32 ab from a 10-logistic mixture (seeded), "
+    "bilinear x4, x110",
+    loader=_load_zhao,
+    max_samples=ZHAO_MAX_SAMPLES,
+    published=False,
+)
+
 MODELS: Mapping[str, ModelSpec[Any]] = MappingProxyType(
     {
         spec.name: spec
-        for spec in (INSTCOLOR, ZHANG_ECCV16, ZHANG_SIGGRAPH17, LARSSON_ECCV16, LI_DCNN)
+        for spec in (
+            INSTCOLOR,
+            ZHANG_ECCV16,
+            ZHANG_SIGGRAPH17,
+            LARSSON_ECCV16,
+            LI_DCNN,
+            ZHAO_PIXELATED,
+        )
     }
 )
 

@@ -17,8 +17,11 @@ from dataclasses import replace
 from typing import overload
 
 import torch
+from PIL import Image
 
-from models.automatic import AutomaticPipeline
+from models.automatic import AutomaticPipeline, AutomaticPreparedImage
+from models.image_input import InputImage
+from models.lab import normalize_l, rgb_to_lab
 from models.pipeline import (
     ColorizedImage,
     ColorizeOptions,
@@ -27,6 +30,7 @@ from models.pipeline import (
     PreparedImage,
     StopCheck,
 )
+from models.preprocess import NETWORK_SIZE, resize_to_network, to_tensor
 from models.zhao_pixelated import MAX_SAMPLES, ZhaoPixelated, sample_ab, upsample_ab
 
 SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2**63 (torch.Generator.manual_seed's range)
@@ -44,6 +48,17 @@ class ZhaoPipeline(AutomaticPipeline):
             )
         if options.seed is not None and not 0 <= options.seed < SEED_LIMIT:
             raise OptionsError(f"seed must be between 0 and 2**63 - 1, got {options.seed}")
+
+    def prepare(
+        self, image: Image.Image | InputImage, options: ColorizeOptions | None = None
+    ) -> AutomaticPreparedImage:
+        """As every automatic model; ``resolution=network`` is the product's 256 x 256 (the
+        evaluation protocol's size): the L of the 256 x 256 squash, ab upsampled from 128."""
+        prepared = super().prepare(image, options)
+        if prepared.options.resolution == "network":
+            squashed = resize_to_network(prepared.source.rgb)
+            prepared.l_norm = normalize_l(rgb_to_lab(to_tensor(squashed))[0:1])
+        return prepared
 
     @overload
     def predict(
@@ -102,9 +117,19 @@ class ZhaoPipeline(AutomaticPipeline):
         should_stop: Callable[[], bool] | None = None,
     ) -> ColorizedImage:
         """Each sample through the Lab merge; the first is ``image``, the others ``samples``."""
-        first = super().merge(prepared, prediction, should_stop)
+
+        def to_merge(ab: torch.Tensor) -> torch.Tensor:
+            if prepared.options.resolution != "network":
+                return ab
+            return upsample_ab(ab[None], NETWORK_SIZE)[0]
+
+        first = super().merge(
+            prepared, replace(prediction, ab=to_merge(prediction.ab)), should_stop
+        )
         others = [
-            super(ZhaoPipeline, self).merge(prepared, replace(prediction, ab=ab), should_stop).image
+            super(ZhaoPipeline, self)
+            .merge(prepared, replace(prediction, ab=to_merge(ab)), should_stop)
+            .image
             for ab in prediction.samples
         ]
         return replace(first, samples=tuple(others), seed=prediction.seed)

@@ -107,13 +107,17 @@ SEGMENTATION_ROWS = (
 ASPP_DILATIONS = (6, 12, 18)
 
 
-def _rows(rows: Sequence[TableRow], in_channels: int, last_linear: bool) -> nn.Sequential:
+def _rows(
+    rows: Sequence[TableRow], in_channels: int, last_linear: bool, divisor: int = 1
+) -> nn.Sequential:
+    """The rows as modules; ``divisor`` > 1 narrows every row (tests only: not the paper's)."""
     layers: list[nn.Module] = []
     channels = in_channels
     for index, row in enumerate(rows):
         if row.kind == "conv":
-            layers.append(nn.Conv2d(channels, row.channels, 3, row.stride, padding=1))
-            channels = row.channels
+            width = row.channels // divisor
+            layers.append(nn.Conv2d(channels, width, 3, row.stride, padding=1))
+            channels = width
             if not (last_linear and index == len(rows) - 1):
                 layers.append(nn.ELU())
         else:
@@ -124,9 +128,9 @@ def _rows(rows: Sequence[TableRow], in_channels: int, last_linear: bool) -> nn.S
 class EmbeddingTrunk(nn.Module):
     """The rows Tables 1 and 2 share: grey (L - 50) / 100 at 128 -> 512 channels at 32."""
 
-    def __init__(self) -> None:
+    def __init__(self, divisor: int = 1) -> None:
         super().__init__()
-        self.layers = _rows(SHARED_ROWS, 1, last_linear=False)
+        self.layers = _rows(SHARED_ROWS, 1, last_linear=False, divisor=divisor)
 
     def forward(self, grey: torch.Tensor) -> torch.Tensor:
         return self.layers(grey)
@@ -135,9 +139,9 @@ class EmbeddingTrunk(nn.Module):
 class ColourEmbeddingTop(nn.Module):
     """Table 1's own rows: 512 -> the 160-channel colour embedding f (linear last convolution)."""
 
-    def __init__(self) -> None:
+    def __init__(self, divisor: int = 1) -> None:
         super().__init__()
-        self.layers = _rows(COLOUR_ROWS, 512, last_linear=True)
+        self.layers = _rows(COLOUR_ROWS, 512 // divisor, last_linear=True, divisor=divisor)
 
     def forward(self, shared: torch.Tensor) -> torch.Tensor:
         return self.layers(shared)
@@ -146,11 +150,12 @@ class ColourEmbeddingTop(nn.Module):
 class SegmentationTop(nn.Module):
     """Table 2's own rows: a 512 conv, three dilation-2 blocks, ASPP 6/12/18 summed to logits."""
 
-    def __init__(self, classes: int) -> None:
+    def __init__(self, classes: int, divisor: int = 1) -> None:
         super().__init__()
-        self.layers = _rows(SEGMENTATION_ROWS, 512, last_linear=False)
+        width = 512 // divisor
+        self.layers = _rows(SEGMENTATION_ROWS, width, last_linear=False, divisor=divisor)
         self.aspp = nn.ModuleList(
-            nn.Conv2d(512, classes, 3, padding=d, dilation=d) for d in ASPP_DILATIONS
+            nn.Conv2d(width, classes, 3, padding=d, dilation=d) for d in ASPP_DILATIONS
         )
 
     def forward(self, shared: torch.Tensor) -> torch.Tensor:
@@ -255,17 +260,22 @@ class ZhaoPixelated(nn.Module):
         classes: int = COCO_STUFF_CLASSES,
         generator_layers: int = DEFAULT_GENERATOR_LAYERS,
         generator_channels: int = DEFAULT_GENERATOR_CHANNELS,
+        divisor: int = 1,
     ) -> None:
         super().__init__()
         self.classes = classes
-        self.trunk = EmbeddingTrunk()
-        self.colour = ColourEmbeddingTop()
-        self.segmentation = SegmentationTop(classes)
-        self.embedding_head = nn.Conv2d(EMBEDDING_CHANNELS, DMOL_CHANNELS, 1)
-        self.generator = PixelGenerator(
-            EMBEDDING_CHANNELS + classes, generator_layers, generator_channels
-        )
-        self.sample_seeds: Sequence[int] | None = None  # set by the pipeline for one call
+        self.config: dict[str, int] = {
+            "classes": classes,
+            "generator_layers": generator_layers,
+            "generator_channels": generator_channels,
+            "divisor": divisor,
+        }
+        embedding = EMBEDDING_CHANNELS // divisor
+        self.trunk = EmbeddingTrunk(divisor)
+        self.colour = ColourEmbeddingTop(divisor)
+        self.segmentation = SegmentationTop(classes, divisor)
+        self.embedding_head = nn.Conv2d(embedding, DMOL_CHANNELS, 1)
+        self.generator = PixelGenerator(embedding + classes, generator_layers, generator_channels)
 
     def condition(self, lightness: torch.Tensor) -> ZhaoOutputs:
         """f, h and g's conditioning from Lab L (N, 1, 128, 128) in 0..100."""
@@ -280,9 +290,11 @@ class ZhaoPixelated(nn.Module):
         return self.generator(ab, condition)
 
     def predict_ab(self, lightness: torch.Tensor) -> torch.Tensor:
-        """One sample per image (``AutomaticColorizer``): ab in Lab units at the input size."""
-        seeds = list(self.sample_seeds) if self.sample_seeds is not None else [0] * len(lightness)
-        low = sample_ab(self, lightness, seeds, samples=1).ab[:, 0]
+        """One sample per image, seed 0 (``AutomaticColorizer``): Lab ab at the input size.
+
+        The served path is ``models.zhao_pipeline.ZhaoPipeline`` (samples and seeds per image).
+        """
+        low = sample_ab(self, lightness, [0] * len(lightness), samples=1).ab[:, 0]
         return upsample_ab(low, lightness.shape[-1]) * AB_NORM
 
 
@@ -558,12 +570,27 @@ def sample_ab(
 # -- loading -------------------------------------------------------------------------------------
 
 
+def model_config(model: ZhaoPixelated) -> dict[str, int]:
+    """What ``build_zhao_pixelated`` needs to rebuild ``model`` (stored in its weight file)."""
+    return dict(model.config)
+
+
+def save_zhao_pixelated(model: ZhaoPixelated, path: Path) -> None:
+    """The weight file: ``{"config": ..., "state_dict": ...}``, written atomically."""
+    from models.atomic import write_atomic
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    data = {"config": model_config(model), "state_dict": model.state_dict()}
+    write_atomic(path, lambda handle: torch.save(data, handle))
+
+
 def build_zhao_pixelated(config: Mapping[str, int] | None = None) -> ZhaoPixelated:
     config = dict(config or {})
     return ZhaoPixelated(
         classes=config.get("classes", COCO_STUFF_CLASSES),
         generator_layers=config.get("generator_layers", DEFAULT_GENERATOR_LAYERS),
         generator_channels=config.get("generator_channels", DEFAULT_GENERATOR_CHANNELS),
+        divisor=config.get("divisor", 1),
     )
 
 

@@ -28,6 +28,7 @@ from models.pipeline import (
 )
 from models.precision import PrecisionSetting, resolve_precision
 from models.registry import DEFAULT_MODEL, ModelSpec, get_model
+from models.zhao_pipeline import ZhaoPipeline
 
 
 class ModelColorizer(Protocol):
@@ -123,7 +124,8 @@ def load_colorizer(
         )
     sized = network_size is not None and spec.sized_loader is not None
     model = spec.load(weights_dir, "cpu", network_size if sized else None)
-    return AutomaticPipeline.from_files(
+    pipeline = ZhaoPipeline if spec.max_samples > 1 else AutomaticPipeline
+    return pipeline.from_files(
         model,
         spec.name,
         int(getattr(model, "input_size", spec.input_size)),
@@ -157,4 +159,5 @@ def model_card(spec: ModelSpec[Any], description: dict[str, Any]) -> dict[str, A
         "decoding": spec.decoding,
         "device": description.get("device"),
         "precision": description.get("precision"),
+        "max_samples": spec.max_samples,
     }

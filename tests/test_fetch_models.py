@@ -104,6 +104,7 @@ def test_from_a_non_hdf5_file_is_refused(
         (["--model", "zhang-eccv16,zhang-siggraph17", "--from", "x.pth"], "--from installs the"),
         (["--model", "zhang-eccv16", "--from", "missing.pth"], "no such file"),
         (["--model", "li-dcnn"], "li-dcnn has no published weights; train them with"),
+        (["--model", "zhao-pixelated"], "zhao-pixelated has no published weights; train them with"),
     ],
 )
 def test_usage_errors(

@@ -615,7 +615,8 @@ def test_loader_accepts_a_file_without_num_batches_tracked(
 def test_registry_describes_the_models() -> None:
     assert DEFAULT_MODEL == "instcolor"
     assert set(MODELS) == {
-        "instcolor", "zhang-eccv16", "zhang-siggraph17", "larsson-eccv16", "li-dcnn"
+        "instcolor", "zhang-eccv16", "zhang-siggraph17", "larsson-eccv16", "li-dcnn",
+        "zhao-pixelated",
     }  # fmt: skip
     # li-dcnn has no published weights: the train command writes them, fetch-weights lists none.
     assert not MODELS["li-dcnn"].published and not MODELS["li-dcnn"].uses_detector
@@ -628,7 +629,7 @@ def test_registry_describes_the_models() -> None:
     assert siggraph17.weights[0].sha256 is not None
     assert siggraph17.weights[0].sha256.startswith("df00044c")
     for spec in MODELS.values():
-        assert spec.input_size == 256
+        assert spec.input_size == (128 if spec.name == "zhao-pixelated" else 256)
         for w in spec.weights:  # every hash is a valid hex sha256 (prefix)
             assert w.sha256_prefix is None or int(w.sha256_prefix, 16) >= 0
     assert MODELS["instcolor"].uses_detector

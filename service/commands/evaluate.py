@@ -317,6 +317,7 @@ def _evaluate_all(
             resolution=config.args.resolution,
             max_instances=config.args.max_instances,
             score_threshold=config.args.score_threshold,
+            seed=0,  # a sampling model (zhao-pixelated) draws the same sample on every run
         )
         evaluator = Evaluator(colorizer, options, lpips, instances, fid)
         result = evaluator.run(

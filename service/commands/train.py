@@ -28,9 +28,11 @@ def add_parser(subparsers: Any) -> None:
         "with `serve --checkpoints RUN_DIR/checkpoints`. Exit code 0: done; 2: usage or data "
         "error; 130/143: stopped by SIGINT/SIGTERM (saved; continue with --resume).",
     )
-    parser.add_argument("--model", choices=["instcolor", "li-dcnn"], default="instcolor",
-                        help="instcolor (default: one --stage of InstColorization) or li-dcnn "
-                        "(Li et al., docs/models.md; weights to RUN_DIR/weights/li-dcnn/)")  # fmt: skip
+    parser.add_argument("--model", choices=["instcolor", "li-dcnn", "zhao-pixelated"],
+                        default="instcolor",
+                        help="instcolor (default: one --stage of InstColorization), li-dcnn "
+                        "(Li et al., docs/li-dcnn.md) or zhao-pixelated (Zhao et al., trained from "
+                        "scratch, docs/zhao-pixelated.md); weights to RUN_DIR/weights/<model>/")  # fmt: skip
     parser.add_argument("--stage", choices=["full", "instance", "fusion"],
                         help="instcolor: the stage to train (required for instcolor)")  # fmt: skip
     parser.add_argument("--data", type=Path, required=True, metavar="DATA_DIR",
@@ -39,14 +41,20 @@ def add_parser(subparsers: Any) -> None:
                         help="instcolor (required): official checkpoint folder, MMagic file or a "
                         "previous run directory; li-dcnn: a weights dir holding "
                         "zhang-eccv16/<official file> (left out: Gaussian init of every layer)")  # fmt: skip
-    parser.add_argument("--labels", type=Path, metavar="CSV",
-                        help="li-dcnn: 'path,label' lines giving each image's class (default: the "
-                        "class of the detector's best box, 0 without a box)")  # fmt: skip
+    parser.add_argument("--labels", type=Path, metavar="CSV_OR_DIR",
+                        help="li-dcnn: a CSV of 'path,label' lines giving each image's class "
+                        "(default: the class of the detector's best box, 0 without a box); "
+                        "zhao-pixelated: a folder of COCO-Stuff-style label maps (LABELS_DIR/<photo "
+                        "path as .png>, class ids, 255 ignored; default: pseudo-labels from the "
+                        "manifest's detector boxes)")  # fmt: skip
     parser.add_argument("--prior-images", type=non_negative_int, default=1000, metavar="N",
                         help="li-dcnn: training images the colour prior of the rebalancing is "
                         "counted on (default 1000; 0: uniform prior, no rebalancing)")  # fmt: skip
     parser.add_argument("--class-weight", type=positive_float, default=1.0, metavar="W",
                         help="li-dcnn: weight of the classification loss (default 1, the paper)")  # fmt: skip
+    parser.add_argument("--classes", type=positive_int,
+                        help="zhao-pixelated: segmentation classes (default 183 with --labels, "
+                        "2 with box pseudo-labels)")  # fmt: skip
     parser.add_argument("--output", type=Path, required=True, metavar="RUN_DIR")
     parser.add_argument("--epochs", type=non_negative_int,
                         help="epochs at the full learning rate (niter; default per stage)")  # fmt: skip
@@ -100,13 +108,33 @@ def add_parser(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
+def run_zhao(args: argparse.Namespace) -> int:
+    from training.zhao_pixelated import ZhaoTrainingError, ZhaoTrainOptions, train_zhao
+
+    options = ZhaoTrainOptions(
+        data=args.data, output=args.output, max_steps=args.max_steps,
+        epochs=args.epochs if args.epochs is not None else 1,
+        batch_size=args.batch_size or 8, lr=args.lr or 1e-3, labels_dir=args.labels,
+        classes=args.classes, device=args.device, resume=args.resume, seed=args.seed,
+        log_every=args.log_every, save_every=args.save_every, workers=args.workers or 0,
+    )  # fmt: skip
+    try:
+        return train_zhao(options)
+    except (ZhaoTrainingError, FileNotFoundError) as exc:
+        sys.stderr.write(f"{exc}\n")
+        return EXIT_USAGE
+
+
 def run(args: argparse.Namespace) -> int:
     if args.model == "li-dcnn":
         return run_li(args)
+    if args.model == "zhao-pixelated":
+        return run_zhao(args)
+    from models.checkpoints import CheckpointError
+
     if args.stage is None or args.init is None:
         sys.stderr.write("train: error: --model instcolor needs --stage and --init\n")
         return EXIT_USAGE
-    from models.checkpoints import CheckpointError
     from training.loop import TrainingError, TrainOptions, train
 
     options = TrainOptions(

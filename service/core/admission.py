@@ -8,7 +8,9 @@ current speed):
 - seconds per network pass on the device (detect, instance, fusion over the batch, divided by
   the batch's images plus instances: an image is one full-image pass, each instance one more).
 
-A request's cost is ``megapixels * s_per_mp + (1 + instances) * s_per_pass``. The queue keeps the
+A request's cost is ``samples * (megapixels * s_per_mp + (1 + instances) * s_per_pass)``: each
+sample of a sampling model (``samples=N``, zhao-pixelated) is merged, encoded and drawn like a
+request of its own, so it counts as one unit of work (1 for every other model). The queue keeps the
 sum of the costs admitted and not yet finished (the backlog); a request whose
 ``backlog + cost`` would end after its deadline is refused with 503 ``overloaded`` and a
 Retry-After of the time the backlog needs to drain enough. Until the first batch is measured
@@ -48,20 +50,19 @@ class CostModel:
         if not batch:
             return
         sized = [(job, result) for job, result in batch if job.pixels > 0]
-        megapixels = sum(job.pixels for job, _ in sized) / 1e6
+        megapixels = sum(job.pixels * job.options.samples for job, _ in sized) / 1e6
         pixel_seconds = sum(
             result.timings.get(stage, 0.0) for _, result in sized for stage in PIXEL_STAGES
         )
         instances = sum(len(result.boxes) for _, result in batch)
+        passes = sum((1 + len(result.boxes)) * job.options.samples for job, result in batch)
         # detect/instance/fusion are batch-wide timings, copied into every job of the batch
         device_seconds = sum(batch[0][1].timings.get(stage, 0.0) for stage in DEVICE_STAGES)
         if sized:
             self.seconds_per_megapixel = self._blend(
                 self.seconds_per_megapixel, pixel_seconds / max(megapixels, 1e-3)
             )
-        self.seconds_per_pass = self._blend(
-            self.seconds_per_pass, device_seconds / (len(batch) + instances)
-        )
+        self.seconds_per_pass = self._blend(self.seconds_per_pass, device_seconds / passes)
         self.instances_per_image = self._blend(self.instances_per_image, instances / len(batch))
         job_seconds = (
             sum(result.timings.get(stage, 0.0) for _, result in batch for stage in PIXEL_STAGES)
@@ -78,7 +79,7 @@ class CostModel:
             instances = min(len(options.boxes), options.max_instances)
         else:
             instances = min(float(options.max_instances), self.instances_per_image)
-        return (
+        return options.samples * (
             max(job.pixels, 1) / 1e6 * self.seconds_per_megapixel
             + (1 + instances) * self.seconds_per_pass
         )

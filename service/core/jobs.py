@@ -13,6 +13,14 @@ from models.constants import SATURATION_RANGE
 
 OutputFormat = Literal["jpeg", "png", "webp"]
 DEFAULT_MODEL = "instcolor"  # models.registry.DEFAULT_MODEL, without importing torch
+SAMPLES_LIMIT = 8  # models.zhao_pixelated.MAX_SAMPLES, without importing torch
+# The sampling models and their most samples per image (models.registry's max_samples > 1)
+SAMPLING_MODELS = {"zhao-pixelated": SAMPLES_LIMIT}
+
+
+def samples_limit(models: list[str]) -> int:
+    """The most ``samples`` any of ``models`` takes (1 when none of them samples)."""
+    return max((SAMPLING_MODELS.get(m, 1) for m in models), default=1)
 
 
 def unknown_model_message(name: str, loaded: list[str]) -> str:
@@ -33,6 +41,8 @@ class JobOptions:
     boxes: list[list[float]] | None = None  # caller-supplied [x1, y1, x2, y2] in input pixels
     scores: list[float] | None = None
     saturation: float = 1.0  # colour strength: scales the predicted ab (1.0: the model's own)
+    samples: int = 1  # colourings per image (a sampling model: zhao-pixelated)
+    seed: int | None = None  # a sampling model's seed (None: drawn, and returned)
 
 
 @dataclass(frozen=True)
@@ -61,6 +71,20 @@ class JobResult:
     input_size: list[int] | None = None  # [width, height] of the upright input: the boxes' frame
     truncated: bool = False  # the input was cut short and decoded as far as it went (opt-in)
     model: str = DEFAULT_MODEL  # the model that produced it
+    # A sampling model's answer: the seed used (None for the other models) and the base64 of the
+    # encoded samples after the first (the first is ``body``), in the same media type.
+    seed: int | None = None
+    samples_base64: list[str] = field(default_factory=list)
 
 
-__all__ = ["DEFAULT_MODEL", "SATURATION_RANGE", "Job", "JobOptions", "JobResult", "OutputFormat"]
+__all__ = [
+    "DEFAULT_MODEL",
+    "SAMPLES_LIMIT",
+    "SAMPLING_MODELS",
+    "SATURATION_RANGE",
+    "Job",
+    "JobOptions",
+    "JobResult",
+    "OutputFormat",
+    "samples_limit",
+]

@@ -10,6 +10,7 @@ exception in ``predict`` retries each job alone, so only the job that causes it 
 from __future__ import annotations
 
 import asyncio
+import base64
 import logging
 import time
 from collections.abc import Callable, Sequence
@@ -107,6 +108,8 @@ def colorize_options(options: JobOptions) -> ColorizeOptions:
         score_threshold=options.score_threshold,
         boxes=boxes,
         saturation=options.saturation,
+        samples=options.samples,
+        seed=options.seed,
     )
 
 
@@ -364,6 +367,12 @@ class BatchEngine:
             body, media_type = encode_image(
                 colorized.image, ready.fmt, job.options.quality, should_stop
             )
+            samples_base64 = [  # a sampling model's further samples, in the same format
+                base64.b64encode(
+                    encode_image(image, ready.fmt, job.options.quality, should_stop)[0]
+                ).decode("ascii")
+                for image in colorized.samples
+            ]
             encode_s = time.perf_counter() - start
         except (Stopped, EncodeStopped):
             return drops.check(job) or InternalError("stopped without a reason")
@@ -393,6 +402,8 @@ class BatchEngine:
             model=self.model,
             input_size=list(ready.prepared.source.size),
             truncated=ready.truncated,
+            seed=colorized.seed,
+            samples_base64=samples_base64,
         )
 
     # -- device stage (device thread) -----------------------------------------------------------

@@ -17,7 +17,7 @@ from service.core.errors import InternalError, ServiceError
 from service.core.jobs import JobResult
 from service.core.metrics import METRICS, STAGES, outcome_for
 from service.core.offload import OFFLOAD_BYTES
-from service.router.schemas import PROBLEM_JSON, ColorizeJSON
+from service.router.schemas import PROBLEM_JSON, ColorizeJSON, SampleJSON
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +120,16 @@ async def result_response(
         headers["X-Image-Truncated"] = "true"
     if not wants_json(request.headers.get("accept", ""), result.media_type):
         return Response(result.body, media_type=result.media_type, headers=headers)
+    if result.seed is not None:  # a sampling model: every sample's base64, off the event loop
+        answer = await asyncio.to_thread(
+            json_answer,
+            request_id,
+            result,
+            timings,
+            saturation,
+            base64.b64encode(result.body).decode("ascii"),
+        )
+        return JSONResponse(answer, headers=headers)
     answer = json_answer(request_id, result, timings, saturation, image_base64="")
     if len(result.body) <= OFFLOAD_BYTES:
         answer["image_base64"] = base64.b64encode(result.body).decode("ascii")
@@ -150,7 +160,18 @@ def json_answer(
         timings_ms={k: round(v * 1000, 3) for k, v in timings.items()},
         cached=result.cached,
         truncated=result.truncated,
+        seed=result.seed,
+        samples=None if result.seed is None else sample_list(result, image_base64),
     ).model_dump()
+
+
+def sample_list(result: JobResult, first_base64: str) -> list[SampleJSON]:
+    """Sample 0 (the body's base64, given or encoded here) and the others."""
+    first = first_base64 or base64.b64encode(result.body).decode("ascii")
+    return [
+        SampleJSON(index=i, image_base64=b64)
+        for i, b64 in enumerate([first, *result.samples_base64])
+    ]
 
 
 BASE64_PIECE = 3 * 256 * 1024  # image bytes per base64 piece (1 MiB of base64, about 2 ms)

@@ -27,6 +27,7 @@ from service.core.jobs import (
     JobOptions,
     JobResult,
     OutputFormat,
+    samples_limit,
     unknown_model_message,
 )
 from service.core.metrics import METRICS
@@ -39,7 +40,7 @@ from service.router.inputs import (
     until_disconnected,
 )
 from service.router.middleware import request_id_of
-from service.router.responses import CLIENT_CLOSED, count_outcome, result_response
+from service.router.responses import CLIENT_CLOSED, count_outcome, result_response, wants_json
 from service.router.schemas import (
     COLORIZE_BODY,
     IMAGE_CONTENT,
@@ -81,6 +82,8 @@ class ColorizeParams:
     boxes: str | None
     saturation: float
     model: str | None = None
+    samples: int = 1
+    seed: int | None = None
 
 
 def colorize_query(
@@ -92,6 +95,7 @@ def colorize_query(
     ``model`` defaults to this app's first model.
     """
     loaded = models or [DEFAULT_MODEL]
+    most_samples = samples_limit(loaded)
 
     def colorize_params(
         format: Annotated[
@@ -140,9 +144,37 @@ def colorize_query(
             "detector (uses_boxes false) refuse boxes (422) and ignore max_instances and "
             "score_threshold.",
         ),
+        # a default-value Query: its bound is what this app's models take
+        samples: int = Query(
+            1,
+            ge=1,
+            le=most_samples,
+            description=f"Colourings to draw, at most {most_samples} here: only a sampling "
+            "model (zhao-pixelated, up to 8) takes more than 1 (others: 422). More than 1 needs "
+            "Accept: application/json; the answer's `samples` array holds them. Each sample "
+            "costs as much as one request.",
+        ),
+        seed: Annotated[
+            int | None,
+            Query(
+                ge=0,
+                le=2**63 - 1,
+                description="A sampling model's seed: the same seed, image and options give the "
+                "same samples. Left out: one is drawn and returned as `seed`.",
+            ),
+        ] = None,
     ) -> ColorizeParams:
         return ColorizeParams(
-            format, quality, resolution, max_instances, score_threshold, boxes, saturation, model
+            format,
+            quality,
+            resolution,
+            max_instances,
+            score_threshold,
+            boxes,
+            saturation,
+            model,
+            samples,
+            seed,
         )
 
     return colorize_params
@@ -169,6 +201,8 @@ def job_options(params: ColorizeParams, max_boxes: int) -> JobOptions:
         boxes=boxes,
         scores=scores,
         saturation=params.saturation,
+        samples=params.samples,
+        seed=params.seed,
     )
 
 
@@ -268,6 +302,11 @@ def install_colorize(app: FastAPI, state: ServiceState) -> None:
         try:
             queue = admit(state)
             model = checked_model(params.model, settings)
+            if params.samples > 1 and not wants_json(request.headers.get("accept", ""), "image/*"):
+                raise InvalidParameterError(
+                    f"samples={params.samples} returns several images: ask for them with "
+                    "Accept: application/json (the answer's samples array), or leave samples out"
+                )
             options = job_options(params, settings.max_boxes)
             try:
                 image = await image_from_request(request, settings.max_body_bytes)
@@ -388,6 +427,7 @@ def loaded_models(state: ServiceState) -> list[dict[str, Any]]:
                 "model_version": info.get("model_version"),
                 "input_size": card.get("input_size"),
                 "uses_boxes": card.get("uses_boxes"),
+                "max_samples": card.get("max_samples"),
                 "files": card.get("files") or info.get("files") or [],
                 "detector": info.get("detector"),
                 "device": info.get("device"),

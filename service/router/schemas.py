@@ -23,6 +23,13 @@ class Problem(BaseModel):
     request_id: str | None = None
 
 
+class SampleJSON(BaseModel):
+    """One colouring drawn by a sampling model (zhao-pixelated)."""
+
+    index: int = Field(description="0 to samples - 1; sample 0 is also image_base64.")
+    image_base64: str = Field(description="The colorized image, base64-encoded (media_type).")
+
+
 class ColorizeJSON(BaseModel):
     """The ``Accept: application/json`` answer of POST /colorize."""
 
@@ -40,6 +47,13 @@ class ColorizeJSON(BaseModel):
     saturation: float = Field(description="The colour strength applied.")
     timings_ms: dict[str, float] = Field(description="Milliseconds per stage, and total.")
     cached: bool = False
+    seed: int | None = Field(
+        default=None, description="A sampling model's seed (?seed=, or the one drawn); else null."
+    )
+    samples: list[SampleJSON] | None = Field(
+        default=None,
+        description="A sampling model's colourings (?samples=N), sample 0 first; else null.",
+    )
     truncated: bool = Field(
         default=False,
         description="The input was cut short and decoded as far as its data went (only with "
@@ -68,6 +82,10 @@ class ModelInfo(BaseModel):
     )
     uses_boxes: bool | None = Field(
         default=None, description="Whether the model uses instance boxes (detector or ?boxes=)."
+    )
+    max_samples: int | None = Field(
+        default=None,
+        description="Most ?samples= per image (1: one colouring; > 1: a sampling model).",
     )
     files: list[WeightFileInfo] = Field(default_factory=list, description="Weight files loaded.")
     detector: str | None = None

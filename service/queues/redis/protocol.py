@@ -193,6 +193,8 @@ def encode_answer(answer: JobResult | ServiceError) -> bytes:
     del header["body"]
     if not header["truncated"]:  # only ever sent when true: the frames of whole images unchanged
         del header["truncated"]
+    if header["seed"] is None:  # only a sampling model's answer carries its seed and samples
+        del header["seed"], header["samples_base64"]
     return json.dumps({"result": header}).encode() + b"\n" + answer.body
 
 
