@@ -110,6 +110,7 @@ class ModelSpec(Generic[M]):
     decoding: str
     loader: Callable[[Path, MapLocation], M]  # the model's folder -> the loaded model
     folder_name: str | None = None  # under the weights dir; default: the model's name
+    takes_hints: bool = False  # follows colour hints (models.hints): zhang-siggraph17
 
     def folder(self, weights_dir: Path | str) -> Path:
         return Path(weights_dir) / (self.folder_name or self.name)
@@ -194,6 +195,7 @@ ZHANG_ECCV16 = ModelSpec[AutomaticColorizer](
 
 ZHANG_SIGGRAPH17 = ModelSpec[AutomaticColorizer](
     name="zhang-siggraph17",
+    takes_hints=True,
     title="Zhang et al. SIGGRAPH 2017, automatic mode (no hints)",
     paper="Zhang, Zhu, Isola, Geng, Lin, Yu, Efros, Real-Time User-Guided Image Colorization "
     "with Learned Deep Priors, SIGGRAPH 2017",

@@ -6,6 +6,7 @@ from typing import Any
 
 from service.core.boxes import BoxesError, validate_boxes
 from service.core.errors import InvalidParameterError
+from service.core.hints import validate_hints
 from service.core.jobs import SATURATION_RANGE, JobOptions
 from service.settings import ServiceSettings
 
@@ -17,6 +18,7 @@ OPTION_NAMES = (
     "score_threshold",
     "boxes",
     "saturation",
+    "hints",
 )
 
 
@@ -64,6 +66,8 @@ def check_options(
         _number("saturation", options["saturation"], *SATURATION_RANGE)
     if options.get("boxes") is not None:
         parse_boxes(options["boxes"], settings.max_boxes)
+    if options.get("hints") is not None:
+        validate_hints(options["hints"])
     return dict(options)
 
 
@@ -73,5 +77,7 @@ def job_options(options: dict[str, Any], settings: ServiceSettings) -> JobOption
     boxes = values.pop("boxes", None)
     if boxes is not None:
         values["boxes"], values["scores"] = parse_boxes(boxes, settings.max_boxes)
+    if values.get("hints") is not None:
+        values["hints"] = validate_hints(values["hints"]) or None
     values.setdefault("max_instances", settings.instance_limit)
     return JobOptions(**values)

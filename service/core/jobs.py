@@ -7,7 +7,7 @@ pool, so the in-process batcher and the Redis worker run the same code (``BatchE
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from models.constants import SATURATION_RANGE
 
@@ -33,6 +33,9 @@ class JobOptions:
     boxes: list[list[float]] | None = None  # caller-supplied [x1, y1, x2, y2] in input pixels
     scores: list[float] | None = None
     saturation: float = 1.0  # colour strength: scales the predicted ab (1.0: the model's own)
+    # colour hints as checked by service.core.hints ({"x", "y", "color" | "ab", "size"}): part of
+    # the result-cache key (protocol.cache_digest hashes every option)
+    hints: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)

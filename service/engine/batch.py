@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from models.boxes import Detections
+from models.hints import Hint, HintError
 from models.image_input import UnsupportedImageError
 from models.merge import Stopped
 from models.pipeline import (
@@ -100,12 +101,17 @@ def colorize_options(options: JobOptions) -> ColorizeOptions:
         except BoxesError as exc:
             raise InvalidParameterError(f"boxes: {exc}") from exc
         boxes = Detections.from_boxes(checked, scores)
+    try:
+        hints = tuple(Hint.from_dict(item) for item in options.hints or ())
+    except (HintError, KeyError, TypeError, ValueError) as exc:
+        raise InvalidParameterError(f"hints: {exc}") from exc
     return ColorizeOptions(
         resolution=options.resolution,
         max_instances=options.max_instances,
         score_threshold=options.score_threshold,
         boxes=boxes,
         saturation=options.saturation,
+        hints=hints,
     )
 
 
