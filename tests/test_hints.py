@@ -293,3 +293,37 @@ def test_a_constructed_hint_following_network_reproduces_the_hinted_colour(
     (full,) = pipeline.colorize([photo], ColorizeOptions(hints=hints))
     lab_full = rgb_to_lab(torch.from_numpy(np.array(full.image)).permute(2, 0, 1) / 255.0)
     assert lab_full[1, 20, 30] > 5 and lab_full[2, 20, 30] > 5
+
+
+# -- the command line -------------------------------------------------------------------------
+
+
+def test_colorize_hints_file_gives_the_pipeline_result_and_refuses_mistakes(
+    tmp_path: Path, zoo_weights: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from service.cli import main
+
+    corpus.gray(64, 48, seed=5).save(tmp_path / "a.png")
+    corpus.gray(64, 48, seed=6).save(tmp_path / "b.png")
+    hints = [{"x": 10, "y": 30, "color": "#3a7bd5", "size": 4}]
+    (tmp_path / "hints.json").write_text(json.dumps({"a.png": hints}))
+    common = ["--weights-dir", str(zoo_weights), "--precision", "fp32", "--no-progress"]
+    code = main(["colorize", str(tmp_path / "a.png"), str(tmp_path / "b.png"), "-o",
+                 str(tmp_path / "out"), "--model", "zhang-siggraph17",
+                 "--hints", str(tmp_path / "hints.json"), *common])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    pipeline = load_colorizer("zhang-siggraph17", zoo_weights)
+    options = ColorizeOptions(hints=tuple(Hint.from_dict(h) for h in hints))
+    for name, opts in (("a", options), ("b", ColorizeOptions())):
+        (want,) = pipeline.colorize([Image.open(tmp_path / f"{name}.png")], opts)
+        got = np.asarray(Image.open(tmp_path / "out" / f"{name}.png"), dtype=int)
+        assert np.abs(got - np.asarray(want.image, dtype=int)).max() <= 1, name
+    # a list applies to every input; mistakes are usage errors (exit 2) naming the problem
+    (tmp_path / "bad.json").write_text(json.dumps([{"x": 1, "y": 1, "color": "blue"}]))
+    code = main(["colorize", str(tmp_path / "a.png"), "-o", str(tmp_path / "o2"), "--model",
+                 "zhang-siggraph17", "--hints", str(tmp_path / "bad.json"), *common])  # fmt: skip
+    assert code == 2 and "color" in capsys.readouterr().err
+    (tmp_path / "ok.json").write_text(json.dumps(hints))
+    code = main(["colorize", str(tmp_path / "a.png"), "-o", str(tmp_path / "o3"), "--model",
+                 "zhang-eccv16", "--hints", str(tmp_path / "ok.json"), *common])  # fmt: skip
+    assert code == 2 and "takes no colour hints" in capsys.readouterr().err
