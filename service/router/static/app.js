@@ -6,6 +6,7 @@
 import { installKeyForm, showKeyState } from "./apikey.js";
 import { installBoxes } from "./boxes.js";
 import { installCompare } from "./compare.js";
+import { installHints } from "./hints.js";
 import { $ } from "./dom.js";
 import { loadInfo } from "./info.js";
 import { onRowActions } from "./list.js";
@@ -26,8 +27,10 @@ installUpload(addFiles);
 onRowActions({ select, retry: requeue });
 installCompare();
 installBoxes();
+installHints();
 installModelCompare();
 $("recolorize").addEventListener("click", () => colorizeAgain(state.selected, true));
+$("recolorize-hints").addEventListener("click", () => colorizeAgain(state.selected, true));
 $("use-detector").addEventListener("click", () => colorizeAgain(state.selected, false));
 
 showKeyState();
