@@ -22,12 +22,15 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
+from PIL import Image
 
 from models.constants import DEFAULT_HINT_SIZE, HINT_SIZE_RANGE, MAX_HINTS
 from models.lab import rgb_to_lab
+from models.preprocess import to_tensor
 
 HEX_COLOR = re.compile(r"^#[0-9a-fA-F]{6}$")
 AB_RANGE = (-110.0, 110.0)  # the network's ab range (tanh x 110)
+INSTCOLOR_MASK_CENT = 0.5  # InstColorization's mask_cent: its networks see mask - 0.5
 
 
 class HintError(ValueError):
@@ -162,3 +165,42 @@ def sample_n_hints(
         n, _, h, w = ab_norm.shape
         return torch.zeros_like(ab_norm), ab_norm.new_zeros((n, 1, h, w))
     return sample_hints(ab_norm, 0.0, generator, sizes, max_points=count)
+
+
+def ground_truth_hints(
+    colour: Image.Image,
+    count: int,
+    input_size: tuple[int, int],
+    generator: torch.Generator,
+    sizes: tuple[int, int] = HINT_SIZE_RANGE,
+    network_size: int = 256,
+) -> list[Hint]:
+    """``count`` hints revealing the ground truth (hinted evaluation, the SIGGRAPH17 protocol).
+
+    Each hint has a uniform random centre in the network's ``network_size`` square, a side
+    uniform in ``sizes`` and the mean ab of the squashed colour photo over its patch (the patch
+    ``hint_planes`` will cover); its point is given in the input's pixels (``input_size``), so the
+    pipeline places it exactly there.
+    """
+    small = colour.convert("RGB").resize((network_size, network_size), Image.Resampling.BILINEAR)
+    ab = rgb_to_lab(to_tensor(small))[1:]
+    width, height = input_size
+    hints = []
+    for _ in range(count):
+        cx = int(torch.randint(0, network_size, (), generator=generator))
+        cy = int(torch.randint(0, network_size, (), generator=generator))
+        side = int(torch.randint(sizes[0], sizes[1] + 1, (), generator=generator))
+        point = Hint((cx + 0.5) * width / network_size, (cy + 0.5) * height / network_size,
+                     0.0, 0.0, side)  # fmt: skip
+        top, bottom, left, right = patch_bounds(point, width, height, network_size)
+        a, b = ab[:, top:bottom, left:right].mean(dim=(1, 2)).tolist()
+        hints.append(Hint(point.x, point.y, a, b, side))
+    return hints
+
+
+def hinted_input(
+    l_norm: torch.Tensor, hint_ab_norm: torch.Tensor, mask: torch.Tensor
+) -> torch.Tensor:
+    """InstColorization's network input with hints: [L, ab / 110, mask - mask_cent (0.5)], so
+    +0.5 where hinted and -0.5 elsewhere (spec §2.5; all zeros / -0.5 is the automatic input)."""
+    return torch.cat((l_norm, hint_ab_norm, mask - INSTCOLOR_MASK_CENT), dim=1)

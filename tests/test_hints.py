@@ -327,3 +327,126 @@ def test_colorize_hints_file_gives_the_pipeline_result_and_refuses_mistakes(
     code = main(["colorize", str(tmp_path / "a.png"), "-o", str(tmp_path / "o3"), "--model",
                  "zhang-eccv16", "--hints", str(tmp_path / "ok.json"), *common])  # fmt: skip
     assert code == 2 and "takes no colour hints" in capsys.readouterr().err
+
+
+# -- training with hints and hinted evaluation -----------------------------------------------
+
+
+@pytest.mark.parametrize("stage", ["full", "instance", "fusion"])
+def test_every_stage_trains_on_the_authors_random_hints(stage: str, tiny_checkpoints: Path) -> None:
+    """While training the networks see [L, hint ab / 110, mask - 0.5] with the hints that
+    ``sample_hints`` draws from the ground truth (the same seed, recomputed here); crops get
+    their own hints from their own ground truth; validation is automatic."""
+    from models.checkpoints import load_networks
+    from training.stages import build_stage
+
+    model = build_stage(stage, load_networks(tiny_checkpoints), hint_sample_p=0.3, hint_seed=7)  # type: ignore[arg-type]
+    torch.manual_seed(0)
+    batch: dict[str, object] = {
+        "l": torch.rand(2, 1, 256, 256) - 0.5,
+        "ab": torch.rand(2, 2, 256, 256) * 0.4 - 0.2,
+    }
+    if stage == "fusion":
+        from models.boxes import FUSION_SCALES, box_info
+
+        boxes = [(2, 3, 20, 25), (12, 6, 38, 30)]
+        batch["crops"] = torch.rand(4, 1, 256, 256) - 0.5
+        batch["crops_ab"] = torch.rand(4, 2, 256, 256) * 0.4 - 0.2
+        batch["box_info"] = [
+            [{s: box_info(b, 40, 32, s) for s in FUSION_SCALES} for b in boxes]
+        ] * 2
+    seen: list[torch.Tensor] = []
+    nets = [model.networks.instance, model.networks.fusion, model.networks.full_image]
+    if stage != "fusion":
+        nets = [model.module.net]  # type: ignore[list-item]
+    for net in nets:
+        net.model1.register_forward_pre_hook(lambda _m, args: seen.append(args[0].clone()))
+    model.set_mode(True)
+    model.module(batch)
+    generator = torch.Generator().manual_seed(7)
+    expected = []
+    pairs = [("crops", "crops_ab"), ("l", "ab")] if stage == "fusion" else [("l", "ab")]
+    for l_key, ab_key in pairs:
+        hint, mask = sample_hints(batch[ab_key], 0.3, generator)  # type: ignore[arg-type]
+        expected.append(torch.cat((batch[l_key], hint, mask - 0.5), dim=1))  # type: ignore[list-item]
+    assert len(seen) == len(expected)
+    for got, want in zip(seen, expected, strict=True):
+        assert torch.equal(got, want)
+        assert set(got[:, 3].unique().tolist()) == {
+            -0.5,
+            0.5,
+        }  # some hints, InstColorization's mask
+    seen.clear()
+    model.set_mode(False)
+    model.module(batch)
+    assert all(x[:, 3].eq(-0.5).all() and x[:, 1:3].eq(0).all() for x in seen)
+
+
+def test_train_hint_sample_p_runs_every_stage(
+    tmp_path: Path, tiny_checkpoints: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from test_training import make_data, write_photos
+
+    from service.cli import main
+
+    data = make_data(tmp_path, write_photos(tmp_path / "photos"), 2, 0)
+    init = tiny_checkpoints
+    for stage in ("full", "instance", "fusion"):
+        out = tmp_path / f"run-{stage}"
+        code = main(["train", "--stage", stage, "--data", str(data), "--init", str(init),
+                     "--output", str(out), "--hint-sample-p", "0.125", "--max-steps", "1",
+                     "--batch-size", "1", "--workers", "0", "--no-progress"])  # fmt: skip
+        assert code == 0, capsys.readouterr().err
+        assert (out / "checkpoints" / "latest_net_GComp.pth").is_file()
+    code = main(["train", "--stage", "full", "--data", str(data), "--init", str(init), "--output",
+                 str(tmp_path / "bad"), "--hint-sample-p", "0", "--workers", "0"])  # fmt: skip
+    assert code == 2 and "--hint-sample-p must be in (0, 1]" in capsys.readouterr().err
+
+
+def test_ground_truth_hints_reveal_the_patch_mean_where_the_pipeline_puts_them() -> None:
+    from models.hints import ground_truth_hints
+    from models.preprocess import to_tensor
+
+    colour = Image.fromarray((np.random.default_rng(0).random((48, 64, 3)) * 255).astype(np.uint8))
+    hints = ground_truth_hints(colour, 5, (64, 48), torch.Generator().manual_seed(1))
+    assert len(hints) == 5
+    ab = rgb_to_lab(to_tensor(colour.resize((256, 256), Image.BILINEAR)))[1:]
+    for hint in hints:
+        planes, mask = hint_planes([hint], 64, 48, 256)
+        patch = mask[0] > 0
+        assert torch.allclose(planes[:, patch][:, 0], ab[:, patch].mean(dim=1), atol=1e-4)
+        assert 1 <= hint.size <= 9 and int(patch.sum()) <= hint.size**2
+
+
+def test_evaluate_hints_scores_hinted_runs_and_refuses_models_without_hints(
+    tmp_path: Path, zoo_weights: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """evaluate --compare over hint counts: one report per count; a network that copies its
+    hints (constructed above) scores higher with ground-truth hints than without."""
+    from service.cli import main
+
+    weights = tmp_path / "weights"
+    (path,) = get_model("zhang-siggraph17").weight_paths(weights)
+    path.parent.mkdir(parents=True)
+    torch.save(hint_copying_generator().state_dict(), path)
+    truth = tmp_path / "truth"
+    truth.mkdir()
+    for i in range(2):
+        rng = np.random.default_rng(i)
+        field = np.kron(rng.random((4, 4, 3)), np.ones((16, 16, 1)))  # big flat colour blocks
+        Image.fromarray((field * 200 + 30).astype(np.uint8)).save(truth / f"t{i}.png")
+    code = main(["evaluate", str(truth), "-o", str(tmp_path / "report"), "--model",
+                 "zhang-siggraph17", "--weights-dir", str(weights), "--precision", "fp32",
+                 "--no-progress", "--compare", "h0=--hints 0", "h40=--hints 40"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    summaries = {
+        name: json.loads((tmp_path / "report" / name / "summary.json").read_text())
+        for name in ("h0", "h40")
+    }
+    assert summaries["h40"]["config"]["hints"] == 40
+    psnr = {k: v["metrics"]["psnr"]["mean"] for k, v in summaries.items()}
+    # the hinted patches come back right and the rest stays grey: better, by the area revealed
+    assert psnr["h40"] > psnr["h0"], psnr
+    code = main(["evaluate", str(truth), "-o", str(tmp_path / "r2"), "--model", "zhang-eccv16",
+                 "--weights-dir", str(zoo_weights), "--hints", "3", "--no-progress"])  # fmt: skip
+    assert code == 2 and "takes no colour hints" in capsys.readouterr().err
