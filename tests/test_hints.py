@@ -450,3 +450,18 @@ def test_evaluate_hints_scores_hinted_runs_and_refuses_models_without_hints(
     code = main(["evaluate", str(truth), "-o", str(tmp_path / "r2"), "--model", "zhang-eccv16",
                  "--weights-dir", str(zoo_weights), "--hints", "3", "--no-progress"])  # fmt: skip
     assert code == 2 and "takes no colour hints" in capsys.readouterr().err
+
+
+def test_hints_cross_the_redis_stream_and_entries_without_hints_are_unchanged() -> None:
+    from service.core.jobs import Job, JobOptions
+    from service.queues.redis.protocol import job_fields, job_from_fields
+
+    hints = [{"x": 1.0, "y": 2.0, "ab": [3.0, -4.0], "size": 3}]
+    job = Job("r", b"img", JobOptions(hints=hints), deadline=2.0, enqueued_at=1.0)
+    fields = {
+        k.encode(): v if isinstance(v, bytes) else v.encode()
+        for k, v in job_fields(job, "t").items()
+    }
+    assert job_from_fields(fields)[1].options.hints == hints
+    plain = job_fields(Job("r", b"img", JobOptions(), deadline=2.0, enqueued_at=1.0), "t")
+    assert "hints" not in json.loads(plain["meta"])["options"]
