@@ -388,6 +388,10 @@ def _usage_error(message: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     if args.engine == "ray":
+        if args.hints:
+            return _usage_error(
+                "--hints is not supported with --engine ray yet; use --engine local"
+            )
         from service.commands.colorize_ray import run_ray
 
         return run_ray(args)
