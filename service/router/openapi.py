@@ -74,7 +74,8 @@ def _hints_parameter() -> dict[str, Any]:
         "description": (
             'JSON list of colour hints (see contentSchema and HintPoint): {"x", "y", "color": '
             '"#rrggbb" or "ab": [a, b], "size"}, at most '
-            f"{MAX_HINTS}, x and y in input pixels after EXIF rotation. Each hint's Lab ab / 110 "
+            f"{MAX_HINTS} ([] = no hints), x and y in input pixels after EXIF rotation. Each "
+            "hint's Lab ab / 110 "
             "is placed over a size x size patch around the point in the network's 256x256 input, "
             "with the hint mask set there. Also refused (422): a point outside the image, or "
             "hints for a model that takes none (only zhang-siggraph17 takes them)."
