@@ -15,8 +15,9 @@ import os
 import platform
 import sys
 import time
+import zlib
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +29,7 @@ from evaluation.dataset import GroundTruth, Instance, Pair, instance_box, load_p
 from evaluation.fid import FidFeatures
 from evaluation.metrics import LpipsMetric, colorfulness, score_pair
 from models.atomic import write_atomic
+from models.hints import ground_truth_hints
 from models.offline import FINISH_ERRORS, describe_failure, run_batches
 from models.pipeline import ColorizeOptions, Prediction, PreparedImage
 from models.zoo import ModelColorizer
@@ -134,7 +136,12 @@ class Evaluator:
         lpips: LpipsMetric | None = None,
         instances: dict[str, list[Instance]] | None = None,
         fid: FidFeatures | None = None,
+        hints: int = 0,
     ) -> None:
+        """``hints`` > 0: each photo gets that many hints sampled from its ground truth
+        (``models.hints.ground_truth_hints``, seeded by the photo's name: every configuration
+        and rerun reveals the same points)."""
+        self.hints = hints
         self.colorizer = colorizer
         self.options = options
         self.lpips = lpips
@@ -143,7 +150,13 @@ class Evaluator:
 
     def _load(self, photo: _Photo) -> PreparedImage:
         photo.pair = load_pair(photo.item.source, self.options.resolution)
-        return self.colorizer.prepare(photo.pair.grey, self.options)
+        options = self.options
+        if self.hints:
+            seed = zlib.crc32(photo.item.image_name.encode())
+            hints = ground_truth_hints(photo.pair.target, self.hints, photo.pair.grey.size,
+                                       torch.Generator().manual_seed(seed))  # fmt: skip
+            options = replace(options, hints=tuple(hints))
+        return self.colorizer.prepare(photo.pair.grey, options)
 
     def score(self, item: GroundTruth, pair: Pair, colorized: Image.Image) -> ImageScore:
         pred = np.asarray(colorized.convert("RGB"), dtype=np.uint8)

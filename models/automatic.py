@@ -1,4 +1,4 @@
-"""The batched pipeline of the automatic models (no detector, no boxes, no hints).
+"""The batched pipeline of the zoo models (no detector, no boxes; hints for those taking them).
 
 ``AutomaticPipeline`` has the interface of ``models.pipeline.Colorizer`` (prepare -> predict ->
 merge, ``check_options``, ``describe``, ``warmup``, ``version``), so the engine, the offline runner
@@ -8,7 +8,8 @@ ab at the same size. What is shared with InstColorization: the input policy (``t
 the full-resolution L, the saturation control and the Lab merge at the original resolution.
 
 Per batch: one call of the model on every image's L (stacked), in the pipeline's precision and
-memory format; the output is converted to float32 normalised ab (ab / 110) on the CPU, the
+memory format (with the hint planes of ``models.hints`` when the batch carries hints and the
+model takes them: ``takes_hints``); the output is converted to float32 normalised ab (ab / 110) on the CPU, the
 ``Prediction`` form the merge expects. The network's time is reported as the ``fusion`` stage (the
 stage that produces ab), with ``detect`` and ``instance`` 0.
 """
@@ -26,6 +27,7 @@ from PIL import Image
 from torch import nn
 
 from models.checkpoints import sha256_file
+from models.hints import HintError, check_hints, hint_planes
 from models.image_input import InputImage, to_input_image
 from models.lab import AB_NORM, normalize_l, rgb_to_lab
 from models.merge import SATURATION_RANGE, merge_network, merge_original, scale_saturation
@@ -47,6 +49,8 @@ class AutomaticPreparedImage(PreparedImage):
     """A ``PreparedImage`` plus the model's own input: Lab L (0..100) at its input size."""
 
     network_l: torch.Tensor | None = None  # (1, S, S)
+    hint_ab: torch.Tensor | None = None  # (2, S, S) Lab ab of the hints, 0 elsewhere (None: none)
+    hint_mask: torch.Tensor | None = None  # (1, S, S) 1 where hinted, 0 elsewhere
 
 
 @dataclass(frozen=True)
@@ -118,11 +122,22 @@ class AutomaticPipeline:
 
     # -- stage 1: CPU ---------------------------------------------------------------------------
 
+    @property
+    def takes_hints(self) -> bool:
+        """Whether the model follows colour hints (``predict_ab(l, ab_hints, hint_mask)``)."""
+        return bool(getattr(self.model, "takes_hints", False))
+
     def check_options(self, options: ColorizeOptions) -> None:
-        """Saturation and resolution as for every model; boxes are refused (no instance path).
+        """Saturation and resolution as for every model; boxes are refused (no instance path),
+        hints too unless the model takes them.
 
         ``max_instances`` and ``score_threshold`` concern the detector and are ignored.
         """
+        if options.hints and not self.takes_hints:
+            raise OptionsError(
+                f"model {self.name!r} takes no colour hints; leave hints out or choose a model "
+                "that follows them (zhang-siggraph17)"
+            )
         if options.boxes is not None and len(options.boxes.boxes) > 0:
             raise OptionsError(
                 f"model {self.name!r} does not use boxes (it colorizes the whole image from L); "
@@ -153,6 +168,14 @@ class AutomaticPipeline:
         size = (self.input_size, self.input_size)
         small = source.rgb.resize(size, Image.Resampling.BILINEAR)
         network_l = rgb_to_lab(to_tensor(small))[0:1]
+        hint_ab = hint_mask = None
+        if options.hints:
+            width, height = source.rgb.size
+            try:
+                check_hints(options.hints, width, height)
+            except HintError as exc:
+                raise OptionsError(str(exc)) from None
+            hint_ab, hint_mask = hint_planes(options.hints, width, height, self.input_size)
         prepared = AutomaticPreparedImage(
             source=source,
             options=options,
@@ -161,6 +184,8 @@ class AutomaticPipeline:
             detector_input=None,
             detector_scale=(1.0, 1.0),
             network_l=network_l,
+            hint_ab=hint_ab,
+            hint_mask=hint_mask,
         )
         prepared.timings["preprocess"] = time.perf_counter() - start
         return prepared
@@ -191,7 +216,14 @@ class AutomaticPipeline:
             stacked = torch.stack([self._network_l(batch[i]) for i in alive])
             x = stacked.to(self.device, self.dtype, non_blocking=True)
             x = x.contiguous(memory_format=self.memory_format)
-            out = self.model.predict_ab(x)  # type: ignore[operator]
+            hints = self._hint_batch([batch[i] for i in alive])
+            if hints is None:
+                out = self.model.predict_ab(x)  # type: ignore[operator]
+            else:
+                ab_hints, mask = (t.to(self.device, self.dtype, non_blocking=True) for t in hints)
+                ab_hints = ab_hints.contiguous(memory_format=self.memory_format)
+                mask = mask.contiguous(memory_format=self.memory_format)
+                out = self.model.predict_ab(x, ab_hints, mask)  # type: ignore[operator]
             normalised = (out.float() / AB_NORM).cpu()
             ab = {i: normalised[k] for k, i in enumerate(alive)}
         if self.device.type == "cuda":
@@ -204,6 +236,23 @@ class AutomaticPipeline:
                 continue
             predictions.append(Prediction(ab[i], [], [], {**p.timings, **stage}))
         return predictions
+
+    def _hint_batch(
+        self, batch: Sequence[PreparedImage]
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Stacked hint ab (Lab) and mask planes in the model's convention, or None if no image
+        of the batch has hints (then the model's own no-hint input is used)."""
+        planes = [(getattr(p, "hint_ab", None), getattr(p, "hint_mask", None)) for p in batch]
+        if all(ab is None for ab, _ in planes):
+            return None
+        on_value, off_value = self.model.hint_mask_values  # type: ignore[misc]
+        s = self.input_size
+        abs_, masks = [], []
+        for ab, mask in planes:
+            abs_.append(ab if ab is not None else torch.zeros((2, s, s)))
+            on = mask if mask is not None else torch.zeros((1, s, s))
+            masks.append(torch.where(on > 0, float(on_value), float(off_value)))
+        return torch.stack(abs_), torch.stack(masks)
 
     def _network_l(self, prepared: PreparedImage) -> torch.Tensor:
         network_l = getattr(prepared, "network_l", None)

@@ -15,3 +15,11 @@ DETECTOR_FILENAMES = {
 }
 """torchvision's COCO Mask R-CNN weight files (the names its URLs end in; tests/test_app.py checks
 that they agree with torchvision's own)."""
+
+MAX_HINTS = 64
+"""Most colour hints one image may carry (the SIGGRAPH17 user study used far fewer)."""
+
+HINT_SIZE_RANGE = (1, 9)
+"""Side of a hint's square patch in the network's 256x256 input: the authors' ``sample_Ps``."""
+
+DEFAULT_HINT_SIZE = 3

@@ -31,6 +31,7 @@ from models.boxes import (
 from models.checkpoints import ColorizationNetworks, load_networks
 from models.detector import DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE, BoxDetector, DetectorVersion
 from models.fusion import FusionLayout, layout_from_rows
+from models.hints import Hint
 from models.image_input import InputImage, to_input_image
 from models.merge import (
     SATURATION_RANGE,
@@ -68,6 +69,7 @@ class ColorizeOptions:
     """Per-image options. ``boxes`` (input pixel coordinates) skip the detector for that image.
 
     ``saturation`` scales the predicted ab before the merge (1.0: the model's own colours).
+    ``hints``: colour points (``models.hints``) for the models that take them.
     """
 
     resolution: Resolution = "original"
@@ -77,6 +79,7 @@ class ColorizeOptions:
     saturation: float = 1.0
     samples: int = 1  # colourings to draw (only a sampling model, zhao-pixelated, takes > 1)
     seed: int | None = None  # a sampling model's seed (None: a fresh one, reported back)
+    hints: tuple[Hint, ...] = ()
 
 
 def check_single_sample(name: str, options: ColorizeOptions) -> None:
@@ -426,6 +429,11 @@ class Colorizer:
     # -- stage 1: CPU ---------------------------------------------------------------------------
 
     def check_options(self, options: ColorizeOptions) -> None:
+        if options.hints:
+            raise OptionsError(
+                "model 'instcolor' takes no colour hints (its released checkpoints were trained "
+                "without them); use --model zhang-siggraph17 / ?model=zhang-siggraph17"
+            )
         if not 0 <= options.max_instances <= self.instance_limit:
             raise OptionsError(
                 f"max_instances must be between 0 and {self.instance_limit}, got {options.max_instances}"

@@ -123,6 +123,7 @@ class ModelSpec(Generic[M]):
 
     published: bool = True  # False: no official weights exist; `train --model NAME` makes them
     max_samples: int = 1  # > 1: a sampling model (samples=N colourings per image, seed)
+    takes_hints: bool = False  # follows colour hints (models.hints): zhang-siggraph17
 
     def folder(self, weights_dir: Path | str) -> Path:
         return Path(weights_dir) / (self.folder_name or self.name)
@@ -232,6 +233,7 @@ ZHANG_ECCV16 = ModelSpec[AutomaticColorizer](
 
 ZHANG_SIGGRAPH17 = ModelSpec[AutomaticColorizer](
     name="zhang-siggraph17",
+    takes_hints=True,
     title="Zhang et al. SIGGRAPH 2017, automatic mode (no hints)",
     paper="Zhang, Zhu, Isola, Geng, Lin, Yu, Efros, Real-Time User-Guided Image Colorization "
     "with Learned Deep Priors, SIGGRAPH 2017",

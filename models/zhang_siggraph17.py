@@ -25,12 +25,15 @@ from models.zhang_eccv16 import check_input
 FILENAME = "siggraph17-df00044c.pth"
 INPUT_SIZE = 256
 NO_HINT_MASK = 0.0  # this file's "no hint" value (InstColorization's would be -0.5)
+HINT_MASK = 1.0  # this file's value where a hint is (InstColorization's would be +0.5)
 
 
 class ZhangSIGGRAPH17(nn.Module):
     """The released SIGGRAPH 2017 weights in the shared generator; ``predict_ab``: L -> ab."""
 
     input_size = INPUT_SIZE
+    takes_hints = True  # models.automatic.AutomaticPipeline passes colour hints to predict_ab
+    hint_mask_values = (HINT_MASK, NO_HINT_MASK)  # the mask channel: (hinted, not hinted)
 
     def __init__(self, generator: FullImageGenerator | None = None) -> None:
         super().__init__()

@@ -18,6 +18,12 @@ Two things schemathesis cannot generate are supplied:
   that follows the served contentSchema *and* those rules, and checks every draw against the
   contentSchema read from the document, so the generator cannot drift from the contract.
 
+- ``hints`` (positive cases only, by the same hook): also a string holding JSON (contentSchema a
+  list of HintPoint), and the rules JSON Schema cannot state (a point inside the image; a model
+  that takes hints) refuse every non-empty list on these servers, which load ``instcolor`` only
+  (it takes none: 422, as documented). Positive cases send the empty list, which means "no
+  hints"; the hint values themselves are tested against their schema in tests/test_hints.py.
+
 Negative cases are left untouched: whatever schemathesis breaks must be refused with a 4xx.
 """
 
@@ -154,6 +160,8 @@ def install_positive_inputs(schema: Any) -> None:
             return BATCH_FIELDS.map(with_batch)
         if case.operation.path != "/colorize" or not positive:
             return st.just(case)
+        if case.query and "hints" in case.query:
+            case.query = {**case.query, "hints": "[]"}
         if not case.query or "boxes" not in case.query:
             return st.just(case)
 

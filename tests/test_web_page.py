@@ -360,7 +360,7 @@ def test_page_with_api_keys(keyed_server: Server, browser: Browser, tmp_path: Pa
 
 STATIC = REPO / "service" / "router" / "static"
 MODULES = ("app.js", "api.js", "apikey.js", "batches.js", "boxes.js", "compare.js", "dom.js", "facts.js",
-           "frame.js", "info.js", "list.js", "models.js", "options.js", "queue.js", "state.js", "upload.js",
+           "frame.js", "hints.js", "info.js", "list.js", "models.js", "options.js", "queue.js", "state.js", "upload.js",
            "viewer.js")  # fmt: skip
 IMPORT = re.compile(r'^import [^;]+ from "\./([a-z]+\.js)";$', re.MULTILINE)
 
@@ -456,6 +456,107 @@ def test_page_lists_and_runs_larsson(
     assert fact(p, "Model") == "larsson-eccv16"
     assert fact(p, "Model version").startswith("larsson-eccv16-")
     only_to(larsson_server, browser)
+
+
+@pytest.fixture(scope="module")
+def hints_server(zoo_weights: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """The user-guided model (serve --models zhang-siggraph17,zhang-eccv16), no detector."""
+    log = tmp_path_factory.mktemp("web-hints") / "serve.log"
+    with serve(zoo_weights / "checkpoints", log, "--no-detector", "--weights-dir",
+               str(zoo_weights), "--models", "zhang-siggraph17,zhang-eccv16") as running:  # fmt: skip
+        yield running
+
+
+def hint_rows(page: Page) -> list[str]:
+    return page.locator("#hint-list .hint-item .link").all_inner_texts()
+
+
+def test_page_colour_hints(hints_server: Server, browser: Browser, tmp_path: Path) -> None:
+    """Click to drop a point, recolour it from the palette, drag it, sample a colour from the
+    result, remove a point; the marks are drawn over the view; the next request carries exactly
+    the points shown."""
+    import io
+    import json
+    from urllib.parse import parse_qs
+
+    p = browser.page
+    photo = tmp_path / "street.png"
+    scene().save(photo)
+    p.goto(hints_server.base + "/")
+    p.wait_for_function("() => document.querySelectorAll('#opt-model option').length === 2")
+    labels = p.locator("#opt-model option").all_inner_texts()
+    assert labels == ["zhang-siggraph17 (follows hints)", "zhang-eccv16"]
+    with p.expect_request(lambda r: "/colorize?" in r.url) as asked:
+        p.set_input_files("#file-input", [str(photo)])
+    wait_done(p, 0)
+    assert "hints=" not in asked.value.url  # nothing placed yet: nothing sent
+    # the same request outside the browser gives the result the page shows (seeded weights)
+    url = hints_server.base + "/colorize?" + urlsplit(asked.value.url).query
+    answer = httpx.post(url, content=photo.read_bytes(), headers={"content-type": "image/png"},
+                        timeout=120)  # fmt: skip
+    result = Image.open(io.BytesIO(answer.content)).convert("RGB")
+
+    layer = p.locator("#hint-overlay")
+    box = layer.bounding_box()
+    assert box is not None
+
+    def at(x: int, y: int) -> dict[str, float]:  # input pixel (x, y) -> a point on the layer
+        return {"x": (x + 0.5) * box["width"] / 320, "y": (y + 0.5) * box["height"] / 240}
+
+    p.click("#hint-place")
+    layer.click(position=at(60, 40))
+    assert hint_rows(p) == ["Hint 1 · (60, 40) · #3a7bd5 · size 3"]
+    p.click('#hint-palette [data-color="#b86a48"]')  # recolours the selected (new) point
+    assert "#b86a48" in hint_rows(p)[0]
+    # drag it to (200, 120) (the palette click may have scrolled: the layer's place is re-read)
+    layer.scroll_into_view_if_needed()
+    now = layer.bounding_box()
+    assert now is not None
+    start, end = at(60, 40), at(200, 120)
+    p.mouse.move(now["x"] + start["x"], now["y"] + start["y"])
+    p.mouse.down()
+    p.mouse.move(now["x"] + end["x"], now["y"] + end["y"], steps=5)
+    p.mouse.up()
+    assert hint_rows(p) == ["Hint 1 · (200, 120) · #b86a48 · size 3"]
+    # a second point with a colour sampled from the result, then it is removed again
+    p.select_option("#hint-size", "5")
+    p.click("#hint-sample")
+    layer.click(position=at(300, 20))
+    sampled = "#{:02x}{:02x}{:02x}".format(*result.getpixel((300, 20)))
+    assert p.locator("#hint-color").input_value() == sampled
+    # the colour and the size go to the selected point (and to the next one)
+    assert hint_rows(p) == [f"Hint 1 · (200, 120) · {sampled} · size 5"]
+    p.click("#hint-place")
+    layer.click(position=at(10, 200))
+    assert len(hint_rows(p)) == 2 and f"{sampled} · size 5" in hint_rows(p)[1]
+    assert p.locator("#hint-overlay circle.hint-mark").count() == 2
+    p.click('button[aria-label="Remove hint 2"]')
+    assert p.locator("#hint-overlay circle.hint-mark").count() == 1
+    p.locator("#hint-list .hint-item .link").first.click()  # select point 1, give it the brick
+    p.click('#hint-palette [data-color="#b86a48"]')
+    fill = p.locator("#hint-overlay circle.hint-mark").get_attribute("fill")
+    assert fill == "#b86a48"
+
+    with p.expect_response(lambda r: "/colorize?" in r.url) as again:
+        p.click("#recolorize-hints")
+    sent = json.loads(parse_qs(urlsplit(again.value.url).query)["hints"][0])
+    assert sent == [{"x": 200, "y": 120, "color": "#b86a48", "size": 5}]
+    assert again.value.status == 200
+    wait_done(p, 0)
+    assert hint_rows(p) == ["Hint 1 · (200, 120) · #b86a48 · size 5"]  # kept after the answer
+    # side by side: the point is drawn over the before view too
+    p.check('input[name="mode"][value="side"]')
+    marks = p.locator(".before-pane .hint-overlay circle.hint-mark")
+    assert marks.count() == 1 and marks.first.is_visible()
+    # a model without hints refuses them with its message on the page
+    p.select_option("#opt-model", "zhang-eccv16")
+    with p.expect_response(lambda r: "/colorize?" in r.url) as refused:
+        p.click("#recolorize-hints")
+    assert refused.value.status == 422
+    p.wait_for_function("() => document.querySelector('.queue-item')?.dataset.status === 'failed'")
+    only_to(hints_server, browser)
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    p.screenshot(path=str(ARTIFACTS / "web-page-hints.png"), full_page=True)
 
 
 def test_static_files_are_packaged() -> None:

@@ -10,7 +10,9 @@ from the original-resolution images and squashed the same way as at inference (`
   training sampler passes the epoch with each index, so persistent workers see it too).
 * ``fusion``: the whole image plus all its boxes (at most 8) as crops, with their ``box_info``.
 
-Stages ``instance`` and ``fusion`` use only the images with at least one box.
+Stages ``instance`` and ``fusion`` use only the images with at least one box. With
+``crop_targets`` (hint training), fusion samples also carry each crop's ab (``crops_ab``), the
+ground truth its random hints are taken from.
 """
 
 from __future__ import annotations
@@ -70,8 +72,11 @@ def row_boxes(row: ManifestRow) -> list[IntBox]:
 class StageDataset(Dataset[dict[str, Any]]):
     """The samples of one stage; ``set_epoch`` before each epoch (the instance box choice)."""
 
-    def __init__(self, rows: Sequence[ManifestRow], stage: Stage, seed: int = 0) -> None:
+    def __init__(
+        self, rows: Sequence[ManifestRow], stage: Stage, seed: int = 0, crop_targets: bool = False
+    ) -> None:
         self.stage = stage
+        self.crop_targets = crop_targets
         self.rows = [r for r in rows if stage == "full" or row_boxes(r)]
         self.seed = seed
         self.epoch = 0
@@ -98,6 +103,8 @@ class StageDataset(Dataset[dict[str, Any]]):
         if self.stage == "fusion":
             boxes = row_boxes(row)
             sample["crops"] = crop_l(grey, boxes)
+            if self.crop_targets:
+                sample["crops_ab"] = torch.stack([colour_target(colour.crop(b))[0] for b in boxes])
             sample["box_info"] = [
                 {s: box_info(box, row.width, row.height, s) for s in FUSION_SCALES} for box in boxes
             ]
@@ -109,6 +116,8 @@ def collate(samples: list[dict[str, Any]]) -> dict[str, Any]:
     batch: dict[str, Any] = {k: torch.stack([s[k] for s in samples]) for k in ("l", "ab", "rgb")}
     if "crops" in samples[0]:
         batch["crops"] = torch.cat([s["crops"] for s in samples])
+        if "crops_ab" in samples[0]:
+            batch["crops_ab"] = torch.cat([s["crops_ab"] for s in samples])
         batch["box_info"] = [s["box_info"] for s in samples]
     return batch
 

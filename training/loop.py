@@ -84,6 +84,7 @@ class TrainOptions:
     channels_last: bool | None = None  # NHWC parameters and activations; None: on CUDA
     cudnn_benchmark: bool | None = None  # tune convolutions for the fixed 256x256; None: on CUDA
     fresh_fusion: bool = False
+    hint_sample_p: float = 1.0  # < 1: random ground-truth hints while training (1: none)
     log_every: int = 10
     val_every: int = 0  # steps between validations; 0 = at the end of every epoch
     save_every: int = 0  # steps between checkpoints; 0 = at the end of every epoch
@@ -253,7 +254,12 @@ def _train(opts: TrainOptions, context: distributed.DistContext, stop: StopReque
         raise TrainingError(f"{run_dir / 'state.pt'}: nothing to resume; leave out --resume")
 
     rows = read_manifest(opts.data)
-    train_set = StageDataset([r for r in rows if r.split == "train"], opts.stage, opts.seed)
+    if not 0.0 < opts.hint_sample_p <= 1.0:
+        raise TrainingError(f"--hint-sample-p must be in (0, 1], got {opts.hint_sample_p}")
+    hinted = opts.hint_sample_p < 1.0
+    train_set = StageDataset(
+        [r for r in rows if r.split == "train"], opts.stage, opts.seed, crop_targets=hinted
+    )
     val_rows = [r for r in rows if r.split == "val"][: opts.val_limit]
     val_set = StageDataset(val_rows, opts.stage, opts.seed)
     global_batch = opts.batch_size * context.world_size
@@ -267,8 +273,9 @@ def _train(opts: TrainOptions, context: distributed.DistContext, stop: StopReque
     torch.manual_seed(opts.seed)
     init, init_stage = load_init(opts.init)
     model = build_stage(
-        opts.stage, init, init_stage=init_stage, fresh_fusion=opts.fresh_fusion, seed=opts.seed
-    )
+        opts.stage, init, init_stage=init_stage, fresh_fusion=opts.fresh_fusion,
+        seed=opts.seed, hint_sample_p=opts.hint_sample_p, hint_seed=opts.seed + context.rank,
+    )  # fmt: skip
     model.module.to(device)
     for net in (model.networks.instance, model.networks.fusion, model.networks.full_image):
         net.to(device)

@@ -12,6 +12,12 @@
 
 The other two networks are carried over from the init unchanged, so every run writes all three.
 
+Hints (``hint_sample_p`` < 1, ``train --hint-sample-p``): while training, every network input
+(the full image, and each crop) gets the authors' random ground-truth hints
+(``models.hints.sample_hints``: a geometric number of patches of sides 1-9 holding the patch's
+mean ab) in InstColorization's convention ([L, ab / 110, mask - 0.5]); validation stays
+automatic. ``hint_sample_p`` = 1 (the default) is the released checkpoints' setting: no hints.
+
 Exactly the trained parameters have ``requires_grad``: every other one, the class head included,
 is frozen. DistributedDataParallel reduces the gradients of every parameter that requires one, so
 a parameter the loss never reaches would leave its bucket waiting ("Expected to have finished
@@ -29,6 +35,7 @@ from torch import nn
 
 from models.checkpoints import ColorizationNetworks
 from models.fusion import build_layout
+from models.hints import hinted_input, sample_hints
 from models.networks import (
     FUSION_LAYERS,
     FullImageGenerator,
@@ -81,37 +88,70 @@ def init_weights(module: nn.Module, generator: torch.Generator) -> None:
                 m.bias.zero_()
 
 
+class HintSampler:
+    """Random ground-truth hints for the inputs of one stage (``sample_hints``), seeded; on
+    only while training (``StageModel.set_mode``)."""
+
+    def __init__(self, p: float, seed: int) -> None:
+        if not 0.0 < p <= 1.0:
+            raise ValueError(f"hint_sample_p must be in (0, 1], got {p}")
+        self.p = p
+        self.generator = torch.Generator().manual_seed(seed)
+        self.active = False
+
+    def network_input(self, l_norm: torch.Tensor, ab_norm: torch.Tensor | None) -> torch.Tensor:
+        if not self.active or self.p >= 1.0 or ab_norm is None:
+            return network_input(l_norm)
+        hint, mask = sample_hints(ab_norm.to(l_norm.dtype), self.p, self.generator)
+        return hinted_input(l_norm, hint, mask)
+
+
+def _input(
+    hints: HintSampler | None, l_norm: torch.Tensor, ab_norm: torch.Tensor | None
+) -> torch.Tensor:
+    return network_input(l_norm) if hints is None else hints.network_input(l_norm, ab_norm)
+
+
 class FullImageStage(nn.Module):
-    def __init__(self, net: FullImageGenerator) -> None:
+    def __init__(self, net: FullImageGenerator, hints: HintSampler | None = None) -> None:
         super().__init__()
         self.net = net
+        self.hints = hints
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
-        return self.net(network_input(batch["l"]))
+        return self.net(_input(self.hints, batch["l"], batch.get("ab")))
 
 
 class InstanceStage(nn.Module):
-    def __init__(self, net: InstanceGenerator) -> None:
+    def __init__(self, net: InstanceGenerator, hints: HintSampler | None = None) -> None:
         super().__init__()
         self.net = net
+        self.hints = hints
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
-        return self.net(network_input(batch["l"]))[0]
+        return self.net(_input(self.hints, batch["l"], batch.get("ab")))[0]
 
 
 class FusionStage(nn.Module):
     """G on every crop (frozen, no graph), then GF through the vectorised fusion of ``models``."""
 
-    def __init__(self, instance: InstanceGenerator, fusion: FusionGenerator) -> None:
+    def __init__(
+        self,
+        instance: InstanceGenerator,
+        fusion: FusionGenerator,
+        hints: HintSampler | None = None,
+    ) -> None:
         super().__init__()
         self.instance = instance
         self.net = fusion
+        self.hints = hints
 
     def forward(self, batch: dict[str, Any]) -> torch.Tensor:
         with torch.no_grad():
-            _, features = self.instance(network_input(batch["crops"]))
+            crops = _input(self.hints, batch["crops"], batch.get("crops_ab"))
+            _, features = self.instance(crops)
         layout = build_layout(batch["box_info"], batch["l"].device)
-        return self.net(network_input(batch["l"]), features, layout)
+        return self.net(_input(self.hints, batch["l"], batch.get("ab")), features, layout)
 
 
 @dataclass
@@ -123,9 +163,12 @@ class StageModel:
     parameters: list[nn.Parameter]
     networks: ColorizationNetworks
     bn_train: bool
+    hints: HintSampler | None = None
 
     def set_mode(self, training: bool) -> None:
         self.module.train(training and self.bn_train)
+        if self.hints is not None:
+            self.hints.active = training
 
 
 def _trunk_parameters(net: nn.Module) -> list[nn.Parameter]:
@@ -159,28 +202,33 @@ def build_stage(
     init_stage: str | None = None,
     fresh_fusion: bool = False,
     seed: int = 0,
+    hint_sample_p: float = 1.0,
+    hint_seed: int | None = None,
 ) -> StageModel:
     """The trainable module of ``stage`` from the init's networks (see the module docstring)."""
     width = init.width
+    hints = None
+    if hint_sample_p < 1.0:  # each process its own hint stream (``hint_seed``: seed + rank)
+        hints = HintSampler(hint_sample_p, seed if hint_seed is None else hint_seed)
     instance, fusion, full_image = init.instance, init.fusion, init.full_image
     for net in (instance, fusion, full_image):
         net.requires_grad_(False)
     module: nn.Module
     if stage == "full":
         full_image = _copy_of(FullImageGenerator, init.full_image, width)
-        module = FullImageStage(full_image)
+        module = FullImageStage(full_image, hints)
         trained = _trunk_parameters(full_image)
     elif stage == "instance":
         source = init.instance if init_stage == "instance" else init.full_image
         instance = _copy_of(InstanceGenerator, source, width)
-        module = InstanceStage(instance)
+        module = InstanceStage(instance, hints)
         trained = _trunk_parameters(instance)
     else:
         if fresh_fusion:
             fusion = fresh_fusion_net(init.full_image, width, seed)
         else:
             fusion = _copy_of(FusionGenerator, init.fusion, width)
-        module = FusionStage(instance, fusion)
+        module = FusionStage(instance, fusion, hints)
         trained = [
             p
             for name in (*FUSION_LAYERS.values(), "model10", "model_out")
@@ -193,4 +241,4 @@ def build_stage(
     networks = ColorizationNetworks(
         instance, fusion, full_image, init.layout, init.files, init.width
     )
-    return StageModel(stage, module, trained, networks, STAGE_DEFAULTS[stage].bn_train)
+    return StageModel(stage, module, trained, networks, STAGE_DEFAULTS[stage].bn_train, hints)

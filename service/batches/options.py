@@ -6,6 +6,7 @@ from typing import Any
 
 from service.core.boxes import BoxesError, validate_boxes
 from service.core.errors import InvalidParameterError
+from service.core.hints import validate_hints
 from service.core.jobs import SATURATION_RANGE, JobOptions, unknown_model_message
 from service.settings import ServiceSettings
 
@@ -18,6 +19,7 @@ OPTION_NAMES = (
     "boxes",
     "saturation",
     "model",
+    "hints",
 )
 
 
@@ -69,6 +71,8 @@ def check_options(
         raise InvalidParameterError(
             f"{where}: " + unknown_model_message(options["model"], settings.model_list())
         )
+    if options.get("hints") is not None:
+        validate_hints(options["hints"])
     return dict(options)
 
 
@@ -84,5 +88,7 @@ def job_options(options: dict[str, Any], settings: ServiceSettings) -> JobOption
     boxes = values.pop("boxes", None)
     if boxes is not None:
         values["boxes"], values["scores"] = parse_boxes(boxes, settings.max_boxes)
+    if values.get("hints") is not None:
+        values["hints"] = validate_hints(values["hints"]) or None
     values.setdefault("max_instances", settings.instance_limit)
     return JobOptions(**values)

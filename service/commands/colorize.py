@@ -28,7 +28,7 @@ from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import IO, TYPE_CHECKING, Any
+from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from models.image_files import IMAGE_EXTENSIONS, scan_images
 from service.commands.arg_types import batch_size, non_negative_int, unit_float
@@ -40,16 +40,20 @@ from service.commands.colorize_sources import (
 )
 from service.commands.model_flags import add_model_arguments, add_model_choice, model_overrides
 from service.core.boxes import BoxesError, validate_boxes
+from service.core.errors import InvalidParameterError
+from service.core.hints import validate_hints
 from service.core.jobs import SATURATION_RANGE, OutputFormat
 
 if TYPE_CHECKING:  # the model stack (torch) is imported only when the command runs
     from PIL import Image
 
     from models.boxes import Detections
+    from models.hints import Hint
     from models.pipeline import ColorizeOptions, Prediction, PreparedImage
     from models.zoo import ModelColorizer
 
 log = logging.getLogger(__name__)
+Entry = TypeVar("Entry")
 
 FORMATS: tuple[OutputFormat, ...] = ("jpeg", "png", "webp")
 """``--format`` values, also the file extension. Encoded by ``service.engine.encode.encode_image``
@@ -111,6 +115,15 @@ def add_parser(subparsers: Any) -> None:
         help='JSON object: {"<file name or relative path>": {"boxes": [[x1, y1, '
         'x2, y2], ...], "scores": [...]}} in input pixels; those images skip the '
         "detector (scores optional: list order is priority)",
+    )
+    parser.add_argument(
+        "--hints",
+        type=Path,
+        metavar="FILE.json",
+        help='colour hints for models that take them (zhang-siggraph17): a JSON list [{"x": '
+        '.., "y": .., "color": "#rrggbb" (or "ab": [a, b]), "size": 1-9}, ...] in input pixels '
+        'for every input, or an object {"<file name or relative path>": [...]} per input '
+        "(docs/hints.md)",
     )
     parser.add_argument(
         "--resolution",
@@ -255,15 +268,42 @@ def load_boxes(path: Path) -> dict[str, Detections]:
     return parsed
 
 
+def load_hints(path: Path) -> list[Hint] | dict[str, tuple[Hint, ...]]:
+    """Read a ``--hints`` file: a list for every input, or an object of lists per input name."""
+    from models.hints import Hint
+
+    try:
+        data = json.loads(path.read_text())
+    except OSError as exc:
+        raise UsageError(f"--hints {path}: cannot read ({exc.strerror or exc})") from exc
+    except ValueError as exc:
+        raise UsageError(f"--hints {path}: not valid JSON ({exc})") from exc
+
+    def parsed(value: Any, where: str) -> tuple[Hint, ...]:
+        try:
+            return tuple(Hint.from_dict(item) for item in validate_hints(value))
+        except InvalidParameterError as exc:
+            raise UsageError(f"{where}: {exc.detail}") from None
+
+    if isinstance(data, list):
+        return list(parsed(data, f"--hints {path}"))
+    if not isinstance(data, dict):
+        raise UsageError(
+            f'--hints {path}: expected a JSON list of hints or an object {{"<file name>": [...]}}'
+        )
+    return {name: parsed(v, f"--hints {path}: entry {name!r}") for name, v in data.items()}
+
+
 def match_boxes(
-    jobs: Sequence[InputFile], boxes: dict[str, Detections]
-) -> dict[InputFile, Detections]:
-    """Attach ``--boxes`` entries to jobs: by relative path first, else by file name if unique."""
+    jobs: Sequence[InputFile], boxes: dict[str, Entry], flag: str = "--boxes"
+) -> dict[InputFile, Entry]:
+    """Attach ``--boxes`` (or ``flag``) entries to jobs: by relative path first, else by file
+    name if unique."""
     by_key = {job.key: job for job in jobs}
     by_name: dict[str, list[InputFile]] = defaultdict(list)
     for job in jobs:
         by_name[job.source.name].append(job)
-    matched: dict[InputFile, Detections] = {}
+    matched: dict[InputFile, Entry] = {}
     unused = []
     for name, detections in boxes.items():
         if name in by_key:
@@ -272,12 +312,12 @@ def match_boxes(
             matched[by_name[name][0]] = detections
         elif by_name.get(name):
             keys = ", ".join(j.key for j in by_name[name])
-            raise UsageError(f"--boxes entry {name!r} matches several inputs ({keys}); "
+            raise UsageError(f"{flag} entry {name!r} matches several inputs ({keys}); "
                              "use the path relative to the folder argument")  # fmt: skip
         else:
             unused.append(name)
     if unused:
-        log.warning("--boxes entries that match no input (ignored): %s", ", ".join(unused))
+        log.warning(f"{flag} entries that match no input (ignored): %s", ", ".join(unused))
     return matched
 
 
@@ -353,6 +393,10 @@ def _usage_error(message: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     if args.engine == "ray":
+        if args.hints:
+            return _usage_error(
+                "--hints is not supported with --engine ray yet; use --engine local"
+            )
         from service.commands.colorize_ray import run_ray
 
         return run_ray(args)
@@ -372,6 +416,12 @@ def run(args: argparse.Namespace) -> int:
     try:
         jobs = collect_jobs(args.inputs, args.output_dir, extension)
         boxes = match_boxes(jobs, load_boxes(args.boxes)) if args.boxes else {}
+        hints = load_hints(args.hints) if args.hints else {}
+        hints_of = (
+            match_boxes(jobs, hints, "--hints")
+            if isinstance(hints, dict)
+            else {job: tuple(hints) for job in jobs}
+        )
         settings = ModelSettings(**model_overrides(args))
         check_model_names(settings)
         if len(settings.model_list()) != 1:
@@ -380,6 +430,11 @@ def run(args: argparse.Namespace) -> int:
             raise UsageError(
                 f"--boxes: model {settings.default_model!r} does not use boxes (choose "
                 "--model instcolor, or leave --boxes out)"
+            )
+        if hints and not get_model(settings.default_model).takes_hints:
+            raise UsageError(
+                f"--hints: model {settings.default_model!r} takes no colour hints (choose "
+                "--model zhang-siggraph17, or leave --hints out)"
             )
     except UsageError as exc:
         return _usage_error(str(exc))
@@ -411,7 +466,10 @@ def run(args: argparse.Namespace) -> int:
             score_threshold=args.score_threshold,
             saturation=args.saturation,
         )
-        per_job = {job: replace(base, boxes=detections) for job, detections in boxes.items()}
+        per_job = {
+            job: replace(base, boxes=boxes.get(job), hints=hints_of.get(job, ()))
+            for job in {*boxes, *hints_of}
+        }
         work_started = time.perf_counter()
         load_seconds = work_started - started
         outcome = process(

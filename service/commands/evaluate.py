@@ -61,6 +61,11 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instances colorized per image (default 8); 0: full-image network only")  # fmt: skip
     parser.add_argument("--score-threshold", type=unit_float, default=0.7, metavar="T",
                         help="detector score threshold (default 0.7)")  # fmt: skip
+    parser.add_argument("--hints", type=non_negative_int, default=0, metavar="N",
+                        help="N colour hints per photo sampled from its ground truth (the "
+                        "SIGGRAPH17 protocol; a model that takes hints, e.g. zhang-siggraph17); "
+                        "compare counts with --compare h0='--hints 0' h10='--hints 10' "
+                        "(default 0: automatic)")  # fmt: skip
     add_model_choice(parser)
     add_model_arguments(parser)
 
@@ -166,6 +171,7 @@ def _config(
         "resolution": args.resolution,
         "max_instances": args.max_instances,
         "score_threshold": args.score_threshold,
+        "hints": args.hints,
         "batch_size": args.batch_size or "auto",
         "model_flags": {k: str(v) for k, v in model_overrides(args).items()},
         "lpips_weights": None if lpips_weights is None else str(lpips_weights),
@@ -209,6 +215,7 @@ def run(args: argparse.Namespace) -> int:
     from evaluation.fid import FidError
     from evaluation.metrics import LpipsError
     from models.checkpoints import CheckpointError
+    from models.registry import get_model
     from service.engine.loading import ModelSetupError, check_model_names
     from service.settings import ModelSettings, describe_validation_error
 
@@ -232,6 +239,11 @@ def run(args: argparse.Namespace) -> int:
             return _usage_error(f"{config.name or 'evaluate'}: {exc}")
         if len(chosen.model_list()) != 1:
             return _usage_error(f"--model takes one model, got {chosen.models!r}")
+        if config.args.hints and not get_model(chosen.default_model).takes_hints:
+            return _usage_error(
+                f"{config.name or 'evaluate'}: --hints: model {chosen.default_model!r} takes no "
+                "colour hints (choose --model zhang-siggraph17)"
+            )
         if config.args.max_instances > chosen.instance_limit:
             return _usage_error(
                 f"--max-instances {config.args.max_instances} is above the instance limit "
@@ -319,7 +331,7 @@ def _evaluate_all(
             score_threshold=config.args.score_threshold,
             seed=0,  # a sampling model (zhao-pixelated) draws the same sample on every run
         )
-        evaluator = Evaluator(colorizer, options, lpips, instances, fid)
+        evaluator = Evaluator(colorizer, options, lpips, instances, fid, config.args.hints)
         result = evaluator.run(
             items,
             report_dir,

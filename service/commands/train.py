@@ -94,6 +94,12 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--fresh-fusion", action="store_true",
                         help="fusion stage: GF trunk from the init's GComp and new weight "
                         "generators (the paper) instead of fine-tuning the init's GF")  # fmt: skip
+    parser.add_argument("--hint-sample-p", type=float, default=1.0, metavar="P",
+                        help="train to follow colour hints: every training input gets random "
+                        "ground-truth hints, a geometric number of patches (continue with "
+                        "probability 1-P; sides 1-9, the patch's mean ab) as the SIGGRAPH17 "
+                        "authors train; 1 (default): no hints, as the released checkpoints; "
+                        "the authors used 1/8 (docs/hints.md)")  # fmt: skip
     parser.add_argument("--log-every", type=positive_int, default=10, metavar="K",
                         help="a log line and a metrics.jsonl row every K steps (default 10)")  # fmt: skip
     parser.add_argument("--val-every", type=non_negative_int, default=0, metavar="K",
@@ -145,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
         prefetch_factor=args.prefetch_factor, persistent_workers=not args.no_persistent_workers,
         pin_memory=args.pin_memory, channels_last=args.channels_last,
         cudnn_benchmark=args.cudnn_benchmark,
-        fresh_fusion=args.fresh_fusion, log_every=args.log_every, val_every=args.val_every,
+        fresh_fusion=args.fresh_fusion, hint_sample_p=args.hint_sample_p, log_every=args.log_every, val_every=args.val_every,
         save_every=args.save_every, val_limit=args.val_limit,
         lpips_weights=args.lpips_weights, progress=not args.no_progress,
     )  # fmt: skip

@@ -7,7 +7,7 @@ pool, so the in-process batcher and the Redis worker run the same code (``BatchE
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 from models.constants import SATURATION_RANGE
 
@@ -43,6 +43,9 @@ class JobOptions:
     saturation: float = 1.0  # colour strength: scales the predicted ab (1.0: the model's own)
     samples: int = 1  # colourings per image (a sampling model: zhao-pixelated)
     seed: int | None = None  # a sampling model's seed (None: drawn, and returned)
+    # colour hints as checked by service.core.hints ({"x", "y", "color" | "ab", "size"}): part of
+    # the result-cache key (protocol.cache_digest hashes every option)
+    hints: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)

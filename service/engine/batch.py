@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from models.boxes import Detections
+from models.hints import Hint, HintError
 from models.image_input import UnsupportedImageError
 from models.merge import Stopped
 from models.pipeline import (
@@ -102,6 +103,10 @@ def colorize_options(options: JobOptions) -> ColorizeOptions:
         except BoxesError as exc:
             raise InvalidParameterError(f"boxes: {exc}") from exc
         boxes = Detections.from_boxes(checked, scores)
+    try:
+        hints = tuple(Hint.from_dict(item) for item in options.hints or ())
+    except (HintError, KeyError, TypeError, ValueError) as exc:
+        raise InvalidParameterError(f"hints: {exc}") from exc
     return ColorizeOptions(
         resolution=options.resolution,
         max_instances=options.max_instances,
@@ -110,6 +115,7 @@ def colorize_options(options: JobOptions) -> ColorizeOptions:
         saturation=options.saturation,
         samples=options.samples,
         seed=options.seed,
+        hints=hints,
     )
 
 

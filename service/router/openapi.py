@@ -21,6 +21,7 @@ from fastapi.openapi.utils import get_openapi
 
 from service.core.api_keys import load_api_keys
 from service.core.boxes import MAX_COORDINATE
+from service.core.hints import MAX_HINTS, MAX_HINTS_CHARS, HintPoint, hints_schema
 from service.core.image_header import ACCEPTED_FORMATS
 from service.router.inputs import MAX_NUMBER_CHARS, boxes_max_chars
 from service.router.schemas import (
@@ -60,6 +61,24 @@ def _boxes_parameter(settings: ServiceSettings) -> dict[str, Any]:
             "Constraints JSON Schema cannot state, also enforced (422): x2 > x1 and y2 > y1 in "
             "every box; as many scores as boxes; every number written with at most "
             f"{MAX_NUMBER_CHARS} characters. Skips the detector."
+        ),
+    }
+
+
+def _hints_parameter() -> dict[str, Any]:
+    return {
+        "type": "string",
+        "maxLength": MAX_HINTS_CHARS,
+        "contentMediaType": "application/json",
+        "contentSchema": hints_schema(),
+        "description": (
+            'JSON list of colour hints (see contentSchema and HintPoint): {"x", "y", "color": '
+            '"#rrggbb" or "ab": [a, b], "size"}, at most '
+            f"{MAX_HINTS} ([] = no hints), x and y in input pixels after EXIF rotation. Each "
+            "hint's Lab ab / 110 "
+            "is placed over a size x size patch around the point in the network's 256x256 input, "
+            "with the hint mask set there. Also refused (422): a point outside the image, or "
+            "hints for a model that takes none (only zhang-siggraph17 takes them)."
         ),
     }
 
@@ -134,6 +153,12 @@ def complete_schema(schema: dict[str, Any], settings: ServiceSettings) -> dict[s
                 if path == "/colorize" and parameter.get("name") == "boxes":
                     parameter["schema"] = _boxes_parameter(settings)
                     parameter["description"] = parameter["schema"].pop("description")
+                if path == "/colorize" and parameter.get("name") == "hints":
+                    parameter["schema"] = _hints_parameter()
+                    parameter["description"] = parameter["schema"].pop("description")
+                    components.setdefault("schemas", {})["HintPoint"] = (
+                        HintPoint.model_json_schema()
+                    )
     if "Problem" not in components.get("schemas", {}):
         components.setdefault("schemas", {})["Problem"] = Problem.model_json_schema()
     return schema

@@ -19,6 +19,7 @@ from fastapi import Depends, FastAPI, Query, Request
 from fastapi.responses import JSONResponse, Response
 
 from service.core.errors import InvalidParameterError, ServiceError, UnavailableError
+from service.core.hints import parse_hints
 from service.core.image_header import check_shape, probe_size
 from service.core.jobs import (
     DEFAULT_MODEL,
@@ -84,6 +85,7 @@ class ColorizeParams:
     model: str | None = None
     samples: int = 1
     seed: int | None = None
+    hints: str | None = None
 
 
 def colorize_query(
@@ -135,6 +137,14 @@ def colorize_query(
                 "model's own colours; 0: grayscale; 2: twice the chroma.",
             ),
         ] = 1.0,
+        hints: Annotated[
+            str | None,
+            Query(
+                description='Colour hints, JSON: [{"x":..,"y":..,"color":"#rrggbb","size":3}, ...] '
+                "in input pixels (after EXIF rotation); for models that take hints "
+                "(zhang-siggraph17)."
+            ),
+        ] = None,
         model: str = Query(
             loaded[0],
             json_schema_extra={"enum": loaded},
@@ -175,6 +185,7 @@ def colorize_query(
             model,
             samples,
             seed,
+            hints,
         )
 
     return colorize_params
@@ -190,7 +201,7 @@ def admit(state: ServiceState) -> JobQueue:
 
 
 def job_options(params: ColorizeParams, max_boxes: int) -> JobOptions:
-    """The query as job options; bad boxes are 422."""
+    """The query as job options; bad boxes or hints are 422."""
     boxes, scores = parse_boxes(params.boxes, max_boxes)
     return JobOptions(
         format=params.format,
@@ -203,6 +214,7 @@ def job_options(params: ColorizeParams, max_boxes: int) -> JobOptions:
         saturation=params.saturation,
         samples=params.samples,
         seed=params.seed,
+        hints=parse_hints(params.hints),
     )
 
 
@@ -428,6 +440,7 @@ def loaded_models(state: ServiceState) -> list[dict[str, Any]]:
                 "input_size": card.get("input_size"),
                 "uses_boxes": card.get("uses_boxes"),
                 "max_samples": card.get("max_samples"),
+                "takes_hints": card.get("takes_hints"),
                 "files": card.get("files") or info.get("files") or [],
                 "detector": info.get("detector"),
                 "device": info.get("device"),

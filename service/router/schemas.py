@@ -87,6 +87,9 @@ class ModelInfo(BaseModel):
         default=None,
         description="Most ?samples= per image (1: one colouring; > 1: a sampling model).",
     )
+    takes_hints: bool | None = Field(
+        default=None, description="Whether the model follows colour hints (?hints=)."
+    )
     files: list[WeightFileInfo] = Field(default_factory=list, description="Weight files loaded.")
     detector: str | None = None
     device: str | None = None
@@ -112,7 +115,8 @@ def problem_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
         413: "Body over max_body_bytes, or image over max_pixels (checked before decoding).",
         415: "Not an image content type, an unsupported image format, or an animated image.",
         422: "A parameter is out of range or malformed, a model that is not loaded here "
-        "(?model=), or boxes for a model that does not use them.",
+        "(?model=), boxes for a model that does not use them, or hints that are malformed, "
+        "too many, outside the image, or for a model that takes none.",
         429: "Queue full (when COLORIZE_OVERLOAD_STATUS=429); see Retry-After.",
         500: "Internal error; the body carries the request ID, never a stack trace.",
         503: "Queue full, estimated work past the deadline, no live worker, model loading or "

@@ -165,6 +165,8 @@ def job_fields(job: Job, token: str) -> dict[str, bytes | str]:
     del meta["image"]
     if not meta["trace_context"]:  # only sent when tracing is on: other entries unchanged
         del meta["trace_context"]
+    if meta["options"]["hints"] is None:  # only sent with hints: other entries unchanged
+        del meta["options"]["hints"]
     return {"token": token, "meta": json.dumps(meta), "image": job.image}
 
 
@@ -213,7 +215,10 @@ def cache_digest(image: bytes, options: JobOptions, model_version: str) -> str:
     digest = hashlib.sha256()
     digest.update(model_version.encode())
     digest.update(b"\0")
-    digest.update(json.dumps(asdict(options), sort_keys=True).encode())
+    described = asdict(options)
+    if described["hints"] is None:  # the keys of results without hints are those of before
+        del described["hints"]
+    digest.update(json.dumps(described, sort_keys=True).encode())
     digest.update(b"\0")
     digest.update(image)
     return digest.hexdigest()

@@ -24,9 +24,10 @@ export async function fetchModels() {
 /**
  * The query of one POST /colorize. With `boxes` ([{box, score | null}]) the request sends exactly
  * those boxes (drawn ones with score 1) and never asks for fewer slots than boxes, up to
- * `instanceLimit`.
+ * `instanceLimit`. With `hints` ([{x, y, color, size}], input pixels) it sends exactly those colour
+ * hints (?hints=, docs/hints.md).
  */
-export function colorizeQuery(options, boxes, instanceLimit) {
+export function colorizeQuery(options, boxes, instanceLimit, hints) {
   const params = new URLSearchParams();
   params.set("resolution", options.resolution);
   if (options.format) params.set("format", options.format);
@@ -42,6 +43,9 @@ export function colorizeQuery(options, boxes, instanceLimit) {
     }));
   }
   params.set("max_instances", String(maxInstances));
+  if (hints && hints.length) {
+    params.set("hints", JSON.stringify(hints.map((h) => ({ x: h.x, y: h.y, color: h.color, size: h.size }))));
+  }
   return params;
 }
 

@@ -4,6 +4,7 @@
 import { renderOverlay } from "./boxes.js";
 import { $ } from "./dom.js";
 import { renderFacts } from "./facts.js";
+import { renderHints } from "./hints.js";
 import { afterImg, beforeImg, overlay, scales, stage } from "./frame.js";
 import { state } from "./state.js";
 
@@ -33,6 +34,7 @@ export function layout() {
   $("zoom-value").textContent = `${Math.round(state.zoom * 100)}%`;
   applySplit();
   renderOverlay();
+  renderHints();
   renderFacts(item);
 }
 

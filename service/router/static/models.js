@@ -20,7 +20,10 @@ export async function loadModels() {
     for (const model of answer.models) {
       const option = document.createElement("option");
       option.value = model.name;
-      option.textContent = model.uses_boxes ? `${model.name} (uses boxes)` : model.name;
+      const traits = [model.uses_boxes ? "uses boxes" : "", model.takes_hints ? "follows hints" : ""]
+        .filter(Boolean);
+      option.textContent = traits.length ? `${model.name} (${traits.join(", ")})` : model.name;
+      option.dataset.takesHints = String(Boolean(model.takes_hints));
       option.disabled = !model.loaded;
       option.selected = model.name === answer.default;
       select.append(option);

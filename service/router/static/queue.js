@@ -30,6 +30,7 @@ export function addFiles(fileList) {
       resultUrl: null,
       boxes: null, // [{box: [x1, y1, x2, y2], score: number | null (drawn)}]
       request: null, // what the next request sends: {boxes?}
+      hints: [], // colour hints shown and sent with every request: [{x, y, color, size}]
       error: null,
     };
     items.push(item);
@@ -77,7 +78,7 @@ function pump() {
 function colorize(item) {
   const options = readOptions();
   const boxes = item.request && item.request.boxes ? item.request.boxes : null;
-  const params = colorizeQuery(options, boxes, state.instanceLimit);
+  const params = colorizeQuery(options, boxes, state.instanceLimit, item.hints);
 
   item.status = "uploading";
   item.progress = 0;

@@ -6,6 +6,7 @@ import { layout } from "./compare.js";
 import { $ } from "./dom.js";
 import { renderFacts } from "./facts.js";
 import { afterImg, beforeImg } from "./frame.js";
+import { renderHintList } from "./hints.js";
 import { renderItem } from "./list.js";
 import { state } from "./state.js";
 
@@ -45,6 +46,7 @@ export function renderViewer() {
   download.download = downloadName(item);
   renderFacts(item);
   renderBoxes();
+  renderHintList();
   layout();
 }
 
