@@ -454,10 +454,16 @@ class Colorizer:
             lightness=l_full,
             detector_input=detector_input,
             detector_scale=scale,
-            pixels=rgb_uint8(source.rgb) if crops and self.device_crops else None,
+            pixels=self._pixels(source.rgb) if crops and self.device_crops else None,
         )
         prepared.timings["preprocess"] = time.perf_counter() - start
         return prepared
+
+    def _pixels(self, image: Image.Image) -> torch.Tensor:
+        """The RGB device crops upload; on CUDA in pinned memory (from torch's caching host
+        allocator), so the copy in ``predict`` is asynchronous. Made on the CPU pool."""
+        pixels = rgb_uint8(image)
+        return pixels.pin_memory() if self.device.type == "cuda" else pixels
 
     # -- stage 2: device ------------------------------------------------------------------------
 

@@ -219,3 +219,36 @@ def test_warm_shapes_runs_every_bucket_and_image_count(tiny_checkpoints: Path) -
         seen[name].clear()
     colorizer.warm_shapes(4, 3)  # already warm: nothing runs again
     assert not any(seen.values())
+
+
+@pytest.mark.cuda
+def test_on_cuda_predict_synchronises_once_and_matches_the_cpu(tiny_checkpoints: Path) -> None:
+    """On a GPU: the device path's only synchronisations are the final copy of ab (and its
+    counts) to the host; its ab equals the CPU's device-crop path to float tolerance."""
+    import warnings
+
+    images = [picture(320, 240, 8), picture(200, 300, 9)]
+    options = [
+        ColorizeOptions(boxes=Detections.from_boxes([[0, 0, 160, 120], [100, 50, 320, 240]])),
+        ColorizeOptions(boxes=Detections.from_boxes([[10, 10, 190, 290]])),
+    ]
+    gpu = Colorizer(load_networks(tiny_checkpoints), device="cuda", device_crops=True)
+    assert gpu.device_crops
+    prepared = [gpu.prepare(im, op) for im, op in zip(images, options, strict=True)]
+    gpu.predict(prepared)  # first run: allocations, cudnn tuning
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            on_gpu = gpu.predict(prepared)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 2, [
+        str(w.message) for w in syncs
+    ]  # the copy (and .tolist of its host copy: none)
+    cpu = Colorizer(load_networks(tiny_checkpoints), device_crops=True)
+    on_cpu = cpu.predict([cpu.prepare(im, op) for im, op in zip(images, options, strict=True)])
+    for g, c in zip(on_gpu, on_cpu, strict=True):
+        torch.testing.assert_close(g.ab, c.ab, atol=1e-3, rtol=0)
