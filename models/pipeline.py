@@ -22,10 +22,9 @@ from PIL import Image
 
 from models.boxes import (
     DEFAULT_MAX_INSTANCES,
-    FUSION_SCALES,
     Detections,
     IntBox,
-    box_info_rows,
+    box_info_table,
     choose_boxes,
 )
 from models.checkpoints import ColorizationNetworks, load_networks
@@ -220,7 +219,7 @@ class _BoxLayout:
         boxes = self.boxes.to(device, non_blocking=True)
         sizes = self.sizes.to(device, non_blocking=True)
         return layout_from_rows(
-            {scale: box_info_rows(boxes, sizes, scale) for scale in FUSION_SCALES},
+            box_info_table(boxes, sizes),
             self.image_index.to(device, non_blocking=True),
             self.slot_index.to(device, non_blocking=True),
             len(self.counts),

@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from models.boxes import FUSION_SCALES, Detections, box_info, box_info_rows
+from models.boxes import FUSION_SCALES, Detections, box_info, box_info_rows, box_info_table
 from models.checkpoints import load_networks
 from models.fusion import build_layout
 from models.pipeline import (
@@ -75,6 +75,25 @@ def test_tensor_layout_equals_the_per_box_layout(case) -> None:  # type: ignore[
             assert torch.equal(
                 getattr(got.scales[scale], name), getattr(expected.scales[scale], name)
             )
+
+
+@settings(deadline=None, max_examples=25)
+@given(boxes_in_images())
+def test_all_scales_at_once_equal_one_scale_at_a_time(case) -> None:  # type: ignore[no-untyped-def]
+    """``_axes`` (every scale in one pass) against ``_axis`` (the per-scale form), bit for bit."""
+    from models.fusion import _axes, _axis
+
+    sizes, boxes = case
+    flat = torch.tensor([b for image in boxes for b in image])
+    per_box = torch.tensor([s for s, image in zip(sizes, boxes, strict=True) for _ in image])
+    table = box_info_table(flat, per_box)
+    coords, inside = _axes(table[:, :, 0], table[:, :, 4])
+    offset = 0
+    for i, scale in enumerate(FUSION_SCALES):
+        one_coords, one_inside = _axis(table[i, :, 0], table[i, :, 4], scale)
+        assert torch.equal(coords[:, offset : offset + scale], one_coords)
+        assert torch.equal(inside[:, offset : offset + scale], one_inside)
+        offset += scale
 
 
 def test_a_layout_without_stopped_images_keeps_the_others_rows() -> None:
