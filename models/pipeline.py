@@ -691,8 +691,11 @@ class Colorizer:
     def warm_shapes(self, max_batch: int, instances: int) -> None:
         """Run each network at every input shape a batch of up to ``max_batch`` images with up
         to ``instances`` boxes each can give it: the instance net and the fusion's weight convs
-        at every instance bucket, the fusion and full-image nets at every image count. Shapes
-        already run are skipped (``warmup`` calls this once per batch size)."""
+        at every instance bucket, the fusion and full-image nets at every image count, the
+        detector at every canvas and image count (``BoxDetector.warm_buckets``). Shapes already
+        run are skipped (``warmup`` calls this once per batch size)."""
+        if self.detector is not None:
+            self.detector.warm_buckets(max_batch)
         dtype = self.dtype
         runs: list[tuple[int, int]] = [(b, b) for b in range(1, max_batch + 1)]  # images, crops
         if instances > 0:
