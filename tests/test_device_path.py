@@ -240,6 +240,24 @@ def test_warm_shapes_runs_every_bucket_and_image_count(tiny_checkpoints: Path) -
     assert not any(seen.values())
 
 
+def test_warm_shapes_runs_the_detector_at_every_canvas(
+    tiny_checkpoints: Path, detector_weights: Path
+) -> None:
+    from models.detector import BoxDetector
+
+    detector = BoxDetector.from_file(detector_weights, min_size=64, max_size=96, shape_buckets=True)
+    colorizer = Colorizer(load_networks(tiny_checkpoints), detector=detector)
+    seen: set[tuple[int, ...]] = set()
+
+    def record(module: object, args: tuple[torch.Tensor, ...]) -> None:
+        seen.add(tuple(args[0].shape))
+
+    detector.model.backbone.register_forward_pre_hook(record)
+    colorizer.warm_shapes(2, 1)
+    # landscape 64x96 and portrait 96x64 at 1 and 2 images, the mixed square 96x96 at 2
+    assert seen == {(1, 3, 64, 96), (2, 3, 64, 96), (1, 3, 96, 64), (2, 3, 96, 64), (2, 3, 96, 96)}
+
+
 @pytest.mark.cuda
 def test_on_cuda_predict_synchronises_once_and_matches_the_cpu(tiny_checkpoints: Path) -> None:
     """On a GPU: the device path's only synchronisations are the final copy of ab (and its
