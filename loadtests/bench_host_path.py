@@ -25,6 +25,7 @@ from pathlib import Path
 
 import torch
 from PIL import Image
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_pipeline import machine, random_checkpoints
@@ -130,8 +131,27 @@ def _sync(device: torch.device) -> Callable[[], None]:
     return lambda: None
 
 
+class OpCounter(TorchDispatchMode):
+    """Counts the aten operations issued (on CUDA each is one kernel launch or a few)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        self.count += 1
+        return func(*args, **(kwargs or {}))
+
+
+def counted(fn: Callable[[], object], sync: Callable[[], None]) -> float:
+    """The aten operations ``fn`` issues (``timed``'s signature, so a step can be counted)."""
+    with OpCounter() as counter:
+        fn()
+    return float(counter.count)
+
+
 def one_run_device(
-    colorizer: Colorizer, batch: list[PreparedImage], whole: bool
+    colorizer: Colorizer, batch: list[PreparedImage], whole: bool, count: bool = False
 ) -> dict[str, float]:
     """The same steps as ``predict`` runs them now (device crops, tensor layout, one copy out).
 
@@ -141,6 +161,7 @@ def one_run_device(
     """
     device, dtype = colorizer.device, colorizer.dtype
     sync = _sync(device)
+    timed_or_counted = counted if count else timed
     seconds: dict[str, float] = {}
     chosen = {}
     sync()
@@ -150,7 +171,7 @@ def one_run_device(
             assert p.options.boxes is not None
             chosen[i] = choose_boxes(p.options.boxes, *p.source.size, p.options.max_instances)
 
-    seconds["boxes"] = timed(boxes, lambda: None)
+    seconds["boxes"] = timed_or_counted(boxes, lambda: None)
     held: dict[str, object] = {}
 
     def cut() -> None:
@@ -159,7 +180,7 @@ def one_run_device(
         sources = [p.rgb_uint8() for p in batch]
         held["crops"] = crop_l_on_device(sources, layout.boxes, layout.image_index, device)
 
-    seconds["crops"] = timed(cut, lambda: None)
+    seconds["crops"] = timed_or_counted(cut, lambda: None)
 
     def inputs() -> None:
         crops = held["crops"]
@@ -167,14 +188,14 @@ def one_run_device(
         colorizer._network_input(pad_rows(crops, instance_bucket(crops.shape[0])), dtype)
         colorizer._network_input(torch.stack([p.l_norm for p in batch]), dtype)
 
-    seconds["inputs"] = timed(inputs, lambda: None)
+    seconds["inputs"] = timed_or_counted(inputs, lambda: None)
 
     def layout() -> None:
         box_layout = held["layout"]
         assert isinstance(box_layout, _BoxLayout)
         box_layout.fusion_layout(device)
 
-    seconds["layout"] = timed(layout, lambda: None)
+    seconds["layout"] = timed_or_counted(layout, lambda: None)
     out = torch.zeros(len(batch), 2, 256, 256, device=device, dtype=dtype)
     sync()
 
@@ -183,7 +204,7 @@ def one_run_device(
         outputs.put(range(len(batch)), out)
         outputs.to_host()
 
-    seconds["copy_out"] = timed(copy_out, lambda: None)
+    seconds["copy_out"] = timed_or_counted(copy_out, lambda: None)
     if whole:
         seconds["predict"] = timed(lambda: colorizer.predict(batch), sync)
     return seconds
@@ -252,6 +273,20 @@ def main() -> None:
             print(f"| {path} | {size} | {cells} | **{host:.2f}** | {whole} |")
     print()
     print(f"ms per 8-instance image; target: host total under {TARGET_MS} ms")
+    print()
+    print("device path, aten operations issued per batch (each one kernel launch or a few on")
+    print("CUDA; host time there is about these times the launch cost, independent of pixels):")
+    print()
+    print("| batch | " + " | ".join(STEPS) + " | total | per image |")
+    print("|---" * (len(STEPS) + 3) + "|")
+    colorizer = Colorizer(networks, device=device, precision=args.precision, device_crops=True)
+    for size in BATCHES:
+        options = [ColorizeOptions(resolution="network", boxes=eight_boxes(i)) for i in range(size)]
+        batch = [colorizer.prepare(photo(i), options[i]) for i in range(size)]
+        ops = one_run_device(colorizer, batch, False, count=True)
+        total = sum(ops[s] for s in STEPS)
+        cells = " | ".join(f"{ops[s]:.0f}" for s in STEPS)
+        print(f"| {size} | {cells} | {total:.0f} | {total / size:.1f} |")
 
 
 if __name__ == "__main__":

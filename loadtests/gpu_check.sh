@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One prepared GPU check (issue 18, item 5): precision, pipeline, HTTP, training, torchrun.
+# One prepared GPU check (issue 18, item 5): precision, detector boxes, pipeline, HTTP, training,
+# torchrun.
 #
 #   bash loadtests/gpu_check.sh                 # on a GPU host (aim: under 8 minutes on one GPU)
 #   bash loadtests/gpu_check.sh --quick         # on a CPU: tiny networks, a few steps (CI)
@@ -61,10 +62,12 @@ if [ "$QUICK" = 1 ] || [ "$NGPU" = 0 ]; then
   DEVICE=cpu; WIDTH=8; MODES=fp32-cl,bf16; BOXPHOTOS=0; PHOTOS=1
   PIPE_FLAGS="--precisions fp32 --quick --modes full,boxes8 --image-size 64x48"
   USERS=2; DURATION=3; WARMUP=1; STEPS=1; TBATCH=1; TPREC=fp32; DDPSTEPS=2
+  DETMODES=bf16; DETSIZE=64; DETIMAGES=2; DETTHRESH=0.0
 else
   DEVICE=cuda; WIDTH=64; MODES=fp32-cl,fp16,bf16; BOXPHOTOS=6; PHOTOS=0
   PIPE_FLAGS="--precisions fp32,fp16,bf16 --batch-sizes 1,8,32 --images 64"
   USERS=32; DURATION=30; WARMUP=10; STEPS=20; TBATCH=16; TPREC=fp32,fp16,bf16; DDPSTEPS=4
+  DETMODES=fp16,bf16; DETSIZE=800; DETIMAGES=8; DETTHRESH=0.05
 fi
 [ "$QUICK" = 1 ] && DEVICE=cpu
 
@@ -80,6 +83,10 @@ section() { echo; echo "## $1"; echo; }
   section "precision vs fp32 (ab error, RGB LSB, non-finite)"
   $PY loadtests/bench_precision.py --device $DEVICE --modes $MODES --width $WIDTH \
       --photos $PHOTOS --box-photos $BOXPHOTOS 2>&1 | grep -E "^\||non-finite" ; echo "exit ${PIPESTATUS[0]}"
+
+  section "detector box IoU vs fp32"
+  $PY loadtests/bench_detector_precision.py --device $DEVICE --modes $DETMODES --size $DETSIZE \
+      --images $DETIMAGES --threshold $DETTHRESH 2>&1 | grep -E "^\||^detector" ; echo "exit ${PIPESTATUS[0]}"
 
   section "pipeline images/s and device ms/img"
   $PY loadtests/bench_pipeline.py --device $DEVICE --width $WIDTH $PIPE_FLAGS --no-write 2>&1 | grep -E "^\|" ; echo "exit ${PIPESTATUS[0]}"

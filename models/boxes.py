@@ -129,22 +129,33 @@ def box_info(
 
 
 def _span_rows(
-    start: torch.Tensor, end: torch.Tensor, size: torch.Tensor, scale: int
+    start: torch.Tensor, end: torch.Tensor, size: torch.Tensor, scale: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``_span`` on tensors: float64, so ``(start / size) * scale`` rounds as Python's does."""
+    """``_span`` on tensors: float64, so ``(start / size) * scale`` rounds as Python's does.
+    ``start``, ``end``, ``size``: (K,); ``scale``: (S, 1); results (S, K)."""
     lo = torch.floor((start / size) * scale).long()  # start, end >= 0: floor is int()
     hi = torch.floor((end / size) * scale).long()
     short = (hi - lo) < 1
-    grow = short & ((scale - hi) > 1)
+    grow = short & ((scale.long() - hi) > 1)
     return lo - (short & ~grow).long(), hi + grow.long()
 
 
-def box_info_rows(boxes: torch.Tensor, sizes: torch.Tensor, scale: int) -> torch.Tensor:
-    """``box_info`` of K boxes at once: ``boxes`` (K, 4) integer (x1, y1, x2, y2), ``sizes``
-    (K, 2) the (width, height) of each box's image -> (K, 6) long [L, R, T, B, w, h], equal to
-    ``box_info`` row by row (tests/test_boxes.py)."""
+def box_info_table(
+    boxes: torch.Tensor, sizes: torch.Tensor, scales: Sequence[int] = FUSION_SCALES
+) -> torch.Tensor:
+    """``box_info`` of K boxes at S scales at once: ``boxes`` (K, 4) integer (x1, y1, x2, y2),
+    ``sizes`` (K, 2) the (width, height) of each box's image -> (S, K, 6) long
+    [L, R, T, B, w, h], equal to ``box_info`` row by row (tests/test_device_path.py). A fixed
+    number of tensor operations whatever K and S."""
     b = boxes.to(torch.float64)
     w, h = sizes.to(torch.float64).unbind(1)
+    scale = torch.tensor(scales, dtype=torch.float64)[:, None].to(b.device, non_blocking=True)
     sx, ex = _span_rows(b[:, 0], b[:, 2], w, scale)
     sy, ey = _span_rows(b[:, 1], b[:, 3], h, scale)
-    return torch.stack((sx, scale - ex, sy, scale - ey, ex - sx, ey - sy), dim=1)
+    whole = scale.long()
+    return torch.stack((sx, whole - ex, sy, whole - ey, ex - sx, ey - sy), dim=2)
+
+
+def box_info_rows(boxes: torch.Tensor, sizes: torch.Tensor, scale: int) -> torch.Tensor:
+    """``box_info_table`` at one scale: (K, 6)."""
+    return box_info_table(boxes, sizes, (scale,))[0]

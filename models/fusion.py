@@ -96,23 +96,58 @@ def build_layout(
     )
 
 
+_POSITIONS: dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = {}
+
+
+def _scale_positions(device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Pixel positions of every fusion scale, concatenated, with each one's scale size and scale
+    number (cached per device: made once)."""
+    key = str(device)
+    if key not in _POSITIONS:
+        positions = torch.cat([torch.arange(size, dtype=torch.float32) for size in FUSION_SCALES])
+        sizes = torch.cat([torch.full((size,), float(size)) for size in FUSION_SCALES])
+        which = torch.cat([torch.full((size,), i) for i, size in enumerate(FUSION_SCALES)])
+        _POSITIONS[key] = (positions.to(device), sizes.to(device), which.to(device))
+    return _POSITIONS[key]
+
+
+def _axes(start: torch.Tensor, length: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``_axis`` at every fusion scale at once: ``start``/``length`` (S, M) -> normalised
+    coordinates and in-box mask (M, P), P the scales' positions concatenated (same float32
+    operations as ``_axis``, so the same values)."""
+    positions, sizes, which = _scale_positions(start.device)
+    first = start.t().float()[:, which]
+    extent = length.t().float()[:, which]
+    dst = positions[None, :] - first
+    src = ((dst + 0.5) * (sizes[None, :] / extent) - 0.5).clamp(min=0.0)
+    normalised = (2.0 * src + 1.0) / sizes[None, :] - 1.0
+    inside = (dst >= 0) & (dst < extent)
+    return normalised, inside
+
+
 def layout_from_rows(
-    rows: dict[int, torch.Tensor],
+    rows: dict[int, torch.Tensor] | torch.Tensor,
     image_index: torch.Tensor,
     slot_index: torch.Tensor,
     batch_size: int,
     max_instances: int,
 ) -> FusionLayout:
-    """The layout from tensors already on the device: ``rows[S]`` (M, 6) ``box_info`` rows at
-    scale S (``models.boxes.box_info_rows``), the image and slot of each instance. Tensor ops
-    only: nothing waits for the device."""
+    """The layout from tensors already on the device: ``box_info`` rows, (S, M, 6) in
+    ``FUSION_SCALES`` order (``models.boxes.box_info_table``) or ``rows[S]`` (M, 6) per scale,
+    and the image and slot of each instance. A fixed number of tensor operations whatever M,
+    nothing that waits for the device."""
     device = image_index.device
+    table = (
+        rows if isinstance(rows, torch.Tensor) else torch.stack([rows[s] for s in FUSION_SCALES])
+    )
+    gx_all, in_x_all = _axes(table[:, :, 0], table[:, :, 4])
+    gy_all, in_y_all = _axes(table[:, :, 2], table[:, :, 5])
     scales: dict[int, ScaleLayout] = {}
+    offset = 0
     for size in FUSION_SCALES:
-        info = rows[size]
-        left, top, w, h = info[:, 0], info[:, 2], info[:, 4], info[:, 5]
-        gx, in_x = _axis(left, w, size)
-        gy, in_y = _axis(top, h, size)
+        part = slice(offset, offset + size)
+        offset += size
+        gx, in_x, gy, in_y = gx_all[:, part], in_x_all[:, part], gy_all[:, part], in_y_all[:, part]
         m = gx.shape[0]
         grid = torch.stack(
             (gx[:, None, :].expand(m, size, size), gy[:, :, None].expand(m, size, size)), dim=-1

@@ -22,10 +22,9 @@ from PIL import Image
 
 from models.boxes import (
     DEFAULT_MAX_INSTANCES,
-    FUSION_SCALES,
     Detections,
     IntBox,
-    box_info_rows,
+    box_info_table,
     choose_boxes,
 )
 from models.checkpoints import ColorizationNetworks, load_networks
@@ -236,7 +235,7 @@ class _BoxLayout:
         boxes = self.boxes.to(device, non_blocking=True)
         sizes = self.sizes.to(device, non_blocking=True)
         return layout_from_rows(
-            {scale: box_info_rows(boxes, sizes, scale) for scale in FUSION_SCALES},
+            box_info_table(boxes, sizes),
             self.image_index.to(device, non_blocking=True),
             self.slot_index.to(device, non_blocking=True),
             len(self.counts),
@@ -478,10 +477,16 @@ class Colorizer:
             lightness=l_full,
             detector_input=detector_input,
             detector_scale=scale,
-            pixels=rgb_uint8(source.rgb) if crops and self.device_crops else None,
+            pixels=self._pixels(source.rgb) if crops and self.device_crops else None,
         )
         prepared.timings["preprocess"] = time.perf_counter() - start
         return prepared
+
+    def _pixels(self, image: Image.Image) -> torch.Tensor:
+        """The RGB device crops upload; on CUDA in pinned memory (from torch's caching host
+        allocator), so the copy in ``predict`` is asynchronous. Made on the CPU pool."""
+        pixels = rgb_uint8(image)
+        return pixels.pin_memory() if self.device.type == "cuda" else pixels
 
     # -- stage 2: device ------------------------------------------------------------------------
 
@@ -710,8 +715,11 @@ class Colorizer:
     def warm_shapes(self, max_batch: int, instances: int) -> None:
         """Run each network at every input shape a batch of up to ``max_batch`` images with up
         to ``instances`` boxes each can give it: the instance net and the fusion's weight convs
-        at every instance bucket, the fusion and full-image nets at every image count. Shapes
-        already run are skipped (``warmup`` calls this once per batch size)."""
+        at every instance bucket, the fusion and full-image nets at every image count, the
+        detector at every canvas and image count (``BoxDetector.warm_buckets``). Shapes already
+        run are skipped (``warmup`` calls this once per batch size)."""
+        if self.detector is not None:
+            self.detector.warm_buckets(max_batch)
         dtype = self.dtype
         runs: list[tuple[int, int]] = [(b, b) for b in range(1, max_batch + 1)]  # images, crops
         if instances > 0:

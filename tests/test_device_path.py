@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from models.boxes import FUSION_SCALES, Detections, box_info, box_info_rows
+from models.boxes import FUSION_SCALES, Detections, box_info, box_info_rows, box_info_table
 from models.checkpoints import load_networks
 from models.fusion import build_layout
 from models.pipeline import (
@@ -75,6 +75,25 @@ def test_tensor_layout_equals_the_per_box_layout(case) -> None:  # type: ignore[
             assert torch.equal(
                 getattr(got.scales[scale], name), getattr(expected.scales[scale], name)
             )
+
+
+@settings(deadline=None, max_examples=25)
+@given(boxes_in_images())
+def test_all_scales_at_once_equal_one_scale_at_a_time(case) -> None:  # type: ignore[no-untyped-def]
+    """``_axes`` (every scale in one pass) against ``_axis`` (the per-scale form), bit for bit."""
+    from models.fusion import _axes, _axis
+
+    sizes, boxes = case
+    flat = torch.tensor([b for image in boxes for b in image])
+    per_box = torch.tensor([s for s, image in zip(sizes, boxes, strict=True) for _ in image])
+    table = box_info_table(flat, per_box)
+    coords, inside = _axes(table[:, :, 0], table[:, :, 4])
+    offset = 0
+    for i, scale in enumerate(FUSION_SCALES):
+        one_coords, one_inside = _axis(table[i, :, 0], table[i, :, 4], scale)
+        assert torch.equal(coords[:, offset : offset + scale], one_coords)
+        assert torch.equal(inside[:, offset : offset + scale], one_inside)
+        offset += scale
 
 
 def test_a_layout_without_stopped_images_keeps_the_others_rows() -> None:
@@ -219,3 +238,54 @@ def test_warm_shapes_runs_every_bucket_and_image_count(tiny_checkpoints: Path) -
         seen[name].clear()
     colorizer.warm_shapes(4, 3)  # already warm: nothing runs again
     assert not any(seen.values())
+
+
+def test_warm_shapes_runs_the_detector_at_every_canvas(
+    tiny_checkpoints: Path, detector_weights: Path
+) -> None:
+    from models.detector import BoxDetector
+
+    detector = BoxDetector.from_file(detector_weights, min_size=64, max_size=96, shape_buckets=True)
+    colorizer = Colorizer(load_networks(tiny_checkpoints), detector=detector)
+    seen: set[tuple[int, ...]] = set()
+
+    def record(module: object, args: tuple[torch.Tensor, ...]) -> None:
+        seen.add(tuple(args[0].shape))
+
+    detector.model.backbone.register_forward_pre_hook(record)
+    colorizer.warm_shapes(2, 1)
+    # landscape 64x96 and portrait 96x64 at 1 and 2 images, the mixed square 96x96 at 2
+    assert seen == {(1, 3, 64, 96), (2, 3, 64, 96), (1, 3, 96, 64), (2, 3, 96, 64), (2, 3, 96, 96)}
+
+
+@pytest.mark.cuda
+def test_on_cuda_predict_synchronises_once_and_matches_the_cpu(tiny_checkpoints: Path) -> None:
+    """On a GPU: the device path's only synchronisations are the final copy of ab (and its
+    counts) to the host; its ab equals the CPU's device-crop path to float tolerance."""
+    import warnings
+
+    images = [picture(320, 240, 8), picture(200, 300, 9)]
+    options = [
+        ColorizeOptions(boxes=Detections.from_boxes([[0, 0, 160, 120], [100, 50, 320, 240]])),
+        ColorizeOptions(boxes=Detections.from_boxes([[10, 10, 190, 290]])),
+    ]
+    gpu = Colorizer(load_networks(tiny_checkpoints), device="cuda", device_crops=True)
+    assert gpu.device_crops
+    prepared = [gpu.prepare(im, op) for im, op in zip(images, options, strict=True)]
+    gpu.predict(prepared)  # first run: allocations, cudnn tuning
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            on_gpu = gpu.predict(prepared)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) <= 2, [
+        str(w.message) for w in syncs
+    ]  # the copy (and .tolist of its host copy: none)
+    cpu = Colorizer(load_networks(tiny_checkpoints), device_crops=True)
+    on_cpu = cpu.predict([cpu.prepare(im, op) for im, op in zip(images, options, strict=True)])
+    for g, c in zip(on_gpu, on_cpu, strict=True):
+        torch.testing.assert_close(g.ab, c.ab, atol=1e-3, rtol=0)

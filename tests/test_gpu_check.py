@@ -17,6 +17,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 SECTIONS = [
     "## precision vs fp32",
+    "## detector box IoU vs fp32",
     "## pipeline images/s",
     "## HTTP through serve",
     "## training images/s per stage",
