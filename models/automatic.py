@@ -105,11 +105,17 @@ class AutomaticPipeline:
         digest = hashlib.sha256("".join(f.sha256 for f in self.files).encode()).hexdigest()
         return f"{self.name}-{digest[:12]}"
 
+    @property
+    def network_resolution(self) -> int:
+        """The side of a ``resolution="network"`` result: the model's input size."""
+        return self.input_size
+
     def describe(self) -> dict[str, Any]:
         """What is loaded, for /info, /models and logs: file names and sha256, never paths."""
         return {
             "model_version": self.version,
             "input_size": self.input_size,
+            "network_resolution": self.network_resolution,
             "files": [{"name": f.name, "sha256": f.sha256} for f in self.files],
             "detector": None,
             "detector_file": None,

@@ -41,6 +41,12 @@ class ZhaoPipeline(AutomaticPipeline):
 
     max_samples = MAX_SAMPLES
 
+    @property
+    def network_resolution(self) -> int:
+        """``resolution="network"`` is the product's 256 x 256 (the evaluation protocol's size),
+        not the 128 px the network samples at."""
+        return NETWORK_SIZE
+
     def check_samples(self, options: ColorizeOptions) -> None:
         if not 1 <= options.samples <= MAX_SAMPLES:
             raise OptionsError(

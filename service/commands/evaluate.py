@@ -313,7 +313,8 @@ def _evaluate_all(
     for config, chosen in zip(configurations, settings, strict=True):
         report_dir = args.output / config.name if config.name else args.output
         colorizer = build_colorizer(chosen)
-        input_size = colorizer.describe().get("input_size", NETWORK_SIZE)
+        described = colorizer.describe()
+        input_size = described.get("network_resolution", described.get("input_size", NETWORK_SIZE))
         if config.args.resolution == "network" and input_size != NETWORK_SIZE:
             raise ModelSetupError(
                 f"{config.name or 'evaluate'}: --resolution network scores at {NETWORK_SIZE} px "
