@@ -18,6 +18,10 @@ export function renderFacts(item) {
     ["Request ID", r.request_id],
   ];
   if (r.cached) facts.push(["Cache", "hit"]);
+  if (r.samples && r.samples.length > 1) {
+    facts.push(["Sample", `${(r.picked || 0) + 1} of ${r.samples.length}`]);
+  }
+  if (r.seed !== null && r.seed !== undefined) facts.push(["Seed", String(r.seed)]);
   const dl = $("result-facts");
   dl.replaceChildren();
   for (const [term, value] of facts) {
