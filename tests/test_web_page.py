@@ -649,6 +649,15 @@ def test_page_samples_side_by_side(zhao_server: Server, browser: Browser, tmp_pa
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     p.screenshot(path=str(ARTIFACTS / "web-page-samples.png"), full_page=True)
 
+    # a seed the server refuses: its 422 detail on the image's row
+    p.fill("#opt-seed", "-1")
+    with p.expect_response(lambda r: "/colorize?" in r.url) as refused:
+        p.click("#use-detector")
+    assert refused.value.status == 422
+    p.wait_for_function("() => document.querySelector('.queue-item')?.dataset.status === 'failed'")
+    assert "seed" in p.locator(".queue-item .item-error").inner_text()
+    p.fill("#opt-seed", "")
+
     # back to a model that does not sample: no samples asked for, no grid
     p.select_option("#opt-model", "instcolor")
     assert not p.locator("#sampling-fields").is_visible()

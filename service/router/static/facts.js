@@ -21,7 +21,10 @@ export function renderFacts(item) {
   if (r.samples && r.samples.length > 1) {
     facts.push(["Sample", `${(r.picked || 0) + 1} of ${r.samples.length}`]);
   }
-  if (r.seed !== null && r.seed !== undefined) facts.push(["Seed", String(r.seed)]);
+  if (r.seed !== null && r.seed !== undefined) {
+    // the seed as typed when one was sent (JSON numbers above 2^53 lose digits), else the drawn one
+    facts.push(["Seed", (r.options && r.options.seed) || String(r.seed)]);
+  }
   const dl = $("result-facts");
   dl.replaceChildren();
   for (const [term, value] of facts) {

@@ -8,8 +8,6 @@
 import { resultBlob } from "./api.js";
 import { $, announce } from "./dom.js";
 
-const SEED_MAX = 2n ** 63n - 1n; // the API's seed range, 0 to 2^63 - 1
-
 let onPick = () => {};
 let shownFor = null; // the result whose samples the grid shows
 const shownUrls = []; // object URLs of the grid's images, revoked when the grid is redrawn
@@ -21,18 +19,17 @@ export function maxSamples(name) {
 }
 
 /**
- * What the next request of model `name` asks for: `{samples, seed}` (seed a decimal string or
- * null: the server draws one). A model that does not sample gets `{samples: 1, seed: null}`.
+ * What the next request of model `name` asks for: `{samples, seed}` (seed the field's text, or
+ * null when it is empty: the server draws one; a seed it refuses comes back as its 422 detail).
+ * A model that does not sample gets `{samples: 1, seed: null}`.
  */
 export function readSampling(name) {
   const limit = maxSamples(name);
   if (limit <= 1) return { samples: 1, seed: null };
   const count = Number.parseInt($("opt-samples").value, 10);
   const samples = Number.isFinite(count) ? Math.min(limit, Math.max(1, count)) : 1;
-  const text = $("opt-seed").value.trim();
-  let seed = null;
-  if (/^\d+$/.test(text) && BigInt(text) <= SEED_MAX) seed = text;
-  return { samples, seed };
+  const seed = $("opt-seed").value.trim();
+  return { samples, seed: seed || null };
 }
 
 /** Show the samples and seed fields while the chosen model samples; bound them by its limit. */
