@@ -359,9 +359,9 @@ def test_page_with_api_keys(keyed_server: Server, browser: Browser, tmp_path: Pa
 
 
 STATIC = REPO / "service" / "router" / "static"
-MODULES = ("app.js", "api.js", "apikey.js", "batches.js", "boxes.js", "compare.js", "dom.js", "facts.js",
-           "frame.js", "hints.js", "info.js", "list.js", "models.js", "options.js", "queue.js", "state.js", "upload.js",
-           "viewer.js")  # fmt: skip
+MODULES = ("app.js", "api.js", "apikey.js", "batches.js", "boxes.js", "compare.js", "dom.js",
+           "facts.js", "frame.js", "hints.js", "info.js", "list.js", "models.js", "options.js",
+           "queue.js", "samples.js", "state.js", "upload.js", "viewer.js")  # fmt: skip
 IMPORT = re.compile(r'^import [^;]+ from "\./([a-z]+\.js)";$', re.MULTILINE)
 
 
@@ -557,6 +557,118 @@ def test_page_colour_hints(hints_server: Server, browser: Browser, tmp_path: Pat
     only_to(hints_server, browser)
     ARTIFACTS.mkdir(parents=True, exist_ok=True)
     p.screenshot(path=str(ARTIFACTS / "web-page-hints.png"), full_page=True)
+
+
+@pytest.fixture(scope="module")
+def zhao_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Server]:
+    """serve --models instcolor,zhao-pixelated: a narrow seeded Zhao model (as
+    tests/test_zhao_serving.py writes it) in the training's file layout, no detector."""
+    import torch
+    from weight_files import write_official
+
+    from models.zhao_pixelated import FILENAME, ZhaoPixelated, save_zhao_pixelated
+
+    root = tmp_path_factory.mktemp("web-zhao")
+    write_official(root / "checkpoints", width=8, seed=0)
+    torch.manual_seed(4)
+    tiny = ZhaoPixelated(classes=5, generator_layers=2, generator_channels=16, divisor=16)
+    save_zhao_pixelated(tiny, root / "zhao-pixelated" / FILENAME)
+    with serve(root / "checkpoints", root / "serve.log", "--no-detector", "--weights-dir",
+               str(root), "--models", "instcolor,zhao-pixelated") as running:  # fmt: skip
+        yield running
+
+
+def test_page_samples_side_by_side(zhao_server: Server, browser: Browser, tmp_path: Path) -> None:
+    """A sampling model offers Samples and Seed; the request asks for samples=N with Accept:
+    application/json; the N colourings are shown side by side; the picked one is the result shown
+    and downloaded (byte for byte the server's sample, drawn again outside the browser)."""
+    import base64
+    from urllib.parse import parse_qs
+
+    p = browser.page
+    photo = tmp_path / "street.png"
+    scene(64, 48).save(photo)
+    p.goto(zhao_server.base + "/")
+    p.wait_for_function("() => document.querySelectorAll('#opt-model option').length === 2")
+    labels = p.locator("#opt-model option").all_inner_texts()
+    assert labels == ["instcolor (uses boxes)", "zhao-pixelated (up to 8 samples)"]
+    assert not p.locator("#sampling-fields").is_visible()  # instcolor does not sample
+    p.select_option("#opt-model", "zhao-pixelated")
+    assert p.locator("#sampling-fields").is_visible()
+    assert p.locator("#opt-samples").get_attribute("max") == "8"
+    p.fill("#opt-samples", "3")
+    p.fill("#opt-seed", "7")
+    with p.expect_response(lambda r: "/colorize?" in r.url) as answered:
+        p.set_input_files("#file-input", [str(photo)])
+    response = answered.value
+    query = parse_qs(urlsplit(response.url).query)
+    assert query["model"] == ["zhao-pixelated"] and query["samples"] == ["3"]
+    assert query["seed"] == ["7"]
+    assert response.request.headers["accept"] == "application/json"
+    assert response.status == 200
+    wait_done(p, 0)
+    assert fact(p, "Model") == "zhao-pixelated" and fact(p, "Seed") == "7"
+    assert fact(p, "Sample") == "1 of 3"
+
+    # the same request outside the browser: the seed makes it the same three samples
+    again = httpx.post(response.url, content=photo.read_bytes(), timeout=300,
+                       headers={"content-type": "image/png", "accept": "application/json"})  # fmt: skip
+    samples = [s["image_base64"] for s in again.json()["samples"]]
+    assert len(set(samples)) == 3
+
+    p.wait_for_function(
+        "() => [...document.querySelectorAll('#sample-grid img')]"
+        ".filter(i => i.naturalWidth > 0).length === 3"
+    )
+    geometry = p.evaluate("""() => [...document.querySelectorAll('#sample-grid button')].map(
+        b => [b.dataset.index, b.getAttribute('aria-pressed'), b.getBoundingClientRect().left,
+              b.getBoundingClientRect().top, b.querySelector('img').naturalWidth])""")
+    assert [g[0] for g in geometry] == ["0", "1", "2"]
+    assert [g[1] for g in geometry] == ["true", "false", "false"]  # sample 0 until one is picked
+    assert geometry[0][2] < geometry[1][2] < geometry[2][2]  # side by side, in one row
+    assert geometry[0][3] == geometry[1][3] == geometry[2][3]
+    assert all(g[4] == 64 for g in geometry)
+
+    p.click('#sample-grid button[aria-label="Pick sample 3"]')
+    assert fact(p, "Sample") == "3 of 3"
+    pressed = p.locator("#sample-grid button").evaluate_all(
+        "bs => bs.map(b => b.getAttribute('aria-pressed'))"
+    )
+    assert pressed == ["false", "false", "true"]
+    with p.expect_download() as download_info:
+        p.click("#download")
+    download = download_info.value
+    assert download.suggested_filename == "street-colorized-s2.png"
+    saved = tmp_path / download.suggested_filename
+    download.save_as(saved)
+    assert saved.read_bytes() == base64.b64decode(samples[2])
+    # the viewer shows what was downloaded: the picked sample
+    shown = p.evaluate("() => [document.querySelector('#after-img').src, "
+                       "document.querySelector('#download').href]")  # fmt: skip
+    assert shown[0] == shown[1] and shown[0].startswith("blob:")
+    ARTIFACTS.mkdir(parents=True, exist_ok=True)
+    p.screenshot(path=str(ARTIFACTS / "web-page-samples.png"), full_page=True)
+
+    # a seed the server refuses: its 422 detail on the image's row
+    p.fill("#opt-seed", "-1")
+    with p.expect_response(lambda r: "/colorize?" in r.url) as refused:
+        p.click("#use-detector")
+    assert refused.value.status == 422
+    p.wait_for_function("() => document.querySelector('.queue-item')?.dataset.status === 'failed'")
+    assert "seed" in p.locator(".queue-item .item-error").inner_text()
+    p.fill("#opt-seed", "")
+
+    # back to a model that does not sample: no samples asked for, no grid
+    p.select_option("#opt-model", "instcolor")
+    assert not p.locator("#sampling-fields").is_visible()
+    with p.expect_response(lambda r: "/colorize?" in r.url) as plain:
+        p.click("#use-detector")
+    assert "samples=" not in plain.value.url and "seed=" not in plain.value.url
+    assert plain.value.status == 200
+    wait_done(p, 0)
+    assert fact(p, "Model") == "instcolor"
+    assert not p.locator("#samples-panel").is_visible()
+    only_to(zhao_server, browser)
 
 
 def test_static_files_are_packaged() -> None:

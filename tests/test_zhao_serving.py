@@ -205,3 +205,70 @@ def test_evaluate_compare_with_zhao_is_reproducible(
         comparison = json.loads((report / "comparison.json").read_text())
         assert {r["name"] for r in comparison["metrics"]["psnr"]["rows"]} == {"inst", "zhao"}
     assert scores[0] == scores[1] and len(scores[0]) == 2
+
+
+def test_colorize_command_writes_each_sample(
+    zhao_weights: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """``colorize --model zhao-pixelated --samples 3 --seed 7``: ``<stem>.s0.png`` ...
+    ``<stem>.s2.png`` per input, each the library's sample with that seed (PNG is lossless);
+    without ``--seed`` the run's seed is printed and draws the same files again; models that do
+    not sample refuse ``--samples`` and ``--seed`` (exit 2)."""
+    from service.cli import main
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    first = Image.linear_gradient("L").resize((48, 40)).convert("RGB")
+    second = Image.linear_gradient("L").rotate(90).resize((40, 56))
+    first.save(photos / "a.png")
+    second.save(photos / "b.jpg", quality=95)
+    common = ["--no-progress", "--no-detector", "--precision", "fp32",
+              "--weights-dir", str(zhao_weights), "--model", "zhao-pixelated"]  # fmt: skip
+    out = tmp_path / "out"
+    args = ["colorize", str(photos), "-o", str(out), *common]
+    assert main([*args, "--samples", "3", "--seed", "7"]) == 0
+    assert "seed 7" in capsys.readouterr().out
+    names = sorted(p.name for p in out.iterdir())
+    assert names == [f"{stem}.s{i}.png" for stem in "ab" for i in range(3)]
+
+    pipeline = load_colorizer("zhao-pixelated", zhao_weights)
+    for name in ("a.png", "b.jpg"):
+        with Image.open(photos / name) as photo:
+            photo.load()
+            (expected,) = pipeline.colorize([photo], ColorizeOptions(samples=3, seed=7))
+        for i, image in enumerate((expected.image, *expected.samples)):
+            written = np.asarray(Image.open(out / f"{Path(name).stem}.s{i}.png").convert("RGB"))
+            assert np.array_equal(written, np.asarray(image.convert("RGB"))), (name, i)
+
+    drawn_out = tmp_path / "drawn"
+    assert main(["colorize", str(photos / "a.png"), "-o", str(drawn_out), *common,
+                 "--samples", "2"]) == 0  # fmt: skip
+    summary = capsys.readouterr().out
+    seed = int(summary.split("seed ")[1].split(")")[0])
+    again = tmp_path / "again"
+    assert main(["colorize", str(photos / "a.png"), "-o", str(again), *common,
+                 "--samples", "2", "--seed", str(seed)]) == 0  # fmt: skip
+    for i in range(2):
+        assert (drawn_out / f"a.s{i}.png").read_bytes() == (again / f"a.s{i}.png").read_bytes()
+    # --skip-existing: an input is left only when all its samples are there
+    (again / "a.s1.png").unlink()
+    assert main(["colorize", str(photos / "a.png"), "-o", str(again), *common,
+                 "--samples", "2", "--seed", str(seed), "--skip-existing"]) == 0  # fmt: skip
+    assert "1 colorized" in capsys.readouterr().out
+    assert (drawn_out / "a.s1.png").read_bytes() == (again / "a.s1.png").read_bytes()
+
+    plain = ["colorize", str(photos), "-o", str(tmp_path / "no"), "--no-progress",
+             "--no-detector", "--weights-dir", str(zhao_weights)]  # fmt: skip
+    for extra, flag in ((["--samples", "2"], "--samples"), (["--seed", "3"], "--seed")):
+        assert main([*plain, *extra]) == 2
+        error = capsys.readouterr().err
+        assert f"{flag}: model 'instcolor' gives one colouring per image" in error
+        assert "zhao-pixelated" in error
+    assert not (tmp_path / "no").exists()
+    for bad in ("9", "0"):
+        with pytest.raises(SystemExit) as refused:
+            main([*args, "--samples", bad])
+        assert refused.value.code == 2
+        assert "must be between 1 and 8" in capsys.readouterr().err
+    assert main([*args, "--samples", "2", "--engine", "ray"]) == 2
+    assert "--engine local" in capsys.readouterr().err

@@ -13,6 +13,12 @@ output (``a.jpg`` and ``a.png`` side by side, or ``x/a.jpg`` and ``y/a.jpg`` giv
 of them is named after its full file name instead (``a.jpg.png``, ``a.png.png``); if that is still
 ambiguous the run is refused before any work (exit code 2).
 
+Several samples (``--samples N``, a sampling model only: zhao-pixelated): every input gets N
+outputs, ``<stem>.s0.<format>`` to ``<stem>.s<N-1>.<format>`` in the same place (sample 0 is what
+``<stem>.<format>`` would be). Every input is drawn with the same seed, ``--seed S`` or one drawn
+for the run and printed in the summary, so ``--seed S`` draws any file's samples again, alone or
+among others.
+
 Exit codes: 0 all written; 1 some inputs failed (each is listed); 2 usage or configuration error
 (bad arguments, nothing to colorize, invalid ``--boxes`` file, missing or unusable weights).
 """
@@ -22,6 +28,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import secrets
 import sys
 import time
 from collections import Counter, defaultdict
@@ -42,7 +49,7 @@ from service.commands.model_flags import add_model_arguments, add_model_choice, 
 from service.core.boxes import BoxesError, validate_boxes
 from service.core.errors import InvalidParameterError
 from service.core.hints import validate_hints
-from service.core.jobs import SATURATION_RANGE, OutputFormat
+from service.core.jobs import SAMPLES_LIMIT, SATURATION_RANGE, OutputFormat
 
 if TYPE_CHECKING:  # the model stack (torch) is imported only when the command runs
     from PIL import Image
@@ -63,6 +70,7 @@ QUALITY = 95
 """JPEG and WebP quality of the written files (the HTTP API's default is 90; there is no flag)."""
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
+SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2**63, as the API's (models.zhao_pipeline.SEED_LIMIT)
 
 
 class UsageError(Exception):
@@ -87,6 +95,25 @@ def _saturation(text: str) -> float:
     if not low <= value <= high:  # also refuses nan
         raise argparse.ArgumentTypeError(f"must be between {low:g} and {high:g}, got {text}")
     return value
+
+
+def _samples(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= SAMPLES_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be between 1 and {SAMPLES_LIMIT}, got {value}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 2**63 - 1, got {value}")
+    return value
+
+
+def sample_output(output: Path, index: int) -> Path:
+    """Sample ``index``'s file next to ``output``: ``DIR/<stem>.png`` -> ``DIR/<stem>.s<index>.png``."""
+    return output.with_name(f"{output.stem}.s{index}{output.suffix}")
 
 
 def add_parser(subparsers: Any) -> None:
@@ -160,6 +187,20 @@ def add_parser(subparsers: Any) -> None:
         metavar="S",
         help="colour strength, 0 to 2: scales the predicted colours before the merge "
         "(default 1.0, the model's own; 0 grayscale, 2 twice the chroma)",
+    )
+    parser.add_argument(
+        "--samples",
+        type=_samples,
+        metavar="N",
+        help=f"colourings per input, 1 to {SAMPLES_LIMIT}, for a model that samples "
+        "(zhao-pixelated): written as <stem>.s0.<format> ... <stem>.s<N-1>.<format>",
+    )
+    parser.add_argument(
+        "--seed",
+        type=_seed,
+        metavar="S",
+        help="a sampling model's seed, 0 to 2**63 - 1, the same for every input (default: one "
+        "drawn for the run, printed in the summary); the same seed gives the same samples",
     )
     parser.add_argument(
         "--batch-size",
@@ -361,8 +402,11 @@ def process(
     batch_size: int,
     image_format: OutputFormat,
     progress: bool,
+    samples: int | None = None,
 ) -> RunSummary:
-    """Colorize ``jobs`` in batches with a read-ahead of one batch; never stops on a bad input."""
+    """Colorize ``jobs`` in batches with a read-ahead of one batch; never stops on a bad input.
+
+    With ``samples`` (a sampling model), each job's samples go to ``sample_output`` files."""
     from tqdm import tqdm
 
     from models.offline import FINISH_ERRORS, describe_failure, run_batches
@@ -372,7 +416,12 @@ def process(
         return prepare_image(colorizer, job.source, options(job))
 
     def finish(job: InputFile, prepared: PreparedImage, prediction: Prediction) -> None:
-        write_image(colorizer.merge(prepared, prediction).image, job.output, image_format)
+        merged = colorizer.merge(prepared, prediction)
+        if samples is None:
+            write_image(merged.image, job.output, image_format)
+            return
+        for index, image in enumerate((merged.image, *merged.samples)):
+            write_image(image, sample_output(job.output, index), image_format)
 
     with tqdm(total=len(jobs), unit="img", file=sys.stderr, disable=not progress,
               dynamic_ncols=True) as bar:  # fmt: skip
@@ -396,6 +445,10 @@ def run(args: argparse.Namespace) -> int:
         if args.hints:
             return _usage_error(
                 "--hints is not supported with --engine ray yet; use --engine local"
+            )
+        if args.samples is not None or args.seed is not None:
+            return _usage_error(
+                "--samples and --seed are not supported with --engine ray yet; use --engine local"
             )
         from service.commands.colorize_ray import run_ray
 
@@ -436,6 +489,23 @@ def run(args: argparse.Namespace) -> int:
                 f"--hints: model {settings.default_model!r} takes no colour hints (choose "
                 "--model zhang-siggraph17, or leave --hints out)"
             )
+        sampling = get_model(settings.default_model).max_samples > 1
+        if not sampling and (args.samples is not None or args.seed is not None):
+            flag = "--samples" if args.samples is not None else "--seed"
+            raise UsageError(
+                f"{flag}: model {settings.default_model!r} gives one colouring per image (choose "
+                "a model that samples, --model zhao-pixelated, or leave --samples and --seed out)"
+            )
+        if args.samples is not None:
+            clashes = {job.source.resolve() for job in jobs} & {
+                sample_output(job.output, i).resolve() for job in jobs for i in range(args.samples)
+            }
+            if clashes:
+                raise UsageError(
+                    "a sample output would replace an input: "
+                    + ", ".join(sorted(map(str, clashes)))
+                    + "; choose another --output-dir or --format"
+                )
     except UsageError as exc:
         return _usage_error(str(exc))
     except ValidationError as exc:
@@ -447,9 +517,17 @@ def run(args: argparse.Namespace) -> int:
             f"--max-instances {args.max_instances} is above the instance limit "
             f"{settings.instance_limit} (COLORIZE_INSTANCE_LIMIT)"
         )
+    seed = args.seed
+    if sampling and seed is None:
+        seed = secrets.randbelow(2**31)  # one seed for the run, printed: any sample can be redrawn
+    written = (
+        (lambda job: [job.output])
+        if args.samples is None
+        else (lambda job: [sample_output(job.output, i) for i in range(args.samples)])
+    )
     skipped = 0
     if args.skip_existing:
-        todo = [job for job in jobs if not job.output.exists()]
+        todo = [job for job in jobs if not all(path.exists() for path in written(job))]
         skipped = len(jobs) - len(todo)
         jobs = todo
     outcome = RunSummary()
@@ -465,6 +543,8 @@ def run(args: argparse.Namespace) -> int:
             max_instances=args.max_instances,
             score_threshold=args.score_threshold,
             saturation=args.saturation,
+            samples=args.samples or 1,
+            seed=seed,
         )
         per_job = {
             job: replace(base, boxes=boxes.get(job), hints=hints_of.get(job, ()))
@@ -479,15 +559,17 @@ def run(args: argparse.Namespace) -> int:
             batch_size=args.batch_size or auto_batch_size(colorizer.device.type),
             image_format=args.image_format,
             progress=not args.no_progress,
+            samples=args.samples,
         )
     finished = time.perf_counter()
     for source, reason in outcome.failures:
         sys.stderr.write(f"failed: {source}: {reason}\n")
     work = finished - work_started
     rate = outcome.written / work if work > 0 else 0.0
+    drawn = f", seed {seed}" if sampling else ""
     sys.stdout.write(
         f"{outcome.written} colorized, {len(outcome.failures)} failed, {skipped} skipped "
-        f"in {finished - started:.1f} s (model load {load_seconds:.1f} s, {rate:.2f} images/s)"
-        f" -> {args.output_dir}\n"
+        f"in {finished - started:.1f} s (model load {load_seconds:.1f} s, {rate:.2f} images/s"
+        f"{drawn}) -> {args.output_dir}\n"
     )
     return EXIT_FAILED if outcome.failures else EXIT_OK

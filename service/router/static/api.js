@@ -34,6 +34,8 @@ export function colorizeQuery(options, boxes, instanceLimit, hints) {
   params.set("score_threshold", String(options.score_threshold));
   params.set("saturation", String(options.saturation));
   if (options.model) params.set("model", options.model);
+  if (options.samples > 1) params.set("samples", String(options.samples));
+  if (options.seed !== null && options.seed !== undefined) params.set("seed", options.seed);
   let maxInstances = options.max_instances;
   if (boxes) {
     maxInstances = Math.min(instanceLimit, Math.max(maxInstances, boxes.length));

@@ -14,9 +14,10 @@ import { onRowActions } from "./list.js";
 import { installModelCompare, loadModels } from "./models.js";
 import { installOptions } from "./options.js";
 import { addFiles, colorizeAgain, requeue, retryWaitingForKey } from "./queue.js";
+import { installSamples } from "./samples.js";
 import { state } from "./state.js";
 import { installUpload } from "./upload.js";
-import { select } from "./viewer.js";
+import { renderViewer, select } from "./viewer.js";
 
 installKeyForm(() => {
   loadInfo();
@@ -32,6 +33,7 @@ installBoxes();
 installHints();
 installModelCompare();
 installBatches();
+installSamples(renderViewer);
 $("recolorize").addEventListener("click", () => colorizeAgain(state.selected, true));
 $("recolorize-hints").addEventListener("click", () => colorizeAgain(state.selected, true));
 $("use-detector").addEventListener("click", () => colorizeAgain(state.selected, false));

@@ -18,6 +18,13 @@ export function renderFacts(item) {
     ["Request ID", r.request_id],
   ];
   if (r.cached) facts.push(["Cache", "hit"]);
+  if (r.samples && r.samples.length > 1) {
+    facts.push(["Sample", `${(r.picked || 0) + 1} of ${r.samples.length}`]);
+  }
+  if (r.seed !== null && r.seed !== undefined) {
+    // the seed as typed when one was sent (JSON numbers above 2^53 lose digits), else the drawn one
+    facts.push(["Seed", (r.options && r.options.seed) || String(r.seed)]);
+  }
   const dl = $("result-facts");
   dl.replaceChildren();
   for (const [term, value] of facts) {

@@ -6,6 +6,7 @@
 import { colorizeQuery, fetchModels, postImage, resultBlob } from "./api.js";
 import { $ } from "./dom.js";
 import { readOptions } from "./options.js";
+import { showSamplingFields } from "./samples.js";
 import { state } from "./state.js";
 
 let loaded = [];
@@ -20,14 +21,16 @@ export async function loadModels() {
     for (const model of answer.models) {
       const option = document.createElement("option");
       option.value = model.name;
-      const traits = [model.uses_boxes ? "uses boxes" : "", model.takes_hints ? "follows hints" : ""]
-        .filter(Boolean);
+      const traits = [model.uses_boxes ? "uses boxes" : "", model.takes_hints ? "follows hints" : "",
+        model.max_samples > 1 ? `up to ${model.max_samples} samples` : ""].filter(Boolean);
       option.textContent = traits.length ? `${model.name} (${traits.join(", ")})` : model.name;
       option.dataset.takesHints = String(Boolean(model.takes_hints));
+      option.dataset.maxSamples = String(model.max_samples || 1);
       option.disabled = !model.loaded;
       option.selected = model.name === answer.default;
       select.append(option);
     }
+    showSamplingFields();
     const boxes = $("zoo-models");
     for (const old of boxes.querySelectorAll("label")) old.remove();
     for (const model of loaded) {
@@ -98,7 +101,7 @@ export function compareModels() {
   for (const model of models) {
     const cell = figure(model);
     grid.append(cell);
-    const params = colorizeQuery({ ...readOptions(), model }, null, state.instanceLimit);
+    const params = colorizeQuery({ ...readOptions(), model, samples: 1, seed: null }, null, state.instanceLimit);
     postImage(item.file, params, {
       progress() {},
       uploaded() {},

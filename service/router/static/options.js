@@ -1,6 +1,7 @@
 // The options form: what the next request asks for, clamped to the allowed ranges.
 
 import { $ } from "./dom.js";
+import { readSampling } from "./samples.js";
 import { state } from "./state.js";
 
 export function readOptions() {
@@ -11,6 +12,7 @@ export function readOptions() {
     score_threshold: clampNumber($("opt-score-threshold").value, 0, 1, 0.7),
     saturation: clampNumber($("opt-saturation").value, 0, 2, 1),
     model: $("opt-model").value,
+    ...readSampling($("opt-model").value), // {samples, seed}
   };
 }
 

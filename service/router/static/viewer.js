@@ -8,6 +8,7 @@ import { renderFacts } from "./facts.js";
 import { afterImg, beforeImg } from "./frame.js";
 import { renderHintList } from "./hints.js";
 import { renderItem } from "./list.js";
+import { renderSamples } from "./samples.js";
 import { state } from "./state.js";
 
 /** Show `item` in the viewer (a newly picked image is fitted); `focus` moves the focus there. */
@@ -47,11 +48,14 @@ export function renderViewer() {
   renderFacts(item);
   renderBoxes();
   renderHintList();
+  renderSamples(item);
   layout();
 }
 
 function downloadName(item) {
   const ext = { "image/jpeg": "jpg", "image/png": "png", "image/webp": "webp" }[item.result.media_type] || "img";
   const stem = item.name.replace(/\.[^.]+$/, "") || "image";
-  return `${stem}-colorized.${ext}`;
+  const samples = item.result.samples || [];
+  const picked = samples.length > 1 ? `-s${item.result.picked || 0}` : "";
+  return `${stem}-colorized${picked}.${ext}`;
 }
