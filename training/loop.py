@@ -337,7 +337,7 @@ def _train(opts: TrainOptions, context: distributed.DistContext, stop: StopReque
 
     def save() -> None:
         if context.is_main:
-            save_checkpoints(model.networks, run_dir)
+            save_checkpoints(model.networks, run_dir, opts.hint_sample_p)
             save_state(
                 {"stage": opts.stage, "module": model.module.state_dict(),
                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
