@@ -219,3 +219,34 @@ async def test_the_api_takes_hints_for_a_hint_trained_instcolor_only(
         assert answer.headers["content-type"] == "application/problem+json"
         detail = answer.json()["detail"]
         assert "takes no colour hints" in detail and "hints.json" in detail
+
+
+def test_colorize_hints_drives_a_hint_trained_instcolor_and_refuses_the_released(
+    tmp_path: Path,
+    hinted_checkpoints: Path,
+    tiny_checkpoints: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from service.cli import main
+
+    corpus.gray(64, 48, seed=5).save(tmp_path / "a.png")
+    hints = [{"x": 10, "y": 30, "color": "#3a7bd5", "size": 4}]
+    (tmp_path / "hints.json").write_text(json.dumps(hints))
+    (tmp_path / "boxes.json").write_text(json.dumps({"a.png": {"boxes": [[4, 10, 40, 44]]}}))
+    common = ["--no-detector", "--precision", "fp32", "--no-progress", "--boxes",
+              str(tmp_path / "boxes.json"), "--hints", str(tmp_path / "hints.json")]  # fmt: skip
+    code = main(["colorize", str(tmp_path / "a.png"), "-o", str(tmp_path / "out"),
+                 "--checkpoints", str(hinted_checkpoints), *common])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    colorizer = Colorizer.load(hinted_checkpoints, precision="fp32")
+    options = ColorizeOptions(
+        boxes=Detections.from_boxes([[4, 10, 40, 44]]),
+        hints=tuple(Hint.from_dict(h) for h in hints),  # type: ignore[arg-type]
+    )
+    (want,) = colorizer.colorize([Image.open(tmp_path / "a.png")], options)
+    got = np.asarray(Image.open(tmp_path / "out" / "a.png"), dtype=int)
+    assert np.abs(got - np.asarray(want.image, dtype=int)).max() <= 1
+    code = main(["colorize", str(tmp_path / "a.png"), "-o", str(tmp_path / "out2"),
+                 "--checkpoints", str(tiny_checkpoints), *common])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "takes no colour hints" in err and "hints.json" in err
