@@ -250,3 +250,28 @@ def test_colorize_hints_drives_a_hint_trained_instcolor_and_refuses_the_released
                  "--checkpoints", str(tiny_checkpoints), *common])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "takes no colour hints" in err and "hints.json" in err
+
+
+def test_evaluate_hints_scores_a_hint_trained_instcolor_and_refuses_the_released(
+    tmp_path: Path,
+    hinted_checkpoints: Path,
+    tiny_checkpoints: Path,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    from service.cli import main
+
+    truth = tmp_path / "truth"
+    truth.mkdir()
+    rng = np.random.default_rng(1)
+    field = np.kron(rng.random((4, 4, 3)), np.ones((12, 12, 1)))  # flat colour blocks, 48x48
+    Image.fromarray((field * 200 + 30).astype(np.uint8)).save(truth / "t0.png")
+    common = ["--no-detector", "--precision", "fp32", "--no-progress", "--hints", "3"]
+    code = main(["evaluate", str(truth), "-o", str(tmp_path / "report"), "--checkpoints",
+                 str(hinted_checkpoints), *common])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    summary = json.loads((tmp_path / "report" / "summary.json").read_text())
+    assert summary["config"]["hints"] == 3
+    code = main(["evaluate", str(truth), "-o", str(tmp_path / "r2"), "--checkpoints",
+                 str(tiny_checkpoints), *common])  # fmt: skip
+    err = capsys.readouterr().err
+    assert code == 2 and "takes no colour hints" in err and "hints.json" in err
