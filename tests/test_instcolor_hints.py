@@ -275,3 +275,38 @@ def test_evaluate_hints_scores_a_hint_trained_instcolor_and_refuses_the_released
                  str(tiny_checkpoints), *common])  # fmt: skip
     err = capsys.readouterr().err
     assert code == 2 and "takes no colour hints" in err and "hints.json" in err
+
+
+def test_a_resumed_hint_run_draws_the_same_hints_as_an_uninterrupted_one(
+    tiny_checkpoints: Path, tmp_path: Path
+) -> None:
+    """Stop after 2 steps, resume to 3: the hint generator's state comes back from state.pt, so
+    the weights equal the uninterrupted run's; a resume with that state removed (a fresh hint
+    stream, as before it was stored) ends elsewhere, so the comparison can fail."""
+    from test_training import make_data, options, state_of, write_photos
+
+    from training.loop import train
+
+    data = make_data(tmp_path, write_photos(tmp_path / "photos"), 2, 0)
+    common = {"batch_size": 1, "epochs": 1, "decay_epochs": 2, "log_every": 1, "lr": 1e-3,
+              "hint_sample_p": 0.3}  # fmt: skip
+    runs = {name: tmp_path / name for name in ("whole", "parts", "fresh")}
+    assert train(options(data, tiny_checkpoints, runs["whole"], "instance", max_steps=3,
+                         **common)) == 0  # fmt: skip
+    for name in ("parts", "fresh"):
+        assert train(options(data, tiny_checkpoints, runs[name], "instance", max_steps=2,
+                             **common)) == 0  # fmt: skip
+    state = torch.load(runs["fresh"] / "state.pt", weights_only=False)
+    assert len(state["hint_rng"]) == 1 and state["hint_rng"][0] is not None
+    del state["hint_rng"]
+    torch.save(state, runs["fresh"] / "state.pt")
+    for name in ("parts", "fresh"):
+        assert train(options(data, tiny_checkpoints, runs[name], "instance", max_steps=3,
+                             resume=True, **common)) == 0  # fmt: skip
+    saved = {n: torch.load(runs[n] / "state.pt", weights_only=False)["hint_rng"] for n in runs}
+    assert torch.equal(saved["whole"][0], saved["parts"][0])
+    assert not torch.equal(saved["whole"][0], saved["fresh"][0])
+    whole, parts, fresh = (state_of(runs[n] / "checkpoints")["latest_net_G.pth"] for n in runs)
+    assert all(torch.equal(whole[k], parts[k]) for k in whole)
+    assert not all(torch.equal(whole[k], fresh[k]) for k in whole)
+    assert load_networks(runs["parts"] / "checkpoints").takes_hints
