@@ -17,6 +17,7 @@ wrongly shaped key is an error naming the file and the first offending keys. The
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import re
 from collections.abc import Mapping
@@ -27,6 +28,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
+from models.atomic import write_text_atomic
 from models.networks import (
     ColorizationTrunk,
     FullImageGenerator,
@@ -39,6 +41,10 @@ log = logging.getLogger(__name__)
 Role = Literal["instance", "fusion", "full_image"]
 OFFICIAL_WIDTH = 64
 OFFICIAL_VARIANT = "coco_finetuned_mask_256_ffs"
+HINTS_MARKER = "hints.json"
+"""Written beside the three files by ``train --hint-sample-p P`` (P < 1): the networks were
+trained with random colour hints, so the pipeline passes a user's hints to them. The released
+checkpoints have none, so they keep refusing hints (docs/hints.md)."""
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,7 @@ class ColorizationNetworks:
     layout: Literal["official", "mmagic"]
     files: tuple[LoadedFile, ...]
     width: int
+    takes_hints: bool = False  # trained with colour hints (``HINTS_MARKER`` beside the files)
 
     @property
     def version(self) -> str:
@@ -243,6 +250,32 @@ def split_mmagic(state: Mapping[str, Any], source: str) -> dict[Role, dict[str, 
     return parts
 
 
+def read_hints_marker(folder: Path) -> bool:
+    """Whether ``folder`` holds a valid ``HINTS_MARKER`` (a JSON object with ``hint_sample_p`` < 1)."""
+    path = folder / HINTS_MARKER
+    if not path.is_file():
+        return False
+    try:
+        marker = json.loads(path.read_text(encoding="utf-8"))
+        p = float(marker["hint_sample_p"])
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(
+            f'{path}: not a hints marker ({exc}); expected {{"hint_sample_p": P}} with 0 < P < 1, '
+            "as train --hint-sample-p writes it (delete the file if the weights take no hints)"
+        ) from None
+    return 0.0 < p < 1.0
+
+
+def write_hints_marker(folder: Path, hint_sample_p: float) -> None:
+    """Mark ``folder`` as trained with hints (P < 1), or remove a stale marker (P = 1)."""
+    path = folder / HINTS_MARKER
+    if hint_sample_p >= 1.0:
+        path.unlink(missing_ok=True)
+        return
+    marker = {"hint_sample_p": hint_sample_p, "mask": "mask - 0.5: +0.5 hinted, -0.5 elsewhere"}
+    write_text_atomic(path, json.dumps(marker, indent=2) + "\n")
+
+
 def load_networks(
     path: Path | str, map_location: str | torch.device = "cpu"
 ) -> ColorizationNetworks:
@@ -251,6 +284,7 @@ def load_networks(
     states: dict[Role, tuple[dict[str, Any], str]] = {}
     files: list[LoadedFile] = []
     layout: Literal["official", "mmagic"]
+    takes_hints = False
     if path.is_file():
         layout = "mmagic"
         parts = split_mmagic(read_state_dict(path, map_location), str(path))
@@ -273,6 +307,7 @@ def load_networks(
                 str(file),
             )
             files.append(LoadedFile(file, sha256_file(file)))
+        takes_hints = read_hints_marker(folder)
 
     widths = {role: _width_of(state, source) for role, (state, source) in states.items()}
     if len(set(widths.values())) != 1:
@@ -292,4 +327,6 @@ def load_networks(
     assert isinstance(instance, InstanceGenerator)
     assert isinstance(fusion, FusionGenerator)
     assert isinstance(full_image, FullImageGenerator)
-    return ColorizationNetworks(instance, fusion, full_image, layout, tuple(files), width)
+    return ColorizationNetworks(
+        instance, fusion, full_image, layout, tuple(files), width, takes_hints
+    )

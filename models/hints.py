@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 
 from models.constants import DEFAULT_HINT_SIZE, HINT_SIZE_RANGE, MAX_HINTS
-from models.lab import rgb_to_lab
+from models.lab import AB_NORM, rgb_to_lab
 from models.preprocess import to_tensor
 
 HEX_COLOR = re.compile(r"^#[0-9a-fA-F]{6}$")
@@ -204,3 +204,24 @@ def hinted_input(
     """InstColorization's network input with hints: [L, ab / 110, mask - mask_cent (0.5)], so
     +0.5 where hinted and -0.5 elsewhere (spec §2.5; all zeros / -0.5 is the automatic input)."""
     return torch.cat((l_norm, hint_ab_norm, mask - INSTCOLOR_MASK_CENT), dim=1)
+
+
+def hints_in_box(hints: Sequence[Hint], box: Sequence[int]) -> list[Hint]:
+    """The hints inside ``box`` (x1, y1, x2, y2 in input pixels, x2 and y2 excluded, as PIL crops
+    it) in the crop's own pixels: an instance crop's hints. Points outside the box are left out;
+    the colour and the patch side (in the crop's 256x256 network input) are kept."""
+    x1, y1, x2, y2 = box
+    return [
+        Hint(h.x - x1, h.y - y1, h.a, h.b, h.size)
+        for h in hints
+        if x1 <= h.x < x2 and y1 <= h.y < y2
+    ]
+
+
+def instcolor_hint_planes(
+    hints: Sequence[Hint], width: int, height: int, size: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(2, S, S) hint ab / 110 and (1, S, S) 0/1 mask: what :func:`hinted_input` takes, as
+    :func:`sample_hints` gives it in training (the same normalisation, the same mask)."""
+    ab, mask = hint_planes(hints, width, height, size)
+    return ab / AB_NORM, mask

@@ -30,7 +30,14 @@ from models.boxes import (
 from models.checkpoints import ColorizationNetworks, load_networks
 from models.detector import DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE, BoxDetector, DetectorVersion
 from models.fusion import FusionLayout, layout_from_rows
-from models.hints import Hint
+from models.hints import (
+    Hint,
+    HintError,
+    check_hints,
+    hinted_input,
+    hints_in_box,
+    instcolor_hint_planes,
+)
 from models.image_input import InputImage, to_input_image
 from models.merge import (
     SATURATION_RANGE,
@@ -404,6 +411,11 @@ class Colorizer:
     def version(self) -> str:
         return self.networks.version
 
+    @property
+    def takes_hints(self) -> bool:
+        """Whether the loaded networks were trained with hints (``models.checkpoints.HINTS_MARKER``)."""
+        return self.networks.takes_hints
+
     def describe(self) -> dict[str, Any]:
         """What is loaded, for /info and logs: file names and sha256, never filesystem paths."""
         return {
@@ -423,15 +435,18 @@ class Colorizer:
             "cpu": probe_cpu().describe(),
             "instance_limit": self.instance_limit,
             "device_crops": self.device_crops,
+            "takes_hints": self.takes_hints,
         }
 
     # -- stage 1: CPU ---------------------------------------------------------------------------
 
     def check_options(self, options: ColorizeOptions) -> None:
-        if options.hints:
+        if options.hints and not self.takes_hints:
             raise OptionsError(
-                "model 'instcolor' takes no colour hints (its released checkpoints were trained "
-                "without them); use --model zhang-siggraph17 / ?model=zhang-siggraph17"
+                "model 'instcolor' takes no colour hints: its loaded checkpoints were trained "
+                "without them (the released ones are). Use ?model=zhang-siggraph17 / --model "
+                "zhang-siggraph17, or serve a checkpoint trained with `train --hint-sample-p P` "
+                "(its checkpoints folder holds hints.json, docs/hints.md)"
             )
         if not 0 <= options.max_instances <= self.instance_limit:
             raise OptionsError(
@@ -460,6 +475,11 @@ class Colorizer:
         self.check_options(options)
         start = time.perf_counter()
         source = image if isinstance(image, InputImage) else to_input_image(image)
+        if options.hints:
+            try:
+                check_hints(options.hints, *source.size)
+            except HintError as exc:
+                raise OptionsError(str(exc)) from None
         detect = self.detector is not None and options.boxes is None and options.max_instances > 0
         # Full-resolution L feeds the `original` merge and the detector; skip it otherwise.
         l_full = lightness(source.rgb) if detect or options.resolution == "original" else None
@@ -508,10 +528,55 @@ class Colorizer:
             found[i] = Detections(tuple(b for b, _ in kept), tuple(s for _, s in kept))
         return found
 
-    def _network_input(self, l_norm: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """(N, 4, 256, 256) on the device, in the networks' dtype and memory format."""
-        x = network_input(l_norm.to(self.device, dtype, non_blocking=True))
+    def _network_input(
+        self,
+        l_norm: torch.Tensor,
+        dtype: torch.dtype,
+        hints: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> torch.Tensor:
+        """(N, 4, 256, 256) on the device, in the networks' dtype and memory format; with
+        ``hints`` (hint ab / 110 and 0/1 mask) the training's ``hinted_input``."""
+        l_dev = l_norm.to(self.device, dtype, non_blocking=True)
+        if hints is None:
+            x = network_input(l_dev)
+        else:
+            ab, mask = (t.to(self.device, dtype, non_blocking=True) for t in hints)
+            x = hinted_input(l_dev, ab, mask)
         return x.contiguous(memory_format=self.memory_format)
+
+    @staticmethod
+    def _full_hints(
+        batch: Sequence[PreparedImage], images: Sequence[int]
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Stacked full-image hint planes of ``images`` at 256x256; None if none has hints."""
+        if not any(batch[i].options.hints for i in images):
+            return None
+        planes = [
+            instcolor_hint_planes(batch[i].options.hints, *batch[i].source.size, NETWORK_SIZE)
+            for i in images
+        ]
+        return torch.stack([p[0] for p in planes]), torch.stack([p[1] for p in planes])
+
+    @staticmethod
+    def _crop_hints(
+        batch: Sequence[PreparedImage],
+        chosen: dict[int, tuple[list[IntBox], list[float]]],
+        images: Sequence[int],
+        rows: int,
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Every crop's hint planes (the hints inside its box, in the crop's coordinates), in
+        the instance batch's order, padded to ``rows``; None if no image has hints."""
+        if not any(batch[i].options.hints for i in images):
+            return None
+        planes = []
+        for i in images:
+            for box in chosen[i][0]:
+                inside = hints_in_box(batch[i].options.hints, box)
+                x1, y1, x2, y2 = box
+                planes.append(instcolor_hint_planes(inside, x2 - x1, y2 - y1, NETWORK_SIZE))
+        ab = pad_rows(torch.stack([p[0] for p in planes]), rows)
+        mask = pad_rows(torch.stack([p[1] for p in planes]), rows)
+        return ab, mask
 
     @overload
     def predict(
@@ -627,7 +692,8 @@ class Colorizer:
             crops = self._crops(batch, chosen, with_boxes, layout)
             # padded to its bucket; the fusion drops the padding rows (models/fusion.py)
             padded = pad_rows(crops, instance_bucket(crops.shape[0]))
-            _, features = nets.instance(self._network_input(padded, nets.dtype))
+            crop_hints = self._crop_hints(batch, chosen, with_boxes, padded.shape[0])
+            _, features = nets.instance(self._network_input(padded, nets.dtype, crop_hints))
         if clock is not None:
             clock.mark()  # instance
 
@@ -645,13 +711,15 @@ class Colorizer:
         if with_boxes:
             fusion_layout = layout.fusion_layout(self.device)
             full = torch.stack([batch[i].l_norm for i in with_boxes])
-            fused = nets.fusion(self._network_input(full, nets.dtype), features, fusion_layout)
+            x = self._network_input(full, nets.dtype, self._full_hints(batch, with_boxes))
+            fused = nets.fusion(x, features, fusion_layout)
             out.put(with_boxes, fused)
         del features
         without = wanted([i for i in chosen if i in todo and not chosen[i][0]])
         if without:
             full = torch.stack([batch[i].l_norm for i in without])
-            plain = nets.full_image(self._network_input(full, nets.dtype))
+            x = self._network_input(full, nets.dtype, self._full_hints(batch, without))
+            plain = nets.full_image(x)
             out.put(without, plain)
         if clock is not None:
             clock.mark()  # fusion

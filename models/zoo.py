@@ -153,7 +153,7 @@ def model_card(spec: ModelSpec[Any], description: dict[str, Any]) -> dict[str, A
         "model_version": description.get("model_version"),
         "input_size": description.get("input_size", spec.input_size),
         "uses_boxes": spec.uses_detector,
-        "takes_hints": spec.takes_hints,
+        "takes_hints": description.get("takes_hints", spec.takes_hints),
         "detector": description.get("detector"),
         "files": files,
         "preprocessing": spec.preprocessing,

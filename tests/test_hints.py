@@ -21,6 +21,7 @@ from PIL import Image
 from reference_impl import np_lab_norm2rgb, np_rgb2lab_norm_l, np_to_uint8, trunk_forward
 from service_helpers import running_app, service_settings
 
+from models.checkpoints import load_networks
 from models.constants import MAX_HINTS
 from models.hints import Hint, HintError, check_hints, hex_to_ab, hint_planes, sample_hints
 from models.lab import rgb_to_lab
@@ -401,6 +402,8 @@ def test_train_hint_sample_p_runs_every_stage(
                      "--batch-size", "1", "--workers", "0", "--no-progress"])  # fmt: skip
         assert code == 0, capsys.readouterr().err
         assert (out / "checkpoints" / "latest_net_GComp.pth").is_file()
+        # the marker that lets the pipeline pass hints to these networks (docs/hints.md)
+        assert load_networks(out / "checkpoints").takes_hints is True
     code = main(["train", "--stage", "full", "--data", str(data), "--init", str(init), "--output",
                  str(tmp_path / "bad"), "--hint-sample-p", "0", "--workers", "0"])  # fmt: skip
     assert code == 2 and "--hint-sample-p must be in (0, 1]" in capsys.readouterr().err

@@ -46,7 +46,7 @@ from training.run_files import (
     write_config,
     write_metrics,
 )
-from training.stages import ADAM_BETAS, STAGE_DEFAULTS, build_stage, lambda_lr
+from training.stages import ADAM_BETAS, STAGE_DEFAULTS, HintSampler, build_stage, lambda_lr
 from training.validation import interleave, score_images, shard, summarize_scores
 
 log = logging.getLogger(__name__)
@@ -212,6 +212,19 @@ def _set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
+def _set_hint_rng(
+    hints: HintSampler | None, saved: list[Any] | None, context: distributed.DistContext
+) -> None:
+    """This rank's hint generator as saved; a run saved before this was stored (or by another
+    number of processes) keeps the fresh ``--seed`` + rank stream, with a warning."""
+    if hints is None:
+        return
+    if saved is None or len(saved) != context.world_size or saved[context.rank] is None:
+        log.warning("state.pt holds no hint generator state for this rank: new hints from here")
+        return
+    hints.generator.set_state(saved[context.rank])
+
+
 def _autocast_dtype(precision: Precision, device: torch.device) -> torch.dtype | None:
     if precision == "fp16":
         if device.type != "cuda":
@@ -299,6 +312,7 @@ def _train(opts: TrainOptions, context: distributed.DistContext, stop: StopReque
         scheduler.load_state_dict(state["scheduler"])
         scaler.load_state_dict(state["scaler"])
         _set_rng_state(state["rng"])
+        _set_hint_rng(model.hints, state.get("hint_rng"), context)
         progress = Progress(state["epoch"], state["position"], state["step"], state["skipped"])
         progress.metrics = [r for r in read_metrics(run_dir) if r["step"] <= progress.step]
         log.info("resuming %s at epoch %d, step %d", run_dir, progress.epoch, progress.step)
@@ -336,12 +350,16 @@ def _train(opts: TrainOptions, context: distributed.DistContext, stop: StopReque
         )  # fmt: skip
 
     def save() -> None:
+        # every rank's hint generator (each its own stream), so --resume draws the same hints
+        hint_rng = distributed.all_gather_objects(
+            None if model.hints is None else model.hints.generator.get_state(), context
+        )
         if context.is_main:
-            save_checkpoints(model.networks, run_dir)
+            save_checkpoints(model.networks, run_dir, opts.hint_sample_p)
             save_state(
                 {"stage": opts.stage, "module": model.module.state_dict(),
                  "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-                 "scaler": scaler.state_dict(), "rng": _rng_state(), "epoch": progress.epoch,
+                 "scaler": scaler.state_dict(), "rng": _rng_state(), "hint_rng": hint_rng, "epoch": progress.epoch,
                  "position": progress.position, "step": progress.step, "skipped": progress.skipped},
                 run_dir,
             )  # fmt: skip

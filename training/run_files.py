@@ -1,7 +1,8 @@
 """The run directory, the contract other tools rely on.
 
 ``RUN_DIR/checkpoints/latest_net_{G,GF,GComp}.pth``: the official layout (plain state dicts, GF
-keys prefixed ``module.`` like the authors' file), loadable by ``serve`` and ``colorize`` alone;
+keys prefixed ``module.`` like the authors' file), loadable by ``serve`` and ``colorize`` alone,
+with ``hints.json`` beside them when trained with hints (then the pipeline takes hints);
 ``RUN_DIR/state.pt``: everything ``--resume`` needs; ``RUN_DIR/metrics.jsonl``: one JSON object
 per logged step and per validation; ``RUN_DIR/config.json``: every resolved option;
 ``RUN_DIR/curves.png``: loss and validation curves. Every file is written atomically.
@@ -18,7 +19,7 @@ import torch
 from torch import nn
 
 from models.atomic import write_bytes_atomic, write_text_atomic
-from models.checkpoints import ColorizationNetworks, load_networks
+from models.checkpoints import ColorizationNetworks, load_networks, write_hints_marker
 from training.atomic import save_torch_atomic
 
 CHECKPOINT_DIR = "checkpoints"
@@ -47,12 +48,16 @@ def _cpu_state(net: nn.Module, prefix: str = "") -> dict[str, torch.Tensor]:
     }
 
 
-def save_checkpoints(networks: ColorizationNetworks, run_dir: Path) -> None:
-    """The three networks in the official layout under ``RUN_DIR/checkpoints``."""
+def save_checkpoints(
+    networks: ColorizationNetworks, run_dir: Path, hint_sample_p: float = 1.0
+) -> None:
+    """The three networks in the official layout under ``RUN_DIR/checkpoints``, with the hints
+    marker (``models.checkpoints.HINTS_MARKER``) when the run trained with hints (P < 1)."""
     folder = run_dir / CHECKPOINT_DIR
     save_torch_atomic(_cpu_state(networks.instance), folder / "latest_net_G.pth")
     save_torch_atomic(_cpu_state(networks.fusion, "module."), folder / "latest_net_GF.pth")
     save_torch_atomic(_cpu_state(networks.full_image), folder / "latest_net_GComp.pth")
+    write_hints_marker(folder, hint_sample_p)
 
 
 def save_state(state: dict[str, Any], run_dir: Path) -> None:

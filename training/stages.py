@@ -239,6 +239,6 @@ def build_stage(
     trained_ids = {id(p) for p in trained}
     assert all((id(p) in trained_ids) == p.requires_grad for p in module.parameters())
     networks = ColorizationNetworks(
-        instance, fusion, full_image, init.layout, init.files, init.width
+        instance, fusion, full_image, init.layout, init.files, init.width, hints is not None
     )
     return StageModel(stage, module, trained, networks, STAGE_DEFAULTS[stage].bn_train, hints)

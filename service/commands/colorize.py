@@ -484,7 +484,9 @@ def run(args: argparse.Namespace) -> int:
                 f"--boxes: model {settings.default_model!r} does not use boxes (choose "
                 "--model instcolor, or leave --boxes out)"
             )
-        if hints and not get_model(settings.default_model).takes_hints:
+        spec = get_model(settings.default_model)
+        # instcolor takes hints when its checkpoint was trained with them: known once loaded
+        if hints and not spec.takes_hints and not spec.uses_detector:
             raise UsageError(
                 f"--hints: model {settings.default_model!r} takes no colour hints (choose "
                 "--model zhang-siggraph17, or leave --hints out)"
@@ -538,6 +540,13 @@ def run(args: argparse.Namespace) -> int:
             colorizer = build_colorizer(settings)
         except (ModelSetupError, CheckpointError) as exc:
             return _usage_error(str(exc))
+        if hints and not getattr(colorizer, "takes_hints", False):
+            return _usage_error(
+                f"--hints: model {settings.default_model!r} takes no colour hints: its loaded "
+                "checkpoints were trained without them (serve one trained with `train "
+                "--hint-sample-p P`, whose folder holds hints.json, or choose --model "
+                "zhang-siggraph17)"
+            )
         base = ColorizeOptions(
             resolution=args.resolution,
             max_instances=args.max_instances,

@@ -239,7 +239,9 @@ def run(args: argparse.Namespace) -> int:
             return _usage_error(f"{config.name or 'evaluate'}: {exc}")
         if len(chosen.model_list()) != 1:
             return _usage_error(f"--model takes one model, got {chosen.models!r}")
-        if config.args.hints and not get_model(chosen.default_model).takes_hints:
+        spec = get_model(chosen.default_model)
+        # instcolor takes hints when its checkpoint was trained with them: checked once loaded
+        if config.args.hints and not spec.takes_hints and not spec.uses_detector:
             return _usage_error(
                 f"{config.name or 'evaluate'}: --hints: model {chosen.default_model!r} takes no "
                 "colour hints (choose --model zhang-siggraph17)"
@@ -313,6 +315,12 @@ def _evaluate_all(
     for config, chosen in zip(configurations, settings, strict=True):
         report_dir = args.output / config.name if config.name else args.output
         colorizer = build_colorizer(chosen)
+        if config.args.hints and not getattr(colorizer, "takes_hints", False):
+            raise ModelSetupError(
+                f"{config.name or 'evaluate'}: --hints: model {chosen.default_model!r} takes no "
+                "colour hints: its loaded checkpoints were trained without them (evaluate one "
+                "trained with `train --hint-sample-p P`, whose folder holds hints.json)"
+            )
         described = colorizer.describe()
         input_size = described.get("network_resolution", described.get("input_size", NETWORK_SIZE))
         if config.args.resolution == "network" and input_size != NETWORK_SIZE:
