@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, overload
 
@@ -217,31 +217,34 @@ class AutomaticPipeline:
             return []
         alive = [i for i, p in enumerate(batch) if should_stop is None or not should_stop(p)]
         start = time.perf_counter()
-        ab: dict[int, torch.Tensor] = {}
-        if alive:
-            stacked = torch.stack([self._network_l(batch[i]) for i in alive])
-            x = stacked.to(self.device, self.dtype, non_blocking=True)
-            x = x.contiguous(memory_format=self.memory_format)
-            hints = self._hint_batch([batch[i] for i in alive])
-            if hints is None:
-                out = self.model.predict_ab(x)  # type: ignore[operator]
-            else:
-                ab_hints, mask = (t.to(self.device, self.dtype, non_blocking=True) for t in hints)
-                ab_hints = ab_hints.contiguous(memory_format=self.memory_format)
-                mask = mask.contiguous(memory_format=self.memory_format)
-                out = self.model.predict_ab(x, ab_hints, mask)  # type: ignore[operator]
-            normalised = (out.float() / AB_NORM).cpu()
-            ab = {i: normalised[k] for k, i in enumerate(alive)}
+        made = self._predict_images([batch[i] for i in alive]) if alive else []
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         stage = {"detect": 0.0, "instance": 0.0, "fusion": time.perf_counter() - start}
+        by_index = dict(zip(alive, made, strict=True))
         predictions: list[Prediction | None] = []
         for i, p in enumerate(batch):
-            if i not in ab:
-                predictions.append(None)
-                continue
-            predictions.append(Prediction(ab[i], [], [], {**p.timings, **stage}))
+            prediction = by_index.get(i)
+            if prediction is not None:
+                prediction = replace(prediction, timings={**p.timings, **stage})
+            predictions.append(prediction)
         return predictions
+
+    def _predict_images(self, batch: Sequence[PreparedImage]) -> list[Prediction]:
+        """The device stage on the images still wanted (timings are filled in by ``predict``)."""
+        stacked = torch.stack([self._network_l(p) for p in batch])
+        x = stacked.to(self.device, self.dtype, non_blocking=True)
+        x = x.contiguous(memory_format=self.memory_format)
+        hints = self._hint_batch(batch)
+        if hints is None:
+            out = self.model.predict_ab(x)  # type: ignore[operator]
+        else:
+            ab_hints, mask = (t.to(self.device, self.dtype, non_blocking=True) for t in hints)
+            ab_hints = ab_hints.contiguous(memory_format=self.memory_format)
+            mask = mask.contiguous(memory_format=self.memory_format)
+            out = self.model.predict_ab(x, ab_hints, mask)  # type: ignore[operator]
+        normalised = (out.float() / AB_NORM).cpu()
+        return [Prediction(normalised[k], [], [], {}) for k in range(len(batch))]
 
     def _hint_batch(
         self, batch: Sequence[PreparedImage]

@@ -11,10 +11,8 @@ sample is the ``Prediction``'s ``ab``; the others follow in ``samples`` and are 
 from __future__ import annotations
 
 import secrets
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import replace
-from typing import overload
 
 import torch
 from PIL import Image
@@ -28,7 +26,6 @@ from models.pipeline import (
     OptionsError,
     Prediction,
     PreparedImage,
-    StopCheck,
 )
 from models.preprocess import NETWORK_SIZE, resize_to_network, to_tensor
 from models.zhao_pixelated import MAX_SAMPLES, ZhaoPixelated, sample_ab, upsample_ab
@@ -66,54 +63,22 @@ class ZhaoPipeline(AutomaticPipeline):
             prepared.l_norm = normalize_l(rgb_to_lab(to_tensor(squashed))[0:1])
         return prepared
 
-    @overload
-    def predict(
-        self, batch: Sequence[PreparedImage], should_stop: None = None
-    ) -> list[Prediction]: ...
-
-    @overload
-    def predict(
-        self, batch: Sequence[PreparedImage], should_stop: StopCheck
-    ) -> list[Prediction | None]: ...
-
-    @torch.inference_mode()
-    def predict(
-        self, batch: Sequence[PreparedImage], should_stop: StopCheck | None = None
-    ) -> list[Prediction] | list[Prediction | None]:
+    def _predict_images(self, batch: Sequence[PreparedImage]) -> list[Prediction]:
         """One ``sample_ab`` call for every sample of every image still wanted."""
-        if not batch:
-            return []
-        alive = [i for i, p in enumerate(batch) if should_stop is None or not should_stop(p)]
-        start = time.perf_counter()
-        results: dict[int, tuple[list[torch.Tensor], int]] = {}
-        if alive:
-            seeds = [
-                s if (s := batch[i].options.seed) is not None else secrets.randbelow(2**31)
-                for i in alive
-            ]
-            counts = [batch[i].options.samples for i in alive]
-            stacked = torch.stack([self._network_l(batch[i]) for i in alive])
-            x = stacked.to(self.device, self.dtype, non_blocking=True)
-            model = self.model
-            assert isinstance(model, ZhaoPixelated)
-            sampled = sample_ab(model, x, seeds, counts)
-            for k, i in enumerate(alive):
-                low = sampled.image(k).float()
-                ab = upsample_ab(low, self.input_size).cpu()  # normalised ab at the input size
-                results[i] = (list(ab), seeds[k])
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-        stage = {"detect": 0.0, "instance": 0.0, "fusion": time.perf_counter() - start}
-        predictions: list[Prediction | None] = []
-        for i, p in enumerate(batch):
-            if i not in results:
-                predictions.append(None)
-                continue
-            abs_, seed = results[i]
-            timings = {**p.timings, **stage}
-            predictions.append(
-                Prediction(abs_[0], [], [], timings, samples=tuple(abs_[1:]), seed=seed)
-            )
+        seeds = [
+            s if (s := p.options.seed) is not None else secrets.randbelow(2**31) for p in batch
+        ]
+        counts = [p.options.samples for p in batch]
+        stacked = torch.stack([self._network_l(p) for p in batch])
+        x = stacked.to(self.device, self.dtype, non_blocking=True)
+        model = self.model
+        assert isinstance(model, ZhaoPixelated)
+        sampled = sample_ab(model, x, seeds, counts)
+        predictions = []
+        for k, seed in enumerate(seeds):
+            low = sampled.image(k).float()
+            abs_ = list(upsample_ab(low, self.input_size).cpu())  # normalised ab at input size
+            predictions.append(Prediction(abs_[0], [], [], {}, samples=tuple(abs_[1:]), seed=seed))
         return predictions
 
     def merge(
