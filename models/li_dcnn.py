@@ -35,7 +35,13 @@ from torch import nn
 
 from models.checkpoints import CheckpointError, load_strict, read_state_dict
 from models.lab import AB_NORM, normalize_l
-from models.zhang_eccv16 import NUM_BINS, _block, check_input, check_temperature
+from models.zhang_eccv16 import (
+    NUM_BINS,
+    _block,
+    annealed_mean_ab,
+    check_input,
+    check_temperature,
+)
 
 FILENAME = "li_dcnn.pth"
 INPUT_SIZE = 256
@@ -110,9 +116,7 @@ class LiDCNN(nn.Module):
     def decode(self, logits: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
         """Bin logits -> Lab ab at 4x their size: softmax(z / T), expectation, bilinear x4, x110."""
         t = self.temperature if temperature is None else check_temperature(temperature)
-        ab_norm = self.model_out(torch.softmax(logits / t, dim=1))
-        up = F.interpolate(ab_norm, scale_factor=4, mode="bilinear", align_corners=False)
-        return up * AB_NORM
+        return annealed_mean_ab(self.model_out, logits, t)
 
     def predict_ab(self, lightness: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
         """(N, 1, 256, 256) Lab L (0..100) -> (N, 2, 256, 256) ab."""

@@ -51,6 +51,17 @@ def _block(
     return nn.Sequential(*layers)
 
 
+def annealed_mean_ab(
+    model_out: nn.Module, logits: torch.Tensor, temperature: float
+) -> torch.Tensor:
+    """ECCV16's decoding: softmax(z / T), the expectation over the bin centres (``model_out``,
+    a fixed 1x1 conv), bilinear x4, x110. z / 1.0 is exact: T = 1 is bit-identical to the
+    release's softmax(z)."""
+    ab_norm = model_out(torch.softmax(logits / temperature, dim=1))
+    up = F.interpolate(ab_norm, scale_factor=4, mode="bilinear", align_corners=False)
+    return up * AB_NORM
+
+
 class ZhangECCV16(nn.Module):
     """The release's ``ECCVGenerator``; ``predict_ab`` maps Lab L to Lab ab at the input size."""
 
@@ -85,10 +96,7 @@ class ZhangECCV16(nn.Module):
     def decode(self, logits: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
         """Bin logits -> Lab ab at 4x their size: softmax(z / T), expectation, bilinear x4, x110."""
         t = self.temperature if temperature is None else check_temperature(temperature)
-        # z / 1.0 is exact: T = 1 is bit-identical to the release's softmax(z).
-        ab_norm = self.model_out(torch.softmax(logits / t, dim=1))
-        up = F.interpolate(ab_norm, scale_factor=4, mode="bilinear", align_corners=False)
-        return up * AB_NORM
+        return annealed_mean_ab(self.model_out, logits, t)
 
     def predict_ab(self, lightness: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
         """(N, 1, H, W) Lab L (0..100; H, W multiples of 8, 256 as trained) -> (N, 2, H, W) ab."""
