@@ -117,6 +117,10 @@ async def test_model_query_models_route_and_unknown_models(zoo_weights: Path) ->
             assert refused.headers["content-type"] == "application/problem+json"
             detail = refused.json()["detail"]
             assert name in detail and "instcolor, zhang-eccv16" in detail
+        # an empty name is not "the default": the contract lists the names (schemathesis found it)
+        empty = await client.post("/colorize?model=", content=image, headers=headers)
+        assert empty.status_code == 422, empty.text
+        assert "instcolor, zhang-eccv16" in empty.json()["detail"]
 
         boxed = await client.post(
             "/colorize?model=zhang-eccv16&boxes=[[1,1,20,20]]", content=image, headers=headers

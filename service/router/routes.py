@@ -250,7 +250,7 @@ def build_job(
 def checked_model(name: str | None, settings: ServiceSettings) -> str:
     """The model a request asks for; 422 naming the loaded ones if it is not one of them."""
     loaded = settings.model_list()
-    chosen = name or loaded[0]
+    chosen = loaded[0] if name is None else name  # "" is a name (refused), not "the default"
     if chosen not in loaded:
         raise InvalidParameterError(unknown_model_message(chosen, loaded))
     return chosen
