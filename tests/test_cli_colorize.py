@@ -329,6 +329,19 @@ def test_missing_checkpoints_message(tmp_path: Path, capsys: pytest.CaptureFixtu
     assert "python -m service fetch-weights" in err
 
 
+def test_missing_weights_of_a_model_without_published_ones_says_to_train(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    gray(30, 30).save(tmp_path / "a.png")
+    argv = ["colorize", str(tmp_path / "a.png"), "-o", str(tmp_path / "out"), "--no-progress",
+            "--model", "zhao-pixelated", "--weights-dir", str(tmp_path / "w")]  # fmt: skip
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert str(tmp_path / "w" / "zhao-pixelated" / "zhao_pixelated.pth") in err
+    assert "train --model zhao-pixelated" in err
+    assert "fetch-weights" not in err  # nothing to download for it
+
+
 @pytest.mark.parametrize(
     ("extra", "message"),
     [

@@ -44,15 +44,26 @@ def check_weight_files(settings: ModelSettings, models: list[str] | None = None)
     missing = settings.missing_weight_files(models)
     if missing:
         names = "\n  ".join(str(p) for p in missing)
-        wanted = " ".join(f"--model {m}" for m in models or settings.model_list())
-        raise MissingWeightsError(
-            f"missing weight files:\n  {names}\n"
+        chosen = models or settings.model_list()
+        trained = [m for m in chosen if not get_model(m).published]
+        wanted = " ".join(f"--model {m}" for m in chosen if m not in trained)
+        how = (
             f"Download them with `python -m service fetch-weights --dir {settings.weights_dir}` "
             f"({wanted}; needs internet; offline: copy the files to exactly these paths, see "
             "docs/weights.md and docs/models.md), point COLORIZE_WEIGHTS_DIR (--weights-dir), "
             "COLORIZE_CHECKPOINTS / COLORIZE_DETECTOR_WEIGHTS (or --checkpoints / "
-            "--detector-weights) at existing files, or pass --no-detector to run without detector."
+            "--detector-weights) at existing files, or pass --no-detector to run without "
+            "detector."
+            if wanted
+            else ""
         )
+        if trained:  # no published weights: nothing to download
+            how += (
+                f"{' ' if how else ''}{', '.join(trained)}: no published weights; train them "
+                f"with `python -m service train --model {trained[0]} ...` and point "
+                "--weights-dir at the run's weights/ folder (docs/models.md)."
+            )
+        raise MissingWeightsError(f"missing weight files:\n  {names}\n{how}")
 
 
 def model_summary(description: dict[str, Any], checkpoints: os.PathLike[str] | str) -> str:
