@@ -6,6 +6,7 @@ processes (Redis mode) as the dict from ``to_dict`` / ``from_dict``.
 
 from __future__ import annotations
 
+import json
 from typing import Any, ClassVar
 
 PROBLEM_BASE = "https://instcolor.dev/problems/"
@@ -71,6 +72,23 @@ class UnsupportedMediaTypeError(ServiceError):
 
 class InvalidParameterError(ServiceError):
     status, kind, title = 422, "invalid-parameter", "Invalid parameter"
+
+
+def parse_json_query(
+    name: str, text: str, max_chars: int, too_long: str, too_deep: str, **loads: Any
+) -> Any:
+    """A query parameter holding JSON (``boxes``, ``hints``): its length bounded before parsing,
+    parse errors and excessive nesting as 422s naming the parameter."""
+    if len(text) > max_chars:
+        raise InvalidParameterError(f"{name} is {len(text)} characters long; {too_long}")
+    try:
+        return json.loads(text, **loads)
+    except json.JSONDecodeError as exc:
+        raise InvalidParameterError(
+            f"{name} is not valid JSON ({exc.msg} at character {exc.pos})"
+        ) from exc
+    except RecursionError:
+        raise InvalidParameterError(f"{name} is nested too deeply; {too_deep}") from None
 
 
 class NotFoundError(ServiceError):

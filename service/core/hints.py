@@ -8,14 +8,13 @@ also as 422.
 
 from __future__ import annotations
 
-import json
 import math
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
 from models.constants import DEFAULT_HINT_SIZE, HINT_SIZE_RANGE, MAX_HINTS
-from service.core.errors import InvalidParameterError
+from service.core.errors import InvalidParameterError, parse_json_query
 
 HEX_PATTERN = r"^#[0-9a-fA-F]{6}$"
 MAX_HINTS_CHARS = 160 * (MAX_HINTS + 1)  # room for MAX_HINTS hints written at length
@@ -100,16 +99,11 @@ def parse_hints(text: str | None) -> list[dict[str, Any]] | None:
     """The ``hints`` query value (JSON text) as checked hints; None when left out."""
     if text is None:
         return None
-    if len(text) > MAX_HINTS_CHARS:
-        raise InvalidParameterError(
-            f"hints is {len(text)} characters long; at most {MAX_HINTS} hints are accepted"
-        )
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise InvalidParameterError(
-            f"hints is not valid JSON ({exc.msg} at character {exc.pos})"
-        ) from exc
-    except RecursionError:
-        raise InvalidParameterError("hints is nested too deeply; send a flat list") from None
+    value = parse_json_query(
+        "hints",
+        text,
+        MAX_HINTS_CHARS,
+        f"at most {MAX_HINTS} hints are accepted",
+        "send a flat list",
+    )
     return validate_hints(value) or None

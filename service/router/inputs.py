@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from collections.abc import AsyncGenerator
 
 from fastapi import Request
@@ -16,6 +15,7 @@ from service.core.errors import (
     InvalidParameterError,
     PayloadTooLargeError,
     UnsupportedMediaTypeError,
+    parse_json_query,
 )
 from service.core.offload import off_loop_if_large
 
@@ -131,20 +131,11 @@ def parse_boxes(
     """
     if text is None:
         return None, None
-    if len(text) > boxes_max_chars(max_boxes):
-        raise InvalidParameterError(
-            f"boxes is {len(text)} characters long; at most {max_boxes} boxes are accepted"
-        )
-    try:
-        data = json.loads(
-            text, parse_int=_json_number, parse_float=_json_number, parse_constant=_json_constant
-        )
-    except json.JSONDecodeError as exc:
-        raise InvalidParameterError(
-            f"boxes is not valid JSON ({exc.msg} at character {exc.pos})"
-        ) from exc
-    except RecursionError:
-        raise InvalidParameterError("boxes is nested too deeply; see the expected shape") from None
+    data = parse_json_query(
+        "boxes", text, boxes_max_chars(max_boxes), f"at most {max_boxes} boxes are accepted",
+        "see the expected shape",
+        parse_int=_json_number, parse_float=_json_number, parse_constant=_json_constant,
+    )  # fmt: skip
     try:
         return validate_boxes(data, max_boxes)
     except BoxesError as exc:
