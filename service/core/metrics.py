@@ -191,7 +191,8 @@ class Metrics:
         )  # fmt: skip
         self.batches_open = Gauge(
             "colorize_batches_open", "Batches not yet ended (validating, in progress, "
-            "finalizing, cancelling).", registry=registry,
+            "finalizing, cancelling); fleet-wide in Redis mode (every replica reports the "
+            "shared store's count): aggregate with max, not sum.", registry=registry,
         )  # fmt: skip
         self.batch_items = Counter(
             "colorize_batch_items", "Batch items finished, by result (completed, failed); "
