@@ -76,6 +76,22 @@ def write_instances_csv(report_dir: Path, run: EvaluationRun) -> Path:
     return path
 
 
+def write_hints_csv(report_dir: Path, run: EvaluationRun) -> Path:
+    """With ``--hints N``: one row per hint given, in the order placed (later ones overwrite
+    earlier ones where patches overlap): ``path,index,x,y,size,a,b`` (x, y in the scored
+    photo's input pixels, a and b its patch's mean ground-truth Lab ab)."""
+    path = report_dir / "hints.csv"
+    text = io.StringIO()
+    out = csv.writer(text)
+    out.writerow(["path", "index", "x", "y", "size", "a", "b"])
+    for score in run.scores:
+        for index, hint in enumerate(score.hints):
+            out.writerow([score.item.key, index, repr(hint.x), repr(hint.y), hint.size,
+                          repr(hint.a), repr(hint.b)])  # fmt: skip
+    write_text_atomic(path, text.getvalue())
+    return path
+
+
 def metric_values(scores: Sequence[ImageScore], metric: str) -> list[float]:
     return [s.scores[metric] for s in scores]
 
@@ -104,6 +120,8 @@ def build_summary(
         "throughput": {"seconds": run.seconds, "images_per_second": run.images_per_second},
     }
     summary["fid"] = fid_summary(run)
+    if any(s.hints for s in run.scores):
+        summary["hinted_pixels"] = _json_summary([float(s.hinted_pixels) for s in run.scores])
     if any(s.instances is not None for s in run.scores):
         crops = [i for s in run.scores for i in s.instances or []]
         summary["instances"] = {
@@ -260,6 +278,8 @@ def write_report(
     summary = build_summary(run, config, model, machine)
     if summary["instances"] is not None:
         write_instances_csv(report_dir, run)
+    if "hinted_pixels" in summary:
+        write_hints_csv(report_dir, run)
     write_summary_json(report_dir, summary)
     write_report_html(report_dir, run, summary, resolution)
     return summary

@@ -29,9 +29,10 @@ from evaluation.dataset import GroundTruth, Instance, Pair, instance_box, load_p
 from evaluation.fid import FidFeatures
 from evaluation.metrics import LpipsMetric, colorfulness, score_pair
 from models.atomic import write_atomic
-from models.hints import ground_truth_hints
+from models.hints import Hint, ground_truth_hints, hint_planes
 from models.offline import FINISH_ERRORS, describe_failure, run_batches
 from models.pipeline import ColorizeOptions, Prediction, PreparedImage
+from models.preprocess import NETWORK_SIZE
 from models.zoo import ModelColorizer
 
 METRICS: tuple[str, ...] = ("psnr", "ssim", "lpips", "colorfulness")
@@ -56,6 +57,8 @@ class ImageScore:
     instances: list[InstanceScore] | None  # None: no annotations were given
     skipped_instances: int = 0  # annotated instances too small to score
     fid_features: tuple[np.ndarray, np.ndarray] | None = None  # (colorized, ground truth)
+    hints: tuple[Hint, ...] = ()  # the ground-truth hints the photo was given (--hints N)
+    hinted_pixels: int = 0  # pixels of the 256x256 network input they cover (the mask's area)
 
 
 @dataclass
@@ -118,12 +121,26 @@ def score_instances(
     return results, skipped
 
 
+def hint_seed(image_name: str, seed: int = 0) -> int:
+    """The seed of a photo's hint generator: CRC-32 of its ``images/`` name plus seed x 2^32, so
+    every count, configuration and rerun with the same ``--seed`` reveals the same points."""
+    return zlib.crc32(image_name.encode()) + seed * 2**32
+
+
+def photo_hints(item: GroundTruth, pair: Pair, count: int, seed: int = 0) -> tuple[Hint, ...]:
+    """``count`` hints sampled from the photo's ground truth (``ground_truth_hints``) with its
+    own generator (``hint_seed``): the first k of a larger count are the k of the smaller one."""
+    generator = torch.Generator().manual_seed(hint_seed(item.image_name, seed))
+    return tuple(ground_truth_hints(pair.target, count, pair.grey.size, generator))
+
+
 @dataclass
 class _Photo:
     """One ground-truth photo through the runner: its pair is filled in by ``load``."""
 
     item: GroundTruth
     pair: Pair | None = None
+    hints: tuple[Hint, ...] = ()
 
 
 class Evaluator:
@@ -137,11 +154,13 @@ class Evaluator:
         instances: dict[str, list[Instance]] | None = None,
         fid: FidFeatures | None = None,
         hints: int = 0,
+        seed: int = 0,
     ) -> None:
         """``hints`` > 0: each photo gets that many hints sampled from its ground truth
-        (``models.hints.ground_truth_hints``, seeded by the photo's name: every configuration
-        and rerun reveals the same points)."""
+        (``photo_hints``, seeded by the photo's name and ``seed``: every configuration and
+        rerun reveals the same points)."""
         self.hints = hints
+        self.seed = seed
         self.colorizer = colorizer
         self.options = options
         self.lpips = lpips
@@ -152,10 +171,8 @@ class Evaluator:
         photo.pair = load_pair(photo.item.source, self.options.resolution)
         options = self.options
         if self.hints:
-            seed = zlib.crc32(photo.item.image_name.encode())
-            hints = ground_truth_hints(photo.pair.target, self.hints, photo.pair.grey.size,
-                                       torch.Generator().manual_seed(seed))  # fmt: skip
-            options = replace(options, hints=tuple(hints))
+            photo.hints = photo_hints(photo.item, photo.pair, self.hints, self.seed)
+            options = replace(options, hints=photo.hints)
         return self.colorizer.prepare(photo.pair.grey, options)
 
     def score(self, item: GroundTruth, pair: Pair, colorized: Image.Image) -> ImageScore:
@@ -188,7 +205,11 @@ class Evaluator:
         assert photo.pair is not None  # loaded before it was predicted
         colorized = self.colorizer.merge(prepared, prediction).image.convert("RGB")
         save_png(colorized, report_dir / photo.item.image_name)
-        return self.score(photo.item, photo.pair, colorized)
+        score = self.score(photo.item, photo.pair, colorized)
+        if not photo.hints:
+            return score
+        _, mask = hint_planes(photo.hints, *photo.pair.grey.size, NETWORK_SIZE)
+        return replace(score, hints=photo.hints, hinted_pixels=int(mask.sum()))
 
     def run(
         self,

@@ -46,3 +46,26 @@ def fraction(text: str) -> float:
     if not 0.0 <= value < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {value}")
     return value
+
+
+def hint_counts(text: str) -> tuple[int, ...]:
+    """``N`` or a comma-separated list of distinct counts ``0,1,2,5,10``, each in 0..MAX_HINTS,
+    returned in increasing order (``evaluate --hints``: one run per count)."""
+    from models.constants import MAX_HINTS
+
+    parts = [part.strip() for part in text.split(",")]
+    try:
+        counts = tuple(int(part) for part in parts)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected a count or a comma-separated list of counts such as 0,1,2,5,10, got {text!r}"
+        ) from None
+    for count in counts:
+        if not 0 <= count <= MAX_HINTS:
+            raise argparse.ArgumentTypeError(
+                f"each count must be between 0 and {MAX_HINTS} (the most hints an image "
+                f"takes), got {count}"
+            )
+    if len(set(counts)) != len(counts):
+        raise argparse.ArgumentTypeError(f"a count is given twice in {text!r}")
+    return tuple(sorted(counts))
