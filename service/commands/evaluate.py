@@ -20,7 +20,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from service.commands.arg_types import batch_size, non_negative_int, positive_int, unit_float
+from service.commands.arg_types import (
+    batch_size,
+    hint_counts,
+    non_negative_int,
+    positive_int,
+    unit_float,
+)
 from service.commands.model_flags import add_model_arguments, add_model_choice, model_overrides
 from service.settings import DEFAULT_WEIGHTS_DIR, auto_batch_size
 
@@ -37,6 +43,14 @@ FID_INCEPTION_FILENAME = "pt_inception-2015-12-05-6726825d.pth"  # evaluation.fi
 DEFAULT_FID_WEIGHTS = DEFAULT_WEIGHTS_DIR / FID_INCEPTION_FILENAME
 CONFIG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 RESERVED_NAMES = frozenset({"images", "report_files"})
+MAX_SEED = 2**32 - 1
+
+
+def hint_seed_value(text: str) -> int:
+    value = non_negative_int(text)
+    if value > MAX_SEED:
+        raise argparse.ArgumentTypeError(f"must be at most {MAX_SEED}, got {value}")
+    return value
 
 
 class UsageError(Exception):
@@ -61,11 +75,16 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         help="instances colorized per image (default 8); 0: full-image network only")  # fmt: skip
     parser.add_argument("--score-threshold", type=unit_float, default=0.7, metavar="T",
                         help="detector score threshold (default 0.7)")  # fmt: skip
-    parser.add_argument("--hints", type=non_negative_int, default=0, metavar="N",
+    parser.add_argument("--hints", type=hint_counts, default=(0,), metavar="N[,N...]",
                         help="N colour hints per photo sampled from its ground truth (the "
                         "SIGGRAPH17 protocol; a model that takes hints, e.g. zhang-siggraph17); "
-                        "compare counts with --compare h0='--hints 0' h10='--hints 10' "
+                        "a list such as 0,1,2,5,10 runs every count on the same photos and "
+                        "writes quality against the number of hints to REPORT_DIR/hints.html, "
+                        ".md and .json (one report per count in REPORT_DIR/hints-N/) "
                         "(default 0: automatic)")  # fmt: skip
+    parser.add_argument("--seed", type=hint_seed_value, default=0, metavar="S",
+                        help="seed of the hint sampling (and of a sampling model's draw): the "
+                        "same seed reveals the same points (default 0)")  # fmt: skip
     add_model_choice(parser)
     add_model_arguments(parser)
 
@@ -154,6 +173,11 @@ def parse_compare(base: argparse.Namespace, entries: list[str]) -> list[Configur
         except ValueError as exc:
             raise UsageError(f"--compare {entry!r}: {exc}") from exc
         parser.parse_args(tokens, namespace=namespace)
+        if len(namespace.hints) > 1:
+            raise UsageError(
+                f"--compare {entry!r}: one --hints count per configuration (a list of counts "
+                "is a sweep of its own: run it without --compare)"
+            )
         if namespace.detector_weights != base.detector_weights:
             namespace.no_detector = False  # --detector-weights in FLAGS turns the detector on
         configurations.append(Configuration(name, flags, namespace))
@@ -165,13 +189,15 @@ def _config(
     lpips_weights: Path | None,
     fid_weights: Path | None,
     flags: str | None,
+    hints: int | list[int],
 ) -> dict[str, Any]:
     described: dict[str, Any] = {
         "model": args.models or "instcolor",
         "resolution": args.resolution,
         "max_instances": args.max_instances,
         "score_threshold": args.score_threshold,
-        "hints": args.hints,
+        "hints": hints,
+        "seed": args.seed,
         "batch_size": args.batch_size or "auto",
         "model_flags": {k: str(v) for k, v in model_overrides(args).items()},
         "lpips_weights": None if lpips_weights is None else str(lpips_weights),
@@ -222,6 +248,13 @@ def run(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     try:
         items = collect_ground_truth(args.inputs, args.output, args.limit)
+        if args.compare and len(args.hints) > 1:
+            raise UsageError(
+                f"--hints {','.join(map(str, args.hints))} (several counts) writes its own "
+                "table (REPORT_DIR/hints.html) and cannot be combined with --compare: give "
+                "each configuration one count (--compare h0='--hints 0' h5='--hints 5'), or run "
+                "one sweep per model"
+            )
         if args.compare:
             configurations = parse_compare(args, args.compare)
         else:
@@ -241,10 +274,11 @@ def run(args: argparse.Namespace) -> int:
             return _usage_error(f"--model takes one model, got {chosen.models!r}")
         spec = get_model(chosen.default_model)
         # instcolor takes hints when its checkpoint was trained with them: checked once loaded
-        if config.args.hints and not spec.takes_hints and not spec.uses_detector:
+        if any(config.args.hints) and not spec.takes_hints and not spec.uses_detector:
             return _usage_error(
                 f"{config.name or 'evaluate'}: --hints: model {chosen.default_model!r} takes no "
-                "colour hints (choose --model zhang-siggraph17)"
+                "colour hints (choose --model zhang-siggraph17, or an instcolor checkpoint "
+                "trained with `train --hint-sample-p P`)"
             )
         if config.args.max_instances > chosen.instance_limit:
             return _usage_error(
@@ -275,16 +309,31 @@ def run(args: argparse.Namespace) -> int:
     except (CheckpointError, LpipsError, FidError, ModelSetupError) as exc:
         return _usage_error(str(exc))
     failed = False
-    for name, result in runs:
+    for name, result, _ in runs:
         for source, reason in result.failures:
             sys.stderr.write(f"failed{f' ({name})' if name else ''}: {source}: {reason}\n")
         failed = failed or bool(result.failures)
     if args.compare:
         from evaluation.compare import build_comparison, write_comparison
 
-        comparison = build_comparison(runs, {c.name: c.flags for c in configurations})
+        comparison = build_comparison(
+            [(name, result) for name, result, _ in runs], {c.name: c.flags for c in configurations}
+        )
         page = write_comparison(args.output, comparison)
         sys.stdout.write(f"comparison of {len(runs)} configurations -> {page}\n")
+    elif len(args.hints) > 1:
+        from evaluation.hint_sweep import build_hint_sweep, write_hint_sweep
+
+        first = runs[0][2]
+        sweep = build_hint_sweep(
+            [(summary["config"]["hints"], result) for _, result, summary in runs],
+            args.seed,
+            _config(args, lpips_weights, fid_weights, None, list(args.hints)),
+            first["model"],
+            first["machine"],
+        )
+        page = write_hint_sweep(args.output, sweep)
+        sys.stdout.write(f"quality against {len(runs)} hint counts -> {page}\n")
     sys.stdout.write(f"done in {time.perf_counter() - started:.1f} s\n")
     return EXIT_FAILED if failed else EXIT_OK
 
@@ -297,11 +346,13 @@ def _evaluate_all(
     instances: dict[str, Any] | None,
     lpips_weights: Path | None,
     fid_weights: Path | None,
-) -> list[tuple[str, EvaluationRun]]:
-    """Each configuration in turn: load its colorizer, run, write its report, free it."""
+) -> list[tuple[str, EvaluationRun, dict[str, Any]]]:
+    """Each configuration in turn: load its colorizer, run (once per hint count), write each
+    run's report, free it. Returns each run's name, result and summary."""
     import torch
 
     from evaluation.fid import FidFeatures
+    from evaluation.hint_sweep import count_dir
     from evaluation.metrics import LpipsMetric
     from evaluation.report import write_report
     from evaluation.run import Evaluator, machine_description
@@ -309,13 +360,13 @@ def _evaluate_all(
     from models.preprocess import NETWORK_SIZE
     from service.engine.loading import ModelSetupError, build_colorizer
 
-    runs: list[tuple[str, EvaluationRun]] = []
+    runs: list[tuple[str, EvaluationRun, dict[str, Any]]] = []
     lpips: LpipsMetric | None = None
     fid: FidFeatures | None = None
     for config, chosen in zip(configurations, settings, strict=True):
-        report_dir = args.output / config.name if config.name else args.output
+        config_dir = args.output / config.name if config.name else args.output
         colorizer = build_colorizer(chosen)
-        if config.args.hints and not getattr(colorizer, "takes_hints", False):
+        if any(config.args.hints) and not getattr(colorizer, "takes_hints", False):
             raise ModelSetupError(
                 f"{config.name or 'evaluate'}: --hints: model {chosen.default_model!r} takes no "
                 "colour hints: its loaded checkpoints were trained without them (evaluate one "
@@ -338,27 +389,34 @@ def _evaluate_all(
             resolution=config.args.resolution,
             max_instances=config.args.max_instances,
             score_threshold=config.args.score_threshold,
-            seed=0,  # a sampling model (zhao-pixelated) draws the same sample on every run
+            seed=config.args.seed,  # a sampling model (zhao-pixelated) draws the same sample
         )
-        evaluator = Evaluator(colorizer, options, lpips, instances, fid, config.args.hints)
-        result = evaluator.run(
-            items,
-            report_dir,
-            batch_size=config.args.batch_size or auto_batch_size(colorizer.device.type),
-            progress=not args.no_progress,
-        )
-        summary = write_report(
-            report_dir,
-            result,
-            _config(config.args, lpips_weights, fid_weights, config.flags if config.name else None),
-            colorizer.describe(),
-            machine_description(colorizer.device),
-            config.args.resolution,
-        )
-        sys.stdout.write(_summary_line(config.name or "evaluate", result, summary,
-                                       report_dir / "report.html"))  # fmt: skip
-        runs.append((config.name, result))
-        del evaluator, colorizer
+        sweep = len(config.args.hints) > 1
+        for count in config.args.hints:
+            name = count_dir(count) if sweep else config.name
+            report_dir = config_dir / name if sweep else config_dir
+            evaluator = Evaluator(colorizer, options, lpips, instances, fid, count,
+                                  config.args.seed)  # fmt: skip
+            result = evaluator.run(
+                items,
+                report_dir,
+                batch_size=config.args.batch_size or auto_batch_size(colorizer.device.type),
+                progress=not args.no_progress,
+            )
+            flags = config.flags if config.name else None
+            summary = write_report(
+                report_dir,
+                result,
+                _config(config.args, lpips_weights, fid_weights, flags, count),
+                colorizer.describe(),
+                machine_description(colorizer.device),
+                config.args.resolution,
+            )
+            sys.stdout.write(_summary_line(name or "evaluate", result, summary,
+                                           report_dir / "report.html"))  # fmt: skip
+            runs.append((name, result, summary))
+            del evaluator
+        del colorizer
         gc.collect()
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
