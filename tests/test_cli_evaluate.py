@@ -338,3 +338,223 @@ def test_fid_over_the_set_with_local_inception_weights(
             targets.append(features(np.asarray(resize_to_network(photo.convert("RGB")))))
     assert summary["fid"]["value"] == pytest.approx(frechet_distance(saved, targets), rel=1e-3)
     assert "FID (colorized set" in (report / "report.html").read_text()
+
+
+# -- quality against the number of hints (evaluate --hints 0,1,2,5,10) --------------------------
+
+
+def np_rgb_to_ab(rgb: np.ndarray) -> np.ndarray:
+    """(H, W, 3) uint8 sRGB -> (2, H, W) Lab ab in float64, the spec's constants (§5.4)."""
+    c = rgb.astype(np.float64) / 255.0
+    lin = np.where(c > 0.04045, ((c + 0.055) / 1.055) ** 2.4, c / 12.92)
+    m = np.array([[0.412453, 0.357580, 0.180423], [0.212671, 0.715160, 0.072169],
+                  [0.019334, 0.119193, 0.950227]])  # fmt: skip
+    xyz = np.einsum("ij,hwj->ihw", m, lin) / np.array([0.95047, 1.0, 1.08883])[:, None, None]
+    f = np.where(xyz > 0.008856, np.cbrt(xyz), 7.787 * xyz + 16 / 116)
+    return np.stack((500 * (f[0] - f[1]), 200 * (f[1] - f[2])))
+
+
+def documented_points(name: str, count: int, seed: int) -> list[tuple[int, int, int]]:
+    """docs/hints.md's sampling, written again: one torch generator per photo seeded with
+    crc32 of its images/ name (images/<key>.png) + seed * 2**32; per point a centre column and row uniform in 0..255,
+    then a side uniform in 1..9."""
+    import zlib
+
+    import torch
+
+    generator = torch.Generator().manual_seed(zlib.crc32(name.encode()) + seed * 2**32)
+    return [
+        (int(torch.randint(0, 256, (), generator=generator)),
+         int(torch.randint(0, 256, (), generator=generator)),
+         int(torch.randint(1, 10, (), generator=generator)))
+        for _ in range(count)
+    ]  # fmt: skip
+
+
+def painted_planes(
+    points: list[tuple[int, int, int]], ab: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
+    """Hint ab and 0/1 mask at 256x256 by hand: each side x side patch centred on its point (one
+    more pixel after it for even sides, clipped), holding the ground truth's mean ab there;
+    later points overwrite earlier ones."""
+    planes, mask = np.zeros((2, 256, 256)), np.zeros((256, 256))
+    for cx, cy, side in points:
+        before = (side - 1) // 2
+        top, left = max(0, cy - before), max(0, cx - before)
+        bottom, right = min(256, cy - before + side), min(256, cx - before + side)
+        planes[:, top:bottom, left:right] = ab[:, top:bottom, left:right].mean(axis=(1, 2))[
+            :, None, None
+        ]
+        mask[top:bottom, left:right] = 1.0
+    return planes, mask
+
+
+@pytest.fixture
+def hint_photos(tmp_path: Path) -> Path:
+    root = tmp_path / "truth"
+    root.mkdir()
+    colour_photo(48, 32, 11).save(root / "a.png")
+    colour_photo(40, 40, 12).save(root / "b.png")
+    colour_photo(36, 28, 13).save(root / "c.png")
+    return root
+
+
+def test_hint_sweep_reports_quality_per_count_with_the_documented_sampling(
+    hint_photos: Path, tmp_path: Path, zoo_weights: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """evaluate --hints 0,1,2,5,10 with seeded SIGGRAPH17 weights: one report per count, the
+    sweep's table, and the network input of every photo at every count is the hand-painted
+    ground-truth patch means at the documented points (counts nested, area monotonic)."""
+    import torch
+
+    from models.networks import FullImageGenerator
+
+    inputs: list[torch.Tensor] = []
+
+    def keep(module: torch.nn.Module, args: tuple[torch.Tensor, ...]) -> None:
+        if isinstance(module, FullImageGenerator):
+            inputs.append(args[0].detach().float().clone())
+
+    report, counts, seed = tmp_path / "report", [0, 1, 2, 5, 10], 3
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(keep)
+    try:
+        code = main(["evaluate", str(hint_photos), "-o", str(report), "--model",
+                     "zhang-siggraph17", "--weights-dir", str(zoo_weights), "--precision",
+                     "fp32", "--no-progress", "--batch-size", "8", "--hints", "10,0,2,1,5",
+                     "--seed", str(seed)])  # fmt: skip
+    finally:
+        handle.remove()
+    assert code == 0, capsys.readouterr().err
+    assert "quality against 5 hint counts" in capsys.readouterr().out
+    names = ["a.png", "b.png", "c.png"]
+    assert len(inputs) == len(counts)  # one batch of the three photos per count
+    truth = {}
+    for name in names:
+        with Image.open(hint_photos / name) as photo:
+            truth[name] = np_rgb_to_ab(np.asarray(resize_to_network(photo.convert("RGB"))))
+    sizes = {"a.png": (48, 32), "b.png": (40, 40), "c.png": (36, 28)}
+    areas: dict[str, list[float]] = {name: [] for name in names}
+    previous: dict[str, np.ndarray] = {}
+    for count, batch in zip(counts, inputs, strict=True):
+        folder = report / f"hints-{count}"
+        summary = json.loads((folder / "summary.json").read_text())
+        assert (summary["config"]["hints"], summary["config"]["seed"]) == (count, seed)
+        assert [r["path"] for r in read_csv(folder / "metrics.csv")] == names
+        placed = read_csv(folder / "hints.csv") if count else []
+        assert (folder / "hints.csv").exists() == bool(count)
+        for k, name in enumerate(names):
+            points = documented_points(f"images/{name}", count, seed)  # images/<key>.png
+            rows = [r for r in placed if r["path"] == name]
+            assert len(rows) == count
+            width, height = sizes[name]
+            for row, (cx, cy, side) in zip(rows, points, strict=True):
+                assert float(row["x"]) == pytest.approx((cx + 0.5) * width / 256)
+                assert float(row["y"]) == pytest.approx((cy + 0.5) * height / 256)
+                assert int(row["size"]) == side
+            planes, mask = painted_planes(points, truth[name])
+            x = batch[k].numpy()
+            np.testing.assert_allclose(x[1:3] * 110, planes, atol=2e-3)  # ab / 110 in the input
+            np.testing.assert_array_equal(x[3], mask)  # the release's mask: 1 hinted, 0 not
+            areas[name].append(mask.sum())
+            if name in previous:  # more hints only add points: the hinted area only grows
+                assert np.all(mask >= previous[name])
+            previous[name] = mask
+    for name in names:
+        assert areas[name][0] == 0 and areas[name] == sorted(areas[name])
+        assert areas[name][-1] > areas[name][1] > 0
+    sweep = json.loads((report / "hints.json").read_text())
+    assert sweep["counts"] == counts and sweep["baseline"] == 0 and sweep["seed"] == seed
+    assert sweep["paired_images"] == 3
+    assert sweep["computed_metrics"] == ["psnr", "ssim", "colorfulness"]  # no LPIPS file
+    base = [float(r["psnr"]) for r in read_csv(report / "hints-0" / "metrics.csv")]
+    for row, count in zip(sweep["rows"], counts, strict=True):
+        assert row["hints"] == count and row["report"] == f"hints-{count}/report.html"
+        psnr = [float(r["psnr"]) for r in read_csv(report / f"hints-{count}" / "metrics.csv")]
+        assert row["metrics"]["psnr"]["mean"] == pytest.approx(np.mean(psnr))
+        assert row["hinted_pixels"]["mean"] == pytest.approx(
+            np.mean([areas[n][counts.index(count)] for n in names])
+        )
+        if count == 0:
+            assert row["difference"] is None
+        else:
+            difference = row["difference"]["psnr"]
+            assert difference["mean"] == pytest.approx(np.mean(np.subtract(psnr, base)))
+    table = (report / "hints.md").read_text().splitlines()
+    assert table[0].startswith("| hints | hinted pixels (mean, of 65,536) | PSNR (dB) ↑ |")
+    assert [line.split("|")[1].strip() for line in table[2:]] == [str(c) for c in counts]
+    assert "baseline" in table[2]
+    assert_self_contained(report / "hints.html")
+    with Image.open(report / "report_files" / "hints_curve.png") as curve:
+        assert curve.format == "PNG" and curve.width > 300
+
+
+def test_hint_sweep_with_a_network_that_copies_hints_improves_with_every_count(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A constructed SIGGRAPH17 network whose output is its hint ab (grey where unhinted), on
+    flat-colour photos: every revealed pixel comes back right, so PSNR rises with the count."""
+    import torch
+    from test_hints import hint_copying_generator
+
+    from models.registry import get_model
+
+    weights = tmp_path / "weights"
+    (path,) = get_model("zhang-siggraph17").weight_paths(weights)
+    path.parent.mkdir(parents=True)
+    torch.save(hint_copying_generator().state_dict(), path)
+    truth = tmp_path / "truth"
+    truth.mkdir()
+    for i, colour in enumerate([(200, 60, 40), (40, 150, 60), (60, 80, 200)]):
+        Image.new("RGB", (48 + 8 * i, 40), colour).save(truth / f"flat{i}.png")
+    code = main(["evaluate", str(truth), "-o", str(tmp_path / "report"), "--model",
+                 "zhang-siggraph17", "--weights-dir", str(weights), "--precision", "fp32",
+                 "--no-progress", "--hints", "0,5,20,60"])  # fmt: skip
+    assert code == 0, capsys.readouterr().err
+    sweep = json.loads((tmp_path / "report" / "hints.json").read_text())
+    means = [row["metrics"]["psnr"]["mean"] for row in sweep["rows"]]
+    assert means == sorted(means) and len(set(means)) == 4, means
+    for row in sweep["rows"][1:]:
+        assert row["difference"]["psnr"]["mean"] > 0
+    per_image = [
+        [float(r["psnr"]) for r in read_csv(tmp_path / "report" / f"hints-{n}" / "metrics.csv")]
+        for n in (0, 5, 20, 60)
+    ]
+    assert all(list(col) == sorted(col) for col in zip(*per_image, strict=True)), per_image
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--hints", "0,0"], "given twice"),
+        (["--hints", "65"], "between 0 and 64"),
+        (["--hints", "0,x"], "comma-separated list"),
+        (["--hints", "0,5", "--compare", "a="], "cannot be combined with --compare"),
+        (["--compare", "a=--hints 0,5"], "one --hints count per configuration"),
+        (["--seed", "-1"], "at least 0"),
+    ],
+)
+def test_hint_sweep_usage_errors_exit_2_with_a_message(
+    hint_photos: Path, tmp_path: Path, zoo_weights: Path, extra: list[str], message: str,
+    capsys: pytest.CaptureFixture[str],
+) -> None:  # fmt: skip
+    try:  # argparse refuses a bad value itself (SystemExit 2), the command the combinations
+        code = main(["evaluate", str(hint_photos), "-o", str(tmp_path / "r"), "--model",
+                     "zhang-siggraph17", "--weights-dir", str(zoo_weights), "--no-progress",
+                     *extra])  # fmt: skip
+    except SystemExit as exc:
+        code = exc.code  # type: ignore[assignment]
+    assert code == 2
+    assert message in capsys.readouterr().err
+    assert not (tmp_path / "r").exists()  # refused before any work
+
+
+def test_hint_sweep_is_refused_for_a_model_without_hints(
+    hint_photos: Path, tmp_path: Path, zoo_weights: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    code = main(["evaluate", str(hint_photos), "-o", str(tmp_path / "r"), "--model",
+                 "zhang-eccv16", "--weights-dir", str(zoo_weights), "--no-progress",
+                 "--hints", "0,5"])  # fmt: skip
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "takes no colour hints" in err and "zhang-siggraph17" in err
+    assert not (tmp_path / "r").exists()
