@@ -136,30 +136,42 @@ def hint_sweep_markdown(sweep: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def _errorbar(axis: Any, counts: list[int], stats: list[dict[str, Any] | None]) -> None:
+    """Means with their 95% interval as error bars (a missing statistic: no point, no bar)."""
+    means = [math.nan if s is None or s["mean"] is None else s["mean"] for s in stats]
+    low = [0.0 if s is None or s["ci95_low"] is None else m - s["ci95_low"]
+           for m, s in zip(means, stats, strict=True)]  # fmt: skip
+    high = [0.0 if s is None or s["ci95_high"] is None else s["ci95_high"] - m
+            for m, s in zip(means, stats, strict=True)]  # fmt: skip
+    axis.errorbar(counts, means, yerr=[low, high], marker="o", capsize=3, color="#4a78b5")
+    axis.grid(alpha=0.3)
+
+
 def _curve(sweep: dict[str, Any], path: Path) -> bool:
-    """One panel per computed metric: its mean (95% interval as error bars) against the count."""
+    """One column per computed metric: its mean against the count (top) and the paired
+    difference to the first count (bottom), each with its 95% interval as error bars."""
     import matplotlib
 
     matplotlib.use("Agg")  # files only, no display
     from matplotlib import pyplot as plt
 
     metrics = sweep["computed_metrics"]
-    if not metrics or not sweep["rows"]:
+    rows = sweep["rows"]
+    if not metrics or not rows:
         return False
-    figure, axes = plt.subplots(1, len(metrics), figsize=(3.6 * len(metrics), 3.2), dpi=100,
-                                squeeze=False)  # fmt: skip
-    counts = [row["hints"] for row in sweep["rows"]]
-    for axis, metric in zip(axes[0], metrics, strict=True):
-        stats = [row["metrics"][metric] for row in sweep["rows"]]
-        means = [math.nan if s["mean"] is None else s["mean"] for s in stats]
-        low = [m - s["ci95_low"] if s["ci95_low"] is not None else 0.0
-               for m, s in zip(means, stats, strict=True)]  # fmt: skip
-        high = [s["ci95_high"] - m if s["ci95_high"] is not None else 0.0
-                for m, s in zip(means, stats, strict=True)]  # fmt: skip
-        axis.errorbar(counts, means, yerr=[low, high], marker="o", capsize=3, color="#4a78b5")
-        axis.set_title(METRIC_TITLES[metric], fontsize=9)
-        axis.set_xlabel("hints per image")
-        axis.grid(alpha=0.3)
+    figure, axes = plt.subplots(2, len(metrics), figsize=(3.6 * len(metrics), 5.6), dpi=100,
+                                squeeze=False, sharex=True)  # fmt: skip
+    counts = [row["hints"] for row in rows]
+    zero = {"mean": 0.0, "ci95_low": None, "ci95_high": None}
+    for column, metric in enumerate(metrics):
+        top, bottom = axes[0][column], axes[1][column]
+        _errorbar(top, counts, [row["metrics"][metric] for row in rows])
+        top.set_title(METRIC_TITLES[metric], fontsize=9)
+        _errorbar(bottom, counts,
+                  [row["difference"][metric] if row["difference"] else zero for row in rows])  # fmt: skip
+        bottom.axhline(0.0, color="#999", linewidth=0.8)
+        bottom.set_title(f"paired difference to {sweep['baseline']} hints", fontsize=9)
+        bottom.set_xlabel("hints per image")
     figure.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     figure.savefig(path, format="png")
