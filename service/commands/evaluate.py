@@ -129,8 +129,8 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--compare", nargs="+", metavar="NAME=FLAGS",
                         help="run several configurations on the same images, e.g. "
                         "'base=' nodet=--no-detector 'zhang=--model zhang-siggraph17'; FLAGS are "
-                        "--model, model flags, --resolution, --batch-size, --max-instances or "
-                        "--score-threshold added to "
+                        "--model, model flags, --resolution, --batch-size, --max-instances, "
+                        "--score-threshold, --hints N (one count) or --seed added to "
                         "those given outside --compare; reports go to REPORT_DIR/NAME/ and the "
                         "side-by-side table (differences to the first) to "
                         "REPORT_DIR/comparison.html")  # fmt: skip
