@@ -45,7 +45,7 @@ def test_a_file_uri_folder_is_listed_recursively_and_read_back(tmp_path: Path) -
     assert all(item.options == BASE for item in items)
     filesystems: dict[str, object] = {}
     assert [read_source(item.source, filesystems) for item in items] == [b"A", b"B"]
-    assert list(filesystems) == ["file"]  # one filesystem per scheme, kept
+    assert list(filesystems) == ["file://"]  # one filesystem per root, kept
 
 
 def test_a_file_uri_of_one_file_is_one_item(tmp_path: Path) -> None:
