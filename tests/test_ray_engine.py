@@ -423,6 +423,7 @@ def test_siggraph17_hints_are_the_local_engines_bytes(tmp_path: Path, zoo_weight
 @pytest.fixture
 def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """moto's S3 server; the driver's environment points the AWS SDK at it."""
+    pytest.importorskip("moto")
     with s3_server() as endpoint:
         for name, value in CREDENTIALS.items():
             monkeypatch.setenv(name, value)
