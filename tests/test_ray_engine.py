@@ -18,9 +18,10 @@ import numpy as np
 import pytest
 from PIL import Image
 from s3_server import CREDENTIALS, s3_server, upload_folder
-from weight_files import write_zhao
+from weight_files import write_li_dcnn, write_zhao
 
 from models.offline import run_batches
+from models.registry import MODELS as REGISTRY
 from service.cli import main
 from service.commands.colorize_ray import PredictStage, build_on, plan_chunks
 from service.commands.colorize_sources import Item
@@ -30,7 +31,10 @@ psutil = pytest.importorskip("psutil")
 
 pytestmark = pytest.mark.slow
 
-MODELS = ("instcolor", "zhang-eccv16", "zhang-siggraph17", "larsson-eccv16")  # the registry's
+MODELS = tuple(REGISTRY)  # every registry model (a new one needs its weights fixture here)
+WEIGHTS = {"larsson-eccv16": "larsson_weights", "li-dcnn": "li_weights",
+           "zhao-pixelated": "zhao_weights"}  # fmt: skip
+"""The weights fixture of the models that are not in ``zoo_weights``."""
 REPORT = "colorize-report.jsonl"
 
 
@@ -55,6 +59,21 @@ def local_ray() -> Iterator[None]:
     finally:
         ray.shutdown()
     assert not ray.is_initialized()
+
+
+@pytest.fixture(scope="module")
+def zhao_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("zhao-weights")
+    write_zhao(root)
+    return root
+
+
+@pytest.fixture(scope="module")
+def li_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Seeded li-dcnn weights with the real layer sizes (about 670 MB)."""
+    root = tmp_path_factory.mktemp("li-weights")
+    write_li_dcnn(root)
+    return root
 
 
 def gray(width: int, height: int, seed: int) -> Image.Image:
@@ -105,11 +124,13 @@ def report_lines(dest: Path) -> list[dict[str, object]]:
 def test_ray_output_is_byte_identical_to_the_local_engine(
     tmp_path: Path, zoo_weights: Path, model: str, request: pytest.FixtureRequest
 ) -> None:
-    if model == "larsson-eccv16":
-        zoo_weights = request.getfixturevalue("larsson_weights")
+    """zhao-pixelated with a seed (without one each run draws its own, on either engine)."""
+    if model in WEIGHTS:
+        zoo_weights = request.getfixturevalue(WEIGHTS[model])
+    extra = ("--seed", "11") if model == "zhao-pixelated" else ()
     source = photos(tmp_path / "in", 3)
-    assert colorize(source, tmp_path / "local", zoo_weights, model) == 0
-    assert colorize(source, tmp_path / "ray", zoo_weights, model, "--engine", "ray") == 0
+    assert colorize(source, tmp_path / "local", zoo_weights, model, *extra) == 0
+    assert colorize(source, tmp_path / "ray", zoo_weights, model, *extra, "--engine", "ray") == 0
     local, on_ray = images_below(tmp_path / "local"), images_below(tmp_path / "ray")
     assert sorted(local) == ["p0.png", "p1.png", "p2.png"]
     assert on_ray == local
@@ -311,13 +332,6 @@ def test_a_manifest_gives_each_item_the_local_engines_bytes_for_its_own_options(
 
 
 # -- samples (zhao-pixelated) and hints (zhang-siggraph17) -----------------------------------------
-
-
-@pytest.fixture(scope="module")
-def zhao_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    root = tmp_path_factory.mktemp("zhao-weights")
-    write_zhao(root)
-    return root
 
 
 def test_zhao_samples_are_the_local_engines_files_and_a_rerun_keeps_the_seed(
