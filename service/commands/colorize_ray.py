@@ -144,8 +144,10 @@ def read_source(source: str, filesystems: dict[str, Any]) -> bytes:
         filesystems[root] = filesystem_for(source)[0]
     if source.startswith("file://"):
         path = source[len("file://") :]
+    elif source.startswith("s3://"):
+        path = source[len("s3://") :].partition("?")[0]  # bucket/key, as S3FileSystem takes it
     else:
-        path = source.partition("://")[2].partition("?")[0]
+        path = filesystem_for(source)[1]
     with filesystems[root].open_input_file(path) as handle:
         data: bytes = handle.read()
         return data
