@@ -33,6 +33,14 @@ Batches are the local engine's: the driver cuts the items into chunks of ``--bat
 chunk, so every ``predict`` call sees exactly the local engine's batch, whatever blocks Ray forms.
 A CPU colorizer actor runs torch with the driver's thread count (``PredictStage``): with these
 two, the files are byte-identical to ``--engine local`` at any batch size.
+
+``--samples``/``--seed`` and ``--hints`` (and a manifest line's ``samples``, ``seed``, ``hints``)
+travel in each item's options: the samples are written as the local engine names them
+(``item_outputs``), listed in the item's report line with its seed; a sampling run without
+``--seed`` reuses the seed an earlier report gives its items (``with_seed``), so a rerun resumes
+the same draw. URI sources' filesystems are made on the driver (``source_filesystems``: an S3
+endpoint from the driver's ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``) and sent to the read
+actors.
 """
 
 from __future__ import annotations
