@@ -328,9 +328,11 @@ def test_colorize_hints_file_gives_the_pipeline_result_and_refuses_mistakes(
     code = main(["colorize", str(tmp_path / "a.png"), "-o", str(tmp_path / "o3"), "--model",
                  "zhang-eccv16", "--hints", str(tmp_path / "ok.json"), *common])  # fmt: skip
     assert code == 2 and "takes no colour hints" in capsys.readouterr().err
+    # --engine ray refuses them as early, before any Ray starts (its hints: test_ray_engine.py)
     code = main(["colorize", str(tmp_path / "a.png"), "-o", str(tmp_path / "o4"), "--engine",
-                 "ray", "--hints", str(tmp_path / "ok.json"), *common])  # fmt: skip
-    assert code == 2 and "not supported with --engine ray" in capsys.readouterr().err
+                 "ray", "--model", "zhang-eccv16", "--hints", str(tmp_path / "ok.json"),
+                 *common])  # fmt: skip
+    assert code == 2 and "takes no colour hints" in capsys.readouterr().err
 
 
 # -- training with hints and hinted evaluation -----------------------------------------------

@@ -18,13 +18,13 @@ import pytest
 import torch
 from PIL import Image
 from service_helpers import running_app, service_settings
-from weight_files import write_official
+from weight_files import ZHAO_TINY, write_official, write_zhao
 
 from models.checkpoints import CheckpointError
 from models.pipeline import ColorizeOptions, Colorizer, OptionsError
 from models.registry import MODELS, get_model
 from models.zhao_pipeline import ZhaoPipeline
-from models.zhao_pixelated import FILENAME, MAX_SAMPLES, ZhaoPixelated, save_zhao_pixelated
+from models.zhao_pixelated import FILENAME, MAX_SAMPLES
 from models.zoo import load_colorizer
 from service.core.admission import CostModel
 from service.core.jobs import (
@@ -37,15 +37,14 @@ from service.core.jobs import (
 )
 from service.queues.redis.protocol import decode_answer, encode_answer
 
-TINY = {"classes": 5, "generator_layers": 2, "generator_channels": 16, "divisor": 16}
+TINY = ZHAO_TINY
 
 
 @pytest.fixture(scope="module")
 def zhao_weights(tmp_path_factory: pytest.TempPathFactory) -> Path:
     root = tmp_path_factory.mktemp("zhao-weights")
     write_official(root / "checkpoints", width=8, seed=0)
-    torch.manual_seed(4)
-    save_zhao_pixelated(ZhaoPixelated(**TINY), root / "zhao-pixelated" / FILENAME)
+    write_zhao(root, seed=4)
     return root
 
 
@@ -270,5 +269,7 @@ def test_colorize_command_writes_each_sample(
             main([*args, "--samples", bad])
         assert refused.value.code == 2
         assert "must be between 1 and 8" in capsys.readouterr().err
-    assert main([*args, "--samples", "2", "--engine", "ray"]) == 2
-    assert "--engine local" in capsys.readouterr().err
+    # --engine ray refuses them for a model that does not sample, before any Ray starts (its
+    # samples: tests/test_ray_engine.py)
+    assert main([*plain, "--samples", "2", "--engine", "ray"]) == 2
+    assert "--samples: model 'instcolor' gives one colouring per image" in capsys.readouterr().err

@@ -187,3 +187,18 @@ def write_li_dcnn(weights_dir: Path, seed: int = 0, num_classes: int = 91) -> Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(network.state_dict(), path)
     return path
+
+
+ZHAO_TINY = {"classes": 5, "generator_layers": 2, "generator_channels": 16, "divisor": 16}
+"""A narrow zhao-pixelated (a 2-layer generator): the full-size one is tests/test_zhao_pixelated.py's."""
+
+
+def write_zhao(weights_dir: Path, seed: int = 4) -> Path:
+    """Seeded ``ZHAO_TINY`` zhao-pixelated weights at ``<weights_dir>/zhao-pixelated/<file>``, in
+    the training's file layout (``save_zhao_pixelated``)."""
+    from models.zhao_pixelated import FILENAME, ZhaoPixelated, save_zhao_pixelated
+
+    torch.manual_seed(seed)
+    path = weights_dir / "zhao-pixelated" / FILENAME
+    save_zhao_pixelated(ZhaoPixelated(**ZHAO_TINY), path)
+    return path

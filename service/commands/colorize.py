@@ -309,10 +309,14 @@ def load_boxes(path: Path) -> dict[str, Detections]:
     return parsed
 
 
-def load_hints(path: Path) -> list[Hint] | dict[str, tuple[Hint, ...]]:
-    """Read a ``--hints`` file: a list for every input, or an object of lists per input name."""
-    from models.hints import Hint
+HintPoints = list[dict[str, Any]]
+"""Checked hints as JSON values (``service.core.hints.validate_hints``)."""
 
+
+def read_hints_file(path: Path) -> HintPoints | dict[str, HintPoints]:
+    """Read and check a ``--hints`` file: a list for every input, or an object of lists per input
+    name; every problem is a ``UsageError`` naming the entry. JSON values, no torch (the Ray
+    engine's driver sends them to its actors as they are)."""
     try:
         data = json.loads(path.read_text())
     except OSError as exc:
@@ -320,19 +324,34 @@ def load_hints(path: Path) -> list[Hint] | dict[str, tuple[Hint, ...]]:
     except ValueError as exc:
         raise UsageError(f"--hints {path}: not valid JSON ({exc})") from exc
 
-    def parsed(value: Any, where: str) -> tuple[Hint, ...]:
+    def checked(value: Any, where: str) -> HintPoints:
         try:
-            return tuple(Hint.from_dict(item) for item in validate_hints(value))
+            return validate_hints(value)
         except InvalidParameterError as exc:
             raise UsageError(f"{where}: {exc.detail}") from None
 
     if isinstance(data, list):
-        return list(parsed(data, f"--hints {path}"))
+        return checked(data, f"--hints {path}")
     if not isinstance(data, dict):
         raise UsageError(
             f'--hints {path}: expected a JSON list of hints or an object {{"<file name>": [...]}}'
         )
-    return {name: parsed(v, f"--hints {path}: entry {name!r}") for name, v in data.items()}
+    return {name: checked(v, f"--hints {path}: entry {name!r}") for name, v in data.items()}
+
+
+def to_hints(points: HintPoints) -> tuple[Hint, ...]:
+    """Checked hint values as ``models.hints.Hint`` (what both engines pass to the model)."""
+    from models.hints import Hint
+
+    return tuple(Hint.from_dict(item) for item in points)
+
+
+def load_hints(path: Path) -> list[Hint] | dict[str, tuple[Hint, ...]]:
+    """Read a ``--hints`` file: a list for every input, or an object of lists per input name."""
+    data = read_hints_file(path)
+    if isinstance(data, list):
+        return list(to_hints(data))
+    return {name: to_hints(points) for name, points in data.items()}
 
 
 def match_boxes(
@@ -442,14 +461,6 @@ def _usage_error(message: str) -> int:
 
 def run(args: argparse.Namespace) -> int:
     if args.engine == "ray":
-        if args.hints:
-            return _usage_error(
-                "--hints is not supported with --engine ray yet; use --engine local"
-            )
-        if args.samples is not None or args.seed is not None:
-            return _usage_error(
-                "--samples and --seed are not supported with --engine ray yet; use --engine local"
-            )
         from service.commands.colorize_ray import run_ray
 
         return run_ray(args)

@@ -33,6 +33,14 @@ Batches are the local engine's: the driver cuts the items into chunks of ``--bat
 chunk, so every ``predict`` call sees exactly the local engine's batch, whatever blocks Ray forms.
 A CPU colorizer actor runs torch with the driver's thread count (``PredictStage``): with these
 two, the files are byte-identical to ``--engine local`` at any batch size.
+
+``--samples``/``--seed`` and ``--hints`` (and a manifest line's ``samples``, ``seed``, ``hints``)
+travel in each item's options: the samples are written as the local engine names them
+(``item_outputs``), listed in the item's report line with its seed; a sampling run without
+``--seed`` reuses the seed an earlier report gives its items (``with_seed``), so a rerun resumes
+the same draw. URI sources' filesystems are made on the driver (``source_filesystems``: an S3
+endpoint from the driver's ``AWS_ENDPOINT_URL_S3``/``AWS_ENDPOINT_URL``) and sent to the read
+actors.
 """
 
 from __future__ import annotations
@@ -56,11 +64,15 @@ from service.commands.colorize import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
+    SEED_LIMIT,
     UsageError,
     collect_jobs,
     load_boxes,
     match_boxes,
     prepare_image,
+    read_hints_file,
+    sample_output,
+    to_hints,
     write_image,
 )
 from service.commands.colorize_sources import (
@@ -68,6 +80,8 @@ from service.commands.colorize_sources import (
     REPORT_NAME,
     Item,
     SourceError,
+    filesystem_for,
+    filesystem_root,
     is_uri,
     plan_manifest,
     plan_uri,
@@ -93,6 +107,8 @@ Batch = dict[str, "np.ndarray"]
 
 
 def to_options(values: dict[str, Any]) -> ColorizeOptions:
+    """An item's JSON options as the local engine's ``ColorizeOptions`` (``samples`` absent: one
+    colouring; ``hints`` through ``colorize.to_hints``, as the local engine converts them)."""
     from models.boxes import Detections
     from models.pipeline import ColorizeOptions
 
@@ -103,20 +119,44 @@ def to_options(values: dict[str, Any]) -> ColorizeOptions:
         score_threshold=values["score_threshold"],
         saturation=values["saturation"],
         boxes=None if boxes is None else Detections.from_boxes(boxes, values.get("scores")),
+        samples=values.get("samples") or 1,
+        seed=values.get("seed"),
+        hints=to_hints(values.get("hints") or []),
     )
 
 
+def item_outputs(output: Path, options: dict[str, Any]) -> list[Path]:
+    """The files an item writes: ``output``, or with ``samples`` given (``--samples N``, a
+    manifest's ``samples``) the local engine's ``<stem>.s0.<format>`` ... ``<stem>.s<N-1>...``."""
+    samples = options.get("samples")
+    if samples is None:
+        return [output]
+    return [sample_output(output, i) for i in range(samples)]
+
+
+def source_filesystems(items: Sequence[Item]) -> dict[str, Any]:
+    """The pyarrow filesystem of each URI root among the items' sources, made on the driver
+    (``filesystem_for``: the driver's endpoint settings) and sent to the read actors, as Ray
+    Data sends the filesystem it resolved to its read tasks."""
+    roots = {filesystem_root(item.source): item.source for item in items if is_uri(item.source)}
+    return {root: filesystem_for(uri)[0] for root, uri in roots.items()}
+
+
 def read_source(source: str, filesystems: dict[str, Any]) -> bytes:
-    """The bytes of a local path or a URI (pyarrow's filesystem for its scheme, kept per actor)."""
+    """The bytes of a local path or a URI: the filesystem of its root in ``filesystems`` (made
+    here with ``filesystem_for`` and kept where missing)."""
     if not is_uri(source):
         return Path(source).read_bytes()
-    import pyarrow.fs as pafs
-
-    scheme = source.partition("://")[0]
-    if scheme not in filesystems:
-        filesystems[scheme] = pafs.FileSystem.from_uri(source)[0]
-    path = pafs.FileSystem.from_uri(source)[1] if scheme != "file" else source[len("file://") :]
-    with filesystems[scheme].open_input_file(path) as handle:
+    root = filesystem_root(source)
+    if root not in filesystems:
+        filesystems[root] = filesystem_for(source)[0]
+    if source.startswith("file://"):
+        path = source[len("file://") :]
+    elif source.startswith("s3://"):
+        path = source[len("s3://") :].partition("?")[0]  # bucket/key, as S3FileSystem takes it
+    else:
+        path = filesystem_for(source)[1]
+    with filesystems[root].open_input_file(path) as handle:
         data: bytes = handle.read()
         return data
 
@@ -173,9 +213,9 @@ def _load(data: Any) -> Any:
 class PrepareStage:
     """CPU: read, decode and ``prepare`` each image of each chunk; a bad file is its ``error``."""
 
-    def __init__(self, build: PipelineBuilder) -> None:
+    def __init__(self, build: PipelineBuilder, filesystems: dict[str, Any] | None = None) -> None:
         self.pipeline = build("cpu")
-        self.filesystems: dict[str, Any] = {}
+        self.filesystems: dict[str, Any] = dict(filesystems or {})
 
     def __call__(self, batch: Batch) -> Batch:
         from models.offline import LOAD_ERRORS, describe_failure
@@ -240,7 +280,8 @@ class PredictStage:
 
 
 class FinishStage:
-    """CPU: ``merge``, encode and write atomically; returns one report row per item."""
+    """CPU: ``merge``, encode and write atomically (each sample to its own file, as the local
+    engine writes them); returns one report row per item, ``files`` its ``[[path, bytes], ...]``."""
 
     def __init__(self, build: PipelineBuilder, image_format: OutputFormat) -> None:
         self.pipeline = build("cpu")
@@ -252,7 +293,7 @@ class FinishStage:
 
         finish_errors: tuple[type[BaseException], ...] = (*FINISH_ERRORS, InvalidParameterError)
         rows: dict[str, list[Any]] = {n: [] for n in ("custom_id", "source", "output", "error",
-                                                      "bytes")}  # fmt: skip
+                                                      "files")}  # fmt: skip
         for chunk, prepared_data, predictions_data, errors_data in zip(
             batch["items"], batch["prepared"], batch["predictions"], batch["errors"], strict=True
         ):
@@ -260,20 +301,22 @@ class FinishStage:
             prepared, predictions = _load(prepared_data), _load(predictions_data)
             errors: list[str] = json.loads(str(errors_data))
             for i, member in enumerate(members):
-                size = -1
+                files: list[tuple[str, int]] = []
                 if not errors[i]:
-                    output = Path(member["output"])
+                    outputs = item_outputs(Path(member["output"]), member["options"])
                     try:
-                        output.parent.mkdir(parents=True, exist_ok=True)
+                        outputs[0].parent.mkdir(parents=True, exist_ok=True)
                         merged = self.pipeline.merge(prepared[i], predictions[i])
-                        write_image(merged.image, output, self.image_format)
-                        size = output.stat().st_size
+                        images = [merged.image, *merged.samples][: len(outputs)]
+                        for image, output in zip(images, outputs, strict=True):
+                            write_image(image, output, self.image_format)
+                            files.append((str(output), output.stat().st_size))
                     except finish_errors as exc:
                         errors[i] = describe_failure(exc)
                 for name in ("custom_id", "source", "output"):
                     rows[name].append(member[name])
                 rows["error"].append(errors[i])
-                rows["bytes"].append(size)
+                rows["files"].append(json.dumps(files))
         return {name: _column(values) for name, values in rows.items()}
 
 
@@ -302,28 +345,60 @@ def read_report(report: Path) -> dict[str, dict[str, Any]]:
     return lines
 
 
+def reported_files(entry: dict[str, Any]) -> dict[str, Any]:
+    """An earlier line's files and sizes: its ``samples`` list, else its ``output``."""
+    if isinstance(entry.get("samples"), list):
+        return {
+            str(f.get("output")): f.get("bytes") for f in entry["samples"] if isinstance(f, dict)
+        }
+    return {str(entry.get("output")): entry.get("bytes")}
+
+
 def verified(item: Item, previous: dict[str, dict[str, Any]]) -> dict[str, Any] | None:
-    """The earlier line of an item whose output was written and still verifies, else None."""
+    """The earlier line of an item whose outputs were written and still verify, else None.
+
+    Every file the item writes now (``item_outputs``: its samples) must be listed with the size
+    it still has and decode; a sampling item's line must have this run's seed."""
     from PIL import Image
 
-    entry = previous.get(str(item.output))
+    outputs = item_outputs(item.output, item.options)
+    entry = previous.get(str(outputs[0]))
     if entry is None or entry.get("status") not in ("ok", "skipped"):
         return None
+    if entry.get("seed") != item.options.get("seed"):
+        return None
+    sizes = reported_files(entry)
+    if set(sizes) != {str(path) for path in outputs}:
+        return None
     try:
-        if item.output.stat().st_size != entry.get("bytes"):
-            return None
-        with Image.open(item.output) as image:
-            image.verify()
+        for path in outputs:
+            if path.stat().st_size != sizes[str(path)]:
+                return None
+            with Image.open(path) as image:
+                image.verify()
     except (OSError, SyntaxError, ValueError):
         return None
     return entry
 
 
 def report_line(
-    custom_id: str, source: str, output: str, status: str, error: str | None, size: int | None
+    custom_id: str,
+    source: str,
+    output: str,
+    status: str,
+    error: str | None,
+    size: int | None,
+    samples: Sequence[dict[str, Any]] | None = None,
+    seed: int | None = None,
 ) -> str:
-    entry = {"custom_id": custom_id, "source": source, "output": output, "status": status,
-             "error": error, "bytes": size}  # fmt: skip
+    """One report line; ``samples`` (``[{"output", "bytes"}, ...]``, every file of an item run
+    with samples, ``output`` the first) and ``seed`` (a sampling model's) only where given."""
+    entry: dict[str, Any] = {"custom_id": custom_id, "source": source, "output": output,
+                             "status": status, "error": error, "bytes": size}  # fmt: skip
+    if samples is not None:
+        entry["samples"] = list(samples)
+    if seed is not None:
+        entry["seed"] = seed
     return json.dumps(entry, ensure_ascii=False) + "\n"
 
 
@@ -377,12 +452,14 @@ def colorize_on_ray(
     report: Path,
     skipped: Sequence[dict[str, Any]] = (),
     progress: bool = False,
+    filesystems: dict[str, Any] | None = None,
 ) -> RaySummary:
     """Run ``items`` through the three stages on the connected Ray; write ``report``.
 
     ``skipped``: earlier report lines of items left out (copied to the report as ``skipped``).
     ``torch_threads``: torch's thread count in CPU colorizer actors (default: this process's, as
-    the local engine runs with; see ``PredictStage``).
+    the local engine runs with; see ``PredictStage``). ``filesystems``: the URI sources'
+    filesystems per root (default ``source_filesystems(items)``).
     """
     import ray
     from ray.data import ActorPoolStrategy, DataContext
@@ -406,13 +483,18 @@ def colorize_on_ray(
     context = DataContext.get_current()
     context.enable_progress_bars = progress
 
+    if filesystems is None:
+        filesystems = source_filesystems(items)
+    seeds = {str(item.output): item.options.get("seed") for item in items}
+    sampled = {str(item.output) for item in items if item.options.get("samples") is not None}
     summary = RaySummary(skipped=len(skipped))
     partial_report = partial_path(report)
     report.parent.mkdir(parents=True, exist_ok=True)
     with partial_report.open("w", encoding="utf-8") as lines:
         for entry in skipped:
             lines.write(report_line(entry["custom_id"], entry["source"], entry["output"],
-                                    "skipped", None, entry.get("bytes")))  # fmt: skip
+                                    "skipped", None, entry.get("bytes"), entry.get("samples"),
+                                    entry.get("seed")))  # fmt: skip
         lines.flush()
         if items:
             chunks = plan_chunks(items, batch)
@@ -420,7 +502,7 @@ def colorize_on_ray(
             cpu_pool = ActorPoolStrategy(min_size=1, max_size=cpu_actors)
             dataset = (
                 ray.data.from_items(chunks, override_num_blocks=blocks)
-                .map_batches(PrepareStage, fn_constructor_args=(build,), batch_size=1,
+                .map_batches(PrepareStage, fn_constructor_args=(build, filesystems), batch_size=1,
                              compute=cpu_pool, num_cpus=cpus_per_actor, batch_format="numpy")
                 .map_batches(PredictStage, fn_constructor_args=(build, torch_threads),
                              batch_size=1, compute=ActorPoolStrategy(size=actors),
@@ -435,10 +517,16 @@ def colorize_on_ray(
                       dynamic_ncols=True) as bar:  # fmt: skip
                 for row in dataset.iter_rows():
                     error = str(row["error"]) or None
-                    size = int(row["bytes"])
+                    files = [{"output": path, "bytes": size}
+                             for path, size in json.loads(str(row["files"]))]  # fmt: skip
+                    item_output = str(row["output"])
+                    first = (files[0]["output"] if files else str(sample_output(Path(item_output), 0))
+                             if item_output in sampled else item_output)  # fmt: skip
                     lines.write(report_line(
-                        str(row["custom_id"]), str(row["source"]), str(row["output"]),
-                        "failed" if error else "ok", error, None if error else size,
+                        str(row["custom_id"]), str(row["source"]), first,
+                        "failed" if error else "ok", error, None if error else files[0]["bytes"],
+                        files if item_output in sampled and not error else None,
+                        seeds.get(item_output),
                     ))  # fmt: skip
                     lines.flush()
                     if error:
@@ -461,37 +549,129 @@ def build_on(settings: ModelSettings, device: str | None) -> ModelColorizer:
 
 
 def _base_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {
+    base: dict[str, Any] = {
         "resolution": args.resolution,
         "max_instances": args.max_instances,
         "score_threshold": args.score_threshold,
         "saturation": args.saturation,
     }
+    if args.samples is not None:
+        base["samples"] = args.samples
+    if args.seed is not None:
+        base["seed"] = args.seed
+    return base
 
 
 def plan_items(args: argparse.Namespace, extension: str, model: str) -> list[Item]:
-    """The run's items from its INPUTs (``UsageError`` / ``SourceError`` on a mistake)."""
+    """The run's items from its INPUTs (``UsageError`` / ``SourceError`` on a mistake).
+
+    ``--samples`` and a ``--hints`` list apply to every item (a manifest line's own ``samples`` /
+    ``hints`` win); a ``--hints`` object is matched to files and folders as ``--boxes`` is. The
+    seed is left to ``run_ray`` (``with_seed``)."""
     base = _base_options(args)
+    hints = read_hints_file(args.hints) if args.hints else None
+    if isinstance(hints, list):
+        base["hints"] = hints
     given = [str(p) for p in args.inputs]
     special = [g for g in given if is_uri(g) or g.endswith(MANIFEST_SUFFIX)]
     if special and len(given) > 1:
         raise UsageError("a manifest or a URI is the only INPUT of a run")
     if special and args.boxes:
         raise UsageError("--boxes is for files and folders; a manifest gives boxes per item")
+    if special and isinstance(hints, dict):
+        raise UsageError(
+            "--hints: an object per file name is for files and folders; give a manifest with "
+            "per-item hints, or a --hints list for every item"
+        )
     if special and is_uri(given[0]):
         return plan_uri(given[0], args.output_dir, extension, base)
     if special:
         return plan_manifest(Path(given[0]), args.output_dir, extension, base, model)
     jobs = collect_jobs(args.inputs, args.output_dir, extension)
     boxes = match_boxes(jobs, load_boxes(args.boxes)) if args.boxes else {}
+    hints_of = match_boxes(jobs, hints, "--hints") if isinstance(hints, dict) else {}
     items = []
     for job in jobs:
         options = dict(base)
         if job in boxes:
             options["boxes"] = [list(b) for b in boxes[job].boxes]
             options["scores"] = list(boxes[job].scores)
+        if job in hints_of:
+            options["hints"] = hints_of[job]
         items.append(Item(job.key, str(job.source), job.output, options))
     return items
+
+
+def check_model_options(items: Sequence[Item], model: str) -> None:
+    """Refuse samples, seeds and hints the model does not take (``UsageError``), as the local
+    engine refuses ``--samples``, ``--seed`` and ``--hints``; and an output of one item's samples
+    that is another's source or output."""
+    from models.registry import get_model
+
+    spec = get_model(model)
+    for flag, key in (("samples", "samples"), ("seed", "seed")):
+        given = [item.custom_id for item in items if item.options.get(key) is not None]
+        if given and spec.max_samples <= 1:
+            raise UsageError(
+                f"--{flag}: model {model!r} gives one colouring per image (choose a model that "
+                "samples, --model zhao-pixelated, or leave --samples and --seed out, and a "
+                f"manifest's {flag!r}: item {given[0]!r})"
+            )
+    hinted = [item.custom_id for item in items if item.options.get("hints")]
+    # instcolor takes hints when its checkpoint was trained with them: its actors refuse them
+    # per item otherwise (a failed line naming the fix)
+    if hinted and not spec.takes_hints and not spec.uses_detector:
+        raise UsageError(
+            f"--hints: model {model!r} takes no colour hints (choose --model zhang-siggraph17, "
+            f"or leave --hints and a manifest's 'hints' out: item {hinted[0]!r})"
+        )
+    written = {p for item in items for p in item_outputs(item.output, item.options)}
+    sources = {str(Path(item.source).resolve()) for item in items if not is_uri(item.source)}
+    clashes = sources & {str(p.resolve()) for p in written}
+    if clashes:
+        raise UsageError(
+            "an output would replace an input: " + ", ".join(sorted(clashes)[:10])
+            + "; choose another --output-dir or --format"
+        )  # fmt: skip
+    if len(written) < sum(len(item_outputs(i.output, i.options)) for i in items):
+        raise UsageError(
+            "two items would write the same sample file (a custom_id ending in .s<N> beside "
+            "another's samples); rename them"
+        )
+
+
+def with_seed(
+    items: Sequence[Item], model: str, seed: int | None, previous: dict[str, dict[str, Any]]
+) -> tuple[list[Item], int | None]:
+    """A sampling model's items with the run's seed where they have none of their own.
+
+    The seed: ``--seed``, else the one an earlier run's report gives those items (a rerun of the
+    same command resumes with the samples it drew), else one drawn now; printed in the summary.
+    None for a model that does not sample."""
+    import secrets
+    from dataclasses import replace
+
+    from models.registry import get_model
+
+    if get_model(model).max_samples <= 1:
+        return list(items), None
+    own = [item for item in items if item.options.get("seed") is None]
+    if seed is None:
+        earlier = set()
+        for item in own:
+            entry = previous.get(str(item_outputs(item.output, item.options)[0]))
+            if entry is not None and isinstance(entry.get("seed"), int):
+                earlier.add(entry["seed"])
+        seed = earlier.pop() if len(earlier) == 1 else secrets.randbelow(2**31)
+    if not 0 <= seed < SEED_LIMIT:
+        raise UsageError(f"seed must be between 0 and 2**63 - 1, got {seed}")
+    seeded = [
+        replace(item, options={**item.options, "seed": seed})
+        if item.options.get("seed") is None
+        else item
+        for item in items
+    ]
+    return seeded, seed
 
 
 def _usage_error(message: str) -> int:
@@ -521,6 +701,7 @@ def run_ray(args: argparse.Namespace) -> int:
                 "or leave --boxes out)"
             )
         items = plan_items(args, extension, model)
+        check_model_options(items, model)
     except (UsageError, SourceError, ModelSetupError) as exc:
         return _usage_error(str(exc))
     except ValidationError as exc:
@@ -532,11 +713,20 @@ def run_ray(args: argparse.Namespace) -> int:
         )
     report = args.report or args.output_dir / REPORT_NAME
     previous = read_report(report)
+    try:
+        items, seed = with_seed(items, model, args.seed, previous)
+    except UsageError as exc:
+        return _usage_error(str(exc))
     todo, skipped = [], []
     for item in items:
         entry = verified(item, previous)
-        if entry is None and args.skip_existing and item.output.exists():
-            entry = {"output": str(item.output), "bytes": item.output.stat().st_size}
+        outputs = item_outputs(item.output, item.options)
+        if entry is None and args.skip_existing and all(path.exists() for path in outputs):
+            files = [{"output": str(path), "bytes": path.stat().st_size} for path in outputs]
+            entry = {"output": files[0]["output"], "bytes": files[0]["bytes"],
+                     "seed": item.options.get("seed")}  # fmt: skip
+            if item.options.get("samples") is not None:
+                entry["samples"] = files
         if entry is None:
             todo.append(item)
         else:
@@ -558,8 +748,9 @@ def run_ray(args: argparse.Namespace) -> int:
     for custom_id, reason in summary.failures:
         sys.stderr.write(f"failed: {custom_id}: {reason}\n")
     seconds = time.perf_counter() - started
+    drawn = f", seed {seed}" if seed is not None else ""
     sys.stdout.write(
         f"{summary.written} colorized, {len(summary.failures)} failed, {summary.skipped} skipped "
-        f"in {seconds:.1f} s on Ray -> {args.output_dir} (report {report})\n"
+        f"in {seconds:.1f} s on Ray{drawn} -> {args.output_dir} (report {report})\n"
     )
     return EXIT_FAILED if summary.failures else EXIT_OK

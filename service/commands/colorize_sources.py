@@ -6,11 +6,14 @@ A SOURCE is one of
 - a manifest, ``*.jsonl``: one JSON object a line, ``{"custom_id": "a/b.jpg", "path": "...",
   ...options}`` as in the batch API. ``path`` is a local path (relative to the manifest's folder)
   or a URI; the options are ``boxes`` (``[[x1, y1, x2, y2], ...]``), ``scores``, ``saturation``,
-  ``max_instances``, ``score_threshold``, ``resolution`` and ``model`` (which must name this run's
-  model). The output is ``DEST/<custom_id>`` with its image extension replaced by the format's
-  (or the format's appended where it has none);
+  ``max_instances``, ``score_threshold``, ``resolution``, ``hints`` (a model that takes them),
+  ``samples`` and ``seed`` (a sampling model) and ``model`` (which must name this run's model).
+  The output is ``DEST/<custom_id>`` with its image extension replaced by the format's (or the
+  format's appended where it has none);
 - a URI (``file:///data/scans``, ``s3://bucket/prefix``): listed recursively through the pyarrow
-  filesystem Ray Data uses for it; outputs mirror the paths below the prefix.
+  filesystem Ray Data uses for it; outputs mirror the paths below the prefix. An S3-compatible
+  endpoint (MinIO, Ceph, a local test server) is taken from ``AWS_ENDPOINT_URL_S3`` or
+  ``AWS_ENDPOINT_URL``, as the AWS SDKs take it (``filesystem_for``).
 
 Everything here is planning on the driver (no Ray, no torch), so a mistake fails before a cluster
 is touched. Standard library and pyarrow (only for URIs) only.
@@ -21,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
@@ -29,12 +33,17 @@ from typing import Any
 from models.image_files import IMAGE_EXTENSIONS
 from service.commands.arg_types import non_negative_int, positive_float, positive_int
 from service.core.boxes import BoxesError, validate_boxes
-from service.core.jobs import SATURATION_RANGE
+from service.core.errors import InvalidParameterError
+from service.core.hints import validate_hints
+from service.core.jobs import SAMPLES_LIMIT, SATURATION_RANGE
 
 MANIFEST_SUFFIX = ".jsonl"
 REPORT_NAME = "colorize-report.jsonl"
 OPTION_FIELDS = ("resolution", "max_instances", "score_threshold", "saturation")
-MANIFEST_FIELDS = frozenset({"custom_id", "path", "boxes", "scores", "model", *OPTION_FIELDS})
+MANIFEST_FIELDS = frozenset(
+    {"custom_id", "path", "boxes", "scores", "model", "hints", "samples", "seed", *OPTION_FIELDS}
+)
+SEED_LIMIT = 2**63  # as colorize.SEED_LIMIT (models.zhao_pipeline.SEED_LIMIT)
 
 
 class SourceError(Exception):
@@ -144,7 +153,28 @@ def _item_options(entry: dict[str, Any], base: dict[str, Any], where: str) -> di
         options["boxes"], options["scores"] = boxes, scores
     elif "scores" in entry:
         raise SourceError(f"{where}: scores without boxes")
+    if "hints" in entry:
+        try:
+            options["hints"] = validate_hints(entry["hints"])
+        except InvalidParameterError as exc:
+            raise SourceError(f"{where}: {exc.detail}") from None
+    if "samples" in entry:
+        samples = entry["samples"]
+        if not _integer(samples) or not 1 <= samples <= SAMPLES_LIMIT:
+            raise SourceError(
+                f"{where}: samples must be an integer from 1 to {SAMPLES_LIMIT}, got {samples!r}"
+            )
+        options["samples"] = samples
+    if "seed" in entry:
+        seed = entry["seed"]
+        if not _integer(seed) or not 0 <= seed < SEED_LIMIT:
+            raise SourceError(f"{where}: seed must be an integer from 0 to 2**63 - 1, got {seed!r}")
+        options["seed"] = seed
     return options
+
+
+def _integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def _number(value: object) -> bool:
@@ -195,18 +225,58 @@ def plan_manifest(
     return items
 
 
+def s3_endpoint() -> str | None:
+    """The S3 endpoint to use instead of AWS's: ``AWS_ENDPOINT_URL_S3``, else ``AWS_ENDPOINT_URL``
+    (the AWS SDKs' variables, in their order), e.g. ``http://minio:9000``; None: AWS itself."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL") or None
+
+
+def filesystem_root(uri: str) -> str:
+    """``scheme://netloc`` of a URI: the filesystems are kept per root (an S3 bucket has its
+    own region)."""
+    scheme, _, rest = uri.partition("://")
+    return f"{scheme}://{rest.partition('/')[0]}"
+
+
+def filesystem_for(uri: str) -> tuple[Any, str]:
+    """The pyarrow filesystem of a URI and the path in it (``pyarrow.fs.FileSystem.from_uri``).
+
+    ``s3://`` with an endpoint set (``s3_endpoint``) gets an ``S3FileSystem`` for that endpoint
+    (``http://`` or ``https://`` as the URL says; path-style addressing), in ``AWS_REGION`` /
+    ``AWS_DEFAULT_REGION`` (default us-east-1). Credentials are the AWS SDK's usual chain
+    (``AWS_ACCESS_KEY_ID`` / ``AWS_SECRET_ACCESS_KEY``, ``~/.aws``, an instance role) wherever
+    the filesystem is used.
+    """
+    import pyarrow.fs as pafs
+
+    scheme, _, rest = uri.partition("://")
+    endpoint = s3_endpoint()
+    if scheme == "s3" and endpoint:
+        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+        path = rest.partition("?")[0].rstrip("/")
+        return pafs.S3FileSystem(endpoint_override=endpoint, region=region), path
+    return pafs.FileSystem.from_uri(uri)
+
+
 def plan_uri(uri: str, output_dir: Path, extension: str, base: dict[str, Any]) -> list[Item]:
     """List image files below ``uri`` (recursively) through its pyarrow filesystem."""
     import pyarrow.fs as pafs
 
     try:
-        filesystem, root = pafs.FileSystem.from_uri(uri)
+        filesystem, root = filesystem_for(uri)
         info = filesystem.get_file_info(root)
         if info.type == pafs.FileType.File:
             found = [info]
             root = str(PurePosixPath(root).parent)
         elif info.type == pafs.FileType.Directory:
             found = filesystem.get_file_info(pafs.FileSelector(root, recursive=True))
+        elif uri.startswith("s3://") and _missing_bucket(filesystem, root):
+            bucket = root.partition("/")[0]
+            raise SourceError(
+                f"{uri}: no such bucket {bucket!r} (or these credentials cannot see it"
+                + (f"; endpoint {s3_endpoint()}" if s3_endpoint() else "")
+                + ")"
+            )
         else:
             raise SourceError(f"{uri}: no such file or folder")
     except (OSError, ValueError) as exc:  # pyarrow's ArrowInvalid is a ValueError
@@ -228,6 +298,13 @@ def plan_uri(uri: str, output_dir: Path, extension: str, base: dict[str, Any]) -
         )
     _refuse_clashes(items)
     return items
+
+
+def _missing_bucket(filesystem: Any, path: str) -> bool:
+    import pyarrow.fs as pafs
+
+    info = filesystem.get_file_info(path.partition("/")[0])
+    return bool(info.type == pafs.FileType.NotFound)
 
 
 def _refuse_clashes(items: list[Item]) -> None:
