@@ -57,6 +57,7 @@ from service.commands.colorize import (
     EXIT_OK,
     EXIT_USAGE,
     UsageError,
+    check_temperature_model,
     collect_jobs,
     load_boxes,
     match_boxes,
@@ -102,6 +103,7 @@ def to_options(values: dict[str, Any]) -> ColorizeOptions:
         max_instances=values["max_instances"],
         score_threshold=values["score_threshold"],
         saturation=values["saturation"],
+        temperature=values.get("temperature"),
         boxes=None if boxes is None else Detections.from_boxes(boxes, values.get("scores")),
     )
 
@@ -466,6 +468,7 @@ def _base_options(args: argparse.Namespace) -> dict[str, Any]:
         "max_instances": args.max_instances,
         "score_threshold": args.score_threshold,
         "saturation": args.saturation,
+        "temperature": args.temperature,
     }
 
 
@@ -515,6 +518,7 @@ def run_ray(args: argparse.Namespace) -> int:
             raise UsageError(f"--model takes one model, got {settings.models!r}")
         model = settings.default_model
         check_weight_files(settings, [model])
+        check_temperature_model(args.temperature, model)
         if args.boxes and not get_model(model).uses_detector:
             raise UsageError(
                 f"--boxes: model {model!r} does not use boxes (choose --model instcolor, "

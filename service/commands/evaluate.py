@@ -20,7 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn
 
-from service.commands.arg_types import batch_size, non_negative_int, positive_int, unit_float
+from service.commands.arg_types import (
+    batch_size,
+    non_negative_int,
+    positive_int,
+    temperature,
+    temperature_help,
+    unit_float,
+)
 from service.commands.model_flags import add_model_arguments, add_model_choice, model_overrides
 from service.settings import DEFAULT_WEIGHTS_DIR, auto_batch_size
 
@@ -66,6 +73,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                         "SIGGRAPH17 protocol; a model that takes hints, e.g. zhang-siggraph17); "
                         "compare counts with --compare h0='--hints 0' h10='--hints 10' "
                         "(default 0: automatic)")  # fmt: skip
+    parser.add_argument("--temperature", type=temperature, metavar="T",
+                        help=temperature_help() + "; compare with --compare release='--model "
+                        "zhang-eccv16' paper='--model zhang-eccv16 --temperature 0.38'")  # fmt: skip
     add_model_choice(parser)
     add_model_arguments(parser)
 
@@ -172,6 +182,7 @@ def _config(
         "max_instances": args.max_instances,
         "score_threshold": args.score_threshold,
         "hints": args.hints,
+        "temperature": args.temperature,  # None: the model's default
         "batch_size": args.batch_size or "auto",
         "model_flags": {k: str(v) for k, v in model_overrides(args).items()},
         "lpips_weights": None if lpips_weights is None else str(lpips_weights),
@@ -216,6 +227,7 @@ def run(args: argparse.Namespace) -> int:
     from evaluation.metrics import LpipsError
     from models.checkpoints import CheckpointError
     from models.registry import get_model
+    from service.core.jobs import temperature_refusal
     from service.engine.loading import ModelSetupError, check_model_names
     from service.settings import ModelSettings, describe_validation_error
 
@@ -246,6 +258,10 @@ def run(args: argparse.Namespace) -> int:
                 f"{config.name or 'evaluate'}: --hints: model {chosen.default_model!r} takes no "
                 "colour hints (choose --model zhang-siggraph17)"
             )
+        if config.args.temperature is not None:
+            refusal = temperature_refusal(chosen.default_model)
+            if refusal is not None:
+                return _usage_error(f"{config.name or 'evaluate'}: --temperature: {refusal}")
         if config.args.max_instances > chosen.instance_limit:
             return _usage_error(
                 f"--max-instances {config.args.max_instances} is above the instance limit "
@@ -339,6 +355,7 @@ def _evaluate_all(
             max_instances=config.args.max_instances,
             score_threshold=config.args.score_threshold,
             seed=0,  # a sampling model (zhao-pixelated) draws the same sample on every run
+            temperature=config.args.temperature,
         )
         evaluator = Evaluator(colorizer, options, lpips, instances, fid, config.args.hints)
         result = evaluator.run(
