@@ -80,7 +80,9 @@ def photo_lab(paths: list[Path]) -> tuple[torch.Tensor, torch.Tensor]:
     for path in paths:
         try:
             with Image.open(path) as opened:
-                rgb = opened.convert("RGB").resize((INPUT_SIZE, INPUT_SIZE), Image.BILINEAR)
+                rgb = opened.convert("RGB").resize(
+                    (INPUT_SIZE, INPUT_SIZE), Image.Resampling.BILINEAR
+                )
         except OSError as exc:
             raise MeasureError(f"{path}: not a readable image ({exc})") from None
         x = torch.from_numpy(np.asarray(rgb, dtype=np.float32) / 255.0).permute(2, 0, 1)
