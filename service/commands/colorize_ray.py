@@ -463,13 +463,15 @@ def build_on(settings: ModelSettings, device: str | None) -> ModelColorizer:
 
 
 def _base_options(args: argparse.Namespace) -> dict[str, Any]:
-    return {
+    base: dict[str, Any] = {
         "resolution": args.resolution,
         "max_instances": args.max_instances,
         "score_threshold": args.score_threshold,
         "saturation": args.saturation,
-        "temperature": args.temperature,
     }
+    if getattr(args, "temperature", None) is not None:  # only when given: items as before
+        base["temperature"] = args.temperature
+    return base
 
 
 def plan_items(args: argparse.Namespace, extension: str, model: str) -> list[Item]:

@@ -116,7 +116,7 @@ def _check_custom_id(value: object, where: str) -> str:
 
 
 def _item_options(entry: dict[str, Any], base: dict[str, Any], where: str) -> dict[str, Any]:
-    options = {"temperature": None, **base}
+    options = dict(base)
     for name in OPTION_FIELDS:
         if name in entry:
             options[name] = entry[name]
@@ -137,7 +137,7 @@ def _item_options(entry: dict[str, Any], base: dict[str, Any], where: str) -> di
         "temperature": f"a number from {t_low:g} to {t_high:g} (or null: the model's default)",
     }
     for name, ok in checks.items():
-        if not ok(options[name]):
+        if name in options and not ok(options[name]):  # temperature: only when given
             raise SourceError(f"{where}: {name} must be {allowed[name]}, got {options[name]!r}")
     if "boxes" in entry:
         try:
