@@ -56,6 +56,9 @@ async def test_colorize_takes_a_temperature_for_the_annealed_mean_models(zoo_wei
             assert refused.headers["content-type"] == "application/problem+json"
             assert message in json.dumps(refused.json()), (case, refused.json())
         schema = (await client.get("/openapi.json")).json()
+        listed = {m["name"]: m for m in (await client.get("/models")).json()["models"]}
+    assert listed["zhang-eccv16"]["temperature"] == 1.0  # its default, for the page's field
+    assert listed["zhang-siggraph17"]["temperature"] is None  # refuses the option
     got = decoded(annealed.content)
     assert np.abs(got - np.asarray(want.image, dtype=int)).max() <= 1
     # T = 1 is zhang-eccv16's default (the PyTorch release): the same bytes as leaving it out

@@ -465,6 +465,7 @@ def loaded_models(state: ServiceState) -> list[dict[str, Any]]:
                 "uses_boxes": card.get("uses_boxes"),
                 "max_samples": card.get("max_samples"),
                 "takes_hints": card.get("takes_hints"),
+                "temperature": ANNEALED_MEAN_MODELS.get(name),
                 "files": card.get("files") or info.get("files") or [],
                 "detector": info.get("detector"),
                 "device": info.get("device"),
