@@ -151,3 +151,33 @@ def test_evaluate_command_refuses_a_temperature_for_other_models(
                  "--no-progress"])  # fmt: skip
     assert code == 2
     assert "--temperature: model 'zhang-siggraph17' does not decode" in capsys.readouterr().err
+
+
+def test_evaluate_compares_the_release_and_the_paper_s_temperature(
+    zoo_weights: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``--compare release='--model zhang-eccv16' paper='... --temperature 0.38'``: each report
+    records its temperature (null: the default), and the scores differ."""
+    import csv
+
+    from service.cli import main
+
+    monkeypatch.chdir(tmp_path)  # no weights/vgg16 file here: no LPIPS
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(2):
+        Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)).save(photos / f"{i}.png")
+    report = tmp_path / "report"
+    code = main(["evaluate", str(photos), "-o", str(report), "--no-progress", "--precision",
+                 "fp32", "--weights-dir", str(zoo_weights), "--compare",
+                 "release=--model zhang-eccv16",
+                 "paper=--model zhang-eccv16 --temperature 0.38"])  # fmt: skip
+    assert code == 0
+    psnr = {}
+    for name, temperature in (("release", None), ("paper", 0.38)):
+        summary = json.loads((report / name / "summary.json").read_text())
+        assert summary["config"]["temperature"] == temperature
+        with (report / name / "metrics.csv").open(newline="") as handle:
+            psnr[name] = [row["psnr"] for row in csv.DictReader(handle)]
+    assert psnr["release"] != psnr["paper"]
