@@ -27,6 +27,7 @@ from PIL import Image
 from torch import nn
 
 from models.checkpoints import sha256_file
+from models.constants import TEMPERATURE_RANGE
 from models.hints import HintError, check_hints, hint_planes
 from models.image_input import InputImage, to_input_image
 from models.lab import AB_NORM, normalize_l, rgb_to_lab
@@ -38,6 +39,7 @@ from models.pipeline import (
     Prediction,
     PreparedImage,
     StopCheck,
+    check_no_temperature,
     check_single_sample,
 )
 from models.precision import DTYPES, Precision, PrecisionSetting, probe_cpu, resolve_precision
@@ -159,6 +161,27 @@ class AutomaticPipeline:
                 f"resolution must be 'original' or 'network', got {options.resolution!r}"
             )
         self.check_samples(options)
+        self.check_temperature(options)
+
+    @property
+    def decodes_by_annealed_mean(self) -> bool:
+        """Whether the model decodes by the annealed mean (``predict_ab_each``, a temperature
+        per image: zhang-eccv16, li-dcnn)."""
+        return bool(getattr(self.model, "decodes_by_annealed_mean", False))
+
+    def check_temperature(self, options: ColorizeOptions) -> None:
+        """``temperature``: only for a model that decodes by the annealed mean, within
+        ``TEMPERATURE_RANGE``."""
+        if options.temperature is None:
+            return
+        if not self.decodes_by_annealed_mean:
+            check_no_temperature(self.name, options)
+        low, high = TEMPERATURE_RANGE
+        if not low <= options.temperature <= high:  # NaN fails too
+            raise OptionsError(
+                f"temperature must be between {low:g} and {high:g} (1: the plain mean of the bin "
+                f"distribution, smaller: closer to its mode), got {options.temperature}"
+            )
 
     def check_samples(self, options: ColorizeOptions) -> None:
         check_single_sample(self.name, options)
@@ -236,7 +259,10 @@ class AutomaticPipeline:
         x = stacked.to(self.device, self.dtype, non_blocking=True)
         x = x.contiguous(memory_format=self.memory_format)
         hints = self._hint_batch(batch)
-        if hints is None:
+        temperatures = [p.options.temperature for p in batch]
+        if hints is None and any(t is not None for t in temperatures):
+            out = self.model.predict_ab_each(x, temperatures)  # type: ignore[operator]
+        elif hints is None:
             out = self.model.predict_ab(x)  # type: ignore[operator]
         else:
             ab_hints, mask = (t.to(self.device, self.dtype, non_blocking=True) for t in hints)

@@ -25,6 +25,7 @@ bilinear x4, x110, with T = 0.38 (ECCV16's value; Li et al. state none) by defau
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -41,6 +42,7 @@ from models.zhang_eccv16 import (
     annealed_mean_ab,
     check_input,
     check_temperature,
+    decode_each,
 )
 
 FILENAME = "li_dcnn.pth"
@@ -58,6 +60,7 @@ class LiDCNN(nn.Module):
     """``logits`` -> (313-bin logits, class logits); ``predict_ab`` maps Lab L to Lab ab."""
 
     input_size = INPUT_SIZE
+    decodes_by_annealed_mean = True  # ``predict_ab_each``: a temperature per image
 
     def __init__(
         self, num_classes: int = DETECTOR_CLASSES, temperature: float = DEFAULT_TEMPERATURE
@@ -120,6 +123,17 @@ class LiDCNN(nn.Module):
 
     def predict_ab(self, lightness: torch.Tensor, temperature: float | None = None) -> torch.Tensor:
         """(N, 1, 256, 256) Lab L (0..100) -> (N, 2, 256, 256) ab."""
+        bins = self._bins(lightness)
+        return self.decode(bins, temperature)
+
+    def predict_ab_each(
+        self, lightness: torch.Tensor, temperatures: Sequence[float | None]
+    ) -> torch.Tensor:
+        """``predict_ab`` with a temperature per image (None: the model's default); the network
+        runs once on the whole batch."""
+        return decode_each(self.decode, self._bins(lightness), temperatures)
+
+    def _bins(self, lightness: torch.Tensor) -> torch.Tensor:
         check_input(lightness, "LiDCNN")
         if tuple(lightness.shape[-2:]) != (INPUT_SIZE, INPUT_SIZE):
             raise ValueError(
@@ -127,7 +141,7 @@ class LiDCNN(nn.Module):
                 f"{INPUT_SIZE}x{INPUT_SIZE}, got {lightness.shape[-2]}x{lightness.shape[-1]}"
             )
         bins, _ = self.logits(normalize_l(lightness))
-        return self.decode(bins, temperature)
+        return bins
 
     def forward(self, x: torch.Tensor, *, logits_only: bool = False) -> Any:
         """``predict_ab(x)``, or with ``logits_only`` ``logits(x)`` (training, through DDP)."""

@@ -28,6 +28,7 @@ from models.boxes import (
     choose_boxes,
 )
 from models.checkpoints import ColorizationNetworks, load_networks
+from models.constants import ANNEALED_MEAN_MODELS
 from models.detector import DEFAULT_MAX_SIZE, DEFAULT_MIN_SIZE, BoxDetector, DetectorVersion
 from models.fusion import FusionLayout, layout_from_rows
 from models.hints import (
@@ -86,6 +87,18 @@ class ColorizeOptions:
     samples: int = 1  # colourings to draw (only a sampling model, zhao-pixelated, takes > 1)
     seed: int | None = None  # a sampling model's seed (None: a fresh one, reported back)
     hints: tuple[Hint, ...] = ()
+    # the annealed mean's temperature for the models that decode by it (zhang-eccv16, li-dcnn);
+    # None: the model's own default
+    temperature: float | None = None
+
+
+def check_no_temperature(name: str, options: ColorizeOptions) -> None:
+    """A model that does not decode by the annealed mean refuses ``temperature``."""
+    if options.temperature is not None:
+        raise OptionsError(
+            f"model {name!r} does not decode by the annealed mean; temperature needs a model that "
+            f"does ({', '.join(ANNEALED_MEAN_MODELS)}): leave temperature out or choose one of them"
+        )
 
 
 def check_single_sample(name: str, options: ColorizeOptions) -> None:
@@ -466,6 +479,7 @@ class Colorizer:
                 f"resolution must be 'original' or 'network', got {options.resolution!r}"
             )
         check_single_sample("instcolor", options)
+        check_no_temperature("instcolor", options)
 
     def prepare(
         self, image: Image.Image | InputImage, options: ColorizeOptions | None = None

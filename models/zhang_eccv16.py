@@ -19,6 +19,7 @@ behaviour; T = 0.38 applies the paper's rule on top of the released logits.
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
@@ -62,10 +63,36 @@ def annealed_mean_ab(
     return up * AB_NORM
 
 
+def decode_each(
+    decode: Callable[[torch.Tensor, float | None], torch.Tensor],
+    logits: torch.Tensor,
+    temperatures: Sequence[float | None],
+) -> torch.Tensor:
+    """Each image's ab at its own temperature (None: the model's default): one ``decode`` per
+    distinct temperature, on that temperature's rows; a batch with one temperature is decoded
+    whole, exactly as ``decode(logits, t)``."""
+    if len(temperatures) != logits.shape[0]:
+        raise ValueError(f"{logits.shape[0]} images but {len(temperatures)} temperatures")
+    distinct = list(dict.fromkeys(temperatures))
+    if len(distinct) == 1:
+        return decode(logits, distinct[0])
+    parts: list[torch.Tensor] = []
+    order: list[int] = []
+    for t in distinct:
+        rows = [i for i, x in enumerate(temperatures) if x == t]
+        parts.append(decode(logits[rows], t))
+        order += rows
+    stacked = torch.cat(parts)
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+    return stacked[inverse.to(stacked.device)]
+
+
 class ZhangECCV16(nn.Module):
     """The release's ``ECCVGenerator``; ``predict_ab`` maps Lab L to Lab ab at the input size."""
 
     input_size = INPUT_SIZE
+    decodes_by_annealed_mean = True  # ``predict_ab_each``: a temperature per image
 
     def __init__(self, temperature: float = RELEASE_TEMPERATURE) -> None:
         super().__init__()
@@ -102,6 +129,14 @@ class ZhangECCV16(nn.Module):
         """(N, 1, H, W) Lab L (0..100; H, W multiples of 8, 256 as trained) -> (N, 2, H, W) ab."""
         check_input(lightness, "ZhangECCV16")
         return self.decode(self.logits(normalize_l(lightness)), temperature)
+
+    def predict_ab_each(
+        self, lightness: torch.Tensor, temperatures: Sequence[float | None]
+    ) -> torch.Tensor:
+        """``predict_ab`` with a temperature per image (None: the model's default); the network
+        runs once on the whole batch."""
+        check_input(lightness, "ZhangECCV16")
+        return decode_each(self.decode, self.logits(normalize_l(lightness)), temperatures)
 
     def forward(self, lightness: torch.Tensor) -> torch.Tensor:
         return self.predict_ab(lightness)

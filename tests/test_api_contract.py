@@ -23,6 +23,10 @@ Two things schemathesis cannot generate are supplied:
   that takes hints) refuse every non-empty list on these servers, which load ``instcolor`` only
   (it takes none: 422, as documented). Positive cases send the empty list, which means "no
   hints"; the hint values themselves are tested against their schema in tests/test_hints.py.
+- ``temperature`` (positive cases only, by the same hook): a rule JSON Schema cannot state (a
+  model that decodes by the annealed mean, zhang-eccv16 or li-dcnn) refuses every value on these
+  servers, which load ``instcolor`` only (422, as documented). Positive cases leave it out (the
+  model's default); the values are tested in tests/test_temperature_serving.py.
 
 Negative cases are left untouched: whatever schemathesis breaks must be refused with a 4xx.
 """
@@ -162,6 +166,8 @@ def install_positive_inputs(schema: Any) -> None:
             return st.just(case)
         if case.query and "hints" in case.query:
             case.query = {**case.query, "hints": "[]"}
+        if case.query and "temperature" in case.query:
+            case.query = {k: v for k, v in case.query.items() if k != "temperature"}
         if not case.query or "boxes" not in case.query:
             return st.just(case)
 

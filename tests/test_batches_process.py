@@ -178,6 +178,10 @@ def test_archive_submit_refusals_and_idempotency(tiny_checkpoints: Path, tmp_pat
             "bad option": submit(client, manifest=manifest_bytes(
                 [{"custom_id": "a", "source": "x.png", "saturation": 9}])),
             "unknown option": submit(client, archive=_zip(members), options='{"colour": 1}'),
+            "temperature range": submit(client, manifest=manifest_bytes(
+                [{"custom_id": "a", "source": "x.png", "temperature": 2}])),
+            "temperature model": submit(client, archive=_zip(members),
+                                        options='{"temperature": 0.5}'),
             "both files": submit(client, archive=_zip(members), manifest=b"{}"),
             "duplicate id": submit(client, manifest=manifest_bytes(
                 [{"custom_id": "a", "source": "x.png"}, {"custom_id": "a", "source": "y.png"}])),
@@ -189,6 +193,13 @@ def test_archive_submit_refusals_and_idempotency(tiny_checkpoints: Path, tmp_pat
             assert refused.headers["content-type"] == "application/problem+json", name
             assert refused.json()["detail"], name
         assert "zip bomb" in refusals["ratio"].json()["detail"]
+        assert (
+            "'temperature' must be in [0.01, 1]" in refusals["temperature range"].json()["detail"]
+        )
+        assert (
+            "model 'instcolor' does not decode by the annealed mean"
+            in (refusals["temperature model"].json()["detail"])
+        )
         assert "outside COLORIZE_BATCH_INPUT_ROOTS" in refusals["link out"].json()["detail"]
         assert not (tmp_path / "evil.png").exists()
         assert not Path("/etc/evil.png").exists()

@@ -489,3 +489,17 @@ def test_an_s3_prefix_and_an_s3_manifest_give_the_local_engines_bytes(
     assert by_id["gone.png"]["status"] == "failed"
     assert "gone.png" in str(by_id["gone.png"]["error"])
     assert "failed: gone.png" in capsys.readouterr().err
+
+
+def test_ray_passes_the_temperature_through(tmp_path: Path, zoo_weights: Path) -> None:
+    """``--temperature`` reaches the colorizer actor (``to_options``): the same bytes as the local
+    engine at that temperature, and not those of the default."""
+    source = photos(tmp_path / "in", 3)
+    flags = ("--temperature", "0.38")
+    assert colorize(source, tmp_path / "local", zoo_weights, "zhang-eccv16", *flags) == 0
+    assert colorize(source, tmp_path / "ray", zoo_weights, "zhang-eccv16", *flags,
+                    "--engine", "ray") == 0  # fmt: skip
+    assert colorize(source, tmp_path / "default", zoo_weights, "zhang-eccv16") == 0
+    local = images_below(tmp_path / "local")
+    assert len(local) == 3 and images_below(tmp_path / "ray") == local
+    assert images_below(tmp_path / "default") != local

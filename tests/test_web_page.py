@@ -422,6 +422,30 @@ def test_page_model_picker_and_models_side_by_side(
     p.screenshot(path=str(ARTIFACTS / "web-page-models.png"), full_page=True)
 
 
+def test_page_temperature_field_for_the_annealed_mean_models(
+    zoo_server: Server, browser: Browser, tmp_path: Path
+) -> None:
+    """The "Temperature" field shows only while a model that decodes by the annealed mean is
+    chosen (GET /models ``temperature``); filled in, the request carries ?temperature=T."""
+    p = browser.page
+    photo = tmp_path / "street.png"
+    scene().save(photo)
+    p.goto(zoo_server.base + "/")
+    p.wait_for_function("() => document.querySelectorAll('#opt-model option').length === 2")
+    assert p.locator("#temperature-field").is_hidden()  # instcolor: no annealed mean
+    p.select_option("#opt-model", "zhang-eccv16")
+    assert p.locator("#temperature-field").is_visible()
+    assert p.locator("#opt-temperature").get_attribute("placeholder") == "model default 1"
+    p.fill("#opt-temperature", "0.38")
+    with p.expect_response(lambda r: "/colorize?" in r.url) as answered:
+        p.set_input_files("#file-input", [str(photo)])
+    assert "temperature=0.38" in answered.value.url and answered.value.status == 200
+    wait_done(p, 0)
+    p.select_option("#opt-model", "instcolor")
+    assert p.locator("#temperature-field").is_hidden()
+    only_to(zoo_server, browser)
+
+
 @pytest.fixture(scope="module")
 def larsson_server(
     larsson_weights: Path, tmp_path_factory: pytest.TempPathFactory

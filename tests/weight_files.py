@@ -140,6 +140,7 @@ __all__ = [
     "MMAGIC_FILENAME",
     "random_networks",
     "write_detector",
+    "write_eccv16_release",
     "write_fid_inception",
     "write_mmagic",
     "write_official",
@@ -164,6 +165,31 @@ def write_zoo_model(weights_dir: Path, name: str, seed: int = 0) -> Path:
     (path,) = spec.weight_paths(weights_dir)
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save(randomize(networks[name], seed), path)
+    return path
+
+
+def write_eccv16_release(
+    path: Path, seed: int = 0, logit_scale: float = 1.0, folded_temperature: float | None = None
+) -> Path:
+    """Seeded ``zhang-eccv16`` weights at ``path`` in the release's layout with what the real
+    file holds in ``model_out``: the 313 bin centres / 110 (the grid rule's, in grid order).
+
+    The last conv (``model8.6``, the 313 logits) is scaled by ``logit_scale`` (seeded logits of
+    about unit spread give near-uniform bin distributions) and, with ``folded_temperature`` T, by
+    1 / T too: a file whose plain softmax *is* the annealed mean at T of the unfolded one, as the
+    Caffe deploy file's Scale layer (2.606 = 1 / 0.38) would be if folded into the weights."""
+    from models.li_dcnn import grid_bin_centres
+    from models.zhang_eccv16 import ZhangECCV16
+
+    network = ZhangECCV16()
+    state = randomize(network, seed)
+    factor = logit_scale / (folded_temperature or 1.0)
+    with torch.no_grad():
+        state["model8.6.weight"].mul_(factor)
+        state["model8.6.bias"].mul_(factor)
+        state["model_out.weight"].copy_((grid_bin_centres().t() / 110.0)[:, :, None, None])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(state, path)
     return path
 
 

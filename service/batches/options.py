@@ -7,7 +7,13 @@ from typing import Any
 from service.core.boxes import BoxesError, validate_boxes
 from service.core.errors import InvalidParameterError
 from service.core.hints import validate_hints
-from service.core.jobs import SATURATION_RANGE, JobOptions, unknown_model_message
+from service.core.jobs import (
+    SATURATION_RANGE,
+    TEMPERATURE_RANGE,
+    JobOptions,
+    temperature_refusal,
+    unknown_model_message,
+)
 from service.settings import ServiceSettings
 
 OPTION_NAMES = (
@@ -20,6 +26,7 @@ OPTION_NAMES = (
     "saturation",
     "model",
     "hints",
+    "temperature",
 )
 
 
@@ -73,7 +80,24 @@ def check_options(
         )
     if options.get("hints") is not None:
         validate_hints(options["hints"])
+    if options.get("temperature") is not None:
+        _number("temperature", options["temperature"], *TEMPERATURE_RANGE)
     return dict(options)
+
+
+def check_item_model(
+    batch_options: dict[str, Any],
+    item_options: dict[str, Any],
+    settings: ServiceSettings,
+    where: str,
+) -> None:
+    """An item's options merged over the batch's, checked against the model they choose: 422 for
+    ``temperature`` on a model that does not decode by the annealed mean."""
+    merged = {**batch_options, **item_options}
+    if merged.get("temperature") is not None:
+        refusal = temperature_refusal(job_model(merged, settings))
+        if refusal is not None:
+            raise InvalidParameterError(f"{where}: {refusal}")
 
 
 def job_model(options: dict[str, Any], settings: ServiceSettings) -> str:

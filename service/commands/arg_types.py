@@ -69,3 +69,27 @@ def hint_counts(text: str) -> tuple[int, ...]:
     if len(set(counts)) != len(counts):
         raise argparse.ArgumentTypeError(f"a count is given twice in {text!r}")
     return tuple(sorted(counts))
+
+
+def temperature(text: str) -> float:
+    """The annealed mean's temperature, within ``models.constants.TEMPERATURE_RANGE``."""
+    from models.constants import TEMPERATURE_RANGE  # imports nothing
+
+    value = float(text)
+    low, high = TEMPERATURE_RANGE
+    if not low <= value <= high:  # also refuses nan
+        raise argparse.ArgumentTypeError(f"must be between {low:g} and {high:g}, got {text}")
+    return value
+
+
+def temperature_help() -> str:
+    """The ``--temperature`` flag's help, for colorize and evaluate."""
+    from models.constants import ANNEALED_MEAN_MODELS, TEMPERATURE_RANGE
+
+    low, high = TEMPERATURE_RANGE
+    defaults = ", ".join(f"{m} {t:g}" for m, t in ANNEALED_MEAN_MODELS.items())
+    return (
+        f"the annealed mean's temperature, {low:g} to {high:g}, for the models that decode by it "
+        f"({', '.join(ANNEALED_MEAN_MODELS)}): softmax(z / T) over the 313 bins; 1 the plain "
+        f"mean, smaller more vivid (default: the model's own, {defaults})"
+    )

@@ -38,7 +38,13 @@ from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
 from models.image_files import IMAGE_EXTENSIONS, scan_images
-from service.commands.arg_types import batch_size, non_negative_int, unit_float
+from service.commands.arg_types import (
+    batch_size,
+    non_negative_int,
+    temperature,
+    temperature_help,
+    unit_float,
+)
 from service.commands.colorize_sources import (
     MANIFEST_SUFFIX,
     add_ray_arguments,
@@ -49,7 +55,12 @@ from service.commands.model_flags import add_model_arguments, add_model_choice, 
 from service.core.boxes import BoxesError, validate_boxes
 from service.core.errors import InvalidParameterError
 from service.core.hints import validate_hints
-from service.core.jobs import SAMPLES_LIMIT, SATURATION_RANGE, OutputFormat
+from service.core.jobs import (
+    SAMPLES_LIMIT,
+    SATURATION_RANGE,
+    OutputFormat,
+    temperature_refusal,
+)
 
 if TYPE_CHECKING:  # the model stack (torch) is imported only when the command runs
     from PIL import Image
@@ -95,6 +106,14 @@ def _saturation(text: str) -> float:
     if not low <= value <= high:  # also refuses nan
         raise argparse.ArgumentTypeError(f"must be between {low:g} and {high:g}, got {text}")
     return value
+
+
+def check_temperature_model(temperature: float | None, model: str) -> None:
+    """``--temperature`` only for a model that decodes by the annealed mean (UsageError)."""
+    if temperature is not None:
+        refusal = temperature_refusal(model)
+        if refusal is not None:
+            raise UsageError(f"--temperature: {refusal}")
 
 
 def _samples(text: str) -> int:
@@ -188,6 +207,7 @@ def add_parser(subparsers: Any) -> None:
         help="colour strength, 0 to 2: scales the predicted colours before the merge "
         "(default 1.0, the model's own; 0 grayscale, 2 twice the chroma)",
     )
+    parser.add_argument("--temperature", type=temperature, metavar="T", help=temperature_help())
     parser.add_argument(
         "--samples",
         type=_samples,
@@ -502,6 +522,7 @@ def run(args: argparse.Namespace) -> int:
                 f"--hints: model {settings.default_model!r} takes no colour hints (choose "
                 "--model zhang-siggraph17, or leave --hints out)"
             )
+        check_temperature_model(args.temperature, settings.default_model)
         sampling = get_model(settings.default_model).max_samples > 1
         if not sampling and (args.samples is not None or args.seed is not None):
             flag = "--samples" if args.samples is not None else "--seed"
@@ -565,6 +586,7 @@ def run(args: argparse.Namespace) -> int:
             saturation=args.saturation,
             samples=args.samples or 1,
             seed=seed,
+            temperature=args.temperature,
         )
         per_job = {
             job: replace(base, boxes=boxes.get(job), hints=hints_of.get(job, ()))

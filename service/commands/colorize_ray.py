@@ -66,6 +66,7 @@ from service.commands.colorize import (
     EXIT_USAGE,
     SEED_LIMIT,
     UsageError,
+    check_temperature_model,
     collect_jobs,
     load_boxes,
     match_boxes,
@@ -118,6 +119,7 @@ def to_options(values: dict[str, Any]) -> ColorizeOptions:
         max_instances=values["max_instances"],
         score_threshold=values["score_threshold"],
         saturation=values["saturation"],
+        temperature=values.get("temperature"),
         boxes=None if boxes is None else Detections.from_boxes(boxes, values.get("scores")),
         samples=values.get("samples") or 1,
         seed=values.get("seed"),
@@ -559,6 +561,8 @@ def _base_options(args: argparse.Namespace) -> dict[str, Any]:
         base["samples"] = args.samples
     if args.seed is not None:
         base["seed"] = args.seed
+    if getattr(args, "temperature", None) is not None:  # only when given: items as before
+        base["temperature"] = args.temperature
     return base
 
 
@@ -695,6 +699,7 @@ def run_ray(args: argparse.Namespace) -> int:
             raise UsageError(f"--model takes one model, got {settings.models!r}")
         model = settings.default_model
         check_weight_files(settings, [model])
+        check_temperature_model(args.temperature, model)
         if args.boxes and not get_model(model).uses_detector:
             raise UsageError(
                 f"--boxes: model {model!r} does not use boxes (choose --model instcolor, "

@@ -6,10 +6,10 @@ A SOURCE is one of
 - a manifest, ``*.jsonl``: one JSON object a line, ``{"custom_id": "a/b.jpg", "path": "...",
   ...options}`` as in the batch API. ``path`` is a local path (relative to the manifest's folder)
   or a URI; the options are ``boxes`` (``[[x1, y1, x2, y2], ...]``), ``scores``, ``saturation``,
-  ``max_instances``, ``score_threshold``, ``resolution``, ``hints`` (a model that takes them),
-  ``samples`` and ``seed`` (a sampling model) and ``model`` (which must name this run's model).
-  The output is ``DEST/<custom_id>`` with its image extension replaced by the format's (or the
-  format's appended where it has none);
+  ``max_instances``, ``score_threshold``, ``resolution``, ``temperature`` (a model that decodes by
+  the annealed mean), ``hints`` (a model that takes them), ``samples`` and ``seed`` (a sampling
+  model) and ``model`` (which must name this run's model). The output is ``DEST/<custom_id>`` with
+  its image extension replaced by the format's (or the format's appended where it has none);
 - a URI (``file:///data/scans``, ``s3://bucket/prefix``): listed recursively through the pyarrow
   filesystem Ray Data uses for it; outputs mirror the paths below the prefix. An S3-compatible
   endpoint (MinIO, Ceph, a local test server) is taken from ``AWS_ENDPOINT_URL_S3`` or
@@ -35,11 +35,11 @@ from service.commands.arg_types import non_negative_int, positive_float, positiv
 from service.core.boxes import BoxesError, validate_boxes
 from service.core.errors import InvalidParameterError
 from service.core.hints import validate_hints
-from service.core.jobs import SAMPLES_LIMIT, SATURATION_RANGE
+from service.core.jobs import SAMPLES_LIMIT, SATURATION_RANGE, TEMPERATURE_RANGE
 
 MANIFEST_SUFFIX = ".jsonl"
 REPORT_NAME = "colorize-report.jsonl"
-OPTION_FIELDS = ("resolution", "max_instances", "score_threshold", "saturation")
+OPTION_FIELDS = ("resolution", "max_instances", "score_threshold", "saturation", "temperature")
 MANIFEST_FIELDS = frozenset(
     {"custom_id", "path", "boxes", "scores", "model", "hints", "samples", "seed", *OPTION_FIELDS}
 )
@@ -130,20 +130,23 @@ def _item_options(entry: dict[str, Any], base: dict[str, Any], where: str) -> di
         if name in entry:
             options[name] = entry[name]
     low, high = SATURATION_RANGE
+    t_low, t_high = TEMPERATURE_RANGE
     checks = {
         "resolution": lambda v: v in ("original", "network"),
         "max_instances": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= 0,
         "score_threshold": lambda v: _number(v) and 0.0 <= v <= 1.0,
         "saturation": lambda v: _number(v) and low <= v <= high,
+        "temperature": lambda v: v is None or (_number(v) and t_low <= v <= t_high),
     }
     allowed = {
         "resolution": "'original' or 'network'",
         "max_instances": "an integer >= 0",
         "score_threshold": "a number from 0 to 1",
         "saturation": f"a number from {low:g} to {high:g}",
+        "temperature": f"a number from {t_low:g} to {t_high:g} (or null: the model's default)",
     }
     for name, ok in checks.items():
-        if not ok(options[name]):
+        if name in options and not ok(options[name]):  # temperature: only when given
             raise SourceError(f"{where}: {name} must be {allowed[name]}, got {options[name]!r}")
     if "boxes" in entry:
         try:

@@ -25,6 +25,8 @@ from service.commands.arg_types import (
     hint_counts,
     non_negative_int,
     positive_int,
+    temperature,
+    temperature_help,
     unit_float,
 )
 from service.commands.model_flags import add_model_arguments, add_model_choice, model_overrides
@@ -85,6 +87,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=hint_seed_value, default=0, metavar="S",
                         help="seed of the hint sampling (and of a sampling model's draw): the "
                         "same seed reveals the same points (default 0)")  # fmt: skip
+    parser.add_argument("--temperature", type=temperature, metavar="T",
+                        help=temperature_help() + "; compare with --compare release='--model "
+                        "zhang-eccv16' paper='--model zhang-eccv16 --temperature 0.38'")  # fmt: skip
     add_model_choice(parser)
     add_model_arguments(parser)
 
@@ -198,6 +203,7 @@ def _config(
         "score_threshold": args.score_threshold,
         "hints": hints,
         "seed": args.seed,
+        "temperature": args.temperature,  # None: the model's default
         "batch_size": args.batch_size or "auto",
         "model_flags": {k: str(v) for k, v in model_overrides(args).items()},
         "lpips_weights": None if lpips_weights is None else str(lpips_weights),
@@ -242,6 +248,7 @@ def run(args: argparse.Namespace) -> int:
     from evaluation.metrics import LpipsError
     from models.checkpoints import CheckpointError
     from models.registry import get_model
+    from service.core.jobs import temperature_refusal
     from service.engine.loading import ModelSetupError, check_model_names
     from service.settings import ModelSettings, describe_validation_error
 
@@ -280,6 +287,10 @@ def run(args: argparse.Namespace) -> int:
                 "colour hints (choose --model zhang-siggraph17, or an instcolor checkpoint "
                 "trained with `train --hint-sample-p P`)"
             )
+        if config.args.temperature is not None:
+            refusal = temperature_refusal(chosen.default_model)
+            if refusal is not None:
+                return _usage_error(f"{config.name or 'evaluate'}: --temperature: {refusal}")
         if config.args.max_instances > chosen.instance_limit:
             return _usage_error(
                 f"--max-instances {config.args.max_instances} is above the instance limit "
@@ -390,6 +401,7 @@ def _evaluate_all(
             max_instances=config.args.max_instances,
             score_threshold=config.args.score_threshold,
             seed=config.args.seed,  # a sampling model (zhao-pixelated) draws the same sample
+            temperature=config.args.temperature,
         )
         sweep = len(config.args.hints) > 1
         for count in config.args.hints:

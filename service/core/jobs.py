@@ -9,7 +9,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
-from models.constants import SATURATION_RANGE
+from models.constants import ANNEALED_MEAN_MODELS, SATURATION_RANGE, TEMPERATURE_RANGE
 
 OutputFormat = Literal["jpeg", "png", "webp"]
 DEFAULT_MODEL = "instcolor"  # models.registry.DEFAULT_MODEL, without importing torch
@@ -21,6 +21,16 @@ SAMPLING_MODELS = {"zhao-pixelated": SAMPLES_LIMIT}
 def samples_limit(models: list[str]) -> int:
     """The most ``samples`` any of ``models`` takes (1 when none of them samples)."""
     return max((SAMPLING_MODELS.get(m, 1) for m in models), default=1)
+
+
+def temperature_refusal(model: str) -> str | None:
+    """The 422 detail for ``temperature`` on ``model``, or None if the model takes it."""
+    if model in ANNEALED_MEAN_MODELS:
+        return None
+    return (
+        f"model {model!r} does not decode by the annealed mean; temperature needs a model that "
+        f"does ({', '.join(ANNEALED_MEAN_MODELS)}): leave temperature out or choose one of them"
+    )
 
 
 def unknown_model_message(name: str, loaded: list[str]) -> str:
@@ -46,6 +56,9 @@ class JobOptions:
     # colour hints as checked by service.core.hints ({"x", "y", "color" | "ab", "size"}): part of
     # the result-cache key (protocol.cache_digest hashes every option)
     hints: list[dict[str, Any]] | None = None
+    # the annealed mean's temperature (zhang-eccv16, li-dcnn; None: the model's default): only
+    # sent, and only part of the cache key, when given
+    temperature: float | None = None
 
 
 @dataclass(frozen=True)
@@ -81,13 +94,16 @@ class JobResult:
 
 
 __all__ = [
+    "ANNEALED_MEAN_MODELS",
     "DEFAULT_MODEL",
     "SAMPLES_LIMIT",
     "SAMPLING_MODELS",
     "SATURATION_RANGE",
+    "TEMPERATURE_RANGE",
     "Job",
     "JobOptions",
     "JobResult",
     "OutputFormat",
     "samples_limit",
+    "temperature_refusal",
 ]

@@ -116,6 +116,7 @@ def colorize_options(options: JobOptions) -> ColorizeOptions:
         samples=options.samples,
         seed=options.seed,
         hints=hints,
+        temperature=options.temperature,
     )
 
 

@@ -22,7 +22,7 @@ from starlette.datastructures import FormData, UploadFile
 from starlette.formparsers import MultiPartParser
 
 from service.batches.archive import ArchiveError, ArchiveLimits, extract_archive, safe_name
-from service.batches.options import OPTION_NAMES, check_options
+from service.batches.options import OPTION_NAMES, check_item_model, check_options
 from service.batches.records import EVENTS, BatchRecord, Item, new_batch_id
 from service.batches.runner import BatchScheduler
 from service.batches.webhooks import WebhookRefused, check_destination
@@ -436,6 +436,13 @@ def install_batches(app: FastAPI, state: ServiceState) -> None:
             items = await asyncio.to_thread(_archive_items, upload, input_dir, settings)
         else:
             items = await asyncio.to_thread(read_manifest, upload.file, settings)
+        try:
+            for item in items:
+                check_item_model(options, item.options, settings, f"item {item.custom_id!r}")
+        except InvalidParameterError:
+            if archive is not None:
+                shutil.rmtree(input_dir, ignore_errors=True)
+            raise
         if open_items + len(items) > settings.batch_max_open_items_per_key:
             if archive is not None:
                 shutil.rmtree(input_dir, ignore_errors=True)

@@ -22,13 +22,16 @@ from service.core.errors import InvalidParameterError, ServiceError, Unavailable
 from service.core.hints import parse_hints
 from service.core.image_header import check_shape, probe_size
 from service.core.jobs import (
+    ANNEALED_MEAN_MODELS,
     DEFAULT_MODEL,
     SATURATION_RANGE,
+    TEMPERATURE_RANGE,
     Job,
     JobOptions,
     JobResult,
     OutputFormat,
     samples_limit,
+    temperature_refusal,
     unknown_model_message,
 )
 from service.core.metrics import METRICS
@@ -86,6 +89,7 @@ class ColorizeParams:
     samples: int = 1
     seed: int | None = None
     hints: str | None = None
+    temperature: float | None = None
 
 
 def colorize_query(
@@ -173,6 +177,21 @@ def colorize_query(
                 "same samples. Left out: one is drawn and returned as `seed`.",
             ),
         ] = None,
+        temperature: Annotated[
+            float | None,
+            Query(
+                ge=TEMPERATURE_RANGE[0],
+                le=TEMPERATURE_RANGE[1],
+                allow_inf_nan=False,
+                description="The annealed mean's temperature T, for the models that decode by it "
+                f"({', '.join(ANNEALED_MEAN_MODELS)}; others: 422): softmax(z / T) over the 313 "
+                f"bins, then the expectation of the bin colours. {TEMPERATURE_RANGE[0]:g} to "
+                f"{TEMPERATURE_RANGE[1]:g}: 1 is the plain mean, smaller is closer to the mode "
+                "(more vivid). Left out: the model's default ("
+                + ", ".join(f"{m} {t:g}" for m, t in ANNEALED_MEAN_MODELS.items())
+                + "; zhang-eccv16's 1 is the authors' PyTorch release, 0.38 the paper's value).",
+            ),
+        ] = None,
     ) -> ColorizeParams:
         return ColorizeParams(
             format,
@@ -186,6 +205,7 @@ def colorize_query(
             samples,
             seed,
             hints,
+            temperature,
         )
 
     return colorize_params
@@ -215,6 +235,7 @@ def job_options(params: ColorizeParams, max_boxes: int) -> JobOptions:
         samples=params.samples,
         seed=params.seed,
         hints=parse_hints(params.hints),
+        temperature=params.temperature,
     )
 
 
@@ -319,6 +340,9 @@ def install_colorize(app: FastAPI, state: ServiceState) -> None:
                     f"samples={params.samples} returns several images: ask for them with "
                     "Accept: application/json (the answer's samples array), or leave samples out"
                 )
+            refusal = temperature_refusal(model) if params.temperature is not None else None
+            if refusal is not None:
+                raise InvalidParameterError(refusal)
             options = job_options(params, settings.max_boxes)
             try:
                 image = await image_from_request(request, settings.max_body_bytes)
@@ -441,6 +465,7 @@ def loaded_models(state: ServiceState) -> list[dict[str, Any]]:
                 "uses_boxes": card.get("uses_boxes"),
                 "max_samples": card.get("max_samples"),
                 "takes_hints": card.get("takes_hints"),
+                "temperature": ANNEALED_MEAN_MODELS.get(name),
                 "files": card.get("files") or info.get("files") or [],
                 "detector": info.get("detector"),
                 "device": info.get("device"),

@@ -90,6 +90,11 @@ class ModelInfo(BaseModel):
     takes_hints: bool | None = Field(
         default=None, description="Whether the model follows colour hints (?hints=)."
     )
+    temperature: float | None = Field(
+        default=None,
+        description="A model that decodes by the annealed mean: its default ?temperature= "
+        "(zhang-eccv16 1, li-dcnn 0.38); null for the others (they refuse the option).",
+    )
     files: list[WeightFileInfo] = Field(default_factory=list, description="Weight files loaded.")
     detector: str | None = None
     device: str | None = None

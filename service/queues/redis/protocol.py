@@ -165,8 +165,9 @@ def job_fields(job: Job, token: str) -> dict[str, bytes | str]:
     del meta["image"]
     if not meta["trace_context"]:  # only sent when tracing is on: other entries unchanged
         del meta["trace_context"]
-    if meta["options"]["hints"] is None:  # only sent with hints: other entries unchanged
-        del meta["options"]["hints"]
+    for name in ("hints", "temperature"):  # only sent when given: other entries unchanged
+        if meta["options"][name] is None:
+            del meta["options"][name]
     return {"token": token, "meta": json.dumps(meta), "image": job.image}
 
 
@@ -216,8 +217,9 @@ def cache_digest(image: bytes, options: JobOptions, model_version: str) -> str:
     digest.update(model_version.encode())
     digest.update(b"\0")
     described = asdict(options)
-    if described["hints"] is None:  # the keys of results without hints are those of before
-        del described["hints"]
+    for name in ("hints", "temperature"):  # the keys of results without them are as before
+        if described[name] is None:
+            del described[name]
     digest.update(json.dumps(described, sort_keys=True).encode())
     digest.update(b"\0")
     digest.update(image)

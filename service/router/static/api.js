@@ -36,6 +36,9 @@ export function colorizeQuery(options, boxes, instanceLimit, hints) {
   if (options.model) params.set("model", options.model);
   if (options.samples > 1) params.set("samples", String(options.samples));
   if (options.seed !== null && options.seed !== undefined) params.set("seed", options.seed);
+  if (options.temperature !== null && options.temperature !== undefined) {
+    params.set("temperature", String(options.temperature));
+  }
   let maxInstances = options.max_instances;
   if (boxes) {
     maxInstances = Math.min(instanceLimit, Math.max(maxInstances, boxes.length));

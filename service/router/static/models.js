@@ -5,7 +5,7 @@
 
 import { colorizeQuery, fetchModels, postImage, resultBlob } from "./api.js";
 import { $ } from "./dom.js";
-import { readOptions } from "./options.js";
+import { readOptions, showTemperatureField } from "./options.js";
 import { showSamplingFields } from "./samples.js";
 import { state } from "./state.js";
 
@@ -26,11 +26,13 @@ export async function loadModels() {
       option.textContent = traits.length ? `${model.name} (${traits.join(", ")})` : model.name;
       option.dataset.takesHints = String(Boolean(model.takes_hints));
       option.dataset.maxSamples = String(model.max_samples || 1);
+      option.dataset.temperature = model.temperature == null ? "" : String(model.temperature);
       option.disabled = !model.loaded;
       option.selected = model.name === answer.default;
       select.append(option);
     }
     showSamplingFields();
+    showTemperatureField();
     const boxes = $("zoo-models");
     for (const old of boxes.querySelectorAll("label")) old.remove();
     for (const model of loaded) {
