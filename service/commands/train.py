@@ -55,6 +55,13 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--classes", type=positive_int,
                         help="zhao-pixelated: segmentation classes (default 183 with --labels, "
                         "2 with box pseudo-labels)")  # fmt: skip
+    parser.add_argument("--width-divisor", type=positive_int, default=1, metavar="D",
+                        help="li-dcnn, zhao-pixelated: narrow every layer by D (tests and quick "
+                        "runs, not the paper; default 1); serving reads it from the weights")  # fmt: skip
+    parser.add_argument("--generator-layers", type=positive_int, metavar="N",
+                        help="zhao-pixelated: gated layers of the PixelCNN generator (default 8)")  # fmt: skip
+    parser.add_argument("--generator-channels", type=positive_int, metavar="C",
+                        help="zhao-pixelated: the generator's channels (default 128)")  # fmt: skip
     parser.add_argument("--output", type=Path, required=True, metavar="RUN_DIR")
     parser.add_argument("--epochs", type=non_negative_int,
                         help="epochs at the full learning rate (niter; default per stage)")  # fmt: skip
@@ -183,7 +190,7 @@ def run_li(args: argparse.Namespace) -> int:
         resume=args.resume, seed=args.seed, workers=0 if args.workers is None else args.workers,
         prior_images=args.prior_images, class_weight=args.class_weight,
         log_every=args.log_every, save_every=args.save_every, val_limit=args.val_limit,
-        progress=not args.no_progress,
+        progress=not args.no_progress, divisor=args.width_divisor,
     )  # fmt: skip
     try:
         return train_li(options)
