@@ -22,14 +22,25 @@ from test_training import GRADIENT_TOLERANCE, per_process_batchnorm
 from torch.utils.data import DistributedSampler
 
 from models.li_dcnn import FILENAME, LiDCNN, grid_bin_centres, load_li_dcnn, set_bin_centres
+from models.zhao_pixelated import ZhaoPixelated, load_zhao_pixelated
 from service.cli import main
 from training.li_dcnn import LabelledDataset, collate_labelled, image_labels
 from training.li_losses import class_loss, colour_loss, rebalancing_weights, target_bins
 from training.manifest import read_manifest
 from training.run_files import read_metrics
+from training.zhao_pixelated import (
+    POLYAK_DECAY,
+    ZhaoDataset,
+    freeze_unused,
+    weights_path,
+    zhao_losses,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 LI_DIVISOR = 8
+ZHAO_TINY = {"classes": 2, "generator_layers": 2, "generator_channels": 16, "divisor": 16}
+ZHAO_FLAGS = ["--generator-layers", "2", "--generator-channels", "16", "--width-divisor", "16",
+              "--lr", "1e-3"]  # fmt: skip
 COMMON = ["--batch-size", "1", "--max-steps", "3", "--epochs", "2", "--device", "cpu",
           "--no-progress", "--log-every", "1", "--workers", "0"]  # fmt: skip
 
@@ -71,9 +82,10 @@ def ddp_runs(tmp_path_factory: pytest.TempPathFactory) -> Path:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     li = ["run:li", "--model", "li-dcnn", "--data", str(data), "--labels", str(labels),
           "--width-divisor", str(LI_DIVISOR), "--lr", "1e-4", *COMMON]  # fmt: skip
+    zhao = ["run:zhao", "--model", "zhao-pixelated", "--data", str(data), *ZHAO_FLAGS, *COMMON]
     done = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         str(REPO / "tests" / "ddp_steps.py"), str(root / "runs"), *li],
+         str(REPO / "tests" / "ddp_steps.py"), str(root / "runs"), *li, *zhao],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-3000:]
@@ -204,3 +216,74 @@ def test_li_dcnn_sharded_validation_equals_one_process(ddp_runs: Path) -> None:
     assert last["class_loss"] == pytest.approx(klass, rel=1e-5, abs=1e-6)
     assert last["loss"] == pytest.approx(colour + klass, rel=1e-5)
     assert last["class_accuracy"] == accuracy
+
+
+def test_zhao_two_gloo_processes_equal_one_with_the_doubled_batch(ddp_runs: Path) -> None:
+    """zhao-pixelated under torchrun, 2 CPU processes x batch 1 against one process x batch 2.
+
+    * Bit-identical parameters and gradients on both ranks at every step, and every parameter has
+      a gradient (DDP without unused parameters).
+    * The all-reduced gradient is one process's gradient of 1 L_emb + 100 L_seg + 1 L_gen on the
+      combined batch at the ranks' weights (no BatchNorm, so no deviation; box pseudo-labels, so
+      every pixel counts in the segmentation mean on both sides), and the logged losses its.
+    * The Polyak average is the same on both ranks after every update and is the exponential
+      average (decay POLYAK_DECAY) of the steps' parameters, written out here; rank 0's weights
+      file holds the last one.
+    * Validation: both photos (one per rank), the averaged model's mean per-image losses.
+    """
+    root = ddp_runs
+    ranks = ranks_of(root / "runs", "zhao")
+    steps = ranks[0]["steps"]
+    for avg_a, avg_b in zip(ranks[0]["averaged"], ranks[1]["averaged"], strict=True):
+        assert all(torch.equal(a, b) for a, b in zip(avg_a, avg_b, strict=True))
+    assert len(ranks[0]["averaged"]) == 3
+    rows = read_manifest(root / "data")
+    train = ZhaoDataset([r for r in rows if r.split == "train"], None)
+    val = ZhaoDataset([r for r in rows if r.split == "val"], None)
+    model = ZhaoPixelated(**ZHAO_TINY)
+    assert freeze_unused(model) == ["generator.layers.1.cond_vertical.weight"]
+    params = [p for p in model.parameters() if p.requires_grad]
+    assert len(params) == len(steps[0]["grad"]) == len(list(model.parameters())) - 1
+    logged = [r for r in read_metrics(root / "runs" / "zhao") if r.get("split") != "val"]
+    for k, (epoch, position) in enumerate(STEPS):
+        with torch.no_grad():
+            for p, value in zip(params, steps[k]["before"], strict=True):
+                p.copy_(value)
+        items = [train[i] for i in combined_order(4, epoch, position, 2)]
+        batch = {key: torch.stack([item[key] for item in items]) for key in items[0]}
+        losses = zhao_losses(model, batch)
+        grads = torch.autograd.grad(losses.total, params)
+        for key, value in losses.as_floats().items():
+            assert logged[k][key] == pytest.approx(value, rel=1e-5), key
+        for mine, theirs in zip(grads, steps[k]["grad"], strict=True):
+            scale = float(mine.abs().max())
+            assert scale > 0
+            torch.testing.assert_close(theirs, mine, rtol=0, atol=GRADIENT_TOLERANCE * scale)
+    every = [n for n, _ in model.named_parameters()]  # AveragedModel averages all of them
+    averaged = dict(zip(every, ranks[0]["averaged"][-1], strict=True))
+    trained = [n for n, p in model.named_parameters() if p.requires_grad]
+    ema = [p.clone() for p in steps[0]["after"]]  # the first update copies the parameters
+    for k in (1, 2):
+        ema = [POLYAK_DECAY * e + (1 - POLYAK_DECAY) * p
+               for e, p in zip(ema, steps[k]["after"], strict=True)]  # fmt: skip
+    for name, mine in zip(trained, ema, strict=True):
+        torch.testing.assert_close(averaged[name], mine, rtol=1e-6, atol=1e-7)
+    state = torch.load(root / "runs" / "zhao" / "state.pt", weights_only=False)
+    frozen = "generator.layers.1.cond_vertical.weight"
+    assert torch.equal(averaged[frozen], state["model"][frozen])  # never trained, never moved
+    saved = load_zhao_pixelated(weights_path(root / "runs" / "zhao"))
+    for name, value in saved.named_parameters():
+        assert torch.equal(value, averaged[name]), name
+
+    vals = [r for r in read_metrics(root / "runs" / "zhao") if r.get("split") == "val"]
+    assert [(r["step"], r["epoch"], r["images"]) for r in vals] == [(2, 1, 2), (3, 1, 2)]
+    with torch.no_grad():
+        per_image = [
+            zhao_losses(saved, {k: v[None] for k, v in val[i].items()}).as_floats()
+            for i in range(2)
+        ]
+    for key in ("loss", "loss_emb", "loss_seg", "loss_gen"):
+        want = sum(r[key] for r in per_image) / 2
+        assert vals[-1][key] == pytest.approx(want, rel=1e-5), key
+    config = json.loads((root / "runs" / "zhao" / "config.json").read_text())
+    assert config["world_size"] == 2 and config["global_batch_size"] == 2
