@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -287,3 +288,38 @@ def test_zhao_two_gloo_processes_equal_one_with_the_doubled_batch(ddp_runs: Path
         assert vals[-1][key] == pytest.approx(want, rel=1e-5), key
     config = json.loads((root / "runs" / "zhao" / "config.json").read_text())
     assert config["world_size"] == 2 and config["global_batch_size"] == 2
+
+
+def test_sigterm_to_torchrun_stops_both_ranks_at_one_step(tmp_path: Path) -> None:
+    """SIGTERM to torchrun reaches both zhao-pixelated processes (torchrun passes it on); they
+    agree on the step through the all-reduced stop flag and rank 0 saves that step. (li-dcnn's
+    loop takes the same all-reduced flag.)"""
+    data, _ = photo_set(tmp_path)
+    run = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    flags = ["--model", "zhao-pixelated", "--data", str(data), "--output", str(run),
+             *ZHAO_FLAGS, *COMMON, "--epochs", "100000"]  # fmt: skip
+    flags[flags.index("--max-steps") + 1] = "100000"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
+         "-m", "service", "train", *flags],
+        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:  # rank 0's first logged step: training is under way
+            if "step 1:" in line:
+                break
+        process.send_signal(signal.SIGTERM)
+        rest = process.communicate(timeout=120)[0]
+    finally:
+        if process.poll() is None:
+            process.kill()
+    state = torch.load(run / "state.pt", weights_only=False)
+    assert 1 <= state["step"] < 100000
+    assert state["epoch"] * 2 + state["position"] == state["step"]  # 2 batches of 2 an epoch
+    logged = [r["step"] for r in read_metrics(run) if r.get("split") != "val"]
+    assert logged[-1] == state["step"]
+    # both ranks stopped after the same step (each logs it), saved once by rank 0
+    assert rest.count(f"stopped at step {state['step']}; continue with --resume") == 2, rest
+    assert rest.count("stopped at step") == 2, rest

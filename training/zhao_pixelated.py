@@ -315,7 +315,13 @@ def _train(
         state = load_state(options.output)
         model.load_state_dict(state["model"])
         averaged.load_state_dict(state["averaged"])
-        optimiser.load_state_dict(state["optimiser"])
+        try:
+            optimiser.load_state_dict(state["optimiser"])
+        except ValueError as exc:  # a run from before freeze_unused: one more parameter
+            raise ZhaoTrainingError(
+                f"{options.output / 'state.pt'}: its optimiser state does not fit the trained "
+                f"parameters ({exc}); it predates this version: start a new --output"
+            ) from exc
         step, epoch = int(state["step"]), int(state["epoch"])
         position = int(state.get("position", 0))  # older runs: the epoch's start
         if "rng" in state:
