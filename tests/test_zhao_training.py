@@ -143,6 +143,15 @@ def test_train_command_zhao(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert code == 2 and "nothing to resume" in capsys.readouterr().err
     assert cli(["train", *flags]) == 2
     assert "needs --stage and --init" in capsys.readouterr().err
+    for refused, model in ((["--width-divisor", "2"], "instcolor"),
+                           (["--generator-layers", "2"], "li-dcnn"),
+                           (["--precision", "bf16"], "zhao-pixelated"),
+                           (["--stage", "full"], "zhao-pixelated")):  # fmt: skip
+        assert cli(["train", "--model", model, *flags, *refused]) == 2
+        assert f"{refused[0]} is not for --model {model}" in capsys.readouterr().err
+    # a batch larger than the photos: the message says what to change
+    assert cli(["train", "--model", "zhao-pixelated", *flags, "--max-steps", "1"]) == 2
+    assert "lower --batch-size or add photos" in capsys.readouterr().err
 
 
 def test_resume_mid_epoch_equals_an_uninterrupted_run(tmp_path: Path) -> None:
