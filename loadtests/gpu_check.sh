@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One prepared GPU check (issue 18, item 5): precision, detector boxes, pipeline, HTTP, training,
-# torchrun.
+# torchrun (InstColorization's stages; issue 20: li-dcnn and zhao-pixelated).
 #
 #   bash loadtests/gpu_check.sh                 # on a GPU host (aim: under 8 minutes on one GPU)
 #   bash loadtests/gpu_check.sh --quick         # on a CPU: tiny networks, a few steps (CI)
@@ -63,11 +63,13 @@ if [ "$QUICK" = 1 ] || [ "$NGPU" = 0 ]; then
   PIPE_FLAGS="--precisions fp32 --quick --modes full,boxes8 --image-size 64x48"
   USERS=2; DURATION=3; WARMUP=1; STEPS=1; TBATCH=1; TPREC=fp32; DDPSTEPS=2
   DETMODES=bf16; DETSIZE=64; DETIMAGES=2; DETTHRESH=0.0
+  LIFLAGS="--width-divisor 8"; ZHAOFLAGS="--width-divisor 16 --generator-layers 2 --generator-channels 16"
 else
   DEVICE=cuda; WIDTH=64; MODES=fp32-cl,fp16,bf16; BOXPHOTOS=6; PHOTOS=0
   PIPE_FLAGS="--precisions fp32,fp16,bf16 --batch-sizes 1,8,32 --images 64"
   USERS=32; DURATION=30; WARMUP=10; STEPS=20; TBATCH=16; TPREC=fp32,fp16,bf16; DDPSTEPS=4
   DETMODES=fp16,bf16; DETSIZE=800; DETIMAGES=8; DETTHRESH=0.05
+  LIFLAGS=""; ZHAOFLAGS=""  # the full-size paper networks
 fi
 [ "$QUICK" = 1 ] && DEVICE=cpu
 
@@ -128,6 +130,58 @@ for stage in ("full", "instance", "fusion"):
     same = all(torch.equal(a, b) for s0, s1 in zip(r[0]["steps"], r[1]["steps"])
                for a, b in zip(s0["after"], s1["after"]))
     print(f"| {stage} | {backend} | exit {r[0]['code']} | steps {len(r[0]['steps'])} | ranks equal {same} |")
+PYEOF
+  fi
+
+  section "torchrun, 2 processes, paper models"
+  # li-dcnn (BatchNorm: SyncBatchNorm on NCCL) and zhao-pixelated, 2 training + 2 validation photos
+  # (sharded validation, one per rank), $DDPSTEPS steps of batch 1 per process
+  mkdir -p $SCRATCH/paper/data
+  $PY - "$SCRATCH/train/data/manifest.jsonl" "$SCRATCH/paper" <<'PYEOF'
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+for i, row in enumerate(rows):
+    row["split"] = "val" if i >= len(rows) - 2 else "train"
+open(f"{sys.argv[2]}/data/manifest.jsonl", "w").write("".join(json.dumps(r) + "\n" for r in rows))
+open(f"{sys.argv[2]}/labels.csv", "w").write("".join(f"{r['path']},{'ab'[i % 2]}\n" for i, r in enumerate(rows)))
+PYEOF
+  PFLAGS="--data $SCRATCH/paper/data --batch-size 1 --workers 0 --max-steps $DDPSTEPS --epochs 100 --no-progress --log-every 1"
+  LIRUN="--model li-dcnn --labels $SCRATCH/paper/labels.csv $LIFLAGS $PFLAGS"
+  ZHAORUN="--model zhao-pixelated $ZHAOFLAGS $PFLAGS"
+  if [ "$DEVICE" = cuda ] && [ "$NGPU" -ge 2 ]; then
+    for model in li-dcnn zhao-pixelated; do
+      run=$([ $model = li-dcnn ] && echo "$LIRUN" || echo "$ZHAORUN")
+      $PY -m torch.distributed.run --standalone --nproc-per-node 2 -m service train $run \
+        --device cuda --output $SCRATCH/paper-nccl/$model >/dev/null 2>$SCRATCH/err-$model
+      code=$?
+      vals=$(grep -c '"split": "val"' $SCRATCH/paper-nccl/$model/metrics.jsonl 2>/dev/null)
+      echo "| $model | nccl x2 | exit $code | validations ${vals:-0} |"
+    done
+  else
+    backend="gloo x2 on $([ $DEVICE = cuda ] && echo cuda:0 || echo cpu)"
+    dev=$([ $DEVICE = cuda ] && echo cuda:0 || echo cpu)
+    OMP_NUM_THREADS=1 $PY -m torch.distributed.run --standalone --nproc-per-node 2 tests/ddp_steps.py \
+      $SCRATCH/paper-runs run:li-dcnn $LIRUN --device $dev run:zhao-pixelated $ZHAORUN --device $dev \
+      >/dev/null 2>$SCRATCH/err-paper
+    code=$?
+    $PY - "$SCRATCH/paper-runs" "$backend" "$code" "$SCRATCH/err-paper" <<'PYEOF'
+import json, sys, torch
+runs, backend, code, err = sys.argv[1:]
+for model in ("li-dcnn", "zhao-pixelated"):
+    try:
+        r = [torch.load(f"{runs}/{model}.rank{k}.pt") for k in (0, 1)]
+        rows = [json.loads(line) for line in open(f"{runs}/{model}/metrics.jsonl")]
+    except OSError:
+        tail = open(err).read()[-300:].replace("\n", " ")
+        print(f"| {model} | {backend} | exit {code} | failed: {tail} |")
+        continue
+    same = all(torch.equal(a, b) for s0, s1 in zip(r[0]["steps"], r[1]["steps"])
+               for a, b in zip(s0["after"], s1["after"]))
+    same = same and all(torch.equal(a, b) for a0, a1 in zip(r[0]["averaged"], r[1]["averaged"])
+                        for a, b in zip(a0, a1))
+    vals = [v["images"] for v in rows if v.get("split") == "val"]
+    print(f"| {model} | {backend} | exit {r[0]['code']} | steps {len(r[0]['steps'])} | "
+          f"ranks equal {same} | validations {len(vals)} of {vals[-1] if vals else 0} images |")
 PYEOF
   fi
 } | tee "$SUMMARY"

@@ -21,6 +21,10 @@ Figure 2), on the ECCV16 trunk it is initialised from:
 
 Decoding as ECCV16's paper: the annealed mean softmax(z / T), expectation over the bin centres,
 bilinear x4, x110, with T = 0.38 (ECCV16's value; Li et al. state none) by default.
+
+``divisor`` > 1 narrows every layer by that factor (channels 64 / D ... 512 / D, fully connected
+widths 1024 / D ...): not the paper, a network for tests and quick runs (``train --width-divisor``);
+the weights file's shapes give it back when loading.
 """
 
 from __future__ import annotations
@@ -63,31 +67,38 @@ class LiDCNN(nn.Module):
     decodes_by_annealed_mean = True  # ``predict_ab_each``: a temperature per image
 
     def __init__(
-        self, num_classes: int = DETECTOR_CLASSES, temperature: float = DEFAULT_TEMPERATURE
+        self,
+        num_classes: int = DETECTOR_CLASSES,
+        temperature: float = DEFAULT_TEMPERATURE,
+        divisor: int = 1,
     ) -> None:
         super().__init__()
         if num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes}")
+        if divisor < 1 or 64 % divisor:
+            raise ValueError(f"divisor must divide 64, got {divisor}")
         self.num_classes = num_classes
-        self.model1 = _block(1, 64, 2, last_stride=2)
-        self.model2 = _block(64, 128, 2, last_stride=2)
-        self.model3 = _block(128, 256, 3, last_stride=2)
-        self.model4 = _block(256, 512, 3)
-        self.model5 = _block(512, 512, 3, dilation=2)
+        self.divisor = divisor
+        c1, c2, c3, c4 = (c // divisor for c in (64, 128, 256, 512))
+        self.model1 = _block(1, c1, 2, last_stride=2)
+        self.model2 = _block(c1, c2, 2, last_stride=2)
+        self.model3 = _block(c2, c3, 3, last_stride=2)
+        self.model4 = _block(c3, c4, 3)
+        self.model5 = _block(c4, c4, 3, dilation=2)
         self.class_pool = nn.MaxPool2d(2)
-        w1, w2, w3 = FC_WIDTHS
-        self.fc1 = nn.Linear(512 * POOLED_GRID * POOLED_GRID, w1)
+        w1, w2, w3 = (w // divisor for w in FC_WIDTHS)
+        self.fc1 = nn.Linear(c4 * POOLED_GRID * POOLED_GRID, w1)
         self.fc2 = nn.Linear(w1, w2)
         self.fc3 = nn.Linear(w2, w3)
         self.classifier = nn.Linear(w3, num_classes)
-        self.model6 = _block(512 + w3, 512, 3, dilation=2)
-        self.model7 = _block(512, 512, 3)
+        self.model6 = _block(c4 + w3, c4, 3, dilation=2)
+        self.model7 = _block(c4, c4, 3)
         self.model8 = nn.Sequential(
-            nn.ConvTranspose2d(512, 256, 4, stride=2, padding=1), nn.ReLU(),
-            nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(),
-            nn.Conv2d(256, 256, 3, padding=1), nn.ReLU(),
+            nn.ConvTranspose2d(c4, c3, 4, stride=2, padding=1), nn.ReLU(),
+            nn.Conv2d(c3, c3, 3, padding=1), nn.ReLU(),
+            nn.Conv2d(c3, c3, 3, padding=1), nn.ReLU(),
         )  # fmt: skip
-        self.model9 = nn.Conv2d(256, NUM_BINS, 1)
+        self.model9 = nn.Conv2d(c3, NUM_BINS, 1)
         self.model_out = nn.Conv2d(NUM_BINS, 2, 1, bias=False)
         self.model_out.requires_grad_(False)  # the bin centres: data, never trained
         self.temperature = check_temperature(temperature)
@@ -190,6 +201,14 @@ def num_classes_of(state: dict[str, torch.Tensor], path: str) -> int:
     return int(weight.shape[0])
 
 
+def divisor_of(state: dict[str, torch.Tensor], path: str) -> int:
+    """The width divisor a weights file was trained with (conv1's 64 / its output channels)."""
+    weight = state.get("model1.0.weight")
+    if weight is None or weight.dim() != 4 or not 0 < weight.shape[0] <= 64:
+        raise CheckpointError(f"{path}: no usable model1.0.weight; not a li-dcnn file")
+    return 64 // int(weight.shape[0])
+
+
 def load_li_dcnn(
     path: Path | str,
     map_location: str | torch.device = "cpu",
@@ -198,6 +217,6 @@ def load_li_dcnn(
     """A ``train --model li-dcnn`` weights file, strictly, in eval mode."""
     path = Path(path)
     state = read_state_dict(path, map_location)
-    network = LiDCNN(num_classes_of(state, str(path)), temperature)
+    network = LiDCNN(num_classes_of(state, str(path)), temperature, divisor_of(state, str(path)))
     load_strict(network, state, str(path))
     return network.eval().requires_grad_(False)

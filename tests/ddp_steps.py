@@ -1,13 +1,19 @@
-"""Run under torchrun by tests/test_training.py: ``python -m service train`` of each stage in turn,
-every rank recording, at every optimiser step, its trained parameters before the step, their
-(all-reduced) gradients and the parameters after the step.
+"""Run under torchrun by the DDP tests: ``python -m service train`` runs in turn, every rank
+recording, at every optimiser step, its trained parameters before the step, their (all-reduced)
+gradients and the parameters after the step.
 
     python -m torch.distributed.run --nproc-per-node 2 tests/ddp_steps.py OUT full,fusion FLAGS...
+    python -m torch.distributed.run --nproc-per-node 2 tests/ddp_steps.py OUT \
+        run:li --model li-dcnn FLAGS... run:zhao --model zhao-pixelated FLAGS...
 
-One gloo process group serves all the stages (``train`` uses a group it finds and leaves it
-running), so the test pays for one start of the processes. Writes ``OUT/STAGE.rankR.pt``:
-``{"code": exit code, "steps": [{"before": [...], "grad": [...], "after": [...]}, ...]}`` in the
-order of ``StageModel.parameters``; rank 0 also writes the run directory ``OUT/STAGE``.
+The first form trains each InstColorization stage with the same FLAGS (``train --stage STAGE``);
+the second runs ``train`` with each ``run:NAME``'s own flags (not ``--run``, which torchrun
+takes for its ``--run-path``). One gloo process group serves all
+the runs (``train`` uses a group it finds and leaves it running), so the test pays for one start
+of the processes. Writes ``OUT/NAME.rankR.pt``: ``{"code": exit code, "steps": [{"before": [...],
+"grad": [...], "after": [...]}, ...], "averaged": [[...], ...]}`` in the optimiser's parameter
+order; "averaged" holds, after every ``AveragedModel.update_parameters`` (zhao-pixelated's Polyak
+average), the averaged model's parameters. Rank 0 also writes the run directory ``OUT/NAME``.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from torch.optim.optimizer import (
     register_optimizer_step_post_hook,
     register_optimizer_step_pre_hook,
 )
+from torch.optim.swa_utils import AveragedModel
 
 from service.cli import main as cli
 
@@ -45,19 +52,55 @@ def record_steps(steps: list[dict[str, list[torch.Tensor]]]) -> list[Any]:
     return [register_optimizer_step_pre_hook(before), register_optimizer_step_post_hook(after)]
 
 
+def record_averages(averaged: list[list[torch.Tensor]]) -> Any:
+    """Wrap ``AveragedModel.update_parameters`` to append the averaged parameters after each call;
+    returns the function that restores it."""
+    original = AveragedModel.update_parameters
+
+    def update(self: AveragedModel, model: torch.nn.Module) -> None:
+        original(self, model)
+        averaged.append([p.detach().clone() for p in self.module.parameters()])
+
+    AveragedModel.update_parameters = update  # type: ignore[method-assign]
+
+    def restore() -> None:
+        AveragedModel.update_parameters = original  # type: ignore[method-assign]
+
+    return restore
+
+
+def runs_of(argv: list[str]) -> list[tuple[str, list[str]]]:
+    """(name, train flags) per run: ``run:NAME FLAGS...`` groups, or ``STAGES FLAGS...``."""
+    if not argv[0].startswith("run:"):
+        stages, flags = argv[0].split(","), argv[1:]
+        return [(stage, ["--stage", stage, *flags]) for stage in stages]
+    runs: list[tuple[str, list[str]]] = []
+    for token in argv:
+        if token.startswith("run:"):
+            runs.append((token.removeprefix("run:"), []))
+        else:
+            runs[-1][1].append(token)
+    return runs
+
+
 def main(argv: list[str]) -> int:
-    out, stages, flags = Path(argv[0]), argv[1].split(","), argv[2:]
+    out = Path(argv[0])
     dist.init_process_group("gloo")
     rank = dist.get_rank()
-    for stage in stages:
+    for name, flags in runs_of(argv[1:]):
         steps: list[dict[str, list[torch.Tensor]]] = []
+        averaged: list[list[torch.Tensor]] = []
         handles = record_steps(steps)
+        restore = record_averages(averaged)
         try:
-            code = cli(["train", "--stage", stage, *flags, "--output", str(out / stage)])
+            code = cli(["train", *flags, "--output", str(out / name)])
         finally:
             for handle in handles:
                 handle.remove()
-        torch.save({"code": code, "steps": steps}, out / f"{stage}.rank{rank}.pt")
+            restore()
+        torch.save(
+            {"code": code, "steps": steps, "averaged": averaged}, out / f"{name}.rank{rank}.pt"
+        )
     dist.destroy_process_group()
     return 0
 

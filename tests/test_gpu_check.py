@@ -22,6 +22,7 @@ SECTIONS = [
     "## HTTP through serve",
     "## training images/s per stage",
     "## torchrun, 2 processes, each stage",
+    "## torchrun, 2 processes, paper models",
 ]
 
 
@@ -50,4 +51,10 @@ def test_quick_gpu_check_prints_every_section_with_figures(tmp_path: Path) -> No
         assert re.search(
             rf"\| {stage} \| gloo x2 on cpu \| exit 0 \| steps 2 \| ranks equal True", text
         )
+    for model in ("li-dcnn", "zhao-pixelated"):
+        assert re.search(
+            rf"\| {model} \| gloo x2 on cpu \| exit 0 \| steps 2 \| ranks equal True \| "
+            r"validations 2 of 2 images",
+            text,
+        ), text
     assert "## gpu_check.sh summary" in bench.read_text()

@@ -353,3 +353,22 @@ async def test_served_alone_from_a_run_weights_dir(tmp_path: Path) -> None:
         assert answer.status_code == 200, answer.text
         assert answer.headers["x-model"] == "li-dcnn"
         assert Image.open(io.BytesIO(answer.content)).size == (64, 64)
+
+
+def test_width_divisor_narrows_and_loads_back(tmp_path: Path) -> None:
+    """``--width-divisor``: every layer / D, read back from the file's shapes; no Zhang init."""
+    network = initial_network(None, 3, seed=0, divisor=8)
+    assert network.model1[0].out_channels == 8 and network.fc1.out_features == 128
+    assert network.model6[0].in_channels == 64 + 32  # conv5 (512 / 8) + fc3 (256 / 8)
+    path = tmp_path / "li-dcnn" / FILENAME
+    path.parent.mkdir()
+    torch.save(network.state_dict(), path)
+    loaded = load_li_dcnn(path)
+    assert loaded.divisor == 8 and loaded.num_classes == 3
+    l_norm = torch.zeros(1, 1, 256, 256)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.logits(l_norm)[0], network.eval().logits(l_norm)[0])
+    with pytest.raises(TrainingError, match="leave out --width-divisor 8 or --init"):
+        initial_network(tmp_path, 3, seed=0, divisor=8)
+    with pytest.raises(ValueError, match="divisor must divide 64"):
+        LiDCNN(divisor=3)

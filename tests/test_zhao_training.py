@@ -7,7 +7,12 @@ decrease on a real model size is loadtests/bench_zhao_training.py's.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -31,10 +36,13 @@ from training.zhao_pixelated import (
 )
 
 TINY = {"generator_layers": 2, "generator_channels": 16, "divisor": 16}
+TINY_FLAGS = ["--generator-layers", "2", "--generator-channels", "16", "--width-divisor", "16"]
+REPO = Path(__file__).resolve().parents[1]
 
 
-def colour_set(root: Path, count: int = 4) -> Path:
-    """``count`` blocky colour photos and a prepare-data manifest with one box each."""
+def colour_set(root: Path, count: int = 4, val: int = 0) -> Path:
+    """``count`` blocky colour photos and a prepare-data manifest with one box each (the last
+    ``val`` of them in the validation split)."""
     photos, data = root / "photos", root / "data"
     photos.mkdir()
     data.mkdir()
@@ -45,7 +53,8 @@ def colour_set(root: Path, count: int = 4) -> Path:
         pixels[:, :32] = rng.integers(0, 255, 3)
         pixels[:, 32:] = rng.integers(0, 255, 3)
         Image.fromarray(pixels).save(photos / f"p{i}.png")
-        rows.append(ManifestRow(str(photos), f"p{i}.png", 64, 48, [[0, 0, 32, 48]], [0.9], "train"))
+        split = "val" if i >= count - val else "train"
+        rows.append(ManifestRow(str(photos), f"p{i}.png", 64, 48, [[0, 0, 32, 48]], [0.9], split))
     append_jsonl(data / MANIFEST_NAME, [row_dict(r) for r in rows])
     return data
 
@@ -111,10 +120,11 @@ def test_train_writes_weights_that_serve_and_resumes(tmp_path: Path) -> None:
         for k in state["model"]
         if k.endswith("weight")
     )
-    # resume continues the step count
+    # resume continues the step count (into a second epoch: the first one's 2 batches are done)
     resumed = ZhaoTrainOptions(
-        data=data, output=run, max_steps=3, batch_size=2, log_every=1, resume=True, **TINY
-    )
+        data=data, output=run, max_steps=3, batch_size=2, log_every=1, resume=True, epochs=2,
+        **TINY,
+    )  # fmt: skip
     assert train_zhao(resumed) == 0
     assert torch.load(run / "state.pt", weights_only=False)["step"] == 3
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
@@ -133,3 +143,82 @@ def test_train_command_zhao(tmp_path: Path, capsys: pytest.CaptureFixture[str]) 
     assert code == 2 and "nothing to resume" in capsys.readouterr().err
     assert cli(["train", *flags]) == 2
     assert "needs --stage and --init" in capsys.readouterr().err
+    for refused, model in ((["--width-divisor", "2"], "instcolor"),
+                           (["--generator-layers", "2"], "li-dcnn"),
+                           (["--precision", "bf16"], "zhao-pixelated"),
+                           (["--stage", "full"], "zhao-pixelated")):  # fmt: skip
+        assert cli(["train", "--model", model, *flags, *refused]) == 2
+        assert f"{refused[0]} is not for --model {model}" in capsys.readouterr().err
+    # a batch larger than the photos: the message says what to change
+    assert cli(["train", "--model", "zhao-pixelated", *flags, "--max-steps", "1"]) == 2
+    assert "lower --batch-size or add photos" in capsys.readouterr().err
+
+
+def test_resume_mid_epoch_equals_an_uninterrupted_run(tmp_path: Path) -> None:
+    """4 training photos, batch 1: stop after 2 steps (mid-epoch), resume to 6 (into epoch 1).
+
+    The resumed run continues at the epoch's third batch (not its first), so the weights, the
+    Polyak average, the optimiser and every logged loss and validation are the uninterrupted run's.
+    """
+    data = colour_set(tmp_path, 5, val=1)
+    whole, parts = tmp_path / "whole", tmp_path / "parts"
+    common = {"data": data, "batch_size": 1, "epochs": 2, "log_every": 1, **TINY}
+    assert train_zhao(ZhaoTrainOptions(output=whole, max_steps=6, **common)) == 0  # type: ignore[arg-type]
+    assert train_zhao(ZhaoTrainOptions(output=parts, max_steps=2, **common)) == 0  # type: ignore[arg-type]
+    state = torch.load(parts / "state.pt", weights_only=False)
+    assert (state["step"], state["epoch"], state["position"]) == (2, 0, 2)
+    assert train_zhao(ZhaoTrainOptions(output=parts, max_steps=6, resume=True, **common)) == 0  # type: ignore[arg-type]
+    a = torch.load(whole / "state.pt", weights_only=False)
+    b = torch.load(parts / "state.pt", weights_only=False)
+    for part in ("model", "averaged"):
+        assert a[part].keys() == b[part].keys()
+        for key in a[part]:
+            assert torch.equal(a[part][key], b[part][key]), (part, key)
+    for sa, sb in zip(
+        a["optimiser"]["state"].values(), b["optimiser"]["state"].values(), strict=True
+    ):
+        assert torch.equal(sa["exp_avg"], sb["exp_avg"]) and torch.equal(sa["step"], sb["step"])
+
+    def rows(run: Path) -> list[tuple[Any, ...]]:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+        return [(r.get("split"), r["step"], r["epoch"], r["loss"]) for r in map(json.loads, lines)]
+
+    # the resumed run's validation at its (extra) step-2 end is not in the whole run: drop it
+    assert [r for r in rows(parts) if r[:2] != ("val", 2)] == rows(whole)
+    assert [r[:3] for r in rows(whole)] == [
+        *((None, s, 0) for s in (1, 2, 3, 4)),
+        ("val", 4, 1),
+        (None, 5, 1),
+        (None, 6, 1),
+        ("val", 6, 1),
+    ]
+
+
+def test_sigterm_saves_and_resume_finishes(tmp_path: Path) -> None:
+    data = colour_set(tmp_path, 4)
+    run = tmp_path / "run"
+    flags = ["train", "--model", "zhao-pixelated", "--data", str(data), "--output", str(run),
+             "--batch-size", "1", "--workers", "0", "--device", "cpu", "--no-progress",
+             "--log-every", "1", "--epochs", "100000", *TINY_FLAGS, "--max-steps"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service", *flags, "100000"], cwd=REPO, env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    try:
+        assert process.stdout is not None
+        for line in process.stdout:  # the first logged step: training is under way
+            if "step 1:" in line:
+                break
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=120) == 143
+    finally:
+        if process.poll() is None:
+            process.kill()
+    state = torch.load(run / "state.pt", weights_only=False)
+    assert 1 <= state["step"] < 100000
+    assert state["epoch"] * 4 + state["position"] == state["step"]  # 4 batches an epoch
+    stopped = state["step"]
+    assert cli([*flags, str(stopped + 1), "--resume"]) == 0
+    assert torch.load(run / "state.pt", weights_only=False)["step"] == stopped + 1
+    assert load_zhao_pixelated(weights_path(run)).config["divisor"] == 16

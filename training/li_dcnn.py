@@ -21,7 +21,16 @@ The run directory: ``RUN_DIR/weights/li-dcnn/li_dcnn.pth`` (the model's state di
 ``serve --models li-dcnn --weights-dir RUN_DIR/weights`` loads strictly), ``RUN_DIR/state.pt``
 (``--resume``), ``RUN_DIR/classes.json``, ``metrics.jsonl``, ``config.json``, ``curves.png``.
 Optimiser: Adam with ECCV16's settings (lr 3e-5, betas 0.9 / 0.99, weight decay 1e-3), Li et al.
-state only "Adam". Under torchrun the gradients are averaged by DistributedDataParallel.
+state only "Adam".
+
+Under torchrun (``--batch-size`` per process) the gradients are averaged by
+DistributedDataParallel, so N processes with batch B step as one with batch N x B; BatchNorm
+(ECCV16's trunk, in train mode) is SyncBatchNorm on CUDA, so its statistics are the global batch's
+too, while on CPU (gloo) each process normalises with its own batch's statistics (the one
+deviation; tests/test_paper_models_ddp.py). Every parameter but the fixed bin centres takes part
+in the loss, so DDP needs no unused-parameter search. Validation is sharded: every rank scores
+every N-th validation image with rank 0's BatchNorm statistics and the per-image scores are
+gathered. Rank 0 alone writes; a SIGINT / SIGTERM reaching any rank stops all at the same step.
 """
 
 from __future__ import annotations
@@ -84,6 +93,7 @@ from training.run_files import (
     write_config,
     write_metrics,
 )
+from training.validation import interleave, shard
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +130,7 @@ class LiTrainOptions:
     save_every: int = 0  # steps between saves; 0 = after every epoch
     val_limit: int | None = None
     progress: bool = True
+    divisor: int = 1  # > 1 narrows every layer (tests and quick runs; not the paper)
 
 
 # -- initialisation --------------------------------------------------------------------------------
@@ -171,9 +182,13 @@ def copy_from_zhang(network: LiDCNN, zhang: nn.Module) -> list[str]:
     return copied
 
 
-def initial_network(init: Path | None, num_classes: int, seed: int) -> LiDCNN:
+def initial_network(init: Path | None, num_classes: int, seed: int, divisor: int = 1) -> LiDCNN:
     """The paper's initialisation (module docstring): from ``init``'s Zhang file or Gaussian."""
-    network = LiDCNN(num_classes)
+    if init is not None and divisor != 1:
+        raise TrainingError(
+            f"--init copies Zhang's full-width layers; leave out --width-divisor {divisor} or --init"
+        )
+    network = LiDCNN(num_classes, divisor=divisor)
     gaussian_init(network, torch.Generator().manual_seed(seed))
     if init is None:
         set_bin_centres(network, grid_bin_centres())
@@ -337,8 +352,14 @@ def _train(opts: LiTrainOptions, context: distributed.DistContext, stop: StopReq
             raise TrainingError(f"{run_dir} is not a {MODEL_NAME} run; resume it with its model")
         if list(state["classes"]) != classes:
             raise TrainingError(f"{run_dir}: the classes changed since the run started")
+        if state.get("divisor", 1) != opts.divisor:
+            raise TrainingError(
+                f"{run_dir} was started with --width-divisor {state.get('divisor', 1)}; resume "
+                "it with the same"
+            )
     network = (
-        LiDCNN(len(classes)) if state is not None else initial_network(opts.init, len(classes), opts.seed)
+        LiDCNN(len(classes), divisor=opts.divisor) if state is not None
+        else initial_network(opts.init, len(classes), opts.seed, opts.divisor)
     )  # fmt: skip
     centres = network.bin_centres().detach().clone()
     if state is not None:
@@ -406,37 +427,32 @@ def _train(opts: LiTrainOptions, context: distributed.DistContext, stop: StopReq
                 {"model": MODEL_NAME, "network": cpu, "optimizer": optimizer.state_dict(),
                  "scaler": scaler.state_dict(), "rng": _rng_state(), "epoch": epoch,
                  "position": position, "step": step, "skipped": skipped,
-                 "prior_counts": counts, "classes": classes},
+                 "prior_counts": counts, "classes": classes, "divisor": opts.divisor},
                 run_dir,
             )  # fmt: skip
             write_metrics(metrics, run_dir)
         distributed.barrier(context)
 
+    val_shard = shard(val_set, len(val_set), context.rank, context.world_size)
+
     def validate() -> None:
-        if not len(val_set) or not context.is_main:
+        """Each rank scores its share with rank 0's BN statistics; the per-image rows are gathered
+        in dataset order, so the result is one process's over all the validation images."""
+        if not len(val_set):
             return
-        network.eval()
-        totals = [0.0, 0.0, 0.0, 0.0]
-        with torch.no_grad():
-            for cpu_batch in _loader(val_set, opts.batch_size, 0):
-                batch = to_device(cpu_batch, device)
-                bins_logits, class_logits = network.logits(batch["l"])
-                bins = target_bins(batch["ab"], centres)
-                n = len(batch["label"])
-                totals[0] += float(colour_loss(bins_logits, bins, weights)) * n
-                totals[1] += float(class_loss(class_logits, batch["label"])) * n
-                totals[2] += float((class_logits.argmax(1) == batch["label"]).sum())
-                totals[3] += n
-        network.train()
-        count = totals[3]
-        row = {"split": "val", "step": step, "epoch": epoch, "colour_loss": totals[0] / count,
-               "class_loss": totals[1] / count,
-               "loss": (totals[0] + opts.class_weight * totals[1]) / count,
-               "class_accuracy": totals[2] / count}  # fmt: skip
+        distributed.broadcast_buffers(network, context)
+        mine = score_li(network, _loader(val_shard, opts.batch_size, 0), centres, weights, device)
+        shards: Any = distributed.all_gather_objects(mine, context)
+        row = {"split": "val", "step": step, "epoch": epoch,
+               **summarize_li(interleave(shards), opts.class_weight)}  # fmt: skip
         metrics.append(row)
-        log.info(
-            "val step %d: loss %.4f class accuracy %.3f", step, row["loss"], row["class_accuracy"]
-        )
+        if context.is_main:
+            log.info(
+                "val step %d: loss %.4f class accuracy %.3f",
+                step,
+                row["loss"],
+                row["class_accuracy"],
+            )
 
     network.train()
     finished = opts.max_steps is not None and step >= opts.max_steps
@@ -497,6 +513,45 @@ def _train(opts: LiTrainOptions, context: distributed.DistContext, stop: StopReq
         plot_curves(metrics, run_dir)
         log.info("done: %d steps, weights in %s", step, weights_path(run_dir))
     return EXIT_OK
+
+
+@torch.no_grad()
+def score_li(
+    network: LiDCNN,
+    batches: Any,
+    centres: torch.Tensor,
+    weights: torch.Tensor,
+    device: torch.device,
+) -> list[dict[str, float]]:
+    """Per validation image, in order: its colour loss, class loss and whether the class is right
+    (the network in eval mode: BatchNorm with its running statistics)."""
+    network.eval()
+    rows: list[dict[str, float]] = []
+    try:
+        for cpu_batch in batches:
+            batch = to_device(cpu_batch, device)
+            bins_logits, class_logits = network.logits(batch["l"])
+            bins = target_bins(batch["ab"], centres)
+            for i in range(len(batch["label"])):
+                label = batch["label"][i : i + 1]
+                rows.append({
+                    "colour_loss": float(colour_loss(bins_logits[i : i + 1], bins[i : i + 1], weights)),
+                    "class_loss": float(class_loss(class_logits[i : i + 1], label)),
+                    "correct": float(class_logits[i].argmax() == label[0]),
+                })  # fmt: skip
+    finally:
+        network.train()
+    return rows
+
+
+def summarize_li(rows: Sequence[dict[str, float]], class_weight: float) -> dict[str, Any]:
+    """Means over the images: colour and class loss, the weighted loss, the class accuracy."""
+    n = len(rows)
+    colour = sum(r["colour_loss"] for r in rows) / n
+    klass = sum(r["class_loss"] for r in rows) / n
+    return {"images": n, "colour_loss": colour, "class_loss": klass,
+            "loss": colour + class_weight * klass,
+            "class_accuracy": sum(r["correct"] for r in rows) / n}  # fmt: skip
 
 
 def _logits(module: nn.Module, l_norm: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -55,6 +55,13 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--classes", type=positive_int,
                         help="zhao-pixelated: segmentation classes (default 183 with --labels, "
                         "2 with box pseudo-labels)")  # fmt: skip
+    parser.add_argument("--width-divisor", type=positive_int, default=1, metavar="D",
+                        help="li-dcnn, zhao-pixelated: narrow every layer by D (tests and quick "
+                        "runs, not the paper; default 1); serving reads it from the weights")  # fmt: skip
+    parser.add_argument("--generator-layers", type=positive_int, metavar="N",
+                        help="zhao-pixelated: gated layers of the PixelCNN generator (default 8)")  # fmt: skip
+    parser.add_argument("--generator-channels", type=positive_int, metavar="C",
+                        help="zhao-pixelated: the generator's channels (default 128)")  # fmt: skip
     parser.add_argument("--output", type=Path, required=True, metavar="RUN_DIR")
     parser.add_argument("--epochs", type=non_negative_int,
                         help="epochs at the full learning rate (niter; default per stage)")  # fmt: skip
@@ -103,7 +110,8 @@ def add_parser(subparsers: Any) -> None:
     parser.add_argument("--log-every", type=positive_int, default=10, metavar="K",
                         help="a log line and a metrics.jsonl row every K steps (default 10)")  # fmt: skip
     parser.add_argument("--val-every", type=non_negative_int, default=0, metavar="K",
-                        help="validate every K steps (default 0: after every epoch)")  # fmt: skip
+                        help="instcolor, zhao-pixelated: validate every K steps (default 0: after "
+                        "every epoch)")  # fmt: skip
     parser.add_argument("--save-every", type=non_negative_int, default=0, metavar="K",
                         help="save checkpoints every K steps (default 0: after every epoch)")  # fmt: skip
     parser.add_argument("--val-limit", type=positive_int, metavar="N",
@@ -114,15 +122,35 @@ def add_parser(subparsers: Any) -> None:
     parser.set_defaults(func=run)
 
 
+def refused(args: argparse.Namespace, flags: tuple[tuple[str, Any], ...]) -> bool:
+    """Write an error for the first given flag that is not for ``--model``; True if one was."""
+    for flag, value in flags:
+        if value is not None:
+            sys.stderr.write(f"train: error: {flag} is not for --model {args.model}\n")
+            return True
+    return False
+
+
 def run_zhao(args: argparse.Namespace) -> int:
+    from models.zhao_pixelated import DEFAULT_GENERATOR_CHANNELS, DEFAULT_GENERATOR_LAYERS
+    from training.loop import default_workers
     from training.zhao_pixelated import ZhaoTrainingError, ZhaoTrainOptions, train_zhao
 
+    if refused(args, (("--stage", args.stage), ("--init", args.init),
+                      ("--decay-epochs", args.decay_epochs), ("--lpips-weights", args.lpips_weights),
+                      ("--fresh-fusion", args.fresh_fusion or None),
+                      ("--precision", None if args.precision == "fp32" else args.precision))):  # fmt: skip
+        return EXIT_USAGE
     options = ZhaoTrainOptions(
         data=args.data, output=args.output, max_steps=args.max_steps,
         epochs=args.epochs if args.epochs is not None else 1,
         batch_size=args.batch_size or 8, lr=args.lr or 1e-3, labels_dir=args.labels,
         classes=args.classes, device=args.device, resume=args.resume, seed=args.seed,
-        log_every=args.log_every, save_every=args.save_every, workers=args.workers or 0,
+        log_every=args.log_every, save_every=args.save_every,
+        workers=default_workers() if args.workers is None else args.workers,
+        val_every=args.val_every, val_limit=args.val_limit, divisor=args.width_divisor,
+        generator_layers=args.generator_layers or DEFAULT_GENERATOR_LAYERS,
+        generator_channels=args.generator_channels or DEFAULT_GENERATOR_CHANNELS,
     )  # fmt: skip
     try:
         return train_zhao(options)
@@ -138,6 +166,10 @@ def run(args: argparse.Namespace) -> int:
         return run_zhao(args)
     from models.checkpoints import CheckpointError
 
+    if refused(args, (("--width-divisor", None if args.width_divisor == 1 else args.width_divisor),
+                      ("--generator-layers", args.generator_layers),
+                      ("--generator-channels", args.generator_channels))):  # fmt: skip
+        return EXIT_USAGE
     if args.stage is None or args.init is None:
         sys.stderr.write("train: error: --model instcolor needs --stage and --init\n")
         return EXIT_USAGE
@@ -166,24 +198,25 @@ def run_li(args: argparse.Namespace) -> int:
     """``--model li-dcnn``: ``training.li_dcnn``; the InstColorization-only flags are refused."""
     from models.checkpoints import CheckpointError
     from training.li_dcnn import DEFAULT_BATCH, DEFAULT_EPOCHS, DEFAULT_LR, LiTrainOptions, train_li
-    from training.loop import TrainingError
+    from training.loop import TrainingError, default_workers
 
-    for flag, value in (("--stage", args.stage), ("--decay-epochs", args.decay_epochs),
-                        ("--lpips-weights", args.lpips_weights), ("--val-every", args.val_every or None),
-                        ("--fresh-fusion", args.fresh_fusion or None)):  # fmt: skip
-        if value is not None:
-            sys.stderr.write(f"train: error: {flag} is for --model instcolor, not li-dcnn\n")
-            return EXIT_USAGE
+    if refused(args, (("--stage", args.stage), ("--decay-epochs", args.decay_epochs),
+                      ("--lpips-weights", args.lpips_weights), ("--val-every", args.val_every or None),
+                      ("--fresh-fusion", args.fresh_fusion or None),
+                      ("--generator-layers", args.generator_layers),
+                      ("--generator-channels", args.generator_channels))):  # fmt: skip
+        return EXIT_USAGE
     options = LiTrainOptions(
         data=args.data, output=args.output, init=args.init, labels=args.labels,
         epochs=DEFAULT_EPOCHS if args.epochs is None else args.epochs,
         lr=DEFAULT_LR if args.lr is None else args.lr,
         batch_size=DEFAULT_BATCH if args.batch_size is None else args.batch_size,
         max_steps=args.max_steps, precision=args.precision, device=args.device,
-        resume=args.resume, seed=args.seed, workers=0 if args.workers is None else args.workers,
+        resume=args.resume, seed=args.seed,
+        workers=default_workers() if args.workers is None else args.workers,
         prior_images=args.prior_images, class_weight=args.class_weight,
         log_every=args.log_every, save_every=args.save_every, val_limit=args.val_limit,
-        progress=not args.no_progress,
+        progress=not args.no_progress, divisor=args.width_divisor,
     )  # fmt: skip
     try:
         return train_li(options)
