@@ -22,6 +22,22 @@ CREDENTIALS = {
 }
 
 
+ENDPOINT_VARIABLES = ("AWS_ENDPOINT_URL_S3", "AWS_ENDPOINT_URL")
+
+
+@contextmanager
+def s3_environment(monkeypatch: Any, variable: str) -> Iterator[str]:
+    """A running server, the test credentials set and ``variable`` (one of
+    ``ENDPOINT_VARIABLES``, the other unset) pointing the AWS SDK at it; yields the endpoint."""
+    with s3_server() as endpoint:
+        for name, value in CREDENTIALS.items():
+            monkeypatch.setenv(name, value)
+        for name in ENDPOINT_VARIABLES:
+            monkeypatch.delenv(name, raising=False)
+        monkeypatch.setenv(variable, endpoint)
+        yield endpoint
+
+
 @contextmanager
 def s3_server() -> Iterator[str]:
     """A running moto S3 server; yields its endpoint URL ``http://127.0.0.1:<port>``."""

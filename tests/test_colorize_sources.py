@@ -9,7 +9,7 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from s3_server import CREDENTIALS, s3_client, s3_server, upload_folder
+from s3_server import s3_client, s3_environment, upload_folder
 
 from models.constants import DEFAULT_HINT_SIZE
 from service.cli import build_parser, main
@@ -157,11 +157,7 @@ def test_manifest_hints_samples_and_seed_are_item_options(tmp_path: Path) -> Non
 def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """moto's S3 server; the environment points the AWS SDK at it (``AWS_ENDPOINT_URL_S3``)."""
     pytest.importorskip("moto")
-    with s3_server() as endpoint:
-        for name, value in CREDENTIALS.items():
-            monkeypatch.setenv(name, value)
-        monkeypatch.delenv("AWS_ENDPOINT_URL", raising=False)
-        monkeypatch.setenv("AWS_ENDPOINT_URL_S3", endpoint)
+    with s3_environment(monkeypatch, "AWS_ENDPOINT_URL_S3") as endpoint:
         yield endpoint
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +20,7 @@ import torch
 from PIL import Image
 from test_training import GRADIENT_TOLERANCE, per_process_batchnorm
 from torch.utils.data import DistributedSampler
+from train_signals import sigterm_once_training
 
 from models.li_dcnn import FILENAME, LiDCNN, grid_bin_centres, load_li_dcnn, set_bin_centres
 from models.zhao_pixelated import ZhaoPixelated, load_zhao_pixelated
@@ -296,25 +296,11 @@ def test_sigterm_to_torchrun_stops_both_ranks_at_one_step(tmp_path: Path) -> Non
     loop takes the same all-reduced flag.)"""
     data, _ = photo_set(tmp_path)
     run = tmp_path / "run"
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     flags = ["--model", "zhao-pixelated", "--data", str(data), "--output", str(run),
              *ZHAO_FLAGS, *COMMON, "--epochs", "100000"]  # fmt: skip
     flags[flags.index("--max-steps") + 1] = "100000"
-    process = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-         "-m", "service", "train", *flags],
-        cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    try:
-        assert process.stdout is not None
-        for line in process.stdout:  # rank 0's first logged step: training is under way
-            if "step 1:" in line:
-                break
-        process.send_signal(signal.SIGTERM)
-        rest = process.communicate(timeout=120)[0]
-    finally:
-        if process.poll() is None:
-            process.kill()
+    torchrun = ["-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
+    _, rest = sigterm_once_training([*torchrun, "-m", "service", "train", *flags], "step 1:")
     state = torch.load(run / "state.pt", weights_only=False)
     assert 1 <= state["step"] < 100000
     assert state["epoch"] * 2 + state["position"] == state["step"]  # 2 batches of 2 an epoch

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from s3_server import CREDENTIALS, s3_server, upload_folder
+from s3_server import CREDENTIALS, s3_environment, upload_folder
 from weight_files import write_li_dcnn, write_zhao
 
 from models.offline import run_batches
@@ -438,11 +438,7 @@ def test_siggraph17_hints_are_the_local_engines_bytes(tmp_path: Path, zoo_weight
 def s3(monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     """moto's S3 server; the driver's environment points the AWS SDK at it."""
     pytest.importorskip("moto")
-    with s3_server() as endpoint:
-        for name, value in CREDENTIALS.items():
-            monkeypatch.setenv(name, value)
-        monkeypatch.delenv("AWS_ENDPOINT_URL_S3", raising=False)
-        monkeypatch.setenv("AWS_ENDPOINT_URL", endpoint)
+    with s3_environment(monkeypatch, "AWS_ENDPOINT_URL") as endpoint:
         yield endpoint
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -16,6 +15,7 @@ import pytest
 import torch
 from PIL import Image
 from torch.utils.data import DistributedSampler
+from train_signals import sigterm_once_training
 
 from models.boxes import Detections
 from models.checkpoints import load_networks
@@ -502,21 +502,7 @@ def test_sigterm_saves_and_resume_finishes(
     flags = ["--stage", "full", "--data", str(two_photos), "--init", str(tiny_checkpoints),
              "--output", str(run), "--batch-size", "1", "--workers", "0", "--device", "cpu",
              "--no-progress", "--log-every", "1", "--max-steps", "400"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service", "train", *flags], cwd=REPO, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    try:
-        assert process.stdout is not None
-        for line in process.stdout:  # the first logged step: training is under way
-            if "step 1 " in line:
-                break
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=120) == 143
-    finally:
-        if process.poll() is None:
-            process.kill()
+    assert sigterm_once_training(["-m", "service", "train", *flags], "step 1 ")[0] == 143
     state = torch.load(run / "state.pt", weights_only=False)
     assert 1 <= state["step"] < 400
     rows = read_metrics(run)

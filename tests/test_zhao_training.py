@@ -7,10 +7,6 @@ decrease on a real model size is loadtests/bench_zhao_training.py's.
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
+from train_signals import sigterm_once_training
 
 from models.zhao_pixelated import load_zhao_pixelated
 from models.zoo import load_colorizer
@@ -200,21 +197,7 @@ def test_sigterm_saves_and_resume_finishes(tmp_path: Path) -> None:
     flags = ["train", "--model", "zhao-pixelated", "--data", str(data), "--output", str(run),
              "--batch-size", "1", "--workers", "0", "--device", "cpu", "--no-progress",
              "--log-every", "1", "--epochs", "100000", *TINY_FLAGS, "--max-steps"]  # fmt: skip
-    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
-    process = subprocess.Popen(
-        [sys.executable, "-m", "service", *flags, "100000"], cwd=REPO, env=env,
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-    )  # fmt: skip
-    try:
-        assert process.stdout is not None
-        for line in process.stdout:  # the first logged step: training is under way
-            if "step 1:" in line:
-                break
-        process.send_signal(signal.SIGTERM)
-        assert process.wait(timeout=120) == 143
-    finally:
-        if process.poll() is None:
-            process.kill()
+    assert sigterm_once_training(["-m", "service", *flags, "100000"], "step 1:")[0] == 143
     state = torch.load(run / "state.pt", weights_only=False)
     assert 1 <= state["step"] < 100000
     assert state["epoch"] * 4 + state["position"] == state["step"]  # 4 batches an epoch

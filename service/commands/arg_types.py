@@ -75,8 +75,13 @@ def temperature(text: str) -> float:
     """The annealed mean's temperature, within ``models.constants.TEMPERATURE_RANGE``."""
     from models.constants import TEMPERATURE_RANGE  # imports nothing
 
+    return float_in_range(text, TEMPERATURE_RANGE)
+
+
+def float_in_range(text: str, bounds: tuple[float, float]) -> float:
+    """A float within ``bounds`` (inclusive); nan is refused."""
     value = float(text)
-    low, high = TEMPERATURE_RANGE
+    low, high = bounds
     if not low <= value <= high:  # also refuses nan
         raise argparse.ArgumentTypeError(f"must be between {low:g} and {high:g}, got {text}")
     return value

@@ -40,6 +40,7 @@ from typing import IO, TYPE_CHECKING, Any, TypeVar
 from models.image_files import IMAGE_EXTENSIONS, scan_images
 from service.commands.arg_types import (
     batch_size,
+    float_in_range,
     non_negative_int,
     temperature,
     temperature_help,
@@ -101,11 +102,7 @@ class InputFile:
 
 
 def _saturation(text: str) -> float:
-    value = float(text)
-    low, high = SATURATION_RANGE
-    if not low <= value <= high:  # also refuses nan
-        raise argparse.ArgumentTypeError(f"must be between {low:g} and {high:g}, got {text}")
-    return value
+    return float_in_range(text, SATURATION_RANGE)
 
 
 def check_temperature_model(temperature: float | None, model: str) -> None:
