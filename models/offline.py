@@ -1,12 +1,20 @@
 """The offline batch runner shared by ``colorize`` and ``evaluate``: files in, one result per file.
 
-``run_batches`` cuts ``items`` into batches of ``batch_size``. A background thread loads and
-prepares the next batch (decode, ``Colorizer.prepare``) while the current one runs on the device
-(a read-ahead of one batch). Each batch is one ``Colorizer.predict`` call; if that call fails, the
-batch is predicted again one image per call, so one bad input fails alone. ``finish`` then merges
-and writes (and scores) each image. An item whose load, prediction or finish raises one of the
-expected errors is recorded in the returned failures and skipped; the others go on. Any other
-exception stops the run.
+``run_batches`` cuts ``items`` into batches of ``batch_size`` and runs them through three stages
+joined by bounded queues, so the device never waits for the host:
+
+* load: a small pool (``loaders`` threads) decodes and prepares (``Colorizer.prepare``) the items
+  of up to ``read_ahead`` batches ahead of the one being predicted; batches come out in order;
+* predict: the caller's thread, one ``Colorizer.predict`` call per batch; if that call fails, the
+  batch is predicted again one image per call, so one bad input fails alone;
+* finish: one background thread merges and writes (and scores) each image, in item order, from a
+  queue of at most ``finish_queue`` predicted batches, while the next batch predicts.
+
+An item whose load, prediction or finish raises one of the expected errors is recorded in the
+returned failures and skipped; the others go on. Any other exception, in any stage, stops the run
+(the other stages stop at their next item) and is raised in the caller. ``finish_queue=0`` gives
+the earlier schedule: a read-ahead of ``read_ahead`` batches and ``finish`` on the caller's thread
+after each predict (the benchmark's baseline). ``pipeline_plan`` sizes the pool and queues.
 
 Only PIL and the model stack: no service, HTTP or queue code, so evaluation uses it too.
 """
@@ -14,9 +22,14 @@ Only PIL and the model stack: no service, HTTP or queue code, so evaluation uses
 from __future__ import annotations
 
 import logging
+import os
+import queue
+import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from typing import TYPE_CHECKING, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar, cast
 
 from PIL import Image
 
@@ -53,16 +66,13 @@ def describe_failure(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {str(exc) or type(exc).__name__}"
 
 
-def _load_batch(
-    items: Sequence[T], load: Callable[[T], PreparedImage], errors: tuple[type[BaseException], ...]
-) -> list[tuple[T, PreparedImage | BaseException]]:
-    loaded: list[tuple[T, PreparedImage | BaseException]] = []
-    for item in items:
-        try:
-            loaded.append((item, load(item)))
-        except errors as exc:
-            loaded.append((item, exc))
-    return loaded
+def _load_one(
+    item: T, load: Callable[[T], PreparedImage], errors: tuple[type[BaseException], ...]
+) -> PreparedImage | BaseException:
+    try:
+        return load(item)
+    except errors as exc:
+        return exc
 
 
 def predict_ready(
@@ -107,6 +117,61 @@ def _fail(failures: list[Failure[T]], item: T, exc: BaseException) -> None:
     log.debug("%s failed", item, exc_info=exc)
 
 
+@dataclass(frozen=True)
+class PipelinePlan:
+    """How ``run_batches`` is staged (see ``pipeline_plan``)."""
+
+    loaders: int  # load-pool threads
+    read_ahead: int  # batches loaded (or loading) ahead of the one being predicted
+    finish_queue: int  # predicted batches that may wait for the finish thread (0: finish inline)
+
+
+MAX_LOADERS = 4
+"""Decoding and preparing a batch is short beside predicting it; more loaders only hold memory."""
+
+
+def pipeline_plan(cores: int, device_type: str, team: int) -> PipelinePlan:
+    """The stage sizes for ``cores`` usable cores when torch's OpenMP teams have ``team`` threads.
+
+    The same rule as the server's thread plan (``service.engine.threads``): count the threads that
+    may run torch CPU ops at once. On CUDA the predict thread only launches kernels (about one
+    core) and the finish thread takes one, so the loaders get the rest (``cores - 2``). On a CPU
+    device the network's team takes ``team`` cores, the finish thread one, the loaders what is
+    left. Never fewer than one loader, never more than ``MAX_LOADERS``; a read-ahead of one batch
+    per loader plus one (at least two), and one predicted batch queued for the finish thread.
+    Where cores are fewer than the stages (2 cores, a CPU device), the host stages share the
+    network's cores: their work (decode, Lab conversion, encode) is short and mostly outside
+    OpenMP (PIL, small tensors under torch's parallel grain), so they interleave with the team
+    rather than multiply it.
+    """
+    cores = max(1, cores)
+    busy = 1 if device_type == "cuda" else max(1, team)
+    loaders = max(1, min(MAX_LOADERS, cores - busy - 1))
+    return PipelinePlan(loaders=loaders, read_ahead=loaders + 1, finish_queue=1)
+
+
+def default_plan(colorizer: Colorizer) -> PipelinePlan:
+    """``pipeline_plan`` for this process (its CPU affinity, torch's team, the model's device)."""
+    import torch
+
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    device = getattr(colorizer, "device", None)
+    device_type = device.type if device is not None and hasattr(device, "type") else "cpu"
+    return pipeline_plan(cores or 1, device_type, torch.get_num_threads())
+
+
+_END = object()  # the predict stage's last message to the finish stage
+
+
+@dataclass
+class _Predicted:
+    """One batch on its way to the finish stage."""
+
+    size: int  # items in the batch (for ``progress``)
+    predicted: list[tuple[object, object, object]]  # (item, prepared, prediction)
+    failures: list[Failure[object]]  # its load and predict failures, in the order they happened
+
+
 def run_batches(
     colorizer: Colorizer,
     items: Sequence[T],
@@ -118,38 +183,107 @@ def run_batches(
     load_errors: tuple[type[BaseException], ...] = LOAD_ERRORS,
     predict_errors: tuple[type[BaseException], ...] = PREDICT_ERRORS,
     finish_errors: tuple[type[BaseException], ...] = FINISH_ERRORS,
+    plan: PipelinePlan | None = None,
 ) -> list[Failure[T]]:
-    """Run every item through ``load`` (read-ahead thread), ``predict`` (batched) and ``finish``.
+    """Run every item through ``load`` (a pool), ``predict`` (batched) and ``finish`` (a thread).
 
-    ``load(item)`` decodes and prepares one image, or raises; it runs in the reader thread.
-    ``finish(item, prepared, prediction)`` runs in the caller's thread, in item order.
-    ``progress(n)`` is called after each batch with the number of items it held. Returns the
-    failures as ``(item, exception)``, in the order they happened; every other item finished.
+    ``load(item)`` decodes and prepares one image, or raises; it runs in a load-pool thread, items
+    of up to ``plan.read_ahead`` batches ahead of the predicting one at once. ``predict`` runs in
+    the caller's thread. ``finish(item, prepared, prediction)`` runs in one finish thread (the
+    caller's with ``plan.finish_queue == 0``), in item order, so it need not lock what only it
+    touches; it overlaps the next batch's ``predict`` and the loads. ``progress(n)`` is called by
+    the finishing thread after each batch is finished, in batch order, with the number of items it
+    held. ``plan`` defaults to ``default_plan(colorizer)``.
+
+    Returns the failures as ``(item, exception)``, batch by batch in batch order, and within a
+    batch its load failures (item order), then its predict failures, then its finish failures
+    (item order): the order the sequential runner recorded them in, whatever the overlap. Every
+    other item finished. An unexpected exception from any stage is raised here once the stages
+    have stopped (loads in progress complete; nothing further starts).
     """
     if batch_size < 1:
         raise ValueError(f"batch_size must be at least 1, got {batch_size}")
+    plan = plan or default_plan(colorizer)
+    if plan.loaders < 1 or plan.read_ahead < 0 or plan.finish_queue < 0:
+        raise ValueError(f"a pipeline plan needs loaders >= 1 and queues >= 0, got {plan}")
     failures: list[Failure[T]] = []
     batches = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-    with ThreadPoolExecutor(1, thread_name_prefix="offline-read") as reader:
 
-        def read(batch: Sequence[T]) -> Future[list[tuple[T, PreparedImage | BaseException]]]:
-            return reader.submit(_load_batch, batch, load, load_errors)
+    def finish_batch(done: _Predicted) -> None:
+        failures.extend(cast("list[Failure[T]]", done.failures))
+        for item, prepared, prediction in done.predicted:
+            if stop.is_set():
+                return
+            try:
+                finish(
+                    cast(T, item), cast("PreparedImage", prepared), cast("Prediction", prediction)
+                )
+            except finish_errors as exc:
+                _fail(failures, cast(T, item), exc)
+        if progress is not None:
+            progress(done.size)
 
-        upcoming = read(batches[0]) if batches else None
+    stop = threading.Event()  # set when any stage fails unexpectedly: the others stop early
+    finish_error: list[BaseException] = []
+    handoff: queue.Queue[_Predicted | object] = queue.Queue(max(1, plan.finish_queue))
+
+    def finisher() -> None:
+        while (message := handoff.get()) is not _END:
+            if finish_error or stop.is_set():
+                continue  # drain, so the predict stage never blocks on a full queue
+            try:
+                finish_batch(cast(_Predicted, message))
+            except BaseException as exc:  # raised again in the caller's thread
+                finish_error.append(exc)
+                stop.set()
+
+    finish_thread = None
+    if plan.finish_queue > 0 and batches:
+        finish_thread = threading.Thread(target=finisher, name="offline-finish", daemon=True)
+        finish_thread.start()
+    pool = ThreadPoolExecutor(plan.loaders, thread_name_prefix="offline-load")
+    loading: deque[list[Future[PreparedImage | BaseException]]] = deque()
+
+    submitted = 0  # batches handed to the pool so far
+
+    def top_up(last: int) -> None:
+        nonlocal submitted
+        while submitted < len(batches) and submitted <= last:
+            futures = [
+                pool.submit(_load_one, item, load, load_errors) for item in batches[submitted]
+            ]
+            loading.append(futures)
+            submitted += 1
+
+    try:
         for index, batch in enumerate(batches):
-            assert upcoming is not None
-            loaded = upcoming.result()
-            if index + 1 < len(batches):
-                upcoming = read(batches[index + 1])  # loaded while this batch runs
+            top_up(index + plan.read_ahead)  # this batch and at most read_ahead more are loading
+            loaded = [future.result() for future in loading.popleft()]
+            batch_failures: list[Failure[T]] = []
             ready: list[tuple[T, PreparedImage]] = []
-            for item, prepared in loaded:
+            for item, prepared in zip(batch, loaded, strict=True):
                 if isinstance(prepared, BaseException):
-                    _fail(failures, item, prepared)
+                    _fail(batch_failures, item, prepared)
                 else:
                     ready.append((item, prepared))
-            if ready:
-                predicted = predict_ready(colorizer, ready, predict_errors, failures)
-                _finish_each(predicted, finish, finish_errors, failures)
-            if progress is not None:
-                progress(len(batch))
+            if finish_error:
+                break
+            predicted = (
+                predict_ready(colorizer, ready, predict_errors, batch_failures) if ready else []
+            )
+            done = _Predicted(len(batch), cast(Any, predicted), cast(Any, batch_failures))
+            if finish_thread is None:
+                finish_batch(done)
+            else:
+                handoff.put(done)  # waits while finish_queue batches are waiting
+    except BaseException:
+        stop.set()
+        raise
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+        if finish_thread is not None:
+            handoff.put(_END)
+            finish_thread.join()
+    if finish_error:
+        raise finish_error[0]
     return failures
