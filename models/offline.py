@@ -14,7 +14,8 @@ An item whose load, prediction or finish raises one of the expected errors is re
 returned failures and skipped; the others go on. Any other exception, in any stage, stops the run
 (the other stages stop at their next item) and is raised in the caller. ``finish_queue=0`` gives
 the earlier schedule: a read-ahead of ``read_ahead`` batches and ``finish`` on the caller's thread
-after each predict (the benchmark's baseline). ``pipeline_plan`` sizes the pool and queues.
+after each predict (``SEQUENTIAL_PLAN``, the benchmark's baseline, and what ``pipeline_plan``
+picks when no core is left beside the network's). ``pipeline_plan`` sizes the pool and queues.
 
 Only PIL and the model stack: no service, HTTP or queue code, so evaluation uses it too.
 """
@@ -130,22 +131,27 @@ MAX_LOADERS = 4
 """Decoding and preparing a batch is short beside predicting it; more loaders only hold memory."""
 
 
+SEQUENTIAL_PLAN = PipelinePlan(loaders=1, read_ahead=1, finish_queue=0)
+"""The schedule before the pipeline: one batch read ahead on one thread, finish inline."""
+
+
 def pipeline_plan(cores: int, device_type: str, team: int) -> PipelinePlan:
     """The stage sizes for ``cores`` usable cores when torch's OpenMP teams have ``team`` threads.
 
     The same rule as the server's thread plan (``service.engine.threads``): count the threads that
-    may run torch CPU ops at once. On CUDA the predict thread only launches kernels (about one
-    core) and the finish thread takes one, so the loaders get the rest (``cores - 2``). On a CPU
-    device the network's team takes ``team`` cores, the finish thread one, the loaders what is
-    left. Never fewer than one loader, never more than ``MAX_LOADERS``; a read-ahead of one batch
-    per loader plus one (at least two), and one predicted batch queued for the finish thread.
-    Where cores are fewer than the stages (2 cores, a CPU device), the host stages share the
-    network's cores: their work (decode, Lab conversion, encode) is short and mostly outside
-    OpenMP (PIL, small tensors under torch's parallel grain), so they interleave with the team
-    rather than multiply it.
+    may run at once. The predict stage keeps ``busy`` cores: on CUDA one (its thread only launches
+    kernels), on a CPU device the network's team (``team``). The finish thread takes one of the
+    cores left and the loaders the rest: ``loaders = cores - busy - 1``, at least one, at most
+    ``MAX_LOADERS``; a read-ahead of one batch per loader plus one, and one predicted batch queued
+    for the finish thread. Where no core is left beside the predict stage (a CPU device whose
+    team already has every core: torch's default), overlapping only makes the host stages and the
+    team contend for the same cores (measured slower, BENCHMARKS.md "Offline pipeline"), so the
+    plan is ``SEQUENTIAL_PLAN``; a smaller team (``torch.set_num_threads``) frees a core for it.
     """
     cores = max(1, cores)
     busy = 1 if device_type == "cuda" else max(1, team)
+    if cores - busy < 1:
+        return SEQUENTIAL_PLAN
     loaders = max(1, min(MAX_LOADERS, cores - busy - 1))
     return PipelinePlan(loaders=loaders, read_ahead=loaders + 1, finish_queue=1)
 

@@ -20,7 +20,13 @@ from typing import Any, cast
 import pytest
 
 from models.atomic import atomic_path, write_atomic, write_text_atomic
-from models.offline import PipelinePlan, describe_failure, pipeline_plan, run_batches
+from models.offline import (
+    SEQUENTIAL_PLAN,
+    PipelinePlan,
+    describe_failure,
+    pipeline_plan,
+    run_batches,
+)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -134,7 +140,7 @@ def test_the_next_batch_loads_while_the_current_one_predicts() -> None:
     assert finished == ["a", "b", "c", "d"]
 
 
-SEQUENTIAL = PipelinePlan(loaders=1, read_ahead=1, finish_queue=0)  # the runner before issue 18
+SEQUENTIAL = SEQUENTIAL_PLAN  # the runner before issue 18
 PLANS = [
     SEQUENTIAL,
     PipelinePlan(loaders=1, read_ahead=0, finish_queue=1),
@@ -359,12 +365,15 @@ def test_a_finish_error_with_the_queue_full_does_not_deadlock() -> None:
 
 def test_pipeline_plan_keeps_the_host_within_its_cores() -> None:
     # CPU: the network's team + the finish thread + the loaders, at least one loader
-    assert pipeline_plan(2, "cpu", 2) == PipelinePlan(loaders=1, read_ahead=2, finish_queue=1)
     assert pipeline_plan(8, "cpu", 4) == PipelinePlan(loaders=3, read_ahead=4, finish_queue=1)
+    assert pipeline_plan(2, "cpu", 1) == PipelinePlan(loaders=1, read_ahead=2, finish_queue=1)
+    # a team on every core (torch's default) leaves no core to overlap on: the sequential schedule
+    assert pipeline_plan(2, "cpu", 2) == SEQUENTIAL_PLAN == PipelinePlan(1, 1, 0)
+    assert pipeline_plan(1, "cpu", 1) == SEQUENTIAL_PLAN
     # CUDA: the predict thread only launches kernels; loaders capped at MAX_LOADERS (4)
     assert pipeline_plan(4, "cuda", 4) == PipelinePlan(loaders=2, read_ahead=3, finish_queue=1)
+    assert pipeline_plan(2, "cuda", 2) == PipelinePlan(loaders=1, read_ahead=2, finish_queue=1)
     assert pipeline_plan(64, "cuda", 1) == PipelinePlan(loaders=4, read_ahead=5, finish_queue=1)
-    assert pipeline_plan(1, "cpu", 1).loaders == 1
     with pytest.raises(ValueError, match="loaders >= 1"):
         run(FakeColorizer(), ["a"], batch_size=1, plan=PipelinePlan(0, 1, 1))
 
