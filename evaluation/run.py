@@ -1,9 +1,12 @@
 """Colorize ground-truth photos through the batched engine and score every result.
 
 Through the offline runner ``models.offline.run_batches`` (shared with ``colorize``), per batch:
-decode each photo, make its training grey (spec §6) and ``Colorizer.prepare`` it (in a read-ahead
-thread, one batch ahead), one ``Colorizer.predict`` for the batch (image by image if it fails),
-then merge, save ``images/<key>.png`` atomically and score the saved pixels against the target. A
+decode each photo, make its training grey (spec §6) and ``Colorizer.prepare`` it (on the runner's
+load pool, a few batches ahead), one ``Colorizer.predict`` for the batch (image by image if it
+fails), then merge, save ``images/<key>.png`` atomically and score the saved pixels against the
+target (on the runner's finish thread, in photo order, while the next batch predicts: ``finish``
+only appends to ``run.scores``, which nothing else touches until the run returns, and LPIPS and
+the FID network are stateless ``inference_mode`` forwards, safe beside ``predict``). A
 photo that cannot be decoded, colorized or scored is recorded as a failure and skipped; the others
 go on.
 """

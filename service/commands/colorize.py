@@ -68,6 +68,7 @@ if TYPE_CHECKING:  # the model stack (torch) is imported only when the command r
 
     from models.boxes import Detections
     from models.hints import Hint
+    from models.offline import PipelinePlan
     from models.pipeline import ColorizeOptions, Prediction, PreparedImage
     from models.zoo import ModelColorizer
 
@@ -439,10 +440,15 @@ def process(
     image_format: OutputFormat,
     progress: bool,
     samples: int | None = None,
+    plan: PipelinePlan | None = None,
 ) -> RunSummary:
-    """Colorize ``jobs`` in batches with a read-ahead of one batch; never stops on a bad input.
+    """Colorize ``jobs`` in batches through the offline pipeline (``models.offline``: loads read
+    ahead on a small pool, merge + encode + write on a finish thread while the next batch
+    predicts); never stops on a bad input.
 
-    With ``samples`` (a sampling model), each job's samples go to ``sample_output`` files."""
+    With ``samples`` (a sampling model), each job's samples go to ``sample_output`` files.
+    ``plan``: the pipeline's sizes (default ``models.offline.default_plan``; the benchmark passes
+    ``finish_queue=0`` for the sequential schedule)."""
     from tqdm import tqdm
 
     from models.offline import FINISH_ERRORS, describe_failure, run_batches
@@ -464,6 +470,7 @@ def process(
         failures = run_batches(
             colorizer, jobs, load, finish, batch_size=batch_size, progress=bar.update,
             finish_errors=(*FINISH_ERRORS, InvalidParameterError),  # a size JPEG cannot hold
+            plan=plan,
         )  # fmt: skip
     return RunSummary(
         written=len(jobs) - len(failures),
