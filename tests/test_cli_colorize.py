@@ -494,3 +494,30 @@ def test_auto_runs_bf16_on_a_cpu_with_native_bf16(
     assert difference.max() > 0  # bf16 really ran
     assert difference.mean() <= 2
     assert difference.max() <= 25
+
+
+@pytest.mark.parametrize("batch_size", [1, 3])
+def test_the_pipelined_runner_writes_the_sequential_runners_bytes(
+    archive: Path, tmp_path: Path, tiny_colorizer: Colorizer, batch_size: int
+) -> None:
+    """``process`` through the overlapped pipeline (a load pool, a finish thread) and through the
+    sequential schedule: the same files, byte for byte, and the same failures in the same order.
+    (On a 2-core CPU ``default_plan`` is the sequential schedule, so the CLI tests above would not
+    exercise the overlap: this one forces it.)"""
+    from models.offline import SEQUENTIAL_PLAN, PipelinePlan
+    from service.commands.colorize import collect_jobs, process
+
+    (archive / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    Image.new("F", (20, 20)).save(archive / "float.tif")
+    outputs = {}
+    for name, plan in (("sequential", SEQUENTIAL_PLAN), ("pipeline", PipelinePlan(2, 3, 1))):
+        jobs = collect_jobs([archive], tmp_path / name, ".png")
+        summary = process(tiny_colorizer, jobs, lambda job: ColorizeOptions(),
+                          batch_size=batch_size, image_format="png", progress=False,
+                          plan=plan)  # fmt: skip
+        files = {p: (tmp_path / name / p).read_bytes() for p in files_below(tmp_path / name)}
+        outputs[name] = (summary.written, summary.failures, files)
+    assert outputs["pipeline"] == outputs["sequential"]
+    written, failures, files = outputs["pipeline"]
+    assert written == len(files) == 4
+    assert sorted(Path(source).name for source, _ in failures) == ["broken.jpg", "float.tif"]
