@@ -2,8 +2,10 @@
 
 Planning (inputs, output names, ``--boxes``) happens before the weights load, so a usage mistake
 fails in a second. Then batches of ``--batch-size`` images go through ``Colorizer.predict``; the
-next batch is decoded and prepared in a background thread while the current one runs (a read-ahead
-of one batch). A file that cannot be decoded or colorized is reported and skipped; the others are
+following batches are decoded and prepared on a small load pool while the current one runs, and
+a finish thread merges, encodes and writes the previous one (``models.offline.run_batches``; on a
+CPU whose torch team has every core, the sequential schedule: ``models.offline.pipeline_plan``).
+A file that cannot be decoded or colorized is reported and skipped; the others are
 written. Every output is written to a temporary file in its folder and renamed into place, so an
 interrupted run never leaves a half-written image.
 
