@@ -51,13 +51,15 @@ class FakeColorizer:
         return [f"ab:{name}" for name in names]
 
 
+def load(item: str) -> Prepared:
+    """The fakes' decode: an ``undecodable...`` item fails as Pillow would."""
+    if item.startswith("undecodable"):
+        raise OSError(f"{item}: cannot identify image file")
+    return Prepared(item)
+
+
 def run(colorizer: FakeColorizer, items: Sequence[str], **kwargs: Any) -> Any:
     finished: list[tuple[str, str]] = []
-
-    def load(item: str) -> Prepared:
-        if item.startswith("undecodable"):
-            raise OSError(f"{item}: cannot identify image file")
-        return Prepared(item)
 
     def finish(item: str, prepared: Any, prediction: Any) -> None:
         if item.startswith("unwritable"):
@@ -181,11 +183,6 @@ def test_every_plan_gives_the_sequential_results_in_the_same_order(plan: Any) ->
     items = mixed_items()
     log: list[tuple[str, object]] = []
     colorizer = FakeColorizer(bad=["bad5", "bad12"])
-
-    def load(item: str) -> Prepared:
-        if item.startswith("undecodable"):
-            raise OSError(f"{item}: cannot identify image file")
-        return Prepared(item)
 
     def finish(item: str, prepared: Any, prediction: Any) -> None:
         if item.startswith("unwritable"):
