@@ -61,12 +61,14 @@ if [ "$QUICK" = 1 ] || [ "$NGPU" = 0 ]; then
   # in the precision section), 1 training step per stage, 2 torchrun steps per stage
   DEVICE=cpu; WIDTH=8; MODES=fp32-cl,bf16; BOXPHOTOS=0; PHOTOS=1
   PIPE_FLAGS="--precisions fp32 --quick --modes full,boxes8 --image-size 64x48"
+  OFFLINE_FLAGS="--images 4 --batch-size 2 --size 64x48 --repeats 1"
   USERS=2; DURATION=3; WARMUP=1; STEPS=1; TBATCH=1; TPREC=fp32; DDPSTEPS=2
   DETMODES=bf16; DETSIZE=64; DETIMAGES=2; DETTHRESH=0.0
   LIFLAGS="--width-divisor 8"; ZHAOFLAGS="--width-divisor 16 --generator-layers 2 --generator-channels 16"
 else
   DEVICE=cuda; WIDTH=64; MODES=fp32-cl,fp16,bf16; BOXPHOTOS=6; PHOTOS=0
   PIPE_FLAGS="--precisions fp32,fp16,bf16 --batch-sizes 1,8,32 --images 64"
+  OFFLINE_FLAGS="--images 64 --batch-size 8 --repeats 2"
   USERS=32; DURATION=30; WARMUP=10; STEPS=20; TBATCH=16; TPREC=fp32,fp16,bf16; DDPSTEPS=4
   DETMODES=fp16,bf16; DETSIZE=800; DETIMAGES=8; DETTHRESH=0.05
   LIFLAGS=""; ZHAOFLAGS=""  # the full-size paper networks
@@ -92,6 +94,9 @@ section() { echo; echo "## $1"; echo; }
 
   section "pipeline images/s and device ms/img"
   $PY loadtests/bench_pipeline.py --device $DEVICE --width $WIDTH $PIPE_FLAGS --no-write 2>&1 | grep -E "^\|" ; echo "exit ${PIPESTATUS[0]}"
+
+  section "offline runner: sequential vs overlapped stages"
+  $PY loadtests/bench_offline.py --device $DEVICE --width $WIDTH $OFFLINE_FLAGS --no-write 2>&1 | grep -E "^\||byte-identical" ; echo "exit ${PIPESTATUS[0]}"
 
   section "HTTP through serve ($USERS users, ${DURATION}s)"
   # checkpoints for serve and torchrun, and the torchrun data set, in one Python start

@@ -19,6 +19,7 @@ SECTIONS = [
     "## precision vs fp32",
     "## detector box IoU vs fp32",
     "## pipeline images/s",
+    "## offline runner: sequential vs overlapped",
     "## HTTP through serve",
     "## training images/s per stage",
     "## torchrun, 2 processes, each stage",
