@@ -9,6 +9,9 @@ from __future__ import annotations
 SATURATION_RANGE = (0.0, 2.0)
 """Allowed colour strengths: 0 gives the grayscale L, 1 the model's colours, 2 twice their chroma."""
 
+SEED_LIMIT = 2**63
+"""A sampling model's seeds are 0 <= seed < 2**63 (``torch.Generator.manual_seed``'s range)."""
+
 TEMPERATURE_RANGE = (0.01, 1.0)
 """The per-request ``temperature`` of the models that decode by the annealed mean (zhang-eccv16,
 li-dcnn): softmax(z / T) over the 313 bins, from close to the mode (0.01) to the plain mean (1)."""

@@ -18,6 +18,7 @@ import torch
 from PIL import Image
 
 from models.automatic import AutomaticPipeline, AutomaticPreparedImage
+from models.constants import SEED_LIMIT
 from models.image_input import InputImage
 from models.lab import normalize_l, rgb_to_lab
 from models.pipeline import (
@@ -29,8 +30,6 @@ from models.pipeline import (
 )
 from models.preprocess import NETWORK_SIZE, resize_to_network, to_tensor
 from models.zhao_pixelated import MAX_SAMPLES, ZhaoPixelated, sample_ab, upsample_ab
-
-SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2**63 (torch.Generator.manual_seed's range)
 
 
 class ZhaoPipeline(AutomaticPipeline):

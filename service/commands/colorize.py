@@ -39,6 +39,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import IO, TYPE_CHECKING, Any, TypeVar
 
+from models.constants import SEED_LIMIT
 from models.image_files import IMAGE_EXTENSIONS, scan_images
 from service.commands.arg_types import (
     batch_size,
@@ -85,7 +86,6 @@ QUALITY = 95
 """JPEG and WebP quality of the written files (the HTTP API's default is 90; there is no flag)."""
 
 EXIT_OK, EXIT_FAILED, EXIT_USAGE = 0, 1, 2
-SEED_LIMIT = 2**63  # seeds are 0 <= seed < 2**63, as the API's (models.zhao_pipeline.SEED_LIMIT)
 
 
 class UsageError(Exception):

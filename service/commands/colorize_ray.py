@@ -60,11 +60,11 @@ from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from models.constants import SEED_LIMIT
 from service.commands.colorize import (
     EXIT_FAILED,
     EXIT_OK,
     EXIT_USAGE,
-    SEED_LIMIT,
     UsageError,
     check_temperature_model,
     collect_jobs,

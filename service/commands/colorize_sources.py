@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
 
+from models.constants import SEED_LIMIT
 from models.image_files import IMAGE_EXTENSIONS
 from service.commands.arg_types import non_negative_int, positive_float, positive_int
 from service.core.boxes import BoxesError, validate_boxes
@@ -43,7 +44,6 @@ OPTION_FIELDS = ("resolution", "max_instances", "score_threshold", "saturation",
 MANIFEST_FIELDS = frozenset(
     {"custom_id", "path", "boxes", "scores", "model", "hints", "samples", "seed", *OPTION_FIELDS}
 )
-SEED_LIMIT = 2**63  # as colorize.SEED_LIMIT (models.zhao_pipeline.SEED_LIMIT)
 
 
 class SourceError(Exception):
